@@ -1,0 +1,1 @@
+"""ultranet CNI plugin: the exec shim, CNI spec types and pod plumbing."""

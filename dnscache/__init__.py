@@ -1,0 +1,1 @@
+"""ultranet node DNS cache: a multi-core caching forwarder."""

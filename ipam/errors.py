@@ -1,0 +1,64 @@
+"""Errors of the ipam package.
+
+::
+
+    UltranetError
+    ├── ConfigError(field, value, reason)        bad configuration; names the knob
+    ├── UnknownInstanceType(name, suggestions)   not in the instance data
+    └── SubnetSpaceError(code)                   an address or prefix EC2 would refuse
+        ├── InsufficientCidrBlocks                no aligned, fully free /28 left
+        ├── InsufficientFreeAddresses             no free address left
+        ├── AddressUnavailable                    a named address/prefix is taken or reserved
+        └── ReservationConflict                   a CIDR reservation overlaps another
+
+``SubnetSpaceError.code`` is the EC2 error code the emulator answers with, so the
+allocator and the emulator cannot drift apart on which failure is which.
+"""
+
+from __future__ import annotations
+
+
+class UltranetError(Exception):
+    """Root of every error ultranet raises on purpose."""
+
+
+class ConfigError(UltranetError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        super().__init__(f"{field}={value!r}: {reason}")
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
+class UnknownInstanceType(UltranetError):
+    """The instance type is not in the instance data."""
+
+    def __init__(self, name: str, suggestions: list[str]) -> None:
+        hint = f" (did you mean {', '.join(suggestions)}?)" if suggestions else ""
+        super().__init__(f"unknown instance type {name!r}{hint}")
+        self.name = name
+        self.suggestions = suggestions
+
+
+class SubnetSpaceError(UltranetError):
+    """EC2 would refuse this assignment in this subnet."""
+
+    code = "InvalidParameterValue"
+
+
+class InsufficientCidrBlocks(SubnetSpaceError):
+    code = "InsufficientCidrBlocks"
+
+
+class InsufficientFreeAddresses(SubnetSpaceError):
+    code = "InsufficientFreeAddressesInSubnet"
+
+
+class AddressUnavailable(SubnetSpaceError):
+    code = "InvalidParameterValue"
+
+
+class ReservationConflict(SubnetSpaceError):
+    code = "InvalidParameterValue"

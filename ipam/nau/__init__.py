@@ -1,0 +1,1 @@
+"""Network Address Usage (NAU): the rule table, and the planner built on it."""

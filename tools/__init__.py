@@ -1,0 +1,1 @@
+"""Repository tools: the node lab, the demo and the benchmarks."""

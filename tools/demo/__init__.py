@@ -1,0 +1,1 @@
+"""``make demo``: the lab end to end, printed for people."""

@@ -1,0 +1,322 @@
+"""A whole lab: the cloud emulator, a VPC, one instance, and its namespaces.
+
+``Lab`` is a context manager used three ways: by the pytest fixture (in-process),
+by ``ultranet-lab up`` (in a detached process) and by ``make demo``. Whatever happens,
+``close()`` removes every namespace, link and listener the lab made. A record of
+each running lab is written *before* its first namespace exists, so a start can find
+and remove what a killed lab left behind (``remove_leftovers``).
+
+Only 100.64.0.0/10 and 198.18.0.0/15 are used, and only inside the lab's namespaces;
+nothing is added to the machine's root namespace. The one exception to those ranges
+is 169.254.169.254 inside the node namespace, because that is where software on an
+EC2 instance finds IMDS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from ipam.instance_types import lookup
+from tools.lab import netns
+from tools.lab.ec2.server import Ec2Server, ImdsServer
+from tools.lab.ec2.state import Cloud, LaunchInterface
+from tools.lab.node import LabNode
+
+log = logging.getLogger("ultranet.lab")
+
+STATE_ROOT = Path(os.environ.get("ULTRANET_LAB_STATE", "/run/ultranet-lab"))
+IMDS_ADDRESS = "169.254.169.254"
+NODE_EC2_PORT = 8773
+CNI_SUBNET_TAG = "kubernetes.io/role/cni"
+
+
+@dataclass(frozen=True, slots=True)
+class SubnetSpec:
+    cidr: str
+    availability_zone: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+DEFAULT_SUBNETS = (
+    SubnetSpec("100.64.0.0/18", "us-west-2a", {CNI_SUBNET_TAG: "1"}),
+    SubnetSpec("100.64.64.0/18", "us-west-2a", {CNI_SUBNET_TAG: "1"}),
+    SubnetSpec("100.64.128.0/18", "us-west-2b", {CNI_SUBNET_TAG: "1"}),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LabConfig:
+    instance_type: str = "p5.48xlarge"
+    prefixes_per_card: int = 1  # pre-assigned at launch, as a launch template's Ipv4PrefixCount
+    # What sits on cards > 0 at launch, device index 1 as AWS's EFA guide does:
+    # "efa" (EFA with ENA, has IPs), "interface", "efa-only" (no IP) or "none".
+    other_cards: str = "efa"
+    vpc_cidrs: tuple[str, ...] = ("100.64.0.0/16",)
+    subnets: tuple[SubnetSpec, ...] = DEFAULT_SUBNETS
+    nau_quota: int | None = None  # None: the emulator's default (the 64,000 default quota)
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LabRecord:
+    lab_id: str
+    pid: int
+    pid_start: str
+    namespaces: list[str]
+    ec2_url: str = ""
+    imds_url: str = ""
+    node_ec2_url: str = ""
+    instance_id: str = ""
+    instance_type: str = ""
+
+
+def _process_stat(pid: int) -> tuple[str, str]:
+    """(state, start time) of a process; the start time tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ("", "")
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _process_start(pid: int) -> str:
+    return _process_stat(pid)[1]
+
+
+def process_running(pid: int, start: str | None = None) -> bool:
+    """True unless the process is gone, a zombie, or a different process with its pid."""
+    state, started = _process_stat(pid)
+    return state not in ("", "Z", "X") and (start is None or started == start)
+
+
+def is_alive(record: LabRecord) -> bool:
+    return record.pid_start != "" and process_running(record.pid, record.pid_start)
+
+
+def read_records(state_root: Path = STATE_ROOT) -> list[LabRecord]:
+    if not state_root.is_dir():
+        return []
+    records = []
+    for path in sorted(state_root.glob("*.json")):
+        records.append(LabRecord(**json.loads(path.read_text())))
+    return records
+
+
+def remove_lab(lab_id: str, state_root: Path = STATE_ROOT) -> list[str]:
+    """Delete every namespace of a lab and its record; returns what was removed."""
+    removed = []
+    for name in netns.list_lab_namespaces():
+        if name.startswith(f"{netns.PREFIX}{lab_id}-"):
+            netns.delete(name)
+            removed.append(name)
+    (state_root / f"{lab_id}.json").unlink(missing_ok=True)
+    return removed
+
+
+def remove_leftovers(state_root: Path = STATE_ROOT) -> list[str]:
+    """Remove labs whose owning process is gone, and lab namespaces with no record."""
+    removed: list[str] = []
+    live = set()
+    for record in read_records(state_root):
+        if is_alive(record):
+            live.add(record.lab_id)
+        else:
+            removed += remove_lab(record.lab_id, state_root)
+    for name in netns.list_lab_namespaces():
+        lab_id = name[len(netns.PREFIX) :].split("-", 1)[0]
+        if lab_id not in live:
+            netns.delete(name)
+            removed.append(name)
+    if removed:
+        log.warning("lab: removed leftovers of killed labs: %s", ", ".join(removed))
+    return removed
+
+
+class Lab:
+    """One emulated instance in one emulated VPC. Use as a context manager."""
+
+    def __init__(self, config: LabConfig | None = None, *, state_root: Path = STATE_ROOT) -> None:
+        self.config = config or LabConfig()
+        self.lab_id = secrets.token_hex(3)
+        self.state_root = state_root
+        self.vpc_ns = f"{netns.PREFIX}{self.lab_id}-vpc"
+        self.node_ns = f"{netns.PREFIX}{self.lab_id}-node"
+        self.cloud = Cloud(seed=self.config.seed)
+        self.vpc_id = ""
+        self.subnet_ids: list[str] = []
+        self.instance_id = ""
+        self.ec2_url = ""  # on the host's loopback
+        self.imds_url = ""  # on the host's loopback, for tests running outside the node
+        self.node_ec2_url = ""  # on the node namespace's loopback
+        self.node_imds_url = f"http://{IMDS_ADDRESS}"
+        self._servers: list[Ec2Server | ImdsServer] = []
+        self._pods: list[str] = []
+        self._node: LabNode | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        lookup(self.config.instance_type)  # fail before creating anything
+        remove_leftovers(self.state_root)
+        self._write_record()
+        netns.create(self.vpc_ns)
+        netns.create(self.node_ns)
+        self._loopback_up(self.vpc_ns)
+        self._loopback_up(self.node_ns)
+        self._sysctl(self.vpc_ns, "net.ipv4.ip_forward", "1")
+        self._sysctl(self.node_ns, "net.ipv4.ip_forward", "1")
+        self._build_vpc()
+        ec2 = Ec2Server(self.cloud)
+        self._servers.append(ec2)
+        self.ec2_url = ec2.start()
+        node_sock = netns.listening_socket(self.node_ns, "127.0.0.1", NODE_EC2_PORT)
+        self.node_ec2_url = ec2.start(node_sock)
+        self._launch()
+        self._write_record()
+
+    def close(self) -> None:
+        for server in reversed(self._servers):
+            server.close()
+        self._servers.clear()
+        remove_lab(self.lab_id, self.state_root)
+
+    # -- helpers for tests and tools -------------------------------------------------
+
+    def create_pod_namespace(self, name: str) -> str:
+        """A namespace for a pod, removed with the lab."""
+        ns = f"{netns.PREFIX}{self.lab_id}-pod-{name}"
+        netns.create(ns)
+        self._loopback_up(ns)
+        self._pods.append(ns)
+        return ns
+
+    def node_exec(self, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the node namespace (``ip netns exec``)."""
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            ["ip", "netns", "exec", self.node_ns, *argv],
+            check=True,
+            capture_output=True,
+            text=True,
+            **kwargs,
+        )
+
+    @property
+    def node(self) -> LabNode:
+        assert self._node is not None, "lab not started"
+        return self._node
+
+    # -- internals -----------------------------------------------------------------
+
+    def _build_vpc(self) -> None:
+        vpc = self.cloud.create_vpc(list(self.config.vpc_cidrs))
+        self.vpc_id = vpc.vpc_id
+        if self.config.nau_quota is not None:
+            self.cloud.set_nau_quota(self.vpc_id, self.config.nau_quota)
+        for spec in self.config.subnets:
+            subnet = self.cloud.create_subnet(
+                self.vpc_id, spec.cidr, spec.availability_zone, dict(spec.tags)
+            )
+            self.subnet_ids.append(subnet.subnet_id)
+
+    def _launch(self) -> None:
+        itype = lookup(self.config.instance_type)
+        interfaces = [LaunchInterface(0, 0, ipv4_prefix_count=self.config.prefixes_per_card)]
+        if self.config.other_cards != "none":
+            kind = self.config.other_cards
+            prefixes = 0 if kind == "efa-only" else self.config.prefixes_per_card
+            for card in itype.network_cards:
+                if card.index != 0:
+                    interfaces.append(
+                        LaunchInterface(
+                            card.index, 1, interface_type=kind, ipv4_prefix_count=prefixes
+                        )
+                    )
+        per_card = max(card.max_interfaces for card in itype.network_cards)
+        # The node must listen before launch: launch attaches every interface at once,
+        # so it adopts the first instance it hears of (nothing else launches meanwhile).
+        self._node = LabNode(None, self.vpc_ns, self.node_ns, per_card)
+        self.cloud.subscribe(self._node)
+        instance = self.cloud.launch_instance(
+            self.config.instance_type, self.subnet_ids[0], interfaces=interfaces
+        )
+        self.instance_id = instance.instance_id
+        assert self._node.instance_id == self.instance_id
+        imds = ImdsServer(self.cloud, self.instance_id)
+        self._servers.append(imds)
+        self.imds_url = imds.start()
+        self._add_address(self.node_ns, "lo", f"{IMDS_ADDRESS}/32")
+        imds.start(netns.listening_socket(self.node_ns, IMDS_ADDRESS, 80))
+
+    def _write_record(self) -> None:
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        record = LabRecord(
+            lab_id=self.lab_id,
+            pid=pid,
+            pid_start=_process_start(pid),
+            namespaces=[self.vpc_ns, self.node_ns, *self._pods],
+            ec2_url=self.ec2_url,
+            imds_url=self.imds_url,
+            node_ec2_url=self.node_ec2_url,
+            instance_id=self.instance_id,
+            instance_type=self.config.instance_type,
+        )
+        path = self.state_root / f"{self.lab_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(record)))
+        tmp.replace(path)
+
+    @staticmethod
+    def _loopback_up(ns: str) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    @staticmethod
+    def _add_address(ns: str, ifname: str, cidr: str) -> None:
+        from pyroute2 import IPRoute
+
+        address, length = cidr.split("/")
+        with IPRoute(netns=ns) as ipr:
+            ipr.addr(
+                "add",
+                index=ipr.link_lookup(ifname=ifname)[0],
+                address=address,
+                prefixlen=int(length),
+            )
+
+    @staticmethod
+    def _sysctl(ns: str, key: str, value: str) -> None:
+        # /proc/sys/net follows the network namespace of the process that opens it.
+        path = "/proc/sys/" + key.replace(".", "/")
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}"],
+            check=True,
+            capture_output=True,
+        )

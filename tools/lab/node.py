@@ -1,0 +1,150 @@
+"""The VPC fabric and one instance, built from two network namespaces.
+
+* ``vpc`` namespace: the VPC router. Each attached ENI has a veth here holding its
+  subnet's gateway address (/32, so several ENIs of one subnet can share it) and
+  routes for every address and prefix EC2 assigned to that ENI, pointing at the ENI's
+  primary IP, as the VPC fabric delivers a prefix to the ENI that owns it.
+* ``node`` namespace: the instance. Each ENI is the peer veth, with the ENI's MAC,
+  named ``eth<n>`` in device order (n = card * max interfaces per card + device).
+  As on EC2, only the primary ENI comes up configured (address and default route,
+  what the OS's DHCP client would do); other ENIs appear down and unconfigured for
+  the node agent to set up.
+
+The node reacts to the emulator's events (``tools/lab/events.py``), so
+AttachNetworkInterface and DetachNetworkInterface through boto3 hot-plug links.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from ipaddress import IPv4Address, IPv4Network
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tools.lab.events import EniView
+
+log = logging.getLogger("ultranet.lab")
+
+_ESRCH = 3
+_EEXIST = 17
+
+
+class LabNode:
+    """Applies EC2 state changes for one instance to the vpc and node namespaces."""
+
+    def __init__(
+        self, instance_id: str | None, vpc_ns: str, node_ns: str, interfaces_per_card: int
+    ) -> None:
+        # None: adopt the first instance an event names (the lab launches exactly one).
+        self.instance_id = instance_id
+        self.vpc_ns = vpc_ns
+        self.node_ns = node_ns
+        self._per_card = interfaces_per_card
+        self._lock = threading.Lock()
+        self._vpc_links: dict[str, str] = {}  # eni id -> veth name in the vpc namespace
+        self._routes: dict[str, set[IPv4Network]] = {}  # eni id -> destinations routed
+        self._seq = 0
+
+    def node_ifname(self, eni: EniView) -> str:
+        return f"eth{eni.network_card * self._per_card + eni.device_index}"
+
+    # -- CloudListener -----------------------------------------------------------
+
+    def eni_attached(self, eni: EniView) -> None:
+        if self.instance_id is None:
+            self.instance_id = eni.instance_id
+        if eni.instance_id != self.instance_id:
+            return
+        with self._lock:
+            self._plug(eni)
+
+    def eni_detached(self, eni: EniView) -> None:
+        if eni.instance_id != self.instance_id:
+            return
+        with self._lock:
+            vpc_link = self._vpc_links.pop(eni.eni_id, None)
+            self._routes.pop(eni.eni_id, None)
+            if vpc_link is None:
+                return
+            with IPRoute(netns=self.vpc_ns) as vpc:
+                found = vpc.link_lookup(ifname=vpc_link)
+                if found:
+                    vpc.link("del", index=found[0])  # removes the node-side peer too
+
+    def eni_addresses_changed(self, eni: EniView) -> None:
+        if eni.instance_id != self.instance_id:
+            return
+        with self._lock:
+            if eni.eni_id in self._vpc_links:
+                self._sync_routes(eni)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _plug(self, eni: EniView) -> None:
+        if eni.eni_id in self._vpc_links:
+            self._sync_routes(eni)
+            return
+        self._seq += 1
+        vpc_link = f"v{self._seq}"
+        node_link = self.node_ifname(eni)
+        temp = f"new{self._seq}"
+        with IPRoute(netns=self.vpc_ns) as vpc:
+            vpc.link(
+                "add",
+                ifname=vpc_link,
+                kind="veth",
+                peer={"ifname": temp, "net_ns_fd": self.node_ns, "address": eni.mac},
+            )
+            index = vpc.link_lookup(ifname=vpc_link)[0]
+            vpc.link("set", index=index, state="up")
+            vpc.addr("add", index=index, address=str(eni.gateway), prefixlen=32)
+        with IPRoute(netns=self.node_ns) as node:
+            index = node.link_lookup(ifname=temp)[0]
+            node.link("set", index=index, ifname=node_link)
+            if eni.network_card == 0 and eni.device_index == 0 and eni.primary_ip is not None:
+                self._configure_primary(node, index, eni)
+        self._vpc_links[eni.eni_id] = vpc_link
+        self._routes[eni.eni_id] = set()
+        self._sync_routes(eni)
+        log.info("lab: %s attached as %s (vpc side %s)", eni.eni_id, node_link, vpc_link)
+
+    def _configure_primary(self, node: IPRoute, index: int, eni: EniView) -> None:
+        assert eni.primary_ip is not None
+        node.link("set", index=index, state="up")
+        node.addr("add", index=index, address=str(eni.primary_ip), prefixlen=eni.subnet.prefixlen)
+        node.route("add", dst="0.0.0.0/0", gateway=str(eni.gateway), oif=index)
+
+    def _sync_routes(self, eni: EniView) -> None:
+        """Make the vpc namespace route exactly what EC2 assigned to this ENI."""
+        if eni.primary_ip is None:
+            return  # efa-only: no IP, nothing to route
+        primary = IPv4Network(f"{eni.primary_ip}/32")
+        wanted = {IPv4Network(f"{ip}/32") for ip in eni.secondary_ips} | set(eni.prefixes)
+        wanted.add(primary)
+        have = self._routes[eni.eni_id]
+        link = self._vpc_links[eni.eni_id]
+        with IPRoute(netns=self.vpc_ns) as vpc:
+            index = vpc.link_lookup(ifname=link)[0]
+            for dst in sorted(wanted - have):
+                via = None if dst == primary else eni.primary_ip
+                self._route(vpc, "replace", dst, index, via)
+            for dst in sorted(have - wanted):
+                self._route(vpc, "del", dst, index, eni.primary_ip)
+        self._routes[eni.eni_id] = wanted
+
+    @staticmethod
+    def _route(
+        vpc: IPRoute, command: str, dst: IPv4Network, index: int, via: IPv4Address | None
+    ) -> None:
+        kwargs: dict[str, object] = {"dst": str(dst), "oif": index}
+        if via is not None:
+            kwargs["gateway"] = str(via)
+        else:
+            kwargs["scope"] = 253  # link
+        try:
+            vpc.route(command, **kwargs)
+        except NetlinkError as err:
+            if not (command == "del" and err.code == _ESRCH):
+                raise

@@ -20,7 +20,7 @@ def ec2_client(lab: Lab, *, retries: int = 1) -> Any:
         region_name="us-west-2",
         aws_access_key_id="lab",
         aws_secret_access_key="lab",
-        config=Config(retries={"max_attempts": retries, "mode": "standard"}),
+        config=Config(retries={"total_max_attempts": retries, "mode": "standard"}),
     )
 
 

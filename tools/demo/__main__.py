@@ -3,8 +3,8 @@
 Brings up the lab (emulated VPC + instance in network namespaces), reads the instance
 from inside its namespace through IMDSv2 at 169.254.169.254 with ultranet's own IMDS
 client, lists its ENIs per network card through boto3 against the emulator, prints
-prefixes and NAU, and tears everything down. Without root it says so and runs the NAU
-planner alone.
+prefixes and NAU, and tears everything down. Without root there are no namespaces: it
+says so and shows the same instance through the emulator's EC2 and IMDS on loopback.
 """
 
 from __future__ import annotations
@@ -30,14 +30,7 @@ def step(number: int, total: int, text: str) -> Iterator[None]:
     print(f" done ({time.perf_counter() - started:.2f} s)", flush=True)
 
 
-def run_planner() -> int:
-    from ipam.nau.cli import main as nau_main
-
-    print("\n== NAU plan for 100,000 nodes (ultranet-nau plan) ==")
-    return nau_main(["plan"])
-
-
-def show_node(imds_doc: dict[str, Any], enis: list[dict[str, Any]], nau: int, quota: int) -> None:
+def show_node(imds_doc: dict[str, Any], enis: list[Any], nau: int, quota: int) -> None:
     identity = imds_doc["identity"]
     interfaces = imds_doc["interfaces"]
     print(
@@ -58,21 +51,20 @@ def show_node(imds_doc: dict[str, Any], enis: list[dict[str, Any]], nau: int, qu
         )
     by_type: dict[str, int] = {}
     for eni in enis:
-        by_type[eni["InterfaceType"]] = by_type.get(eni["InterfaceType"], 0) + 1
+        kind = str(eni["InterfaceType"])
+        by_type[kind] = by_type.get(kind, 0) + 1
     cards = {e["Attachment"]["NetworkCardIndex"] for e in enis}
-    prefixes = sum(len(e.get("Ipv4Prefixes", [])) for e in enis)
+    prefix_count = sum(len(e.get("Ipv4Prefixes", [])) for e in enis)
     print("\n== what EC2 says (boto3 DescribeNetworkInterfaces) ==")
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_type.items()))
     print(
-        f"{len(enis)} ENIs on {len(cards)} network cards ({kinds}); {prefixes} /28 prefixes "
-        f"= {prefixes * 16} pod addresses"
+        f"{len(enis)} ENIs on {len(cards)} network cards ({kinds}); {prefix_count} /28 prefixes "
+        f"= {prefix_count * 16} pod addresses"
     )
     print(f"NAU used in the VPC: {nau} of {quota:,} (quota)")
 
 
 def run_lab() -> int:
-    import boto3
-
     from tools.lab.lab import Lab, LabConfig
 
     total = 4
@@ -96,17 +88,7 @@ def run_lab() -> int:
             )
             imds_doc = json.loads(seen.stdout)
         with step(3, total, "asking EC2 (emulator) through boto3"):
-            ec2 = boto3.client(
-                "ec2",
-                endpoint_url=lab.ec2_url,
-                region_name="us-west-2",
-                aws_access_key_id="lab",
-                aws_secret_access_key="lab",
-            )
-            pages = ec2.get_paginator("describe_network_interfaces").paginate(
-                Filters=[{"Name": "attachment.instance-id", "Values": [lab.instance_id]}]
-            )
-            enis = [eni for page in pages for eni in page["NetworkInterfaces"]]
+            enis = instance_enis(lab.ec2_url, lab.instance_id)
             nau = lab.cloud.nau_used(lab.vpc_id)
             quota = lab.cloud.nau_quota(lab.vpc_id)
         show_node(imds_doc, enis, nau, quota)
@@ -116,10 +98,66 @@ def run_lab() -> int:
     return 0
 
 
+def ec2_client(url: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "ec2",
+        endpoint_url=url,
+        region_name="us-west-2",
+        aws_access_key_id="lab",
+        aws_secret_access_key="lab",
+    )
+
+
+def instance_enis(url: str, instance_id: str) -> list[Any]:
+    pages = (
+        ec2_client(url)
+        .get_paginator("describe_network_interfaces")
+        .paginate(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
+    )
+    return [eni for page in pages for eni in page["NetworkInterfaces"]]
+
+
+def run_loopback() -> int:
+    """No root: the emulator alone, EC2 and IMDS on loopback, no namespaces."""
+    from tools.lab.ec2.server import Ec2Server, ImdsServer
+    from tools.lab.ec2.state import Cloud
+    from tools.lab.lab import DEFAULT_SUBNETS, launch_interfaces
+
+    print("demo: not root, so no network namespaces; EC2 and IMDS are served on loopback")
+    cloud = Cloud()
+    vpc = cloud.create_vpc(["100.64.0.0/16"])
+    subnets = [
+        cloud.create_subnet(vpc.vpc_id, s.cidr, s.availability_zone, dict(s.tags))
+        for s in DEFAULT_SUBNETS
+    ]
+    instance = cloud.launch_instance(
+        INSTANCE_TYPE,
+        subnets[0].subnet_id,
+        interfaces=launch_interfaces(INSTANCE_TYPE, PREFIXES_PER_CARD, "efa"),
+    )
+    ec2, imds = Ec2Server(cloud), ImdsServer(cloud, instance.instance_id)
+    try:
+        ec2_url, imds_url = ec2.start(), imds.start()
+        seen = subprocess.run(
+            [sys.executable, "-m", "ipam.imds", imds_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        enis = instance_enis(ec2_url, instance.instance_id)
+        show_node(json.loads(seen.stdout), enis, cloud.nau_used(vpc.vpc_id), vpc.nau_quota)
+    finally:
+        ec2.close()
+        imds.close()
+    return 0
+
+
 def main() -> int:
     if os.geteuid() != 0:
-        print("demo: not root, so no lab (it needs network namespaces); running the planner only")
-        return run_planner()
+        return run_loopback()
     return run_lab()
 
 

@@ -141,6 +141,28 @@ def remove_leftovers(state_root: Path = STATE_ROOT) -> list[str]:
     return removed
 
 
+def launch_interfaces(
+    instance_type: str, prefixes_per_card: int, other_cards: str
+) -> list[LaunchInterface]:
+    """A launch template's NetworkInterfaces: the primary, and one per other network card.
+
+    Cards > 0 get device index 1, as AWS's EFA guide launches them; ``other_cards`` is
+    their InterfaceType, or "none". Every interface with IPs gets the same prefix count.
+    """
+    interfaces = [LaunchInterface(0, 0, ipv4_prefix_count=prefixes_per_card)]
+    if other_cards == "none":
+        return interfaces
+    prefixes = 0 if other_cards == "efa-only" else prefixes_per_card
+    for card in lookup(instance_type).network_cards:
+        if card.index != 0:
+            interfaces.append(
+                LaunchInterface(
+                    card.index, 1, interface_type=other_cards, ipv4_prefix_count=prefixes
+                )
+            )
+    return interfaces
+
+
 class Lab:
     """One emulated instance in one emulated VPC. Use as a context manager."""
 
@@ -245,17 +267,9 @@ class Lab:
 
     def _launch(self) -> None:
         itype = lookup(self.config.instance_type)
-        interfaces = [LaunchInterface(0, 0, ipv4_prefix_count=self.config.prefixes_per_card)]
-        if self.config.other_cards != "none":
-            kind = self.config.other_cards
-            prefixes = 0 if kind == "efa-only" else self.config.prefixes_per_card
-            for card in itype.network_cards:
-                if card.index != 0:
-                    interfaces.append(
-                        LaunchInterface(
-                            card.index, 1, interface_type=kind, ipv4_prefix_count=prefixes
-                        )
-                    )
+        interfaces = launch_interfaces(
+            self.config.instance_type, self.config.prefixes_per_card, self.config.other_cards
+        )
         per_card = max(card.max_interfaces for card in itype.network_cards)
         # The node must listen before launch: launch attaches every interface at once,
         # so it adopts the first instance it hears of (nothing else launches meanwhile).

@@ -127,7 +127,8 @@ class LabNode:
         link = self._vpc_links[eni.eni_id]
         with IPRoute(netns=self.vpc_ns) as vpc:
             index = vpc.link_lookup(ifname=link)[0]
-            for dst in sorted(wanted - have):
+            # The primary's link route first: every other route goes through it.
+            for dst in sorted(wanted - have, key=lambda d: (d != primary, d)):
                 via = None if dst == primary else eni.primary_ip
                 self._route(vpc, "replace", dst, index, via)
             for dst in sorted(have - wanted):

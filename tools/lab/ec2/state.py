@@ -1,0 +1,1176 @@
+"""The emulated cloud: VPCs, subnets, instances and network interfaces, with EC2's rules.
+
+Pure state and rules, no I/O: the EC2 Query API (``api.py``) and IMDS (``imds.py``)
+are views of it, and the namespaced node (``tools/lab/node.py``) follows its events.
+
+EC2 semantics modelled (sources in shared/research/nau.md and vpc-cni.md):
+
+* subnets are ``ipam.subnet_space.SubnetSpace``: five reserved addresses, /28
+  prefixes only from aligned fully free blocks (``InsufficientCidrBlocks`` on a
+  fragmented subnet), ``prefix`` CIDR reservations used first;
+* an ENI has ``ipv4_per_eni`` address slots (its type's ``Ipv4AddressesPerInterface``);
+  its primary address, each secondary address and each /28 prefix take one
+  (``PrivateIpAddressLimitExceeded`` beyond). An unattached ENI is held to the largest
+  limit of any type, and to its instance type's when attached;
+* interfaces attach per network card (``NetworkCardIndex``), at most the card's
+  ``MaximumNetworkInterfaces`` each (``AttachmentLimitExceeded``), EFA types only on
+  EFA-capable types and up to their EFA count; the primary interface cannot be
+  detached; efa-only interfaces have no IP address at all;
+* NAU is counted per VPC over interfaces attached to instances (the calls that fail
+  at the quota are RunInstances, AttachNetworkInterface and AssignPrivateIpAddresses;
+  CreateNetworkInterface is not among them, nau.md §1.1), with ``ipam.nau.rules``;
+  ``NetworkAddressUsageLimitExceeded`` refuses a change that would pass the quota;
+* IMDS can lag EC2 by a set number of seconds (``set_imds_lag``), as real IMDS does
+  after attach, detach and address changes.
+
+Every public method holds one lock; listeners are called under it, after the change and
+before the method returns, so the API answers only once the node has followed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from ipam.errors import SubnetSpaceError, UnknownInstanceType
+from ipam.instance_types import InstanceType, catalog, lookup
+from ipam.nau.rules import DEFAULT_RULES, NAU_QUOTA_DEFAULT, InterfaceType, NauRules
+from ipam.subnet_space import ReservationKind, SubnetSpace
+from tools.lab.ec2.errors import Ec2Error, combination, invalid, not_found
+from tools.lab.ec2.faults import Faults, RequestLog
+from tools.lab.ec2.imds import JsonLeaf
+from tools.lab.events import CloudListener, EniView
+
+OWNER_ID = "111122223333"
+DEFAULT_SECURITY_GROUP = "sg-0a1b2c3d4e5f60789"
+MAX_PRIVATE_IPS_PER_REQUEST = 50  # an ENI never holds more slots than the largest type
+
+
+@dataclass(slots=True)
+class Vpc:
+    vpc_id: str
+    cidrs: list[IPv4Network]
+    nau_quota: int = NAU_QUOTA_DEFAULT
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CidrReservation:
+    reservation_id: str
+    subnet_id: str
+    cidr: IPv4Network
+    kind: ReservationKind
+    description: str
+    tags: dict[str, str]
+
+
+@dataclass(slots=True)
+class Subnet:
+    subnet_id: str
+    vpc_id: str
+    cidr: IPv4Network
+    availability_zone: str
+    availability_zone_id: str
+    space: SubnetSpace
+    tags: dict[str, str] = field(default_factory=dict)
+    reservations: dict[str, CidrReservation] = field(default_factory=dict)
+
+    @property
+    def gateway(self) -> IPv4Address:
+        return self.space.gateway
+
+
+@dataclass(slots=True)
+class Attachment:
+    attachment_id: str
+    instance_id: str
+    device_index: int
+    network_card_index: int
+    attach_time: datetime
+    delete_on_termination: bool
+
+    @property
+    def primary(self) -> bool:
+        return self.device_index == 0 and self.network_card_index == 0
+
+
+@dataclass(slots=True)
+class Eni:
+    eni_id: str
+    subnet_id: str
+    vpc_id: str
+    availability_zone: str
+    mac: str
+    interface_type: InterfaceType
+    primary_ip: IPv4Address | None  # None for efa-only
+    description: str = ""
+    groups: list[str] = field(default_factory=lambda: [DEFAULT_SECURITY_GROUP])
+    secondary_ips: list[IPv4Address] = field(default_factory=list)
+    prefixes: list[IPv4Network] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    source_dest_check: bool = True
+    attachment: Attachment | None = None
+
+    @property
+    def status(self) -> str:
+        return "in-use" if self.attachment is not None else "available"
+
+    @property
+    def addresses(self) -> list[IPv4Address]:
+        """Primary first, then secondaries in assignment order."""
+        return ([self.primary_ip] if self.primary_ip is not None else []) + self.secondary_ips
+
+    @property
+    def slots_used(self) -> int:
+        return len(self.addresses) + len(self.prefixes)
+
+
+@dataclass(slots=True)
+class Instance:
+    instance_id: str
+    instance_type: InstanceType
+    subnet_id: str
+    vpc_id: str
+    availability_zone: str
+    launch_time: datetime
+    image_id: str = "ami-0123456789abcdef0"
+    state: str = "running"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchInterface:
+    """One entry of a launch template's NetworkInterfaces."""
+
+    network_card: int
+    device_index: int
+    interface_type: str = "interface"
+    ipv4_prefix_count: int = 0
+    secondary_ip_count: int = 0
+    subnet_id: str | None = None  # None: the instance's subnet
+    delete_on_termination: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    addresses: tuple[IPv4Address, ...]
+    prefixes: tuple[IPv4Network, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ImdsInterface:
+    """One interface as IMDS shows it: the fabric's view plus what EC2 knows of it."""
+
+    view: EniView
+    subnet_id: str
+    vpc_id: str
+    vpc_cidrs: tuple[IPv4Network, ...]
+    security_groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _ImdsSnapshot:
+    at: float
+    interfaces: tuple[ImdsInterface, ...]
+
+
+def _az_id(availability_zone: str) -> str:
+    """us-west-2a -> usw2-az1: the stable id EC2 pairs with each zone name."""
+    region, letter = availability_zone[:-1], availability_zone[-1]
+    parts = region.split("-")
+    short = parts[0] + "".join(p[0] for p in parts[1:-1]) + parts[-1]
+    return f"{short}-az{ord(letter) - ord('a') + 1}"
+
+
+class Cloud:
+    """One region's worth of emulated EC2 state. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        rules: NauRules = DEFAULT_RULES,
+    ) -> None:
+        self._rng = random.Random(seed)
+        self._clock = clock
+        self.clock = clock
+        self._lock = threading.RLock()
+        self.rules = rules
+        self.faults = Faults(clock=clock, seed=seed)
+        self.requests = RequestLog(clock=clock)
+        self._vpcs: dict[str, Vpc] = {}
+        self._subnets: dict[str, Subnet] = {}
+        self._enis: dict[str, Eni] = {}
+        self._instances: dict[str, Instance] = {}
+        self._attachments: dict[str, str] = {}  # attachment id -> eni id
+        self._macs: set[str] = set()
+        self._client_tokens: dict[tuple[str, str], str] = {}  # (action, token) -> resource id
+        self._listeners: list[CloudListener] = []
+        self._imds_lag_s = 0.0
+        self._imds_history: dict[str, list[_ImdsSnapshot]] = {}
+        self._max_slots = max(t.ipv4_per_eni for t in catalog().values())
+
+    # -- ids and clocks --------------------------------------------------------------
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-{self._rng.getrandbits(68):017x}"
+
+    def _new_mac(self) -> str:
+        while True:
+            # 02: locally administered, unicast; EC2 MACs are in that range too.
+            mac = "02:" + ":".join(f"{self._rng.getrandbits(8):02x}" for _ in range(5))
+            if mac not in self._macs:
+                self._macs.add(mac)
+                return mac
+
+    @staticmethod
+    def _now() -> datetime:
+        return datetime.now(UTC).replace(microsecond=0)
+
+    def idempotent(self, action: str, token: str | None, create: Callable[[], str]) -> str:
+        """EC2's ClientToken: the same token returns the resource the first call made."""
+        with self._lock:
+            if not token:
+                return create()
+            key = (action, token)
+            if key not in self._client_tokens:
+                self._client_tokens[key] = create()
+            return self._client_tokens[key]
+
+    # -- listeners -------------------------------------------------------------------
+
+    def subscribe(self, listener: CloudListener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: CloudListener) -> None:
+        with self._lock:
+            self._listeners.remove(listener)
+
+    # -- VPCs and subnets ------------------------------------------------------------
+
+    def create_vpc(self, cidrs: Sequence[str | IPv4Network]) -> Vpc:
+        with self._lock:
+            networks = [IPv4Network(c) for c in cidrs]
+            if not networks:
+                raise invalid("a VPC needs at least one IPv4 CIDR block")
+            for net in networks:
+                if not 16 <= net.prefixlen <= 28:
+                    raise invalid(f"The CIDR '{net}' is invalid: VPC blocks are /16 to /28")
+            vpc = Vpc(self._new_id("vpc"), networks)
+            self._vpcs[vpc.vpc_id] = vpc
+            return vpc
+
+    def vpc(self, vpc_id: str) -> Vpc:
+        with self._lock:
+            try:
+                return self._vpcs[vpc_id]
+            except KeyError:
+                raise not_found("vpc", vpc_id) from None
+
+    def set_nau_quota(self, vpc_id: str, quota: int) -> None:
+        with self._lock:
+            if quota < 1:
+                raise invalid(f"NAU quota must be >= 1, not {quota}")
+            self.vpc(vpc_id).nau_quota = quota
+
+    def nau_quota(self, vpc_id: str) -> int:
+        with self._lock:
+            return self.vpc(vpc_id).nau_quota
+
+    def nau_used(self, vpc_id: str) -> int:
+        with self._lock:
+            self.vpc(vpc_id)
+            return sum(self._eni_nau(e) for e in self._enis.values() if e.vpc_id == vpc_id)
+
+    def _eni_nau(self, eni: Eni) -> int:
+        """NAU of one ENI; only interfaces attached to an instance count."""
+        if eni.attachment is None:
+            return 0
+        return self.rules.interface_units(
+            eni.interface_type,
+            primary=eni.attachment.primary,
+            addresses=len(eni.addresses),
+            prefixes=len(eni.prefixes),
+        )
+
+    def _check_nau(self, vpc_id: str, extra: int) -> None:
+        if extra <= 0:
+            return
+        vpc = self.vpc(vpc_id)
+        used = self.nau_used(vpc_id)
+        if used + extra > vpc.nau_quota:
+            raise Ec2Error(
+                "NetworkAddressUsageLimitExceeded",
+                f"The request would bring the Network Address Usage of {vpc_id} to "
+                f"{used + extra}, over its quota of {vpc.nau_quota}.",
+            )
+
+    def create_subnet(
+        self,
+        vpc_id: str,
+        cidr: str | IPv4Network,
+        availability_zone: str,
+        tags: dict[str, str] | None = None,
+    ) -> Subnet:
+        with self._lock:
+            vpc = self.vpc(vpc_id)
+            net = IPv4Network(cidr)
+            if not any(net.subnet_of(block) for block in vpc.cidrs):
+                raise Ec2Error(
+                    "InvalidSubnet.Range", f"The CIDR '{net}' is invalid for VPC {vpc_id}."
+                )
+            for other in self._subnets.values():
+                if other.vpc_id == vpc_id and other.cidr.overlaps(net):
+                    raise Ec2Error(
+                        "InvalidSubnet.Conflict", f"The CIDR '{net}' conflicts with another subnet"
+                    )
+            subnet_id = self._new_id("subnet")
+            space = SubnetSpace(net, rng=random.Random(self._rng.getrandbits(64)))
+            subnet = Subnet(
+                subnet_id,
+                vpc_id,
+                net,
+                availability_zone,
+                _az_id(availability_zone),
+                space,
+                dict(tags or {}),
+            )
+            self._subnets[subnet_id] = subnet
+            return subnet
+
+    def subnet(self, subnet_id: str) -> Subnet:
+        with self._lock:
+            try:
+                return self._subnets[subnet_id]
+            except KeyError:
+                raise not_found("subnet", subnet_id) from None
+
+    def subnets(self) -> list[Subnet]:
+        with self._lock:
+            return list(self._subnets.values())
+
+    def vpcs(self) -> list[Vpc]:
+        with self._lock:
+            return list(self._vpcs.values())
+
+    # -- CIDR reservations -----------------------------------------------------------
+
+    def create_cidr_reservation(
+        self,
+        subnet_id: str,
+        cidr: str,
+        kind: str,
+        description: str = "",
+        tags: dict[str, str] | None = None,
+    ) -> CidrReservation:
+        with self._lock:
+            subnet = self.subnet(subnet_id)
+            try:
+                reservation_kind = {"prefix": ReservationKind.PREFIX}.get(
+                    kind, ReservationKind.EXPLICIT if kind == "explicit" else None
+                )
+                if reservation_kind is None:
+                    raise invalid(f"ReservationType '{kind}' is invalid: use prefix or explicit")
+                net = IPv4Network(cidr)
+            except ValueError as err:
+                raise invalid(f"The CIDR '{cidr}' is invalid: {err}") from None
+            try:
+                subnet.space.reserve(net, reservation_kind)
+            except SubnetSpaceError as err:
+                raise Ec2Error(err.code, str(err)) from None
+            record = CidrReservation(
+                self._new_id("scr"), subnet_id, net, reservation_kind, description, tags or {}
+            )
+            subnet.reservations[record.reservation_id] = record
+            return record
+
+    def delete_cidr_reservation(self, reservation_id: str) -> CidrReservation:
+        with self._lock:
+            for subnet in self._subnets.values():
+                record = subnet.reservations.pop(reservation_id, None)
+                if record is not None:
+                    subnet.space.unreserve(record.cidr)
+                    return record
+            raise not_found("reservation", reservation_id)
+
+    # -- instances -------------------------------------------------------------------
+
+    def launch_instance(
+        self,
+        instance_type: str,
+        subnet_id: str,
+        *,
+        interfaces: Sequence[LaunchInterface] = (),
+        tags: dict[str, str] | None = None,
+    ) -> Instance:
+        """RunInstances with a launch template's NetworkInterfaces; all or nothing."""
+        with self._lock:
+            try:
+                itype = lookup(instance_type)
+            except UnknownInstanceType as err:
+                raise invalid(str(err)) from None
+            subnet = self.subnet(subnet_id)
+            specs = list(interfaces) or [LaunchInterface(0, 0)]
+            placements = {(s.network_card, s.device_index) for s in specs}
+            if len(placements) != len(specs):
+                raise invalid("two launch interfaces share a network card and device index")
+            if (0, 0) not in placements:
+                raise invalid("a launch needs an interface at network card 0, device index 0")
+            instance = Instance(
+                self._new_id("i"),
+                itype,
+                subnet_id,
+                subnet.vpc_id,
+                subnet.availability_zone,
+                self._now(),
+                tags=dict(tags or {}),
+            )
+            self._instances[instance.instance_id] = instance
+            created: list[Eni] = []
+            try:
+                for spec in sorted(specs, key=lambda s: (s.network_card, s.device_index)):
+                    eni = self._create_eni(
+                        spec.subnet_id or subnet_id,
+                        interface_type=spec.interface_type,
+                        prefix_count=spec.ipv4_prefix_count,
+                        secondary_count=spec.secondary_ip_count,
+                        description="",
+                        groups=None,
+                        tags={},
+                    )
+                    created.append(eni)
+                    self._attach(
+                        eni,
+                        instance,
+                        spec.device_index,
+                        spec.network_card,
+                        spec.delete_on_termination,
+                        notify=False,
+                    )
+            except (Ec2Error, SubnetSpaceError):
+                for eni in created:
+                    eni.attachment = None
+                    self._delete_eni(eni)
+                self._attachments = {a: e for a, e in self._attachments.items() if e in self._enis}
+                del self._instances[instance.instance_id]
+                raise
+            self._record_imds(instance.instance_id)
+            for eni in created:
+                self._emit("eni_attached", eni)
+            return instance
+
+    def terminate_instance(self, instance_id: str) -> None:
+        """Detach every interface; delete those marked DeleteOnTermination."""
+        with self._lock:
+            instance = self.instance(instance_id)
+            for eni in reversed(self.enis_of(instance_id)):
+                assert eni.attachment is not None
+                delete = eni.attachment.delete_on_termination
+                self._detach(eni)
+                if delete:
+                    self._delete_eni(eni)
+            instance.state = "terminated"
+            self._imds_history.pop(instance_id, None)
+
+    def instance(self, instance_id: str) -> Instance:
+        with self._lock:
+            try:
+                return self._instances[instance_id]
+            except KeyError:
+                raise not_found("instance", instance_id) from None
+
+    def instances(self) -> list[Instance]:
+        with self._lock:
+            return list(self._instances.values())
+
+    # -- network interfaces ----------------------------------------------------------
+
+    def create_network_interface(
+        self,
+        subnet_id: str,
+        *,
+        interface_type: str = "interface",
+        prefix_count: int = 0,
+        prefixes: Sequence[str] = (),
+        secondary_count: int = 0,
+        private_ips: Sequence[str] = (),
+        primary_ip: str | None = None,
+        description: str = "",
+        groups: Sequence[str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Eni:
+        with self._lock:
+            return self._create_eni(
+                subnet_id,
+                interface_type=interface_type,
+                prefix_count=prefix_count,
+                prefixes=prefixes,
+                secondary_count=secondary_count,
+                private_ips=private_ips,
+                primary_ip=primary_ip,
+                description=description,
+                groups=groups,
+                tags=tags or {},
+            )
+
+    def _create_eni(
+        self,
+        subnet_id: str,
+        *,
+        interface_type: str,
+        prefix_count: int = 0,
+        prefixes: Sequence[str] = (),
+        secondary_count: int = 0,
+        private_ips: Sequence[str] = (),
+        primary_ip: str | None = None,
+        description: str,
+        groups: Sequence[str] | None,
+        tags: dict[str, str],
+    ) -> Eni:
+        subnet = self.subnet(subnet_id)
+        try:
+            kind = InterfaceType(interface_type)
+        except ValueError:
+            raise invalid(
+                f"InterfaceType '{interface_type}' is invalid: use interface, efa or efa-only"
+            ) from None
+        wants_ips = prefix_count or prefixes or secondary_count or private_ips or primary_ip
+        if kind is InterfaceType.EFA_ONLY and wants_ips:
+            raise combination("An EFA-only network interface cannot have IP addresses or prefixes")
+        eni = Eni(
+            self._new_id("eni"),
+            subnet_id,
+            subnet.vpc_id,
+            subnet.availability_zone,
+            self._new_mac(),
+            kind,
+            None,
+            description=description,
+            groups=list(groups) if groups else [DEFAULT_SECURITY_GROUP],
+            tags=dict(tags),
+        )
+        try:
+            if kind is not InterfaceType.EFA_ONLY:
+                eni.primary_ip = self._take_address(subnet, primary_ip)
+            self._assign(
+                eni,
+                ip_count=secondary_count,
+                ips=private_ips,
+                prefix_count=prefix_count,
+                prefixes=prefixes,
+                limit=self._max_slots,
+            )
+        except (Ec2Error, SubnetSpaceError):
+            self._release_all(eni)
+            raise
+        self._enis[eni.eni_id] = eni
+        return eni
+
+    def eni(self, eni_id: str) -> Eni:
+        with self._lock:
+            try:
+                return self._enis[eni_id]
+            except KeyError:
+                raise not_found("eni", eni_id) from None
+
+    def enis(self) -> list[Eni]:
+        with self._lock:
+            return list(self._enis.values())
+
+    def enis_of(self, instance_id: str) -> list[Eni]:
+        """The instance's attached interfaces, by (network card, device index)."""
+        with self._lock:
+            found = [
+                e
+                for e in self._enis.values()
+                if e.attachment is not None and e.attachment.instance_id == instance_id
+            ]
+            return sorted(found, key=_placement)
+
+    def eni_view(self, eni_id: str) -> EniView:
+        with self._lock:
+            return self._view(self.eni(eni_id))
+
+    def attach_network_interface(
+        self, eni_id: str, instance_id: str, device_index: int, network_card_index: int = 0
+    ) -> str:
+        with self._lock:
+            eni = self.eni(eni_id)
+            instance = self.instance(instance_id)
+            attachment = self._attach(
+                eni, instance, device_index, network_card_index, delete_on_termination=False
+            )
+            return attachment.attachment_id
+
+    def _attach(
+        self,
+        eni: Eni,
+        instance: Instance,
+        device_index: int,
+        card_index: int,
+        delete_on_termination: bool,
+        *,
+        notify: bool = True,
+    ) -> Attachment:
+        itype = instance.instance_type
+        if instance.state != "running":
+            raise Ec2Error(
+                "IncorrectInstanceState",
+                f"The instance '{instance.instance_id}' is not in a state from which it can "
+                "be attached.",
+            )
+        if eni.attachment is not None:
+            raise Ec2Error("InvalidNetworkInterface.InUse", f"Interface: [{eni.eni_id}] in use.")
+        if eni.availability_zone != instance.availability_zone:
+            raise combination(
+                f"You may not attach a network interface to an instance if they are not in "
+                f"the same availability zone ({eni.availability_zone} vs "
+                f"{instance.availability_zone})"
+            )
+        if eni.vpc_id != instance.vpc_id:
+            raise combination("The network interface and the instance are in different VPCs")
+        try:
+            card = itype.card(card_index)
+        except KeyError:
+            raise invalid(
+                f"NetworkCardIndex {card_index} is out of range for {itype.name}, which has "
+                f"{len(itype.network_cards)} network card(s)"
+            ) from None
+        if not 0 <= device_index < card.max_interfaces:
+            # EC2 accepts any device index below its own bound; the lab names links by
+            # (card, device), so it holds the index to the card's interface count.
+            raise invalid(
+                f"DeviceIndex {device_index} is out of range: network card {card_index} of "
+                f"{itype.name} takes device indexes 0..{card.max_interfaces - 1}"
+            )
+        on_card = [
+            e
+            for e in self.enis_of(instance.instance_id)
+            if e.attachment is not None and e.attachment.network_card_index == card_index
+        ]
+        if any(
+            e.attachment is not None and e.attachment.device_index == device_index for e in on_card
+        ):
+            raise invalid(
+                f"Instance '{instance.instance_id}' already has an interface attached at "
+                f"device index '{device_index}' on network card {card_index}."
+            )
+        if len(on_card) >= card.max_interfaces:
+            raise Ec2Error(
+                "AttachmentLimitExceeded",
+                f"Interface count {len(on_card) + 1} exceeds the limit of network card "
+                f"{card_index} for {itype.name} ({card.max_interfaces})",
+            )
+        if len(self.enis_of(instance.instance_id)) >= itype.max_enis_total:
+            raise Ec2Error(
+                "AttachmentLimitExceeded",
+                f"Interface count exceeds the limit for {itype.name} ({itype.max_enis_total})",
+            )
+        if eni.interface_type is not InterfaceType.INTERFACE:
+            if not itype.efa_supported:
+                raise combination(f"Instance type {itype.name} does not support EFA interfaces")
+            efa_count = sum(
+                1
+                for e in self.enis_of(instance.instance_id)
+                if e.interface_type is not InterfaceType.INTERFACE
+            )
+            if efa_count >= (itype.max_efa_interfaces or 0):
+                raise Ec2Error(
+                    "AttachmentLimitExceeded",
+                    f"EFA interface count exceeds the limit for {itype.name} "
+                    f"({itype.max_efa_interfaces})",
+                )
+        if (card_index, device_index) == (0, 0) and eni.interface_type is InterfaceType.EFA_ONLY:
+            raise invalid("The primary network interface cannot be an EFA-only interface")
+        if eni.slots_used > itype.ipv4_per_eni:
+            raise Ec2Error(
+                "PrivateIpAddressLimitExceeded",
+                f"Network interface {eni.eni_id} holds {eni.slots_used} addresses and prefixes; "
+                f"{itype.name} allows {itype.ipv4_per_eni} per interface",
+            )
+        attachment = Attachment(
+            self._new_id("eni-attach"),
+            instance.instance_id,
+            device_index,
+            card_index,
+            self._now(),
+            delete_on_termination,
+        )
+        # NAU: the interface counts from the moment it is attached.
+        self._check_nau(
+            eni.vpc_id,
+            self.rules.interface_units(
+                eni.interface_type,
+                primary=attachment.primary,
+                addresses=len(eni.addresses),
+                prefixes=len(eni.prefixes),
+            ),
+        )
+        eni.attachment = attachment
+        self._attachments[attachment.attachment_id] = eni.eni_id
+        if notify:
+            self._record_imds(instance.instance_id)
+            self._emit("eni_attached", eni)
+        return attachment
+
+    def detach_network_interface(self, attachment_id: str, *, force: bool = False) -> None:
+        with self._lock:
+            eni_id = self._attachments.get(attachment_id)
+            if eni_id is None:
+                raise not_found("attachment", attachment_id)
+            eni = self._enis[eni_id]
+            assert eni.attachment is not None
+            if eni.attachment.primary:
+                raise Ec2Error(
+                    "OperationNotPermitted",
+                    "The network interface at device index 0 and networkCard index 0 cannot "
+                    "be detached.",
+                )
+            self._detach(eni)
+
+    def _detach(self, eni: Eni) -> None:
+        assert eni.attachment is not None
+        view = self._view(eni)
+        instance_id = eni.attachment.instance_id
+        del self._attachments[eni.attachment.attachment_id]
+        eni.attachment = None
+        self._record_imds(instance_id)
+        self._emit_view("eni_detached", view)
+
+    def delete_network_interface(self, eni_id: str) -> None:
+        with self._lock:
+            eni = self.eni(eni_id)
+            if eni.attachment is not None:
+                raise Ec2Error(
+                    "InvalidNetworkInterface.InUse",
+                    f"Network interface '{eni_id}' is currently in use.",
+                )
+            self._delete_eni(eni)
+
+    def _delete_eni(self, eni: Eni) -> None:
+        self._release_all(eni)
+        self._enis.pop(eni.eni_id, None)
+        self._macs.discard(eni.mac)
+
+    def modify_network_interface(
+        self,
+        eni_id: str,
+        *,
+        description: str | None = None,
+        source_dest_check: bool | None = None,
+        groups: Sequence[str] | None = None,
+        attachment_id: str | None = None,
+        delete_on_termination: bool | None = None,
+    ) -> None:
+        with self._lock:
+            eni = self.eni(eni_id)
+            changes = [
+                description is not None,
+                source_dest_check is not None,
+                groups is not None,
+                delete_on_termination is not None,
+            ]
+            if sum(changes) != 1:
+                raise combination(
+                    "Exactly one of Description, SourceDestCheck, Groups or Attachment must "
+                    "be specified"
+                )
+            if description is not None:
+                eni.description = description
+            if source_dest_check is not None:
+                eni.source_dest_check = source_dest_check
+            if groups is not None:
+                if not groups:
+                    raise invalid("Groups must name at least one security group")
+                eni.groups = list(groups)
+                if eni.attachment is not None:
+                    self._record_imds(eni.attachment.instance_id)
+            if delete_on_termination is not None:
+                if eni.attachment is None or eni.attachment.attachment_id != attachment_id:
+                    raise not_found("attachment", attachment_id or "")
+                eni.attachment.delete_on_termination = delete_on_termination
+
+    # -- addresses and prefixes ------------------------------------------------------
+
+    def assign_private_ip_addresses(
+        self,
+        eni_id: str,
+        *,
+        ip_count: int = 0,
+        ips: Sequence[str] = (),
+        prefix_count: int = 0,
+        prefixes: Sequence[str] = (),
+        allow_reassignment: bool = False,
+    ) -> Assigned:
+        with self._lock:
+            eni = self.eni(eni_id)
+            if not (ip_count or ips or prefix_count or prefixes):
+                raise Ec2Error(
+                    "MissingParameter",
+                    "The request must contain one of PrivateIpAddress, "
+                    "SecondaryPrivateIpAddressCount, Ipv4Prefix or Ipv4PrefixCount",
+                )
+            limit = self._max_slots
+            if eni.attachment is not None:
+                limit = self.instance(eni.attachment.instance_id).instance_type.ipv4_per_eni
+            assigned = self._assign(
+                eni,
+                ip_count=ip_count,
+                ips=ips,
+                prefix_count=prefix_count,
+                prefixes=prefixes,
+                limit=limit,
+                allow_reassignment=allow_reassignment,
+                check_nau=eni.attachment is not None,
+            )
+            self._changed(eni)
+            return assigned
+
+    def _assign(
+        self,
+        eni: Eni,
+        *,
+        ip_count: int,
+        ips: Sequence[str],
+        prefix_count: int,
+        prefixes: Sequence[str],
+        limit: int,
+        allow_reassignment: bool = False,
+        check_nau: bool = False,
+    ) -> Assigned:
+        """Assign addresses and prefixes to ``eni``, all or nothing."""
+        if ip_count and ips:
+            raise combination(
+                "SecondaryPrivateIpAddressCount and PrivateIpAddresses cannot be combined"
+            )
+        if prefix_count and prefixes:
+            raise combination("Ipv4PrefixCount and Ipv4Prefixes cannot be combined")
+        if ip_count < 0 or prefix_count < 0:
+            raise invalid("address and prefix counts must be positive")
+        wanted = ip_count + len(ips) + prefix_count + len(prefixes)
+        if wanted == 0:
+            return Assigned((), ())
+        if eni.interface_type is InterfaceType.EFA_ONLY:
+            raise combination(f"EFA-only network interface {eni.eni_id} cannot have IP addresses")
+        if eni.slots_used + wanted > limit:
+            raise Ec2Error(
+                "PrivateIpAddressLimitExceeded",
+                f"Number of private addresses will exceed limit: {eni.eni_id} has "
+                f"{eni.slots_used} of {limit} address slots used and {wanted} were asked for",
+            )
+        if check_nau:
+            self._check_nau(eni.vpc_id, wanted * self.rules.address)
+        subnet = self.subnet(eni.subnet_id)
+        new_ips: list[IPv4Address] = []
+        new_prefixes: list[IPv4Network] = []
+        try:
+            for text in ips:
+                address = _parse_address(text)
+                if allow_reassignment:
+                    self._take_from_owner(subnet, address, eni)
+                new_ips.append(self._take_address(subnet, str(address)))
+            for _ in range(ip_count):
+                new_ips.append(subnet.space.allocate_address())
+            for text in prefixes:
+                new_prefixes.append(_space_call(subnet.space.claim_prefix, _parse_prefix(text)))
+            for _ in range(prefix_count):
+                new_prefixes.append(subnet.space.allocate_prefix())
+        except (Ec2Error, SubnetSpaceError) as err:
+            for address in new_ips:
+                subnet.space.release_address(address)
+            for prefix in new_prefixes:
+                subnet.space.release_prefix(prefix)
+            if isinstance(err, SubnetSpaceError):
+                raise Ec2Error(err.code, str(err)) from None
+            raise
+        eni.secondary_ips.extend(new_ips)
+        eni.prefixes.extend(new_prefixes)
+        return Assigned(tuple(new_ips), tuple(new_prefixes))
+
+    def _take_from_owner(self, subnet: Subnet, address: IPv4Address, taker: Eni) -> None:
+        """AllowReassignment: move a secondary address off the ENI that holds it."""
+        for owner in self._enis.values():
+            if owner is not taker and owner.subnet_id == subnet.subnet_id:
+                if address in owner.secondary_ips:
+                    owner.secondary_ips.remove(address)
+                    subnet.space.release_address(address)
+                    self._changed(owner)
+                    return
+
+    def unassign_private_ip_addresses(
+        self, eni_id: str, *, ips: Sequence[str] = (), prefixes: Sequence[str] = ()
+    ) -> None:
+        with self._lock:
+            eni = self.eni(eni_id)
+            if not ips and not prefixes:
+                raise Ec2Error(
+                    "MissingParameter",
+                    "The request must contain PrivateIpAddress or Ipv4Prefix",
+                )
+            addresses = [_parse_address(a) for a in ips]
+            networks = [_parse_prefix(p) for p in prefixes]
+            for address in addresses:
+                if address == eni.primary_ip:
+                    raise invalid(f"The primary address {address} of {eni_id} cannot be unassigned")
+                if address not in eni.secondary_ips:
+                    raise invalid(
+                        f"Some of the specified addresses are not assigned to interface "
+                        f"{eni_id}: {address}"
+                    )
+            for network in networks:
+                if network not in eni.prefixes:
+                    raise invalid(
+                        f"Some of the specified prefixes are not assigned to interface "
+                        f"{eni_id}: {network}"
+                    )
+            subnet = self.subnet(eni.subnet_id)
+            for address in addresses:
+                eni.secondary_ips.remove(address)
+                subnet.space.release_address(address)
+            for network in networks:
+                eni.prefixes.remove(network)
+                subnet.space.release_prefix(network)
+            self._changed(eni)
+
+    def _take_address(self, subnet: Subnet, wanted: str | None) -> IPv4Address:
+        try:
+            if wanted is None:
+                return subnet.space.allocate_address()
+            return subnet.space.claim_address(_parse_address(wanted))
+        except SubnetSpaceError as err:
+            if wanted is not None:
+                raise Ec2Error(
+                    "InvalidIPAddress.InUse"
+                    if subnet.cidr.supernet_of(IPv4Network(f"{wanted}/32"))
+                    else "InvalidParameterValue",
+                    str(err),
+                ) from None
+            raise Ec2Error(err.code, str(err)) from None
+
+    def _release_all(self, eni: Eni) -> None:
+        subnet = self._subnets[eni.subnet_id]
+        for address in eni.addresses:
+            subnet.space.release_address(address)
+        for prefix in eni.prefixes:
+            subnet.space.release_prefix(prefix)
+        eni.primary_ip = None
+        eni.secondary_ips.clear()
+        eni.prefixes.clear()
+
+    # -- tags ------------------------------------------------------------------------
+
+    def _taggable(self, resource_id: str) -> dict[str, str]:
+        kind = resource_id.split("-", 1)[0]
+        tables: dict[str, tuple[str, dict[str, Any]]] = {
+            "eni": ("eni", self._enis),
+            "subnet": ("subnet", self._subnets),
+            "vpc": ("vpc", self._vpcs),
+            "i": ("instance", self._instances),
+        }
+        if kind not in tables:
+            raise Ec2Error("InvalidID", f"The ID '{resource_id}' is not valid")
+        noun, table = tables[kind]
+        resource = table.get(resource_id)
+        if resource is None:
+            raise not_found(noun, resource_id)
+        tags: dict[str, str] = resource.tags
+        return tags
+
+    def create_tags(self, resource_ids: Iterable[str], tags: dict[str, str]) -> None:
+        with self._lock:
+            targets = [self._taggable(r) for r in resource_ids]  # all exist, or nothing changes
+            for key in tags:
+                if key.startswith("aws:"):
+                    raise invalid(f"Tag keys starting with 'aws:' are reserved: {key}")
+            for target in targets:
+                target.update(tags)
+
+    def delete_tags(self, resource_ids: Iterable[str], keys: dict[str, str | None]) -> None:
+        """Remove tags; a key given with a value is removed only when the value matches."""
+        with self._lock:
+            targets = [self._taggable(r) for r in resource_ids]
+            for target in targets:
+                for key, value in keys.items():
+                    if key in target and value in (None, target[key]):
+                        del target[key]
+
+    # -- IMDS ------------------------------------------------------------------------
+
+    def set_imds_lag(self, seconds: float) -> None:
+        """From now on IMDS shows the network state as it was ``seconds`` ago."""
+        with self._lock:
+            if seconds < 0:
+                raise ValueError("IMDS lag cannot be negative")
+            self._imds_lag_s = seconds
+
+    def _record_imds(self, instance_id: str) -> None:
+        interfaces = tuple(
+            ImdsInterface(
+                self._view(eni),
+                eni.subnet_id,
+                eni.vpc_id,
+                tuple(self._vpcs[eni.vpc_id].cidrs),
+                tuple(eni.groups),
+            )
+            for eni in self.enis_of(instance_id)
+        )
+        self._imds_history.setdefault(instance_id, []).append(
+            _ImdsSnapshot(self._clock(), interfaces)
+        )
+
+    def imds_interfaces(self, instance_id: str) -> tuple[ImdsInterface, ...]:
+        """The interfaces IMDS shows now: EC2's state as of ``lag`` seconds ago.
+
+        Before the instance's first change is that old, IMDS shows the launch state.
+        """
+        with self._lock:
+            self.instance(instance_id)
+            history = self._imds_history.get(instance_id)
+            if not history:
+                return ()
+            horizon = self._clock() - self._imds_lag_s
+            visible = 0
+            for index, snapshot in enumerate(history):
+                if snapshot.at <= horizon:
+                    visible = index
+            del history[:visible]  # nothing older than the visible one is shown again
+            return history[0].interfaces
+
+    def imds_tree(self, instance_id: str) -> dict[str, Any]:
+        """The instance's metadata under /latest/, as IMDS serves it (maybe stale)."""
+        with self._lock:
+            instance = self.instance(instance_id)
+            interfaces = self.imds_interfaces(instance_id)
+            primary = next(
+                (
+                    i.view
+                    for i in interfaces
+                    if (i.view.network_card, i.view.device_index) == (0, 0)
+                ),
+                None,
+            )
+            macs = {i.view.mac: _imds_interface(i) for i in sorted(interfaces, key=_by_mac)}
+            meta: dict[str, Any] = {
+                "ami-id": instance.image_id,
+                "instance-id": instance.instance_id,
+                "instance-type": instance.instance_type.name,
+                "network": {"interfaces": {"macs": macs}},
+                "placement": {
+                    "availability-zone": instance.availability_zone,
+                    "availability-zone-id": _az_id(instance.availability_zone),
+                    "region": instance.availability_zone[:-1],
+                },
+            }
+            if primary is not None:
+                meta["mac"] = primary.mac
+                if primary.primary_ip is not None:
+                    meta["local-ipv4"] = str(primary.primary_ip)
+            identity = {
+                "accountId": OWNER_ID,
+                "architecture": "x86_64",
+                "availabilityZone": instance.availability_zone,
+                "imageId": instance.image_id,
+                "instanceId": instance.instance_id,
+                "instanceType": instance.instance_type.name,
+                "pendingTime": instance.launch_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "privateIp": meta.get("local-ipv4"),
+                "region": instance.availability_zone[:-1],
+                "version": "2017-09-30",
+            }
+            return {
+                "dynamic": {"instance-identity": {"document": JsonLeaf(identity)}},
+                "meta-data": dict(sorted(meta.items())),
+            }
+
+    # -- events ----------------------------------------------------------------------
+
+    def _view(self, eni: Eni) -> EniView:
+        subnet = self._subnets[eni.subnet_id]
+        attachment = eni.attachment
+        return EniView(
+            eni_id=eni.eni_id,
+            instance_id=attachment.instance_id if attachment else "",
+            mac=eni.mac,
+            interface_type=str(eni.interface_type),
+            network_card=attachment.network_card_index if attachment else 0,
+            device_index=attachment.device_index if attachment else 0,
+            subnet=subnet.cidr,
+            gateway=subnet.gateway,
+            primary_ip=eni.primary_ip,
+            secondary_ips=tuple(eni.secondary_ips),
+            prefixes=tuple(eni.prefixes),
+        )
+
+    def _changed(self, eni: Eni) -> None:
+        if eni.attachment is not None:
+            self._record_imds(eni.attachment.instance_id)
+            self._emit("eni_addresses_changed", eni)
+
+    def _emit(self, event: str, eni: Eni) -> None:
+        self._emit_view(event, self._view(eni))
+
+    def _emit_view(self, event: str, view: EniView) -> None:
+        for listener in list(self._listeners):
+            getattr(listener, event)(view)
+
+
+def _by_mac(interface: ImdsInterface) -> str:
+    return interface.view.mac
+
+
+def _imds_interface(interface: ImdsInterface) -> dict[str, Any]:
+    view = interface.view
+    node: dict[str, Any] = {
+        "device-number": view.device_index,
+        "interface-id": view.eni_id,
+        "mac": view.mac,
+        "network-card": view.network_card,
+        "owner-id": OWNER_ID,
+        "security-group-ids": list(interface.security_groups),
+        "subnet-id": interface.subnet_id,
+        "subnet-ipv4-cidr-block": str(view.subnet),
+        "vpc-id": interface.vpc_id,
+        "vpc-ipv4-cidr-block": str(interface.vpc_cidrs[0]),
+        "vpc-ipv4-cidr-blocks": [str(c) for c in interface.vpc_cidrs],
+    }
+    # IMDS has no local-ipv4s for an efa-only interface and no ipv4-prefix key until a
+    # prefix is assigned: clients see absence (404), not an empty value.
+    if view.primary_ip is not None:
+        node["local-ipv4s"] = [str(view.primary_ip), *(str(a) for a in view.secondary_ips)]
+    if view.prefixes:
+        node["ipv4-prefix"] = [str(p) for p in view.prefixes]
+    return dict(sorted(node.items()))
+
+
+def _placement(eni: Eni) -> tuple[int, int]:
+    assert eni.attachment is not None
+    return (eni.attachment.network_card_index, eni.attachment.device_index)
+
+
+def _parse_address(text: str | IPv4Address) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise invalid(f"Invalid IPv4 address: {text}") from None
+
+
+def _parse_prefix(text: str) -> IPv4Network:
+    try:
+        return IPv4Network(text)
+    except ValueError:
+        raise invalid(f"Invalid IPv4 prefix: {text}") from None
+
+
+def _space_call(call: Callable[[IPv4Network], IPv4Network], prefix: IPv4Network) -> IPv4Network:
+    try:
+        return call(prefix)
+    except SubnetSpaceError as err:
+        raise Ec2Error(err.code, str(err)) from None

@@ -351,7 +351,15 @@ class Ec2Api:
                 self._sleep(decision.latency_s)
             if decision.error is not None:
                 raise decision.error
-            result = handler(decode_params(action, flat))
+            params = decode_params(action, flat)
+            if params.pop("DryRun", False):
+                # Permissions are not modelled, so a dry run always "would have succeeded".
+                raise Ec2Error(
+                    "DryRunOperation",
+                    "Request would have succeeded, but DryRun flag is set.",
+                    status=412,
+                )
+            result = handler(params)
             response = ApiResponse(200, render_response(action, result, request_id), action, None)
         except WireError as err:
             response = ApiResponse(

@@ -18,6 +18,7 @@ from typing import Any
 from tools.lab.ec2.api import Ec2Api
 from tools.lab.ec2.imds import ImdsService
 from tools.lab.ec2.state import Cloud
+from tools.lab.ec2.wire import render_error
 
 log = logging.getLogger("ultranet.lab.http")
 
@@ -31,6 +32,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the second waits for the
+    # client's delayed ACK (~40 ms) on every keep-alive request.
+    disable_nagle_algorithm = True
     server_version = "EC2ws"
     sys_version = ""
 
@@ -57,15 +61,24 @@ class _Ec2Handler(_Handler):
             self._reply(413, b"request too large", {"Content-Type": "text/plain"})
             return
         body = self.rfile.read(length)
-        path, _, query = self.path.partition("?")
-        response = self.api.handle(body, query)
-        self._reply(response.status, response.body, {"Content-Type": "text/xml;charset=UTF-8"})
+        _, _, query = self.path.partition("?")
+        self._answer(body, query)
 
     def do_GET(self) -> None:
         # EC2 also takes Query requests as GET with the parameters in the URL.
         _, _, query = self.path.partition("?")
-        response = self.api.handle(b"", query)
-        self._reply(response.status, response.body, {"Content-Type": "text/xml;charset=UTF-8"})
+        self._answer(b"", query)
+
+    def _answer(self, body: bytes, query: str) -> None:
+        try:
+            response = self.api.handle(body, query)
+            status, payload = response.status, response.body
+        except Exception as err:
+            # A bug in the emulator: answer as EC2 answers its own (500 InternalError),
+            # naming the bug, so the test that hit it fails with a reason, not a reset.
+            log.exception("ec2 emulator failed on a request")
+            status, payload = 500, render_error("InternalError", f"emulator bug: {err!r}", "-")
+        self._reply(status, payload, {"Content-Type": "text/xml;charset=UTF-8"})
 
 
 class _ImdsHandler(_Handler):

@@ -373,12 +373,11 @@ class Cloud:
     ) -> CidrReservation:
         with self._lock:
             subnet = self.subnet(subnet_id)
+            kinds = {"prefix": ReservationKind.PREFIX, "explicit": ReservationKind.EXPLICIT}
+            if kind not in kinds:
+                raise invalid(f"ReservationType '{kind}' is invalid: use prefix or explicit")
+            reservation_kind = kinds[kind]
             try:
-                reservation_kind = {"prefix": ReservationKind.PREFIX}.get(
-                    kind, ReservationKind.EXPLICIT if kind == "explicit" else None
-                )
-                if reservation_kind is None:
-                    raise invalid(f"ReservationType '{kind}' is invalid: use prefix or explicit")
                 net = IPv4Network(cidr)
             except ValueError as err:
                 raise invalid(f"The CIDR '{cidr}' is invalid: {err}") from None
@@ -867,7 +866,11 @@ class Cloud:
                 f"{eni.slots_used} of {limit} address slots used and {wanted} were asked for",
             )
         if check_nau:
-            self._check_nau(eni.vpc_id, wanted * self.rules.address)
+            self._check_nau(
+                eni.vpc_id,
+                (ip_count + len(ips)) * self.rules.address
+                + (prefix_count + len(prefixes)) * self.rules.prefix,
+            )
         subnet = self.subnet(eni.subnet_id)
         new_ips: list[IPv4Address] = []
         new_prefixes: list[IPv4Network] = []

@@ -6,7 +6,8 @@
     ├── ConfigError(field, value, reason)        bad configuration; names the knob
     ├── UnknownInstanceType(name, suggestions)   not in the instance data
     └── SubnetSpaceError(code)                   an address or prefix EC2 would refuse
-        ├── InsufficientCidrBlocks                no aligned, fully free /28 left
+        ├── InsufficientCidrBlocks                no aligned, fully free /28 left, addresses remain
+        ├── NoRoomForPrefix                       not even 16 free addresses for a /28
         ├── InsufficientFreeAddresses             no free address left
         ├── AddressUnavailable                    a named address/prefix is taken or reserved
         └── ReservationConflict                   a CIDR reservation overlaps another
@@ -50,6 +51,17 @@ class SubnetSpaceError(UltranetError):
 
 class InsufficientCidrBlocks(SubnetSpaceError):
     code = "InsufficientCidrBlocks"
+
+
+class NoRoomForPrefix(SubnetSpaceError):
+    """A prefix asked of a subnet with fewer than 16 free addresses.
+
+    EC2 answers this case with InvalidParameterValue ("There aren't sufficient free Ipv4
+    addresses or prefixes"), not InsufficientCidrBlocks, which it keeps for
+    fragmentation (AWS Support's answer quoted in cilium/cilium#31016; vpc-cni #3105).
+    """
+
+    code = "InvalidParameterValue"
 
 
 class InsufficientFreeAddresses(SubnetSpaceError):

@@ -34,6 +34,7 @@ from ipam.errors import (
     AddressUnavailable,
     InsufficientCidrBlocks,
     InsufficientFreeAddresses,
+    NoRoomForPrefix,
     ReservationConflict,
 )
 
@@ -164,6 +165,10 @@ class SubnetSpace:
             addresses=self._addresses,
         )
 
+    def is_aws_reserved(self, address: IPv4Address) -> bool:
+        """One of the five addresses AWS keeps: never assignable."""
+        return self._slot[self._offset(address)] == _Slot.AWS
+
     def is_free(self, address: IPv4Address) -> bool:
         return self._slot[self._offset(address)] == _Slot.FREE
 
@@ -200,6 +205,11 @@ class SubnetSpace:
     def allocate_prefix(self) -> IPv4Network:
         """A /28 chosen as EC2 does for Ipv4PrefixCount: prefix reservations first."""
         pool = self._free_resv_blocks if self._free_resv_blocks else self._free_blocks
+        if not pool and self.stats().free < BLOCK:
+            raise NoRoomForPrefix(
+                f"There aren't sufficient free Ipv4 addresses or prefixes in subnet {self.cidr} "
+                f"({self.stats().free} addresses free)"
+            )
         if not pool:
             raise InsufficientCidrBlocks(
                 f"There are not enough free cidr blocks in the specified subnet {self.cidr} "

@@ -130,16 +130,13 @@ def test_describe_instances_shows_the_primary_interface(env: Ec2Env, ec2: Any) -
 # -- CreateNetworkInterface ---------------------------------------------------------------
 
 
-def test_create_network_interface_with_prefixes_addresses_groups_and_tags(
-    env: Ec2Env, ec2: Any
-) -> None:
+def test_create_network_interface_with_prefixes_groups_and_tags(env: Ec2Env, ec2: Any) -> None:
     before = free_addresses(ec2, env.subnet_ids[1])
     eni = ec2.create_network_interface(
         SubnetId=env.subnet_ids[1],
         Groups=["sg-1", "sg-2"],
         Description="ultranet pods",
         Ipv4PrefixCount=2,
-        SecondaryPrivateIpAddressCount=3,
         TagSpecifications=[
             {"ResourceType": "network-interface", "Tags": [{"Key": "owner", "Value": "ipamd"}]}
         ],
@@ -148,16 +145,41 @@ def test_create_network_interface_with_prefixes_addresses_groups_and_tags(
     assert eni["InterfaceType"] == "interface"
     assert [g["GroupId"] for g in eni["Groups"]] == ["sg-1", "sg-2"]
     assert eni["TagSet"] == [{"Key": "owner", "Value": "ipamd"}]
-    addresses = eni["PrivateIpAddresses"]
-    assert len(addresses) == 4 and addresses[0]["Primary"] is True
+    (primary,) = eni["PrivateIpAddresses"]
+    assert primary["Primary"] is True
     subnet = IPv4Network("100.64.16.0/24")
     prefixes = [IPv4Network(p["Ipv4Prefix"]) for p in eni["Ipv4Prefixes"]]
     assert len(prefixes) == 2
     for prefix in prefixes:
         assert prefix.prefixlen == 28 and prefix.subnet_of(subnet)
-    assert free_addresses(ec2, env.subnet_ids[1]) == before - 4 - 2 * 16
+    assert free_addresses(ec2, env.subnet_ids[1]) == before - 1 - 2 * 16
     again = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni["NetworkInterfaceId"]])
     assert again["NetworkInterfaces"][0]["Ipv4Prefixes"] == eni["Ipv4Prefixes"]
+
+
+def test_create_network_interface_with_secondary_addresses(env: Ec2Env, ec2: Any) -> None:
+    eni = ec2.create_network_interface(SubnetId=env.subnet_ids[1], SecondaryPrivateIpAddressCount=3)
+    addresses = eni["NetworkInterface"]["PrivateIpAddresses"]
+    assert [a["Primary"] for a in addresses] == [True, False, False, False]
+    assert len({a["PrivateIpAddress"] for a in addresses}) == 4
+
+
+def test_prefixes_and_addresses_cannot_be_combined(env: Ec2Env, ec2: Any) -> None:
+    before = free_addresses(ec2, env.subnet_ids[1])
+    with pytest.raises(ClientError) as excinfo:
+        ec2.create_network_interface(
+            SubnetId=env.subnet_ids[1], Ipv4PrefixCount=1, SecondaryPrivateIpAddressCount=1
+        )
+    assert error_code(excinfo) == "InvalidParameterCombination"
+    eni_id = ec2.create_network_interface(SubnetId=env.subnet_ids[1])["NetworkInterface"][
+        "NetworkInterfaceId"
+    ]
+    with pytest.raises(ClientError) as excinfo:
+        ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=eni_id, Ipv4PrefixCount=1, PrivateIpAddresses=["100.64.16.77"]
+        )
+    assert error_code(excinfo) == "InvalidParameterCombination"
+    assert free_addresses(ec2, env.subnet_ids[1]) == before - 1  # only the second ENI's primary
 
 
 def test_client_token_makes_create_idempotent(env: Ec2Env, ec2: Any) -> None:
@@ -166,6 +188,11 @@ def test_client_token_makes_create_idempotent(env: Ec2Env, ec2: Any) -> None:
     third = ec2.create_network_interface(SubnetId=env.subnet_ids[1], ClientToken="token-2")
     ids = [r["NetworkInterface"]["NetworkInterfaceId"] for r in (first, second, third)]
     assert ids[0] == ids[1] != ids[2]
+    with pytest.raises(ClientError) as excinfo:
+        ec2.create_network_interface(
+            SubnetId=env.subnet_ids[1], ClientToken="token-1", Description="other"
+        )
+    assert error_code(excinfo) == "IdempotentParameterMismatch"
 
 
 def test_efa_only_interfaces_carry_no_ip(env: Ec2Env, ec2: Any) -> None:
@@ -195,7 +222,16 @@ def test_create_network_interface_refuses_bad_input(env: Ec2Env, ec2: Any) -> No
     assert error_code(excinfo) == "InvalidParameterValue"
     with pytest.raises(ClientError) as excinfo:
         ec2.create_network_interface(SubnetId=env.subnet_ids[1], PrivateIpAddress="100.64.16.2")
-    assert error_code(excinfo) == "InvalidIPAddress.InUse"  # the subnet's DNS address
+    assert error_code(excinfo) == "InvalidParameterValue"  # the subnet's DNS address
+    taken = ec2.create_network_interface(SubnetId=env.subnet_ids[1])["NetworkInterface"]
+    with pytest.raises(ClientError) as excinfo:
+        ec2.create_network_interface(
+            SubnetId=env.subnet_ids[1], PrivateIpAddress=taken["PrivateIpAddress"]
+        )
+    assert error_code(excinfo) == "InvalidIPAddress.InUse"
+    with pytest.raises(ClientError) as excinfo:
+        ec2.create_network_interface(SubnetId=env.subnet_ids[1], PrivateIpAddress="100.64.99.9")
+    assert error_code(excinfo) == "InvalidParameterValue"  # not in the subnet
 
 
 # -- Attach, detach, delete ---------------------------------------------------------------
@@ -213,11 +249,12 @@ def test_attach_enforces_the_per_card_limit(env: Ec2Env, ec2: Any) -> None:
         assert answer["AttachmentId"].startswith("eni-attach-")
         assert answer["NetworkCardIndex"] == 0
     extra = new_eni()
-    with pytest.raises(ClientError) as excinfo:
-        ec2.attach_network_interface(
-            NetworkInterfaceId=extra, InstanceId=env.instance_id, DeviceIndex=1
-        )
-    assert error_code(excinfo) == "InvalidParameterValue"  # device index 1 is taken
+    for device in (1, 3):  # taken, or the next free index as the VPC CNI picks it
+        with pytest.raises(ClientError) as excinfo:
+            ec2.attach_network_interface(
+                NetworkInterfaceId=extra, InstanceId=env.instance_id, DeviceIndex=device
+            )
+        assert error_code(excinfo) == "AttachmentLimitExceeded"
     with pytest.raises(ClientError) as excinfo:
         ec2.attach_network_interface(
             NetworkInterfaceId=extra, InstanceId=env.instance_id, DeviceIndex=1, NetworkCardIndex=1
@@ -252,24 +289,19 @@ def test_attach_refuses_in_use_other_az_and_efa_on_a_non_efa_type(env: Ec2Env, e
     assert error_code(excinfo) == "InvalidParameterCombination"
 
 
-def test_p5_takes_efa_interfaces_on_every_card_up_to_its_limits() -> None:
-    with ec2_env("p5.48xlarge", interfaces=(LaunchInterface(0, 0),)) as env:
+def test_p5_launches_efa_on_every_card_and_enforces_card_limits() -> None:
+    launch = (
+        LaunchInterface(0, 0),
+        LaunchInterface(0, 1, interface_type="efa"),
+        *(LaunchInterface(card, 1, interface_type="efa") for card in range(1, 32)),
+    )
+    with ec2_env("p5.48xlarge", interfaces=launch) as env:
         ec2 = env.client()
-        for card in range(1, 32):
-            eni = ec2.create_network_interface(SubnetId=env.subnet_ids[0], InterfaceType="efa")
-            ec2.attach_network_interface(
-                NetworkInterfaceId=eni["NetworkInterface"]["NetworkInterfaceId"],
-                InstanceId=env.instance_id,
-                DeviceIndex=1,
-                NetworkCardIndex=card,
-            )
         seen = enis_of(ec2, env.instance_id)
-        assert sorted(e["Attachment"]["NetworkCardIndex"] for e in seen) == list(range(32))
-        on_card_5 = ec2.describe_network_interfaces(
-            Filters=[{"Name": "attachment.network-card-index", "Values": ["5"]}]
-        )["NetworkInterfaces"]
-        assert [e["InterfaceType"] for e in on_card_5] == ["efa"]
-        # Card 5 holds two interfaces; a third on it is over the card's limit.
+        assert len(seen) == 33
+        efa = [e for e in seen if e["InterfaceType"] == "efa"]
+        assert sorted(e["Attachment"]["NetworkCardIndex"] for e in efa) == list(range(32))
+        # An ENA interface fits beside each card's EFA; a third on a card does not.
         second = ec2.create_network_interface(SubnetId=env.subnet_ids[0])["NetworkInterface"]
         ec2.attach_network_interface(
             NetworkInterfaceId=second["NetworkInterfaceId"],
@@ -282,27 +314,43 @@ def test_p5_takes_efa_interfaces_on_every_card_up_to_its_limits() -> None:
             ec2.attach_network_interface(
                 NetworkInterfaceId=third["NetworkInterfaceId"],
                 InstanceId=env.instance_id,
-                DeviceIndex=1,
+                DeviceIndex=0,
                 NetworkCardIndex=5,
             )
-        assert error_code(excinfo) == "InvalidParameterValue"  # device 1 of card 5 is taken
-        # The 32 EFA interfaces allowed are used: card 0's spare slot refuses one more.
-        efa = ec2.create_network_interface(SubnetId=env.subnet_ids[0], InterfaceType="efa")
-        ec2.attach_network_interface(
-            NetworkInterfaceId=efa["NetworkInterface"]["NetworkInterfaceId"],
-            InstanceId=env.instance_id,
-            DeviceIndex=1,
-            NetworkCardIndex=0,
-        )
-        efa2 = ec2.create_network_interface(SubnetId=env.subnet_ids[0], InterfaceType="efa-only")
+        assert error_code(excinfo) == "AttachmentLimitExceeded"
+        # EFAs come with the launch: a running instance takes none, and gives none back.
+        late = ec2.create_network_interface(SubnetId=env.subnet_ids[0], InterfaceType="efa")
         with pytest.raises(ClientError) as excinfo:
             ec2.attach_network_interface(
-                NetworkInterfaceId=efa2["NetworkInterface"]["NetworkInterfaceId"],
+                NetworkInterfaceId=late["NetworkInterface"]["NetworkInterfaceId"],
                 InstanceId=env.instance_id,
                 DeviceIndex=0,
                 NetworkCardIndex=7,
             )
-        assert error_code(excinfo) == "AttachmentLimitExceeded"
+        assert error_code(excinfo) == "IncorrectInstanceState"
+        with pytest.raises(ClientError) as excinfo:
+            ec2.detach_network_interface(AttachmentId=efa[3]["Attachment"]["AttachmentId"])
+        assert error_code(excinfo) == "IncorrectInstanceState"
+
+
+def test_launch_beyond_the_efa_limit_is_refused_whole() -> None:
+    with ec2_env("p5.48xlarge", interfaces=(LaunchInterface(0, 0),)) as env:
+        too_many = [
+            LaunchInterface(0, 0),
+            *(
+                LaunchInterface(c, d, interface_type="efa")
+                for c in range(17)
+                for d in (0, 1)
+                if (c, d) != (0, 0)
+            ),
+        ]
+        from tools.lab.ec2.errors import Ec2Error
+
+        enis_before = len(env.cloud.enis())
+        with pytest.raises(Ec2Error) as excinfo:
+            env.cloud.launch_instance("p5.48xlarge", env.subnet_ids[0], interfaces=too_many)
+        assert excinfo.value.code == "AttachmentLimitExceeded"
+        assert len(env.cloud.enis()) == enis_before
 
 
 def test_detach_and_delete_follow_ec2_rules(env: Ec2Env, ec2: Any) -> None:
@@ -415,6 +463,18 @@ def test_allow_reassignment_moves_an_address(env: Ec2Env, ec2: Any) -> None:
         Filters=[{"Name": "addresses.private-ip-address", "Values": ["100.64.16.50"]}]
     )["NetworkInterfaces"]
     assert [e["NetworkInterfaceId"] for e in owners] == [second]
+    # A request that fails part way moves nothing.
+    with pytest.raises(ClientError) as excinfo:
+        ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=first,
+            PrivateIpAddresses=["100.64.16.50", "100.64.99.1"],
+            AllowReassignment=True,
+        )
+    assert error_code(excinfo) == "InvalidParameterValue"
+    owners = ec2.describe_network_interfaces(
+        Filters=[{"Name": "addresses.private-ip-address", "Values": ["100.64.16.50"]}]
+    )["NetworkInterfaces"]
+    assert [e["NetworkInterfaceId"] for e in owners] == [second]
 
 
 def fragment(ec2: Any, subnet_id: str, cidr: str, skip: set[IPv4Network]) -> str:
@@ -431,6 +491,44 @@ def fragment(ec2: Any, subnet_id: str, cidr: str, skip: set[IPv4Network]) -> str
         targets.append(str(block.network_address + 5))
     ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, PrivateIpAddresses=targets)
     return eni_id
+
+
+def test_listing_an_address_twice_is_refused_and_changes_nothing(env: Ec2Env, ec2: Any) -> None:
+    eni_id = ec2.create_network_interface(SubnetId=env.subnet_ids[1])["NetworkInterface"][
+        "NetworkInterfaceId"
+    ]
+    ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, PrivateIpAddresses=["100.64.16.60"])
+    with pytest.raises(ClientError) as excinfo:
+        ec2.unassign_private_ip_addresses(
+            NetworkInterfaceId=eni_id, PrivateIpAddresses=["100.64.16.60", "100.64.16.60"]
+        )
+    assert error_code(excinfo) == "InvalidParameterValue"
+    with pytest.raises(ClientError) as excinfo:
+        ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=eni_id, Ipv4Prefixes=["100.64.16.64/28", "100.64.16.64/28"]
+        )
+    assert error_code(excinfo) == "InvalidParameterValue"
+    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
+    assert "100.64.16.60" in [a["PrivateIpAddress"] for a in eni["PrivateIpAddresses"]]
+    assert "Ipv4Prefixes" not in eni
+
+
+def test_a_full_subnet_refuses_prefixes_as_ec2_does(env: Ec2Env, ec2: Any) -> None:
+    small = env.cloud.create_subnet(env.vpc_id, "100.64.40.0/26", "us-west-2a").subnet_id
+    eni = ec2.create_network_interface(SubnetId=small)["NetworkInterface"]
+    primary = IPv4Address(eni["PrivateIpAddress"])
+    usable = [a for a in IPv4Network("100.64.40.0/26")][4:-1]
+    fill = [str(a) for a in usable if a != primary][:-10]  # leave ten addresses free
+    ec2.assign_private_ip_addresses(
+        NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=fill
+    )
+    assert free_addresses(ec2, small) == 10
+    with pytest.raises(ClientError) as excinfo:
+        ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=[], Ipv4PrefixCount=1
+        )
+    assert error_code(excinfo) == "InvalidParameterValue"
+    assert "sufficient free Ipv4 addresses or prefixes" in str(excinfo.value)
 
 
 def test_fragmented_subnet_answers_insufficient_cidr_blocks(env: Ec2Env, ec2: Any) -> None:

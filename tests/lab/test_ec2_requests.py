@@ -96,7 +96,8 @@ def test_latency_fault_delays_the_answer() -> None:
         answer = api.handle(body.encode())
         assert answer.status == 200
         assert slept == [0.25]
-        api.handle(urllib.parse.urlencode({"Action": "DescribeVpcs"}).encode())
+        other = api.handle(urllib.parse.urlencode({"Action": "DescribeInstances"}).encode())
+        assert other.status == 200
         assert slept == [0.25]  # other actions are not delayed
 
 
@@ -131,3 +132,25 @@ def test_dry_run_changes_nothing(env: Ec2Env) -> None:
         ec2.create_network_interface(SubnetId=env.subnet_ids[0], DryRun=True)
     assert excinfo.value.response["Error"]["Code"] == "DryRunOperation"
     assert len(env.cloud.enis()) == before
+
+
+def test_every_filter_accepted_is_one_ec2_documents(env: Ec2Env) -> None:
+    """A filter the lab takes but EC2 refuses would pass tests and fail on AWS."""
+    import re
+
+    import botocore.session
+
+    api = Ec2Api(env.cloud)
+    model = botocore.session.get_session().get_service_model("ec2")
+    for action in (
+        "DescribeInstances",
+        "DescribeInstanceTypes",
+        "DescribeNetworkInterfaces",
+        "DescribeSubnets",
+    ):
+        assert api.handle(urllib.parse.urlencode({"Action": action}).encode()).status == 200
+        shape = model.operation_model(action).input_shape.members["Filters"]
+        documented = set(re.findall(r"<code>([A-Za-z0-9.:-]+)</code>", shape.documentation))
+        accepted = api.filter_names[action]
+        assert accepted, action
+        assert accepted <= documented, (action, sorted(accepted - documented))

@@ -64,8 +64,6 @@ def _tag_fields(tags: Mapping[str, str], name: str) -> Iterable[str] | None:
         return [tags[key]] if key in tags else []
     if name == "tag-key":
         return list(tags)
-    if name == "tag-value":
-        return list(tags.values())
     return None
 
 
@@ -309,6 +307,7 @@ class Ec2Api:
     def __init__(self, cloud: Cloud, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.cloud = cloud
         self._sleep = sleep
+        self.filter_names: dict[str, frozenset[str]] = {}
         self._handlers: dict[str, Handler] = {
             "AssignPrivateIpAddresses": self.assign_private_ip_addresses,
             "AttachNetworkInterface": self.attach_network_interface,
@@ -331,6 +330,18 @@ class Ec2Api:
     @property
     def actions(self) -> list[str]:
         return sorted(self._handlers)
+
+    def _filter(
+        self,
+        action: str,
+        items: Iterable[Any],
+        filters: Sequence[Mapping[str, Any]] | None,
+        fields: FilterFields,
+        tags_of: Callable[[Any], Mapping[str, str]],
+    ) -> list[Any]:
+        # Kept so a test can hold every accepted filter name to EC2's documented list.
+        self.filter_names[action] = frozenset(fields)
+        return _apply_filters(items, filters, fields, tags_of)
 
     def handle(self, body: bytes, query: str = "") -> ApiResponse:
         request_id = _request_id()
@@ -359,8 +370,10 @@ class Ec2Api:
                     "Request would have succeeded, but DryRun flag is set.",
                     status=412,
                 )
-            result = handler(params)
-            response = ApiResponse(200, render_response(action, result, request_id), action, None)
+            with self.cloud.lock:  # one consistent view while reading and rendering
+                result = handler(params)
+                body = render_response(action, result, request_id)
+            response = ApiResponse(200, body, action, None)
         except WireError as err:
             response = ApiResponse(
                 400, render_error(err.code, err.message, request_id), action, err.code
@@ -385,7 +398,7 @@ class Ec2Api:
             if missing:
                 raise Ec2Error(
                     "InvalidInstanceID.NotFound",
-                    f"The instance IDs '{', '.join(missing)}' do not exist",
+                    f"The instance ID '{missing[0]}' does not exist",
                 )
             instances = [i for i in instances if i.instance_id in ids]
         fields: FilterFields = {
@@ -399,7 +412,9 @@ class Ec2Api:
             "subnet-id": lambda i: [i.subnet_id],
             "vpc-id": lambda i: [i.vpc_id],
         }
-        instances = _apply_filters(instances, params.get("Filters"), fields, lambda i: i.tags)
+        instances = self._filter(
+            "DescribeInstances", instances, params.get("Filters"), fields, lambda i: i.tags
+        )
         page, token = _page(
             instances, lambda i: i.instance_id, params, max_limit=1000, ids_given=bool(ids)
         )
@@ -439,7 +454,9 @@ class Ec2Api:
             "network-info.maximum-network-interfaces": lambda t: [str(t.max_enis_total)],
             "network-info.ipv4-addresses-per-interface": lambda t: [str(t.ipv4_per_eni)],
         }
-        types = _apply_filters(types, params.get("Filters"), fields, lambda t: {})
+        types = self._filter(
+            "DescribeInstanceTypes", types, params.get("Filters"), fields, lambda t: {}
+        )
         # DescribeInstanceTypes pages by 100 at most, unlike the other calls (API reference).
         page, token = _page(types, lambda t: t.name, params, max_limit=100)
         if not params.get("MaxResults") and not params.get("NextToken") and not names:
@@ -457,7 +474,7 @@ class Ec2Api:
             if missing:
                 raise Ec2Error(
                     "InvalidSubnetID.NotFound",
-                    f"The subnet ID '{', '.join(missing)}' does not exist",
+                    f"The subnet ID '{missing[0]}' does not exist",
                 )
             subnets = [s for s in subnets if s.subnet_id in ids]
         fields: FilterFields = {
@@ -470,7 +487,9 @@ class Ec2Api:
             "subnet-id": lambda s: [s.subnet_id],
             "vpc-id": lambda s: [s.vpc_id],
         }
-        subnets = _apply_filters(subnets, params.get("Filters"), fields, lambda s: s.tags)
+        subnets = self._filter(
+            "DescribeSubnets", subnets, params.get("Filters"), fields, lambda s: s.tags
+        )
         page, token = _page(
             subnets, lambda s: s.subnet_id, params, max_limit=1000, ids_given=bool(ids)
         )
@@ -497,7 +516,9 @@ class Ec2Api:
             "reservationType": lambda r: [r.kind.name.lower()],
             "subnet-id": lambda r: [r.subnet_id],
         }
-        records = _apply_filters(records, params.get("Filters"), fields, lambda r: r.tags)
+        records = self._filter(
+            "GetSubnetCidrReservations", records, params.get("Filters"), fields, lambda r: r.tags
+        )
         views = [self._reservation_view(r) for r in records]
         return {"SubnetIpv4CidrReservations": views, "SubnetIpv6CidrReservations": []}
 
@@ -526,7 +547,8 @@ class Ec2Api:
             if missing:
                 raise Ec2Error(
                     "InvalidNetworkInterfaceID.NotFound",
-                    f"The networkInterface ID '{', '.join(missing)}' does not exist",
+                    # One id, as EC2 words it: the VPC CNI parses it out to drop stale ENIs.
+                    f"The networkInterface ID '{missing[0]}' does not exist",
                 )
             enis = [e for e in enis if e.eni_id in ids]
 
@@ -545,24 +567,26 @@ class Ec2Api:
             "attachment.device-index": lambda e: attached(e, lambda a: a.device_index),
             "attachment.instance-id": lambda e: attached(e, lambda a: a.instance_id),
             "attachment.instance-owner-id": lambda e: attached(e, lambda a: OWNER_ID),
-            "attachment.network-card-index": lambda e: attached(e, lambda a: a.network_card_index),
             "attachment.status": lambda e: attached(e, lambda a: "attached"),
             "availability-zone": lambda e: [e.availability_zone],
             "description": lambda e: [e.description],
             "group-id": lambda e: list(e.groups),
             "interface-type": lambda e: [str(e.interface_type)],
-            "ipv4-prefix.ipv4-prefix": lambda e: [str(p) for p in e.prefixes],
             "mac-address": lambda e: [e.mac],
             "network-interface-id": lambda e: [e.eni_id],
             "owner-id": lambda e: [OWNER_ID],
-            "private-ip-address": lambda e: [str(e.primary_ip)] if e.primary_ip else [],
+            "private-ip-address": lambda e: [str(a) for a in e.addresses],
+            "addresses.primary": lambda e: ["true"] if e.primary_ip else [],
+            "availability-zone-id": lambda e: [self.cloud.subnet(e.subnet_id).availability_zone_id],
             "requester-managed": lambda e: ["false"],
             "source-dest-check": lambda e: [str(e.source_dest_check).lower()],
             "status": lambda e: [e.status],
             "subnet-id": lambda e: [e.subnet_id],
             "vpc-id": lambda e: [e.vpc_id],
         }
-        enis = _apply_filters(enis, params.get("Filters"), fields, lambda e: e.tags)
+        enis = self._filter(
+            "DescribeNetworkInterfaces", enis, params.get("Filters"), fields, lambda e: e.tags
+        )
         page, token = _page(enis, lambda e: e.eni_id, params, max_limit=1000, ids_given=bool(ids))
         return {"NetworkInterfaces": [_eni_view(e) for e in page], "NextToken": token}
 
@@ -593,7 +617,10 @@ class Ec2Api:
             )
             return eni.eni_id
 
-        eni_id = self.cloud.idempotent("CreateNetworkInterface", params.get("ClientToken"), create)
+        fingerprint = repr(sorted((k, repr(v)) for k, v in params.items() if k != "ClientToken"))
+        eni_id = self.cloud.idempotent(
+            "CreateNetworkInterface", params.get("ClientToken"), fingerprint, create
+        )
         result: Result = {"NetworkInterface": _eni_view(self.cloud.eni(eni_id))}
         if params.get("ClientToken"):
             result["ClientToken"] = params["ClientToken"]

@@ -202,6 +202,7 @@ class Cloud:
         self._clock = clock
         self.clock = clock
         self._lock = threading.RLock()
+        self.lock = self._lock  # the API layer holds it while it reads and renders
         self.rules = rules
         self.faults = Faults(clock=clock, seed=seed)
         self.requests = RequestLog(clock=clock)
@@ -211,7 +212,7 @@ class Cloud:
         self._instances: dict[str, Instance] = {}
         self._attachments: dict[str, str] = {}  # attachment id -> eni id
         self._macs: set[str] = set()
-        self._client_tokens: dict[tuple[str, str], str] = {}  # (action, token) -> resource id
+        self._client_tokens: dict[tuple[str, str], tuple[str, str]] = {}  # -> (params, id)
         self._listeners: list[CloudListener] = []
         self._imds_lag_s = 0.0
         self._imds_history: dict[str, list[_ImdsSnapshot]] = {}
@@ -234,15 +235,28 @@ class Cloud:
     def _now() -> datetime:
         return datetime.now(UTC).replace(microsecond=0)
 
-    def idempotent(self, action: str, token: str | None, create: Callable[[], str]) -> str:
-        """EC2's ClientToken: the same token returns the resource the first call made."""
+    def idempotent(
+        self, action: str, token: str | None, fingerprint: str, create: Callable[[], str]
+    ) -> str:
+        """EC2's ClientToken: the same token returns the resource the first call made.
+
+        A token reused with different parameters is ``IdempotentParameterMismatch``.
+        """
         with self._lock:
             if not token:
                 return create()
             key = (action, token)
-            if key not in self._client_tokens:
-                self._client_tokens[key] = create()
-            return self._client_tokens[key]
+            if key in self._client_tokens:
+                first, resource_id = self._client_tokens[key]
+                if first != fingerprint:
+                    raise Ec2Error(
+                        "IdempotentParameterMismatch",
+                        f"The client token {token!r} was used with different parameters",
+                    )
+                return resource_id
+            resource_id = create()
+            self._client_tokens[key] = (fingerprint, resource_id)
+            return resource_id
 
     # -- listeners -------------------------------------------------------------------
 
@@ -452,7 +466,7 @@ class Cloud:
                         spec.device_index,
                         spec.network_card,
                         spec.delete_on_termination,
-                        notify=False,
+                        launching=True,
                     )
             except (Ec2Error, SubnetSpaceError):
                 for eni in created:
@@ -569,6 +583,7 @@ class Cloud:
             )
         except (Ec2Error, SubnetSpaceError):
             self._release_all(eni)
+            self._macs.discard(eni.mac)
             raise
         self._enis[eni.eni_id] = eni
         return eni
@@ -617,7 +632,7 @@ class Cloud:
         card_index: int,
         delete_on_termination: bool,
         *,
-        notify: bool = True,
+        launching: bool = False,
     ) -> Attachment:
         itype = instance.instance_type
         if instance.state != "running":
@@ -643,6 +658,25 @@ class Cloud:
                 f"NetworkCardIndex {card_index} is out of range for {itype.name}, which has "
                 f"{len(itype.network_cards)} network card(s)"
             ) from None
+        attached = self.enis_of(instance.instance_id)
+        on_card = [
+            e
+            for e in attached
+            if e.attachment is not None and e.attachment.network_card_index == card_index
+        ]
+        # Limits first: on a full card every device index is taken, and EC2 answers
+        # AttachmentLimitExceeded, which is what the VPC CNI reacts to.
+        if len(on_card) >= card.max_interfaces:
+            raise Ec2Error(
+                "AttachmentLimitExceeded",
+                f"Interface count {len(on_card) + 1} exceeds the limit of network card "
+                f"{card_index} for {itype.name} ({card.max_interfaces})",
+            )
+        if len(attached) >= itype.max_enis_total:
+            raise Ec2Error(
+                "AttachmentLimitExceeded",
+                f"Interface count exceeds the limit for {itype.name} ({itype.max_enis_total})",
+            )
         if not 0 <= device_index < card.max_interfaces:
             # EC2 accepts any device index below its own bound; the lab names links by
             # (card, device), so it holds the index to the card's interface count.
@@ -650,11 +684,6 @@ class Cloud:
                 f"DeviceIndex {device_index} is out of range: network card {card_index} of "
                 f"{itype.name} takes device indexes 0..{card.max_interfaces - 1}"
             )
-        on_card = [
-            e
-            for e in self.enis_of(instance.instance_id)
-            if e.attachment is not None and e.attachment.network_card_index == card_index
-        ]
         if any(
             e.attachment is not None and e.attachment.device_index == device_index for e in on_card
         ):
@@ -662,25 +691,18 @@ class Cloud:
                 f"Instance '{instance.instance_id}' already has an interface attached at "
                 f"device index '{device_index}' on network card {card_index}."
             )
-        if len(on_card) >= card.max_interfaces:
-            raise Ec2Error(
-                "AttachmentLimitExceeded",
-                f"Interface count {len(on_card) + 1} exceeds the limit of network card "
-                f"{card_index} for {itype.name} ({card.max_interfaces})",
-            )
-        if len(self.enis_of(instance.instance_id)) >= itype.max_enis_total:
-            raise Ec2Error(
-                "AttachmentLimitExceeded",
-                f"Interface count exceeds the limit for {itype.name} ({itype.max_enis_total})",
-            )
         if eni.interface_type is not InterfaceType.INTERFACE:
             if not itype.efa_supported:
                 raise combination(f"Instance type {itype.name} does not support EFA interfaces")
-            efa_count = sum(
-                1
-                for e in self.enis_of(instance.instance_id)
-                if e.interface_type is not InterfaceType.INTERFACE
-            )
+            if not launching:
+                # EC2 User Guide, "Attach an EFA": EFAs can be attached only at launch or
+                # to a stopped instance, never to a running one.
+                raise Ec2Error(
+                    "IncorrectInstanceState",
+                    f"EFA interface {eni.eni_id} cannot be attached to running instance "
+                    f"{instance.instance_id}",
+                )
+            efa_count = sum(1 for e in attached if e.interface_type is not InterfaceType.INTERFACE)
             if efa_count >= (itype.max_efa_interfaces or 0):
                 raise Ec2Error(
                     "AttachmentLimitExceeded",
@@ -715,7 +737,7 @@ class Cloud:
         )
         eni.attachment = attachment
         self._attachments[attachment.attachment_id] = eni.eni_id
-        if notify:
+        if not launching:
             self._record_imds(instance.instance_id)
             self._emit("eni_attached", eni)
         return attachment
@@ -732,6 +754,11 @@ class Cloud:
                     "OperationNotPermitted",
                     "The network interface at device index 0 and networkCard index 0 cannot "
                     "be detached.",
+                )
+            if eni.interface_type is not InterfaceType.INTERFACE:
+                raise Ec2Error(
+                    "IncorrectInstanceState",
+                    f"EFA interface {eni.eni_id} cannot be detached from a running instance",
                 )
             self._detach(eni)
 
@@ -852,9 +879,17 @@ class Cloud:
             )
         if prefix_count and prefixes:
             raise combination("Ipv4PrefixCount and Ipv4Prefixes cannot be combined")
+        # API reference, Ipv4PrefixCount / Ipv4Prefixes: "You can't specify ... if you've
+        # specified ... specific private IPv4 addresses, or a count of private IPv4 addresses."
+        if (prefix_count or prefixes) and (ip_count or ips):
+            raise combination("IPv4 prefixes and private IPv4 addresses cannot be combined")
         if ip_count < 0 or prefix_count < 0:
             raise invalid("address and prefix counts must be positive")
-        wanted = ip_count + len(ips) + prefix_count + len(prefixes)
+        addresses = [_parse_address(a) for a in ips]
+        networks = [_parse_prefix(p) for p in prefixes]
+        _refuse_duplicates(addresses, "address")
+        _refuse_duplicates(networks, "prefix")
+        wanted = ip_count + len(addresses) + prefix_count + len(networks)
         if wanted == 0:
             return Assigned((), ())
         if eni.interface_type is InterfaceType.EFA_ONLY:
@@ -865,25 +900,28 @@ class Cloud:
                 f"Number of private addresses will exceed limit: {eni.eni_id} has "
                 f"{eni.slots_used} of {limit} address slots used and {wanted} were asked for",
             )
+        subnet = self.subnet(eni.subnet_id)
+        moves = self._reassignments(subnet, addresses, eni) if allow_reassignment else []
         if check_nau:
+            # An address moved off another attached ENI of the VPC is already counted.
+            already = sum(1 for owner, _ in moves if owner.attachment is not None)
             self._check_nau(
                 eni.vpc_id,
-                (ip_count + len(ips)) * self.rules.address
-                + (prefix_count + len(prefixes)) * self.rules.prefix,
+                (ip_count + len(addresses) - already) * self.rules.address
+                + (prefix_count + len(networks)) * self.rules.prefix,
             )
-        subnet = self.subnet(eni.subnet_id)
+        for owner, address in moves:
+            owner.secondary_ips.remove(address)
+            subnet.space.release_address(address)
         new_ips: list[IPv4Address] = []
         new_prefixes: list[IPv4Network] = []
         try:
-            for text in ips:
-                address = _parse_address(text)
-                if allow_reassignment:
-                    self._take_from_owner(subnet, address, eni)
+            for address in addresses:
                 new_ips.append(self._take_address(subnet, str(address)))
             for _ in range(ip_count):
                 new_ips.append(subnet.space.allocate_address())
-            for text in prefixes:
-                new_prefixes.append(_space_call(subnet.space.claim_prefix, _parse_prefix(text)))
+            for network in networks:
+                new_prefixes.append(_space_call(subnet.space.claim_prefix, network))
             for _ in range(prefix_count):
                 new_prefixes.append(subnet.space.allocate_prefix())
         except (Ec2Error, SubnetSpaceError) as err:
@@ -891,22 +929,30 @@ class Cloud:
                 subnet.space.release_address(address)
             for prefix in new_prefixes:
                 subnet.space.release_prefix(prefix)
+            for owner, address in moves:  # give moved addresses back to their owners
+                subnet.space.claim_address(address)
+                owner.secondary_ips.append(address)
             if isinstance(err, SubnetSpaceError):
                 raise Ec2Error(err.code, str(err)) from None
             raise
         eni.secondary_ips.extend(new_ips)
         eni.prefixes.extend(new_prefixes)
+        for owner in {id(o): o for o, _ in moves}.values():
+            self._changed(owner)
         return Assigned(tuple(new_ips), tuple(new_prefixes))
 
-    def _take_from_owner(self, subnet: Subnet, address: IPv4Address, taker: Eni) -> None:
-        """AllowReassignment: move a secondary address off the ENI that holds it."""
-        for owner in self._enis.values():
-            if owner is not taker and owner.subnet_id == subnet.subnet_id:
-                if address in owner.secondary_ips:
-                    owner.secondary_ips.remove(address)
-                    subnet.space.release_address(address)
-                    self._changed(owner)
-                    return
+    def _reassignments(
+        self, subnet: Subnet, addresses: Sequence[IPv4Address], taker: Eni
+    ) -> list[tuple[Eni, IPv4Address]]:
+        """AllowReassignment: the secondary addresses to move off the ENIs holding them."""
+        moves = []
+        for address in addresses:
+            for owner in self._enis.values():
+                if owner is not taker and owner.subnet_id == subnet.subnet_id:
+                    if address in owner.secondary_ips:
+                        moves.append((owner, address))
+                        break
+        return moves
 
     def unassign_private_ip_addresses(
         self, eni_id: str, *, ips: Sequence[str] = (), prefixes: Sequence[str] = ()
@@ -920,6 +966,8 @@ class Cloud:
                 )
             addresses = [_parse_address(a) for a in ips]
             networks = [_parse_prefix(p) for p in prefixes]
+            _refuse_duplicates(addresses, "address")
+            _refuse_duplicates(networks, "prefix")
             for address in addresses:
                 if address == eni.primary_ip:
                     raise invalid(f"The primary address {address} of {eni_id} cannot be unassigned")
@@ -944,19 +992,20 @@ class Cloud:
             self._changed(eni)
 
     def _take_address(self, subnet: Subnet, wanted: str | None) -> IPv4Address:
-        try:
-            if wanted is None:
+        if wanted is None:
+            try:
                 return subnet.space.allocate_address()
-            return subnet.space.claim_address(_parse_address(wanted))
+            except SubnetSpaceError as err:
+                raise Ec2Error(err.code, str(err)) from None
+        address = _parse_address(wanted)
+        if address not in subnet.cidr:
+            raise invalid(f"Address {address} is not in subnet {subnet.subnet_id} ({subnet.cidr})")
+        if subnet.space.is_aws_reserved(address):
+            raise invalid(f"Address {address} is in subnet {subnet.cidr}'s reserved address range")
+        try:
+            return subnet.space.claim_address(address)
         except SubnetSpaceError as err:
-            if wanted is not None:
-                raise Ec2Error(
-                    "InvalidIPAddress.InUse"
-                    if subnet.cidr.supernet_of(IPv4Network(f"{wanted}/32"))
-                    else "InvalidParameterValue",
-                    str(err),
-                ) from None
-            raise Ec2Error(err.code, str(err)) from None
+            raise Ec2Error("InvalidIPAddress.InUse", str(err)) from None
 
     def _release_all(self, eni: Eni) -> None:
         subnet = self._subnets[eni.subnet_id]
@@ -1001,6 +1050,9 @@ class Cloud:
         with self._lock:
             targets = [self._taggable(r) for r in resource_ids]
             for target in targets:
+                if not keys:  # no Tag parameter: every user-defined tag goes
+                    for key in [k for k in target if not k.startswith("aws:")]:
+                        del target[key]
                 for key, value in keys.items():
                     if key in target and value in (None, target[key]):
                         del target[key]
@@ -1025,9 +1077,22 @@ class Cloud:
             )
             for eni in self.enis_of(instance_id)
         )
-        self._imds_history.setdefault(instance_id, []).append(
-            _ImdsSnapshot(self._clock(), interfaces)
-        )
+        history = self._imds_history.setdefault(instance_id, [])
+        history.append(_ImdsSnapshot(self._clock(), interfaces))
+        self._prune_imds(history)
+
+    def _prune_imds(self, history: list[_ImdsSnapshot]) -> None:
+        """Keep the newest snapshot old enough to be shown, and everything newer.
+
+        Raising the lag later cannot go back past what was pruned: IMDS never shows a
+        state older than one it has already shown.
+        """
+        horizon = self._clock() - self._imds_lag_s
+        visible = 0
+        for index, snapshot in enumerate(history):
+            if snapshot.at <= horizon:
+                visible = index
+        del history[:visible]
 
     def imds_interfaces(self, instance_id: str) -> tuple[ImdsInterface, ...]:
         """The interfaces IMDS shows now: EC2's state as of ``lag`` seconds ago.
@@ -1039,12 +1104,7 @@ class Cloud:
             history = self._imds_history.get(instance_id)
             if not history:
                 return ()
-            horizon = self._clock() - self._imds_lag_s
-            visible = 0
-            for index, snapshot in enumerate(history):
-                if snapshot.at <= horizon:
-                    visible = index
-            del history[:visible]  # nothing older than the visible one is shown again
+            self._prune_imds(history)
             return history[0].interfaces
 
     def imds_tree(self, instance_id: str) -> dict[str, Any]:
@@ -1156,6 +1216,14 @@ def _imds_interface(interface: ImdsInterface) -> dict[str, Any]:
 def _placement(eni: Eni) -> tuple[int, int]:
     assert eni.attachment is not None
     return (eni.attachment.network_card_index, eni.attachment.device_index)
+
+
+def _refuse_duplicates(items: Sequence[object], noun: str) -> None:
+    seen: set[object] = set()
+    for item in items:
+        if item in seen:
+            raise invalid(f"The {noun} {item} is listed more than once")
+        seen.add(item)
 
 
 def _parse_address(text: str | IPv4Address) -> IPv4Address:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from ipaddress import IPv4Network
 
 import pytest
@@ -126,6 +127,8 @@ def test_close_removes_every_namespace_and_record(lab_factory: LabFactory) -> No
     lab.close()
     assert not any(netns.exists(n) for n in names)
     assert lab.lab_id not in {r.lab_id for r in read_records()}
+    # and the thread holding the lab's netlink sockets is gone with them
+    assert f"netlink-{lab.lab_id}" not in {t.name for t in threading.enumerate()}
 
 
 def _serve_lab_in_child() -> tuple[subprocess.Popen[bytes], dict[str, object]]:

@@ -19,10 +19,13 @@ import logging
 import os
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from pyroute2 import IPRoute
 
 from ipam.instance_types import lookup
 from tools.lab import netns
@@ -182,7 +185,9 @@ class Lab:
         self.node_imds_url = f"http://{IMDS_ADDRESS}"
         self._servers: list[Ec2Server | ImdsServer] = []
         self._pods: list[str] = []
+        self._netlink: netns.Netlink | None = None  # sockets in vpc_ns and node_ns
         self._node: LabNode | None = None
+        self._node_subscribed = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -208,10 +213,10 @@ class Lab:
         self._write_record()
         netns.create(self.vpc_ns)
         netns.create(self.node_ns)
-        self._loopback_up(self.vpc_ns)
-        self._loopback_up(self.node_ns)
-        self._sysctl(self.vpc_ns, "net.ipv4.ip_forward", "1")
-        self._sysctl(self.node_ns, "net.ipv4.ip_forward", "1")
+        self._netlink = netns.Netlink([self.vpc_ns, self.node_ns], name=f"netlink-{self.lab_id}")
+        self._netlink.run(self._loopbacks_up)
+        netns.sysctl(self.vpc_ns, "net.ipv4.ip_forward", "1")
+        netns.sysctl(self.node_ns, "net.ipv4.ip_forward", "1")
         self._build_vpc()
         ec2 = Ec2Server(self.cloud)
         self._servers.append(ec2)
@@ -222,10 +227,24 @@ class Lab:
         self._write_record()
 
     def close(self) -> None:
-        for server in reversed(self._servers):
-            server.close()
-        self._servers.clear()
-        remove_lab(self.lab_id, self.state_root)
+        """Stop everything and remove it all; every step runs even if one before fails.
+
+        Idempotent. Netlink sockets are closed before the namespaces are removed, since
+        an open socket would keep a namespace (and its links) alive without its name.
+        """
+        with ExitStack() as cleanup:  # callbacks run last-registered first
+            cleanup.callback(remove_lab, self.lab_id, self.state_root)
+            netlink, self._netlink = self._netlink, None
+            if netlink is not None:
+                cleanup.callback(netlink.close)
+            if self._node is not None:
+                cleanup.callback(self._node.close)
+                if self._node_subscribed:
+                    self._node_subscribed = False
+                    cleanup.callback(self.cloud.unsubscribe, self._node)
+            servers, self._servers = self._servers, []
+            for server in servers:
+                cleanup.callback(server.close)
 
     # -- helpers for tests and tools -------------------------------------------------
 
@@ -233,8 +252,9 @@ class Lab:
         """A namespace for a pod, removed with the lab."""
         ns = f"{netns.PREFIX}{self.lab_id}-pod-{name}"
         netns.create(ns)
-        self._loopback_up(ns)
         self._pods.append(ns)
+        with netns.iproute(ns) as ipr:
+            self._loopback_up(ipr)
         return ns
 
     def node_exec(self, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -273,8 +293,10 @@ class Lab:
         per_card = max(card.max_interfaces for card in itype.network_cards)
         # The node must listen before launch: launch attaches every interface at once,
         # so it adopts the first instance it hears of (nothing else launches meanwhile).
-        self._node = LabNode(None, self.vpc_ns, self.node_ns, per_card)
+        assert self._netlink is not None
+        self._node = LabNode(None, self.vpc_ns, self.node_ns, per_card, netlink=self._netlink)
         self.cloud.subscribe(self._node)
+        self._node_subscribed = True
         instance = self.cloud.launch_instance(
             self.config.instance_type, self.subnet_ids[0], interfaces=interfaces
         )
@@ -283,7 +305,7 @@ class Lab:
         imds = ImdsServer(self.cloud, self.instance_id)
         self._servers.append(imds)
         self.imds_url = imds.start()
-        self._add_address(self.node_ns, "lo", f"{IMDS_ADDRESS}/32")
+        self._netlink.run(lambda ipr: self._add_address(ipr[self.node_ns], "lo", IMDS_ADDRESS, 32))
         imds.start(netns.listening_socket(self.node_ns, IMDS_ADDRESS, 80))
 
     def _write_record(self) -> None:
@@ -305,32 +327,16 @@ class Lab:
         tmp.write_text(json.dumps(asdict(record)))
         tmp.replace(path)
 
-    @staticmethod
-    def _loopback_up(ns: str) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute(netns=ns) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    def _loopbacks_up(self, ipr: Mapping[str, IPRoute]) -> None:
+        self._loopback_up(ipr[self.vpc_ns])
+        self._loopback_up(ipr[self.node_ns])
 
     @staticmethod
-    def _add_address(ns: str, ifname: str, cidr: str) -> None:
-        from pyroute2 import IPRoute
-
-        address, length = cidr.split("/")
-        with IPRoute(netns=ns) as ipr:
-            ipr.addr(
-                "add",
-                index=ipr.link_lookup(ifname=ifname)[0],
-                address=address,
-                prefixlen=int(length),
-            )
+    def _loopback_up(ipr: IPRoute) -> None:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
     @staticmethod
-    def _sysctl(ns: str, key: str, value: str) -> None:
-        # /proc/sys/net follows the network namespace of the process that opens it.
-        path = "/proc/sys/" + key.replace(".", "/")
-        subprocess.run(
-            ["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}"],
-            check=True,
-            capture_output=True,
+    def _add_address(ipr: IPRoute, ifname: str, address: str, prefixlen: int) -> None:
+        ipr.addr(
+            "add", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen
         )

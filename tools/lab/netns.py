@@ -1,11 +1,19 @@
-"""Network-namespace primitives for the lab: create, delete, list, and sockets inside.
+"""Network-namespace primitives for the lab: create, delete, list, and work inside.
 
 Every namespace the lab makes is named ``ul-<lab id>-<role>`` so that a lab whose
-process was killed can be found and removed by the next start. Netlink work goes
-through ``pyroute2.IPRoute(netns=...)``, which never switches the caller's thread.
-The one place that must enter a namespace, creating a listening socket there, does it
-on a throwaway thread: the network namespace is per thread (containernetworking
-``pkg/ns`` README), and a socket stays in the namespace it was created in.
+process was killed can be found and removed by the next start. Work that must happen
+inside a namespace (a socket created there, a ``/proc/sys/net`` write) runs on a
+throwaway thread that enters it (``run_in``): the network namespace is per thread
+(containernetworking ``pkg/ns`` README), a socket stays in the namespace it was created
+in, and ``/proc/sys/net`` shows the namespace of the thread that opens it. The caller's
+thread never switches, and no ``ip netns exec`` process is needed.
+
+Netlink goes through pyroute2 ``IPRoute`` objects on sockets made that way, not
+``IPRoute(netns=...)``, which forks a helper process per socket (~12 ms). An
+``IPRoute`` still costs ~5 ms to open and pyroute2 0.9 keeps its socket and event loop
+per thread (one used from another thread quietly opens another), so ``Netlink`` keeps
+one open per namespace for a lab's life, owned by one worker thread that runs every
+call: about 1 ms a request instead of 12 ms or more.
 """
 
 from __future__ import annotations
@@ -13,16 +21,27 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import queue
 import socket
 import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, TypeVar
 
+from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
+
+log = logging.getLogger("ultranet.lab")
 
 NETNS_DIR = Path("/run/netns")
 PREFIX = "ul-"
 _CLONE_NEWNET = 0x40000000
+_NETLINK_ROUTE = 0
+
+T = TypeVar("T")
 
 
 class NetnsError(RuntimeError):
@@ -67,25 +86,138 @@ def _setns(name: str) -> None:
         os.close(fd)
 
 
-def listening_socket(name: str, host: str, port: int) -> socket.socket:
-    """A TCP socket bound and listening on ``host:port`` inside namespace ``name``."""
-    result: list[socket.socket] = []
+def run_in(name: str, work: Callable[[], T]) -> T:
+    """``work()`` on a throwaway thread inside namespace ``name``: its result, or its error."""
+    result: list[T] = []
     failure: list[BaseException] = []
 
-    def enter_and_bind() -> None:
+    def enter_and_run() -> None:
         try:
             _setns(name)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            result.append(sock)
-        except (OSError, NetnsError) as err:
+            result.append(work())
+        except BaseException as err:  # handed to the caller's thread
             failure.append(err)
 
-    thread = threading.Thread(target=enter_and_bind, name=f"netns-{name}")
+    thread = threading.Thread(target=enter_and_run, name=f"netns-{name}")
     thread.start()
     thread.join()
     if failure:
-        raise NetnsError(f"cannot listen on {host}:{port} in {name}: {failure[0]}")
+        raise failure[0]
     return result[0]
+
+
+def listening_socket(name: str, host: str, port: int) -> socket.socket:
+    """A TCP socket bound and listening on ``host:port`` inside namespace ``name``."""
+
+    def bind() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        return run_in(name, bind)
+    except (OSError, NetnsError) as err:
+        raise NetnsError(f"cannot listen on {host}:{port} in {name}: {err}") from err
+
+
+def sysctl(name: str, key: str, value: str) -> None:
+    """Set a ``net.*`` sysctl of namespace ``name`` (``sysctl -w key=value`` inside it)."""
+    path = Path("/proc/sys", *key.split("."))
+
+    def write() -> None:
+        path.write_text(f"{value}\n")
+
+    try:
+        run_in(name, write)
+    except (OSError, NetnsError) as err:
+        raise NetnsError(f"cannot set {key}={value} in {name}: {err}") from err
+
+
+def iproute(name: str) -> IPRoute:
+    """A pyroute2 ``IPRoute`` on a netlink socket inside namespace ``name``.
+
+    Use it from the thread that opened it (pyroute2 keeps its state per thread) and
+    close it: an open socket keeps its namespace alive after the name is removed.
+    """
+    try:
+        sock = run_in(
+            name, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
+        )
+    except (OSError, NetnsError) as err:
+        raise NetnsError(f"cannot open a netlink socket in {name}: {err}") from err
+    with sock:
+        return IPRoute(fileno=os.dup(sock.fileno()))
+
+
+_Work = Callable[[Mapping[str, IPRoute]], Any]
+
+
+class Netlink:
+    """One ``IPRoute`` per namespace, kept open and driven by one worker thread.
+
+    ``run(work)`` calls ``work(iproutes)`` on the worker, ``iproutes`` mapping each
+    namespace name to its ``IPRoute``, and returns its result or raises its error in the
+    caller's thread. Any thread may call ``run``; calls run one at a time, in order.
+    ``close()`` runs what was already submitted, then closes the sockets.
+    """
+
+    def __init__(self, namespaces: Iterable[str], *, name: str = "netlink") -> None:
+        self._jobs: queue.SimpleQueue[tuple[_Work, Future[Any]] | None] = queue.SimpleQueue()
+        self._iproutes: dict[str, IPRoute] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        wanted = list(namespaces)
+        try:
+            self.run(lambda _: self._open(wanted))
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, work: Callable[[Mapping[str, IPRoute]], T]) -> T:
+        if threading.current_thread() is self._thread:
+            return work(self._iproutes)  # nested call from work already on the worker
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise NetnsError("netlink worker is closed")
+            self._jobs.put((work, future))
+        return future.result()
+
+    def close(self) -> None:
+        """Idempotent; waits for the worker unless called from it."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _open(self, namespaces: list[str]) -> None:
+        for ns in namespaces:
+            self._iproutes[ns] = iproute(ns)
+
+    def _serve(self) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                work, future = job
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(work(self._iproutes))
+                except BaseException as err:  # handed to the caller's thread
+                    future.set_exception(err)
+        finally:
+            for ns, ipr in self._iproutes.items():
+                try:
+                    ipr.close()
+                except Exception:
+                    log.exception("lab: closing the netlink socket of %s failed", ns)
+            self._iproutes.clear()

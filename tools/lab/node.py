@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tools.lab.events import EniView
+from tools.lab.netns import Netlink
 
 log = logging.getLogger("ultranet.lab")
 
@@ -32,23 +34,42 @@ _EEXIST = 17
 
 
 class LabNode:
-    """Applies EC2 state changes for one instance to the vpc and node namespaces."""
+    """Applies EC2 state changes for one instance to the vpc and node namespaces.
+
+    Netlink work goes through ``netlink``, which holds both namespaces' sockets open
+    and runs it on its own thread; events may come from any thread (the emulator's
+    HTTP handlers), and ``_lock`` makes each one apply whole, one at a time.
+    """
 
     def __init__(
-        self, instance_id: str | None, vpc_ns: str, node_ns: str, interfaces_per_card: int
+        self,
+        instance_id: str | None,
+        vpc_ns: str,
+        node_ns: str,
+        interfaces_per_card: int,
+        *,
+        netlink: Netlink,
     ) -> None:
         # None: adopt the first instance an event names (the lab launches exactly one).
         self.instance_id = instance_id
         self.vpc_ns = vpc_ns
         self.node_ns = node_ns
         self._per_card = interfaces_per_card
+        self._netlink = netlink
         self._lock = threading.Lock()
+        self._closed = False
         self._vpc_links: dict[str, str] = {}  # eni id -> veth name in the vpc namespace
+        self._vpc_index: dict[str, int] = {}  # eni id -> that veth's ifindex
         self._routes: dict[str, set[IPv4Network]] = {}  # eni id -> destinations routed
         self._seq = 0
 
     def node_ifname(self, eni: EniView) -> str:
         return f"eth{eni.network_card * self._per_card + eni.device_index}"
+
+    def close(self) -> None:
+        """Stop applying events: waits for one in progress; later ones are ignored."""
+        with self._lock:
+            self._closed = True
 
     # -- CloudListener -----------------------------------------------------------
 
@@ -58,57 +79,64 @@ class LabNode:
         if eni.instance_id != self.instance_id:
             return
         with self._lock:
-            self._plug(eni)
+            if not self._closed:
+                self._netlink.run(lambda ipr: self._plug(ipr, eni))
 
     def eni_detached(self, eni: EniView) -> None:
         if eni.instance_id != self.instance_id:
             return
         with self._lock:
+            if self._closed:
+                return
             vpc_link = self._vpc_links.pop(eni.eni_id, None)
+            self._vpc_index.pop(eni.eni_id, None)
             self._routes.pop(eni.eni_id, None)
             if vpc_link is None:
                 return
-            with IPRoute(netns=self.vpc_ns) as vpc:
-                found = vpc.link_lookup(ifname=vpc_link)
-                if found:
-                    vpc.link("del", index=found[0])  # removes the node-side peer too
+            self._netlink.run(lambda ipr: self._unplug(ipr[self.vpc_ns], vpc_link))
 
     def eni_addresses_changed(self, eni: EniView) -> None:
         if eni.instance_id != self.instance_id:
             return
         with self._lock:
-            if eni.eni_id in self._vpc_links:
-                self._sync_routes(eni)
+            if not self._closed and eni.eni_id in self._vpc_links:
+                self._netlink.run(lambda ipr: self._sync_routes(ipr[self.vpc_ns], eni))
 
-    # -- internals ---------------------------------------------------------------
+    # -- internals: these run on the netlink worker, with _lock held by the caller --
 
-    def _plug(self, eni: EniView) -> None:
+    def _plug(self, ipr: Mapping[str, IPRoute], eni: EniView) -> None:
+        vpc, node = ipr[self.vpc_ns], ipr[self.node_ns]
         if eni.eni_id in self._vpc_links:
-            self._sync_routes(eni)
+            self._sync_routes(vpc, eni)
             return
         self._seq += 1
         vpc_link = f"v{self._seq}"
         node_link = self.node_ifname(eni)
         temp = f"new{self._seq}"
-        with IPRoute(netns=self.vpc_ns) as vpc:
-            vpc.link(
-                "add",
-                ifname=vpc_link,
-                kind="veth",
-                peer={"ifname": temp, "net_ns_fd": self.node_ns, "address": eni.mac},
-            )
-            index = vpc.link_lookup(ifname=vpc_link)[0]
-            vpc.link("set", index=index, state="up")
-            vpc.addr("add", index=index, address=str(eni.gateway), prefixlen=32)
-        with IPRoute(netns=self.node_ns) as node:
-            index = node.link_lookup(ifname=temp)[0]
-            node.link("set", index=index, ifname=node_link)
-            if eni.network_card == 0 and eni.device_index == 0 and eni.primary_ip is not None:
-                self._configure_primary(node, index, eni)
+        vpc.link(
+            "add",
+            ifname=vpc_link,
+            kind="veth",
+            peer={"ifname": temp, "net_ns_fd": self.node_ns, "address": eni.mac},
+        )
+        vpc_index = vpc.link_lookup(ifname=vpc_link)[0]
+        vpc.link("set", index=vpc_index, state="up")
+        vpc.addr("add", index=vpc_index, address=str(eni.gateway), prefixlen=32)
+        index = node.link_lookup(ifname=temp)[0]
+        node.link("set", index=index, ifname=node_link)
+        if eni.network_card == 0 and eni.device_index == 0 and eni.primary_ip is not None:
+            self._configure_primary(node, index, eni)
         self._vpc_links[eni.eni_id] = vpc_link
+        self._vpc_index[eni.eni_id] = vpc_index
         self._routes[eni.eni_id] = set()
-        self._sync_routes(eni)
+        self._sync_routes(vpc, eni)
         log.info("lab: %s attached as %s (vpc side %s)", eni.eni_id, node_link, vpc_link)
+
+    @staticmethod
+    def _unplug(vpc: IPRoute, vpc_link: str) -> None:
+        found = vpc.link_lookup(ifname=vpc_link)
+        if found:
+            vpc.link("del", index=found[0])  # removes the node-side peer too
 
     def _configure_primary(self, node: IPRoute, index: int, eni: EniView) -> None:
         assert eni.primary_ip is not None
@@ -116,7 +144,7 @@ class LabNode:
         node.addr("add", index=index, address=str(eni.primary_ip), prefixlen=eni.subnet.prefixlen)
         node.route("add", dst="0.0.0.0/0", gateway=str(eni.gateway), oif=index)
 
-    def _sync_routes(self, eni: EniView) -> None:
+    def _sync_routes(self, vpc: IPRoute, eni: EniView) -> None:
         """Make the vpc namespace route exactly what EC2 assigned to this ENI."""
         if eni.primary_ip is None:
             return  # efa-only: no IP, nothing to route
@@ -124,15 +152,13 @@ class LabNode:
         wanted = {IPv4Network(f"{ip}/32") for ip in eni.secondary_ips} | set(eni.prefixes)
         wanted.add(primary)
         have = self._routes[eni.eni_id]
-        link = self._vpc_links[eni.eni_id]
-        with IPRoute(netns=self.vpc_ns) as vpc:
-            index = vpc.link_lookup(ifname=link)[0]
-            # The primary's link route first: every other route goes through it.
-            for dst in sorted(wanted - have, key=lambda d: (d != primary, d)):
-                via = None if dst == primary else eni.primary_ip
-                self._route(vpc, "replace", dst, index, via)
-            for dst in sorted(have - wanted):
-                self._route(vpc, "del", dst, index, eni.primary_ip)
+        index = self._vpc_index[eni.eni_id]
+        # The primary's link route first: every other route goes through it.
+        for dst in sorted(wanted - have, key=lambda d: (d != primary, d)):
+            via = None if dst == primary else eni.primary_ip
+            self._route(vpc, "replace", dst, index, via)
+        for dst in sorted(have - wanted):
+            self._route(vpc, "del", dst, index, eni.primary_ip)
         self._routes[eni.eni_id] = wanted
 
     @staticmethod

@@ -126,7 +126,7 @@ class Allocation:
 
 
 @dataclass(frozen=True, slots=True)
-class CardUsage:
+class PoolUsage:
     """A card's numbers for the warm-pool arithmetic (``ipam.warm``)."""
 
     assigned: int
@@ -291,12 +291,12 @@ class CardPool:
             subnet=eni.subnet,
         )
 
-    def usage(self, now: float) -> CardUsage:
+    def usage(self, now: float) -> PoolUsage:
         self._expire(now)
         releasable = sum(1 for p in self._prefixes.values() if p.used == 0)
         cooling = sum(len(p.cooling) for p in self._prefixes.values())
         slots = sum(e.max_prefixes for e in self._enis.values()) - len(self._prefixes)
-        return CardUsage(
+        return PoolUsage(
             assigned=self._assigned,
             cooldown=cooling,
             prefixes=len(self._prefixes),

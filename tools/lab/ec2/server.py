@@ -114,7 +114,7 @@ class _Listeners:
         host, port = server.server_address[:2]
         thread = threading.Thread(
             target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
+            kwargs={"poll_interval": 0.05},
             name=f"{self._name}-{port}",
             daemon=True,
         )

@@ -1,0 +1,357 @@
+"""The durable datastore: the address pool plus a journal, so no acknowledged
+allocation is ever lost and no address is ever handed out twice across a crash.
+
+The VPC CNI rewrites its whole checkpoint file (temp file, fsync, rename) on every
+assign and unassign (vpc-cni.md §2). That costs a full rewrite per pod; at hundreds of
+pods per node and bursts of pod starts it is the throughput ceiling. ultranet appends
+one checksummed line per change to a journal instead and makes it durable with one
+``fsync`` per *batch* of changes (group commit): ``allocate``/``release`` change the pool
+at once and stage a journal entry, ``commit`` writes and syncs everything staged, and
+the caller acknowledges a request only after the commit that covers it. A snapshot of
+all allocations is written from time to time (temp file, fsync, rename, directory
+fsync) and the journal restarts empty.
+
+Why this is crash-safe:
+
+* an allocation reaches a client only after its journal line is on disk;
+* journal order is the order changes were applied, under one lock (the caller's
+  event loop), so a durable allocation of an address implies the durable release of
+  whoever held it before;
+* a crash mid-write leaves a torn last line, which never reached a client (its commit
+  did not return): ``load`` drops it. A bad line *before* the end is corruption, and
+  loading refuses rather than guess;
+* replaying the journal over a snapshot that already contains it gives the same state
+  (each line sets or deletes one key), so a crash between snapshot and truncation is
+  harmless.
+
+Only allocations are persisted; ENIs and prefixes come back from IMDS and EC2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from ipam.datastore_errors import DatastoreError
+from ipam.keys import AllocationRecord, IpamKey, PodRef, RecordedAddress
+from ipam.pool import AddressPool, Allocation
+
+log = logging.getLogger("ultranet.ipamd.datastore")
+
+FORMAT = "ultranet-ipam/1"
+SNAPSHOT_NAME = "allocations.json"
+JOURNAL_NAME = "allocations.journal"
+
+
+class JournalCorrupt(DatastoreError):
+    """The journal or snapshot cannot be read back without guessing."""
+
+
+class DatastoreWriteError(DatastoreError):
+    """A commit failed; the changes it covered were not acknowledged."""
+
+
+def _record_to_json(record: AllocationRecord) -> dict[str, Any]:
+    return {
+        "network": record.key.network,
+        "containerID": record.key.container_id,
+        "ifName": record.key.ifname,
+        "k8sPodNamespace": record.pod.namespace,
+        "k8sPodName": record.pod.name,
+        "addresses": [{"card": a.card, "ipv4": str(a.address)} for a in record.addresses],
+        "allocatedAt": record.allocated_at,
+    }
+
+
+def _key_to_json(key: IpamKey) -> dict[str, str]:
+    return {"network": key.network, "containerID": key.container_id, "ifName": key.ifname}
+
+
+def _key_from_json(raw: dict[str, Any]) -> IpamKey:
+    return IpamKey(str(raw["network"]), str(raw["containerID"]), str(raw["ifName"]))
+
+
+def _record_from_json(raw: dict[str, Any]) -> AllocationRecord:
+    return AllocationRecord(
+        key=_key_from_json(raw),
+        pod=PodRef(str(raw["k8sPodNamespace"]), str(raw["k8sPodName"])),
+        addresses=tuple(
+            RecordedAddress(int(a["card"]), IPv4Address(a["ipv4"])) for a in raw["addresses"]
+        ),
+        allocated_at=float(raw["allocatedAt"]),
+    )
+
+
+def _line(entry: dict[str, Any]) -> bytes:
+    body = json.dumps(entry, separators=(",", ":"), sort_keys=True).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    """The entry of one journal line, or None if it is torn or fails its checksum."""
+    if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        entry = json.loads(body)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    records: int
+    journal_lines: int
+    torn_tail_bytes: int
+
+
+class Journal:
+    """Snapshot + append-only journal of allocation records in one directory."""
+
+    def __init__(self, directory: Path, *, sync: bool = True) -> None:
+        self.directory = directory
+        self.snapshot_path = directory / SNAPSHOT_NAME
+        self.journal_path = directory / JOURNAL_NAME
+        self._sync = sync  # False only for tests and benchmarks that measure logic
+        self._staged: list[bytes] = []
+        self._fd: int | None = None
+        self.lines_since_snapshot = 0
+
+    # -- reading ---------------------------------------------------------------------
+
+    def load(self) -> tuple[list[AllocationRecord], LoadReport]:
+        """Every allocation the files hold; a torn last journal line is cut off."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state: dict[IpamKey, AllocationRecord] = {}
+        if self.snapshot_path.exists():
+            try:
+                document = json.loads(self.snapshot_path.read_bytes())
+                if document.get("version") != FORMAT:
+                    raise JournalCorrupt(
+                        f"{self.snapshot_path}: version {document.get('version')!r}, "
+                        f"expected {FORMAT!r}"
+                    )
+                for raw in document["allocations"]:
+                    record = _record_from_json(raw)
+                    state[record.key] = record
+            except (ValueError, KeyError, TypeError) as err:
+                raise JournalCorrupt(f"{self.snapshot_path}: {err}") from err
+        lines = 0
+        torn = 0
+        if self.journal_path.exists():
+            data = self.journal_path.read_bytes()
+            offset = 0
+            chunks = data.splitlines(keepends=True)
+            for index, chunk in enumerate(chunks):
+                entry = _parse_line(chunk)
+                if entry is None:
+                    if index == len(chunks) - 1:
+                        torn = len(chunk)
+                        break
+                    raise JournalCorrupt(
+                        f"{self.journal_path}: line {index + 1} (byte {offset}) is damaged "
+                        "and is not the last line; refusing to guess the allocations"
+                    )
+                self._apply(state, entry, index + 1)
+                offset += len(chunk)
+                lines += 1
+            if torn:
+                log.warning(
+                    "datastore: dropped a torn last journal line (%d bytes): a change that "
+                    "was never acknowledged",
+                    torn,
+                )
+                with open(self.journal_path, "r+b") as handle:
+                    handle.truncate(offset)
+                    if self._sync:
+                        os.fsync(handle.fileno())
+        self.lines_since_snapshot = lines
+        return list(state.values()), LoadReport(len(state), lines, torn)
+
+    def _apply(self, state: dict[IpamKey, AllocationRecord], entry: dict[str, Any], n: int) -> None:
+        try:
+            if entry["op"] == "add":
+                record = _record_from_json(entry)
+                state[record.key] = record
+            elif entry["op"] == "del":
+                state.pop(_key_from_json(entry), None)
+            else:
+                raise JournalCorrupt(f"{self.journal_path}: line {n}: unknown op {entry['op']!r}")
+        except (KeyError, ValueError, TypeError) as err:
+            raise JournalCorrupt(f"{self.journal_path}: line {n}: {err}") from err
+
+    # -- writing ---------------------------------------------------------------------
+
+    def stage_add(self, record: AllocationRecord) -> None:
+        self._staged.append(_line({"op": "add", **_record_to_json(record)}))
+
+    def stage_del(self, key: IpamKey) -> None:
+        self._staged.append(_line({"op": "del", **_key_to_json(key)}))
+
+    @property
+    def staged(self) -> int:
+        return len(self._staged)
+
+    def commit(self) -> int:
+        """Write and sync everything staged, in one write; returns the lines written.
+
+        On failure the file is cut back to where it was, so no partial line is left for
+        later appends to follow, and the staged lines stay staged.
+        """
+        if not self._staged:
+            return 0
+        fd = self._open()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        payload = b"".join(self._staged)
+        try:
+            written = 0
+            while written < len(payload):
+                written += os.write(fd, payload[written:])
+            if self._sync:
+                os.fdatasync(fd)
+        except OSError as err:
+            try:
+                os.ftruncate(fd, start)
+            except OSError as cut:
+                log.error("datastore: cannot cut the journal back after a failed write: %s", cut)
+            raise DatastoreWriteError(f"journal {self.journal_path}: write failed: {err}") from err
+        count = len(self._staged)
+        self._staged.clear()
+        self.lines_since_snapshot += count
+        return count
+
+    def discard_staged(self) -> None:
+        self._staged.clear()
+
+    def snapshot(self, records: Iterable[AllocationRecord]) -> None:
+        """Write every allocation to the snapshot atomically, then empty the journal."""
+        if self._staged:
+            raise DatastoreError("commit staged changes before a snapshot")
+        document = {"version": FORMAT, "allocations": [_record_to_json(r) for r in records]}
+        tmp = self.snapshot_path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(json.dumps(document, indent=1, sort_keys=True).encode())
+            if self._sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, self.snapshot_path)
+        if self._sync:
+            _fsync_directory(self.directory)
+        fd = self._open()
+        os.ftruncate(fd, 0)
+        if self._sync:
+            os.fsync(fd)
+        self.lines_since_snapshot = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(
+                self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
+            if self._sync:
+                _fsync_directory(self.directory)
+        return self._fd
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreReport:
+    restored: int
+    dropped: tuple[tuple[AllocationRecord, str], ...]
+    torn_tail_bytes: int
+
+
+class Datastore:
+    """The pool and its journal. Not thread-safe: one event loop drives it."""
+
+    def __init__(self, pool: AddressPool, journal: Journal, *, snapshot_every: int = 5000) -> None:
+        self.pool = pool
+        self.journal = journal
+        self.snapshot_every = snapshot_every
+        self._pending_adds: list[IpamKey] = []
+        self._pending_dels: list[IpamKey] = []
+
+    def restore(self) -> RestoreReport:
+        """Load the journal into the pool (ENIs and prefixes must be in it already).
+
+        Records whose address is on no known prefix are dropped and the drop is made
+        durable; what remains is written as a fresh snapshot.
+        """
+        records, report = self.journal.load()
+        dropped = self.pool.restore(records)
+        for record, reason in dropped:
+            log.warning("datastore: dropped allocation %s: %s", record.key, reason)
+        self.journal.snapshot(a.record() for a in self.pool.allocations())
+        return RestoreReport(len(records) - len(dropped), tuple(dropped), report.torn_tail_bytes)
+
+    def allocate(
+        self, key: IpamKey, pod: PodRef, now: float, *, cards: Sequence[int] = (0,)
+    ) -> Allocation:
+        """Allocate in memory and stage its journal line; durable after ``commit``."""
+        existing = self.pool.get(key)
+        if existing is not None:
+            return existing
+        allocation = self.pool.allocate(key, pod, now, cards=cards)
+        self.journal.stage_add(allocation.record())
+        self._pending_adds.append(key)
+        return allocation
+
+    def release(self, key: IpamKey, now: float) -> Allocation | None:
+        allocation = self.pool.release(key, now)
+        if allocation is not None:
+            self.journal.stage_del(key)
+            self._pending_dels.append(key)
+        return allocation
+
+    def drop(self, allocations: Iterable[Allocation]) -> None:
+        """Stage the removal of allocations the pool already lost (force-removed ENI)."""
+        for allocation in allocations:
+            self.journal.stage_del(allocation.key)
+            self._pending_dels.append(allocation.key)
+
+    def commit(self, now: float) -> None:
+        """Make every staged change durable, or undo the staged allocations and raise.
+
+        Staged releases stay released in memory and staged: they are retried by the
+        next commit (a runtime also retries DEL until it succeeds).
+        """
+        try:
+            self.journal.commit()
+        except DatastoreWriteError:
+            adds, self._pending_adds = self._pending_adds, []
+            for key in adds:
+                self.pool.release(key, now)
+            self.journal.discard_staged()
+            for key in self._pending_dels:
+                self.journal.stage_del(key)
+            raise
+        self._pending_adds.clear()
+        self._pending_dels.clear()
+        if self.journal.lines_since_snapshot >= self.snapshot_every:
+            self.journal.snapshot(a.record() for a in self.pool.allocations())
+
+    def close(self) -> None:
+        self.journal.close()

@@ -1,0 +1,831 @@
+"""The node agent: discovers the instance, owns the address pool, keeps it warm.
+
+Start-up reads the instance from IMDS alone (identity, every interface's card, device,
+subnet, addresses and prefixes), builds one pool per managed network card, restores the
+journal, and is ready as soon as every card meets its warm target. EC2 is called, and
+boto3 imported, only when it must be: to grow or shrink a pool, or when IMDS and the
+journal disagree (IMDS lags EC2; EC2 wins, vpc-cni.md §2).
+
+Allocation is an in-memory operation plus one journal line; the reply waits for the
+group commit that makes it durable (``ipam.datastore``). Growing and shrinking run in a
+background task, with EC2 calls on worker threads so the event loop keeps allocating.
+
+Everything EC2 or IMDS might say wrongly is handled in one place:
+
+* ``InsufficientCidrBlocks`` (fragmented subnet) or a subnet too full for a prefix: the
+  subnet sits out 120 s (the VPC CNI's ``insufficientCidrErrorCooldown``), the metric
+  and a log line name it, and the next eligible subnet of the AZ (tag
+  ``kubernetes.io/role/cni``, as the VPC CNI discovers them) gets a new ENI;
+* a prefix released here is not adopted again from a stale IMDS for 60 s (the VPC CNI's
+  ``ipReconcileCooldown``); the list survives restarts in the state directory;
+* an allocation in the journal whose prefix IMDS does not show is checked against EC2
+  before it is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ipam import warm
+from ipam.config import IpamdConfig
+from ipam.datastore import Datastore, Journal
+from ipam.datastore_errors import DatastoreError, PoolExhausted
+from ipam.errors import SubnetSpaceError, UltranetError
+from ipam.hostnet import EniLink, HostNetwork
+from ipam.imds import ImdsClient, ImdsInterface
+from ipam.instance_types import InstanceType, lookup
+from ipam.keys import IpamKey, PodRef
+from ipam.metrics import IpamdMetrics
+from ipam.pool import AddressPool, Allocation, CardPool, EniInfo
+
+if TYPE_CHECKING:
+    from ipam.ec2 import Ec2Client, EniState
+
+log = logging.getLogger("ultranet.ipamd")
+T = TypeVar("T")
+
+SUBNET_COOLDOWN_S = 120.0  # after InsufficientCidrBlocks, as the VPC CNI waits
+FREED_PREFIX_COOLDOWN_S = 60.0  # a released prefix is not re-adopted from IMDS sooner
+MANAGE_INTERVAL_S = 5.0  # the pool is also re-planned at least this often
+ERROR_BACKOFF_S = (1.0, 60.0)  # after a failed grow/shrink step: first and longest wait
+LINK_WAIT_S = 30.0  # a hot-plugged ENI's link appears within this on EC2
+ENI_DESCRIPTION = "ultranet pod addresses"
+INSTANCE_TAG = "node.k8s.amazonaws.com/instance_id"  # the VPC CNI's tag, so its GC knows ours
+CREATED_BY_TAG = "ultranet.io/created-by"
+FREED_FILE = "freed-prefixes.json"
+
+
+class AgentError(UltranetError):
+    """The agent cannot do what was asked; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    instance_id: str
+    instance_type: InstanceType
+    availability_zone: str
+    vpc_id: str
+    vpc_cidrs: tuple[IPv4Network, ...]
+    primary_subnet_id: str
+    security_groups: tuple[str, ...]
+
+    @property
+    def region(self) -> str:
+        return self.availability_zone[:-1]
+
+
+@dataclass(slots=True)
+class _Eni:
+    """What the agent keeps of an ENI beyond the pool's view."""
+
+    info: EniInfo
+    subnet_id: str
+    mac: str
+
+
+@dataclass(slots=True)
+class CardState:
+    card: int
+    max_enis: int
+    devices_taken: set[int] = field(default_factory=set)  # every interface, efa-only included
+    last_plan: warm.Plan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    ready: bool
+    reason: str
+    free_addresses: dict[int, int]
+    cards: tuple[int, ...]
+
+
+class NodeAgent:
+    """The IPAM side of ``ultranet-ipamd``; also the CNI handler's backend."""
+
+    def __init__(
+        self,
+        config: IpamdConfig,
+        *,
+        imds: ImdsClient | None = None,
+        ec2_factory: Callable[[NodeIdentity, IpamdMetrics], Ec2Client] | None = None,
+        hostnet: Callable[[], HostNetwork] | None = None,
+        pod_alive: Callable[[Allocation], bool] | None = None,
+        metrics: IpamdMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or IpamdMetrics()
+        self._imds = imds or ImdsClient(config.imds_endpoint)
+        self._ec2_factory = ec2_factory or _default_ec2_factory(config)
+        self._ec2_client: Ec2Client | None = None
+        # pyroute2's IPRoute runs an event loop of its own and keeps state per thread, so
+        # all netlink work happens on one worker thread that owns the HostNetwork.
+        self._hostnet_factory = hostnet
+        self._hostnet: HostNetwork | None = None
+        self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
+        self._pending_hosts: list[tuple[EniInfo, str]] = []
+        self._pod_alive = pod_alive
+        self._clock = clock
+        self._wall = wall
+        self.node: NodeIdentity | None = None
+        self.pool: AddressPool | None = None
+        self.datastore: Datastore | None = None
+        self.cards: dict[int, CardState] = {}
+        self._enis: dict[str, _Eni] = {}
+        self._subnet_cooling: dict[str, float] = {}  # subnet id -> usable again at
+        self._freed: dict[IPv4Network, float] = {}  # prefix -> wall time it was released
+        self._wake = asyncio.Event()
+        self._commit_waiter: asyncio.Future[None] | None = None
+        self._manager: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._busy = asyncio.Lock()  # one grow/shrink at a time
+        self.started_at = 0.0
+        self.ready_at: float | None = None
+
+    # -- start and stop --------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.started_at = self._clock()
+        self._load_freed()
+        identity, interfaces = self._discover()
+        self.node = identity
+        self._build_pool(identity, interfaces)
+        assert self.pool is not None
+        await self._setup_pending_hosts()
+        self.datastore = Datastore(self.pool, Journal(self.config.state_dir / "journal"))
+        await self._restore()
+        self._update_metrics()
+        if self._plan_all_steady():
+            self._mark_ready()
+        self._manager = asyncio.create_task(self._manage(), name="pool-manager")
+
+    async def stop(self) -> None:
+        if self._manager is not None:
+            self._manager.cancel()
+            try:
+                await self._manager
+            except asyncio.CancelledError:
+                pass
+            self._manager = None
+        if self.datastore is not None:
+            self.datastore.close()
+        self._imds.close()
+        if self._hostnet is not None:
+            await self._on_netlink(self._hostnet.close)
+        self._netlink.shutdown(wait=True)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def ec2_used(self) -> bool:
+        return self._ec2_client is not None
+
+    # -- discovery -------------------------------------------------------------------
+
+    def _discover(self) -> tuple[NodeIdentity, list[ImdsInterface]]:
+        identity = self._imds.identity()
+        interfaces = self._imds.interfaces()
+        primary = next((i for i in interfaces if i.mac == identity.primary_mac), None)
+        if primary is None:
+            raise AgentError(f"IMDS lists no interface with the primary MAC {identity.primary_mac}")
+        itype = lookup(identity.instance_type)
+        if not itype.nitro:
+            log.warning(
+                "%s is not a Nitro instance: EC2 refuses prefix delegation on it", itype.name
+            )
+        node = NodeIdentity(
+            instance_id=identity.instance_id,
+            instance_type=itype,
+            availability_zone=identity.availability_zone,
+            vpc_id=primary.vpc_id,
+            vpc_cidrs=primary.vpc_cidrs,
+            primary_subnet_id=primary.subnet_id,
+            security_groups=primary.security_group_ids,
+        )
+        log.info(
+            "node %s (%s) in %s: %d interfaces on %d network cards, from %d IMDS requests",
+            node.instance_id,
+            itype.name,
+            node.availability_zone,
+            len(interfaces),
+            len({i.network_card for i in interfaces}),
+            self._imds.requests,
+        )
+        return node, interfaces
+
+    def _managed_cards(self, itype: InstanceType, interfaces: Iterable[ImdsInterface]) -> list[int]:
+        if not self.config.enable_multi_nic:
+            return [0]
+        with_ips = {i.network_card for i in interfaces if not i.maybe_efa_only}
+        return sorted({0} | ({c.index for c in itype.network_cards} & with_ips))
+
+    def _build_pool(self, node: NodeIdentity, interfaces: list[ImdsInterface]) -> None:
+        itype = node.instance_type
+        managed = self._managed_cards(itype, interfaces)
+        self.pool = AddressPool(managed, cooldown_s=float(self.config.ip_cooldown_period))
+        now = self._wall()
+        for card in managed:
+            limit = itype.card(card).max_interfaces
+            if card == 0 and self.config.max_eni is not None:
+                limit = min(limit, self.config.max_eni)
+            self.cards[card] = CardState(card, limit)
+        for interface in interfaces:
+            state = self.cards.get(interface.network_card)
+            if state is None:
+                continue
+            state.devices_taken.add(interface.device_number)
+            if interface.maybe_efa_only or interface.subnet_cidr is None:
+                continue  # efa-only: no IP, never used for pods
+            assert interface.primary_ip is not None
+            self._adopt(interface, skip_freed_after=now - FREED_PREFIX_COOLDOWN_S)
+
+    def _adopt(self, interface: ImdsInterface, *, skip_freed_after: float) -> None:
+        assert self.pool is not None and self.node is not None and interface.subnet_cidr
+        assert interface.primary_ip is not None
+        info = EniInfo(
+            eni_id=interface.interface_id,
+            card=interface.network_card,
+            device=interface.device_number,
+            subnet=interface.subnet_cidr,
+            primary_ip=interface.primary_ip,
+            max_prefixes=self.node.instance_type.max_prefixes_per_eni,
+        )
+        card = self.pool.card(info.card)
+        if info.eni_id not in {e.eni_id for e in card.enis}:
+            card.add_eni(info)
+            self._enis[info.eni_id] = _Eni(info, interface.subnet_id, interface.mac)
+            self._pending_hosts.append((info, interface.mac))
+        held = set(card.prefixes_of(info.eni_id))
+        for prefix in interface.ipv4_prefixes:
+            freed_at = self._freed.get(prefix)
+            if freed_at is not None and freed_at > skip_freed_after:
+                log.info(
+                    "ignoring %s on %s: released here %.0f s ago, IMDS may be stale",
+                    prefix,
+                    info.eni_id,
+                    self._wall() - freed_at,
+                )
+                continue
+            if prefix not in held:
+                card.add_prefix(info.eni_id, prefix)
+
+    async def _on_netlink(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._netlink, functools.partial(fn, *args))
+
+    def _host(self) -> HostNetwork | None:
+        """The HostNetwork, created on the netlink thread that will use it."""
+        if self._hostnet is None and self._hostnet_factory is not None:
+            self._hostnet = self._hostnet_factory()
+        return self._hostnet
+
+    def _setup_host_blocking(self, info: EniInfo, mac: str) -> None:
+        host = self._host()
+        if host is None or (info.card, info.device) == (0, 0):
+            return  # the OS configured the primary ENI
+        host.setup_eni(
+            EniLink(info.eni_id, mac, info.card, info.device, info.primary_ip, info.subnet)
+        )
+
+    async def _setup_host(self, info: EniInfo, mac: str) -> None:
+        await self._on_netlink(self._setup_host_blocking, info, mac)
+
+    async def _setup_pending_hosts(self) -> None:
+        pending, self._pending_hosts = self._pending_hosts, []
+        for info, mac in pending:
+            await self._setup_host(info, mac)
+
+    # -- restore ---------------------------------------------------------------------
+
+    async def _restore(self) -> None:
+        assert self.datastore is not None and self.pool is not None
+        records, _ = self.datastore.journal.load()
+        unknown = [
+            r
+            for r in records
+            for a in r.addresses
+            if a.card in self.pool.cards and not self.pool.card(a.card).holds(a.address)
+        ]
+        if unknown:
+            # IMDS does not show a prefix the journal uses: IMDS may lag, so ask EC2.
+            log.warning(
+                "%d journal allocation(s) are on prefixes IMDS does not list; asking EC2",
+                len(unknown),
+            )
+            await self._reconcile_with_ec2()
+        report = self.datastore.restore()
+        lost = list(report.dropped)
+        if lost:
+            self.metrics.force_removed.inc(len(lost))
+        if self._pod_alive is not None:
+            gone = [a for a in self.pool.allocations() if not self._pod_alive(a)]
+            for allocation in gone:
+                log.info("dropping %s: its pod's namespace and host veth are gone", allocation.key)
+                self.datastore.release(allocation.key, self._clock())
+            if gone:
+                self.datastore.commit(self._clock())
+        log.info(
+            "restored %d allocation(s), dropped %d whose prefix is gone",
+            report.restored,
+            len(lost),
+        )
+
+    async def _reconcile_with_ec2(self) -> None:
+        """Adopt what EC2 says our ENIs hold (EC2 wins over a lagging IMDS)."""
+        assert self.node is not None and self.pool is not None
+        ec2 = self._ec2()
+        states = await asyncio.to_thread(ec2.describe_instance_enis, self.node.instance_id)
+        for state in states:
+            if state.card not in self.pool.cards or state.primary_ip is None:
+                continue
+            known = self._enis.get(state.eni_id)
+            if known is None:
+                continue  # an ENI IMDS does not show yet: the periodic reconcile adopts it
+            card = self.pool.card(known.info.card)
+            held = set(card.prefixes_of(state.eni_id))
+            for prefix in state.prefixes:
+                if prefix not in held:
+                    log.info("EC2 says %s holds %s, which IMDS did not list", state.eni_id, prefix)
+                    card.add_prefix(state.eni_id, prefix)
+                    self._freed.pop(prefix, None)
+
+    # -- the backend API (CNI handler and socket) --------------------------------------
+
+    def _require(self) -> tuple[AddressPool, Datastore]:
+        if self.pool is None or self.datastore is None:
+            raise AgentError("the agent has not started")
+        return self.pool, self.datastore
+
+    async def allocate(self, key: IpamKey, pod: PodRef, *, multi_nic: bool) -> Allocation:
+        pool, store = self._require()
+        started = self._clock()
+        if multi_nic and not self.config.enable_multi_nic:
+            raise AgentError("a multi-NIC allocation needs ENABLE_MULTI_NIC=true on the node")
+        cards = pool.cards if multi_nic else [0]
+        try:
+            allocation = store.allocate(key, pod, started, cards=cards)
+        except PoolExhausted:
+            self.metrics.allocation_errors.labels("exhausted").inc()
+            self._wake.set()
+            raise
+        await self._durable()
+        self._wake.set()
+        self.metrics.allocation_seconds.labels("allocate").observe(self._clock() - started)
+        return allocation
+
+    async def release(self, key: IpamKey) -> Allocation | None:
+        _, store = self._require()
+        started = self._clock()
+        allocation = store.release(key, started)
+        if allocation is not None:
+            await self._durable()
+            self._wake.set()
+        self.metrics.allocation_seconds.labels("release").observe(self._clock() - started)
+        return allocation
+
+    async def gc(self, network: str, valid: Collection[IpamKey]) -> list[Allocation]:
+        """Release this network's allocations that the runtime no longer knows."""
+        pool, store = self._require()
+        keep = set(valid)
+        stale = [a for a in pool.allocations() if a.key.network == network and a.key not in keep]
+        now = self._clock()
+        for allocation in stale:
+            store.release(allocation.key, now)
+        if stale:
+            await self._durable()
+            self._wake.set()
+        return stale
+
+    def allocations(self) -> list[Allocation]:
+        pool, _ = self._require()
+        return list(pool.allocations())
+
+    def lookup(self, key: IpamKey) -> Allocation | None:
+        pool, _ = self._require()
+        return pool.get(key)
+
+    async def status(self) -> AgentStatus:
+        pool, _ = self._require()
+        now = self._clock()
+        free = {}
+        for card in pool.cards:
+            usage = pool.card(card).usage(now)
+            free[card] = usage.prefixes * 16 - usage.assigned - usage.cooldown
+        steady = self._plan_all_steady()
+        reason = "warm pool met" if steady else self._not_ready_reason()
+        return AgentStatus(self._ready.is_set(), reason, free, tuple(pool.cards))
+
+    async def _durable(self) -> None:
+        """Wait for the group commit that covers what this request staged."""
+        loop = asyncio.get_running_loop()
+        if self._commit_waiter is None:
+            self._commit_waiter = loop.create_future()
+            # call_soon: requests already read in this loop iteration join the batch.
+            loop.call_soon(self._commit_now)
+        await asyncio.shield(self._commit_waiter)
+
+    def _commit_now(self) -> None:
+        waiter, self._commit_waiter = self._commit_waiter, None
+        assert waiter is not None and self.datastore is not None
+        try:
+            self.datastore.commit(self._clock())
+        except DatastoreError as err:
+            waiter.set_exception(err)
+            return
+        waiter.set_result(None)
+
+    # -- the warm pool ---------------------------------------------------------------
+
+    def _usage(self, card: int) -> warm.CardUsage:
+        assert self.pool is not None and self.node is not None
+        pool_usage = self.pool.card(card).usage(self._clock())
+        state = self.cards[card]
+        return warm.CardUsage(
+            assigned=pool_usage.assigned,
+            cooldown=pool_usage.cooldown,
+            prefixes=pool_usage.prefixes,
+            releasable_prefixes=pool_usage.releasable_prefixes,
+            slots_free=pool_usage.slots_free,
+            enis=pool_usage.enis,
+            max_enis=max(pool_usage.enis, state.max_enis - self._non_pod_interfaces(card)),
+            slots_per_eni=self.node.instance_type.max_prefixes_per_eni,
+        )
+
+    def _non_pod_interfaces(self, card: int) -> int:
+        """Interfaces on the card that carry no pod addresses (efa-only, say)."""
+        assert self.pool is not None
+        return len(self.cards[card].devices_taken) - len(self.pool.card(card).enis)
+
+    def plan(self, card: int) -> warm.Plan:
+        # Every card gets the node's targets: a multi-NIC pod takes one address on each,
+        # so each card's pool must be as warm as card 0's. (The VPC CNI hard-codes
+        # WARM_IP_TARGET=1 on cards > 0, which makes every multi-NIC pod start wait.)
+        return warm.plan(self._usage(card), self.config.warm_targets())
+
+    def _plan_all_steady(self) -> bool:
+        assert self.pool is not None
+        steady = True
+        for card in self.pool.cards:
+            plan = self.plan(card)
+            self.cards[card].last_plan = plan
+            steady = steady and not plan.add_prefixes
+        return steady
+
+    def _not_ready_reason(self) -> str:
+        reasons = [
+            f"card {c}: {s.last_plan.reason}"
+            for c, s in self.cards.items()
+            if s.last_plan is not None and s.last_plan.add_prefixes
+        ]
+        return "; ".join(reasons) or "starting"
+
+    def _mark_ready(self) -> None:
+        if not self._ready.is_set():
+            self._ready.set()
+            self.ready_at = self._clock()
+            self.metrics.ready.set(1)
+            log.info(
+                "ready: warm pool met %.3f s after start, %s",
+                self.ready_at - self.started_at,
+                "with EC2 calls" if self.ec2_used else "with no EC2 call",
+            )
+
+    async def _manage(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), MANAGE_INTERVAL_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                async with self._busy:
+                    await self._step()
+                failures = 0
+            except (UltranetError, OSError) as err:
+                failures += 1
+                delay = min(ERROR_BACKOFF_S[1], ERROR_BACKOFF_S[0] * 2 ** (failures - 1))
+                log.error("pool step failed (%s); next try in %.0f s", err, delay)
+                await asyncio.sleep(delay)
+
+    async def step(self) -> None:
+        """One grow-or-shrink pass over every card (tests drive this directly)."""
+        async with self._busy:
+            await self._step()
+
+    async def _step(self) -> None:
+        assert self.pool is not None
+        for card in self.pool.cards:
+            plan = self.plan(card)
+            self.cards[card].last_plan = plan
+            if plan.add_prefixes:
+                log.info(
+                    "card %d: growing by %d prefix(es): %s", card, plan.add_prefixes, plan.reason
+                )
+                await self._grow(card, plan.add_prefixes)
+            elif plan.release_prefixes:
+                log.info(
+                    "card %d: releasing %d prefix(es): %s", card, plan.release_prefixes, plan.reason
+                )
+                await self._shrink(card, plan.release_prefixes)
+        self._update_metrics()
+        if self._plan_all_steady():
+            self._mark_ready()
+
+    async def _grow(self, card: int, need: int) -> None:
+        assert self.pool is not None and self.node is not None
+        ec2 = self._ec2()
+        pool = self.pool.card(card)
+        for info in pool.enis:
+            if need <= 0:
+                return
+            room = info.max_prefixes - len(pool.prefixes_of(info.eni_id))
+            subnet_id = self._enis[info.eni_id].subnet_id
+            if room <= 0 or self._cooling(subnet_id):
+                continue
+            count = min(room, need)
+            try:
+                prefixes = await asyncio.to_thread(
+                    ec2.assign_prefixes, info.eni_id, count, subnet_id=subnet_id
+                )
+            except SubnetSpaceError as err:
+                self._subnet_exhausted(subnet_id, err)
+                continue
+            for prefix in prefixes:
+                pool.add_prefix(info.eni_id, prefix)
+            need -= len(prefixes)
+            self._update_metrics()
+        while need > 0:
+            state = self.cards[card]
+            if len(pool.enis) + self._non_pod_interfaces(card) >= state.max_enis:
+                log.warning("card %d: %d more prefix(es) wanted, no ENI slot left", card, need)
+                return
+            eni = await self._new_eni(card, min(need, self.node.instance_type.max_prefixes_per_eni))
+            if eni is None:
+                return
+            need -= len(eni.prefixes)
+            self._update_metrics()
+
+    async def _new_eni(self, card: int, prefixes: int) -> EniState | None:
+        """Create and attach an ENI with prefixes, in the first subnet that can hold them."""
+        assert self.node is not None and self.pool is not None
+        ec2 = self._ec2()
+        for subnet_id in await self._eligible_subnets():
+            try:
+                created = await asyncio.to_thread(
+                    ec2.create_eni,
+                    subnet_id,
+                    groups=list(self.node.security_groups),
+                    prefix_count=prefixes,
+                    description=ENI_DESCRIPTION,
+                    tags={INSTANCE_TAG: self.node.instance_id, CREATED_BY_TAG: "ultranet-ipamd"},
+                )
+            except SubnetSpaceError as err:
+                self._subnet_exhausted(subnet_id, err)
+                continue
+            state = self.cards[card]
+            device = min(set(range(64)) - state.devices_taken)
+            try:
+                attachment = await asyncio.to_thread(
+                    ec2.attach_eni, created.eni_id, self.node.instance_id, device, card
+                )
+                await asyncio.to_thread(ec2.set_delete_on_termination, created.eni_id, attachment)
+            except UltranetError:
+                await asyncio.to_thread(ec2.delete_eni, created.eni_id)
+                raise
+            state.devices_taken.add(device)
+            assert created.primary_ip is not None
+            subnet = await self._subnet_cidr(subnet_id)
+            info = EniInfo(
+                created.eni_id,
+                card,
+                device,
+                subnet,
+                created.primary_ip,
+                self.node.instance_type.max_prefixes_per_eni,
+            )
+            await self._wait_link(created.mac)
+            self.pool.card(card).add_eni(info)
+            self._enis[info.eni_id] = _Eni(info, subnet_id, created.mac)
+            await self._setup_host(info, created.mac)
+            for prefix in created.prefixes:
+                self.pool.card(card).add_prefix(info.eni_id, prefix)
+            log.info(
+                "card %d: attached %s at device %d in %s with %d prefix(es)",
+                card,
+                created.eni_id,
+                device,
+                subnet_id,
+                len(created.prefixes),
+            )
+            return created
+        log.error(
+            "card %d: no eligible subnet in %s can hold %d more prefix(es); pods will wait "
+            "(carve a prefix reservation with create-subnet-cidr-reservation)",
+            card,
+            self.node.availability_zone,
+            prefixes,
+        )
+        return None
+
+    def _find_link(self, mac: str) -> str | None:
+        host = self._host()
+        return host.find_link(mac) if host is not None else mac
+
+    async def _wait_link(self, mac: str) -> None:
+        deadline = self._clock() + LINK_WAIT_S
+        delay = 0.05
+        while await self._on_netlink(self._find_link, mac) is None:
+            if self._clock() > deadline:
+                raise AgentError(f"the link with MAC {mac} did not appear in {LINK_WAIT_S:.0f} s")
+            await asyncio.sleep(delay)  # the kernel hot-plugs it; EC2 gives no event
+            delay = min(1.0, delay * 2)
+
+    async def _eligible_subnets(self) -> list[str]:
+        assert self.node is not None
+        ec2 = self._ec2()
+        found = await asyncio.to_thread(
+            ec2.subnets_in, self.node.vpc_id, self.node.availability_zone, self.config.subnet_tag
+        )
+        ordered = [self.node.primary_subnet_id] + [
+            s.subnet_id
+            for s in sorted(found, key=lambda s: -s.available_ips)
+            if s.subnet_id != self.node.primary_subnet_id
+        ]
+        return [s for s in ordered if not self._cooling(s)]
+
+    async def _subnet_cidr(self, subnet_id: str) -> IPv4Network:
+        for eni in self._enis.values():
+            if eni.subnet_id == subnet_id:
+                return eni.info.subnet
+        ec2 = self._ec2()
+        (subnet,) = await asyncio.to_thread(ec2.describe_subnets, [subnet_id])
+        return subnet.cidr
+
+    def _cooling(self, subnet_id: str) -> bool:
+        until = self._subnet_cooling.get(subnet_id)
+        return until is not None and self._clock() < until
+
+    def _subnet_exhausted(self, subnet_id: str, err: Exception) -> None:
+        self._subnet_cooling[subnet_id] = self._clock() + SUBNET_COOLDOWN_S
+        self.metrics.insufficient_cidr.labels(subnet_id).inc()
+        log.warning(
+            "subnet %s cannot give a /28 prefix (%s); trying other subnets, back to it in %.0f s",
+            subnet_id,
+            err,
+            SUBNET_COOLDOWN_S,
+        )
+
+    async def _shrink(self, card: int, count: int) -> None:
+        assert self.pool is not None
+        ec2 = self._ec2()
+        pool = self.pool.card(card)
+        chosen = pool.releasable_prefixes(self._clock())[:count]
+        by_eni: dict[str, list[IPv4Network]] = {}
+        for prefix in chosen:
+            eni_id = next(e.eni_id for e in pool.enis if prefix in pool.prefixes_of(e.eni_id))
+            by_eni.setdefault(eni_id, []).append(prefix)
+        for eni_id, prefixes in by_eni.items():
+            # Out of the pool first: no pod may take them while EC2 is being asked.
+            for prefix in prefixes:
+                pool.remove_prefix(prefix)
+            try:
+                await asyncio.to_thread(ec2.unassign_prefixes, eni_id, prefixes)
+            except UltranetError:
+                for prefix in prefixes:
+                    pool.add_prefix(eni_id, prefix)
+                raise
+            now = self._wall()
+            for prefix in prefixes:
+                self._freed[prefix] = now
+            self._save_freed()
+
+    # -- EC2, lazily ----------------------------------------------------------------
+
+    def _ec2(self) -> Ec2Client:
+        if self._ec2_client is None:
+            assert self.node is not None
+            log.info("first EC2 call: creating the EC2 client")
+            self._ec2_client = self._ec2_factory(self.node, self.metrics)
+        return self._ec2_client
+
+    # -- recently freed prefixes, kept across restarts --------------------------------
+
+    def _freed_path(self) -> Path:
+        return self.config.state_dir / FREED_FILE
+
+    def _load_freed(self) -> None:
+        path = self._freed_path()
+        if not path.exists():
+            return
+        try:
+            raw = json.loads(path.read_text())
+            self._freed = {IPv4Network(k): float(v) for k, v in raw.items()}
+        except (ValueError, TypeError, AttributeError) as err:
+            # Losing this list only risks re-adopting a prefix EC2 took back, which the
+            # EC2 reconcile then drops: say so, and start without it.
+            log.error("ignoring unreadable %s: %s", path, err)
+            self._freed = {}
+
+    def _save_freed(self) -> None:
+        horizon = self._wall() - FREED_PREFIX_COOLDOWN_S
+        self._freed = {p: t for p, t in self._freed.items() if t > horizon}
+        path = self._freed_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(p): t for p, t in self._freed.items()}))
+        os.replace(tmp, path)
+
+    # -- metrics and introspection ---------------------------------------------------
+
+    def _update_metrics(self) -> None:
+        if self.pool is None:
+            return
+        now = self._clock()
+        for card in self.pool.cards:
+            usage = self.pool.card(card).usage(now)
+            label = str(card)
+            self.metrics.assigned.labels(label).set(usage.assigned)
+            self.metrics.total.labels(label).set(usage.prefixes * 16)
+            self.metrics.cooldown.labels(label).set(usage.cooldown)
+            self.metrics.prefixes.labels(label).set(usage.prefixes)
+            self.metrics.enis.labels(label).set(usage.enis)
+
+    def introspect(self) -> dict[str, Any]:
+        """Everything an operator asks first: ENIs, prefixes, allocations, config, plans."""
+        pool, _ = self._require()
+        assert self.node is not None
+        now = self._clock()
+        cards: dict[str, Any] = {}
+        for card in pool.cards:
+            card_pool: CardPool = pool.card(card)
+            usage = card_pool.usage(now)
+            plan = self.cards[card].last_plan
+            cards[str(card)] = {
+                "assigned": usage.assigned,
+                "cooldown": usage.cooldown,
+                "prefixes": usage.prefixes,
+                "releasable_prefixes": usage.releasable_prefixes,
+                "plan": plan.reason if plan else None,
+                "enis": [
+                    {
+                        "eni_id": e.eni_id,
+                        "device": e.device,
+                        "route_table": e.route_table,
+                        "subnet": str(e.subnet),
+                        "primary_ip": str(e.primary_ip),
+                        "prefixes": [str(p) for p in card_pool.prefixes_of(e.eni_id)],
+                    }
+                    for e in card_pool.enis
+                ],
+            }
+        return {
+            "instance_id": self.node.instance_id,
+            "instance_type": self.node.instance_type.name,
+            "ready": self._ready.is_set(),
+            "ec2_used": self.ec2_used,
+            "cards": cards,
+            "allocations": [
+                {
+                    "key": str(a.key),
+                    "pod": str(a.pod),
+                    "addresses": [f"{lease.card}:{lease.address}" for lease in a.leases],
+                }
+                for a in pool.allocations()
+            ],
+            "subnets_cooling": sorted(s for s in self._subnet_cooling if self._cooling(s)),
+            "recently_freed": sorted(str(p) for p in self._freed),
+            "config": self.config.effective(),
+        }
+
+
+def _default_ec2_factory(config: IpamdConfig) -> Callable[[NodeIdentity, IpamdMetrics], Ec2Client]:
+    def build(node: NodeIdentity, metrics: IpamdMetrics) -> Ec2Client:
+        from ipam.ec2 import Ec2Client  # boto3 comes with it: only when EC2 is needed
+
+        return Ec2Client(
+            node.region,
+            endpoint_url=config.ec2_endpoint,
+            rate_per_s=config.ec2_rate,
+            burst=config.ec2_burst,
+            stats=metrics,
+        )
+
+    return build

@@ -1,0 +1,98 @@
+"""``ultranet-ipamd``: the node daemon. Configuration comes from the environment (the VPC
+CNI's names) over an optional file; see ``ipam/README.md``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ipam.config import IpamdConfig, load_config
+from ipam.errors import ConfigError, UltranetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ultranet-ipamd",
+        description="Node IPAM daemon: /28 prefixes on every managed network card, warm, "
+        "crash-safe. Configure with the VPC CNI's environment variables "
+        "(WARM_PREFIX_TARGET, WARM_IP_TARGET, MINIMUM_IP_TARGET, MAX_ENI, "
+        "IP_COOLDOWN_PERIOD, ENABLE_MULTI_NIC, ...) or a JSON/YAML file of the same keys.",
+    )
+    parser.add_argument("--config", type=Path, help="JSON or YAML file; the environment wins")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="print the effective configuration and exit",
+    )
+    return parser
+
+
+async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
+    from ipam.agent import NodeAgent
+    from ipam.hostnet import HostNetwork
+    from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
+
+    agent = NodeAgent(config, hostnet=HostNetwork)
+    servers: list[ApiServer | HttpServer] = []
+    try:
+        await agent.start()
+        api = ApiServer(agent, config.socket)
+        await api.start()
+        servers.append(api)
+        for address, routes in (
+            (config.metrics_addr, metrics_routes(agent)),
+            (config.introspection_addr, introspection_routes(agent)),
+        ):
+            http = HttpServer(str(address.host), address.port, routes)
+            await http.start()
+            servers.append(http)
+        logging.getLogger("ultranet.ipamd").info("serving on %s", config.socket)
+        await stop.wait()
+        return 0
+    finally:
+        for server in reversed(servers):
+            await server.close()
+        await agent.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(os.environ, args.config)
+    except ConfigError as err:
+        print(f"ultranet-ipamd: {err}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        import json
+
+        print(json.dumps(config.effective(), indent=2, default=str))
+        return 0
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        return await run(config, stop)
+
+    try:
+        return asyncio.run(serve())
+    except UltranetError as err:
+        print(f"ultranet-ipamd: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The node daemon's API on its Unix socket: versioned JSON messages, length-framed.
+
+Each message is a 4-byte big-endian length and that many bytes of UTF-8 JSON. A
+request is ``{"version": 1, "op": ..., ...}``; a reply is ``{"version": 1, "ok": true,
+"result": {...}}`` or ``{"version": 1, "ok": false, "error": {"code": ..., "message":
+...}}``. The version lets an old CNI shim and a new daemon (or the reverse) meet during a
+rolling upgrade: a daemon answers a version it does not speak with ``unsupported-version``
+and the versions it does, so the caller can say exactly what is wrong (the VPC CNI's gRPC
+API answers a version mismatch with FailedPrecondition; vpc-cni.md §3).
+
+Operations:
+
+==========  ===================================================================
+allocate    network, container_id, ifname, pod_namespace, pod_name, multi_nic
+release     network, container_id, ifname  (idempotent)
+gc          network, valid: [[container_id, ifname], ...]
+status      (none)
+list        (none): every allocation, for operators and tests
+==========  ===================================================================
+
+Pure encoding and validation; the server is ``ipam.server``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ipam.errors import UltranetError
+from ipam.keys import InvalidKey, IpamKey, PodRef
+from ipam.pool import Allocation
+
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MAX_MESSAGE = 1 << 20  # a GC of every pod on a node is well under this
+HEADER = struct.Struct(">I")
+OPS = ("allocate", "release", "gc", "status", "list")
+
+
+class ProtocolError(UltranetError):
+    """A request the daemon cannot act on; ``code`` is what the reply says."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class AllocateRequest:
+    key: IpamKey
+    pod: PodRef
+    multi_nic: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequest:
+    key: IpamKey
+
+
+@dataclass(frozen=True, slots=True)
+class GcRequest:
+    network: str
+    valid: frozenset[IpamKey]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    pass
+
+
+Request = AllocateRequest | ReleaseRequest | GcRequest | StatusRequest | ListRequest
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError("too-large", f"message of {len(body)} bytes over {MAX_MESSAGE}")
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    (length,) = HEADER.unpack(header)
+    if length > MAX_MESSAGE:
+        raise ProtocolError("too-large", f"message of {length} bytes over {MAX_MESSAGE}")
+    return int(length)
+
+
+def _field(raw: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in raw:
+        raise ProtocolError("bad-request", f"missing field {name!r}")
+    value = raw[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(
+            "bad-request", f"field {name!r} must be {kind.__name__}, not {type(value).__name__}"
+        )
+    return value
+
+
+def _key(raw: dict[str, Any]) -> IpamKey:
+    try:
+        return IpamKey(
+            _field(raw, "network", str),
+            _field(raw, "container_id", str),
+            _field(raw, "ifname", str),
+        )
+    except InvalidKey as err:
+        raise ProtocolError("bad-request", str(err)) from None
+
+
+def parse_request(body: bytes) -> Request:
+    """A validated request, or ``ProtocolError`` naming what is wrong with it."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError("bad-request", f"not JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad-request", "a request is a JSON object")
+    version = raw.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            "unsupported-version",
+            f"version {version!r} is not spoken here; supported: {list(SUPPORTED_VERSIONS)}",
+        )
+    op = raw.get("op")
+    if op == "allocate":
+        try:
+            pod = PodRef(_field(raw, "pod_namespace", str), _field(raw, "pod_name", str))
+        except InvalidKey as err:
+            raise ProtocolError("bad-request", str(err)) from None
+        multi_nic = raw.get("multi_nic", False)
+        if not isinstance(multi_nic, bool):
+            raise ProtocolError("bad-request", "field 'multi_nic' must be bool")
+        return AllocateRequest(_key(raw), pod, multi_nic)
+    if op == "release":
+        return ReleaseRequest(_key(raw))
+    if op == "gc":
+        network = _field(raw, "network", str)
+        valid = _field(raw, "valid", list)
+        keys = set()
+        for entry in valid:
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise ProtocolError("bad-request", "each 'valid' entry is [container_id, ifname]")
+            keys.add(_key({"network": network, "container_id": entry[0], "ifname": entry[1]}))
+        return GcRequest(network, frozenset(keys))
+    if op == "status":
+        return StatusRequest()
+    if op == "list":
+        return ListRequest()
+    raise ProtocolError("bad-request", f"unknown op {op!r}; known: {', '.join(OPS)}")
+
+
+def ok(result: dict[str, Any]) -> dict[str, Any]:
+    return {"version": VERSION, "ok": True, "result": result}
+
+
+def error(code: str, message: str, **detail: Any) -> dict[str, Any]:
+    return {"version": VERSION, "ok": False, "error": {"code": code, "message": message, **detail}}
+
+
+def allocation_json(allocation: Allocation) -> dict[str, Any]:
+    return {
+        "network": allocation.key.network,
+        "container_id": allocation.key.container_id,
+        "ifname": allocation.key.ifname,
+        "pod": str(allocation.pod),
+        "interfaces": [
+            {
+                "card": lease.card,
+                "address": str(lease.address),
+                "prefix": str(lease.prefix),
+                "eni_id": lease.eni_id,
+                "device": lease.device,
+                "route_table": lease.route_table,
+                "gateway": str(lease.gateway),
+                "subnet": str(lease.subnet),
+            }
+            for lease in allocation.leases
+        ],
+    }

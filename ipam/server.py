@@ -1,0 +1,221 @@
+"""The daemon's listeners: the API on a root-only Unix socket, metrics and introspection.
+
+* ``ULTRANET_SOCKET`` (default /run/ultranet/ipamd.sock): the protocol of
+  ``ipam.protocol``. The socket is mode 0600 and each connection's peer credentials are
+  checked (SO_PEERCRED): only root may allocate addresses. A connection carries any
+  number of requests; each is answered in order.
+* ``ULTRANET_METRICS_ADDR`` (default 127.0.0.1:61678): ``/metrics`` for Prometheus.
+* ``ULTRANET_INTROSPECTION_ADDR`` (default 127.0.0.1:61679): ``/v1/state`` (ENIs,
+  prefixes, allocations, effective config, plans), ``/healthz``, and ``/ready``, which
+  answers 200 only once the warm pool is met: the signal a node's startup taint waits for.
+
+A bad request gets an error reply naming what is wrong; it never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ipam.agent import AgentError, NodeAgent
+from ipam.datastore_errors import DatastoreError, PoolExhausted
+from ipam.protocol import (
+    AllocateRequest,
+    GcRequest,
+    ListRequest,
+    ProtocolError,
+    ReleaseRequest,
+    StatusRequest,
+    allocation_json,
+    error,
+    frame,
+    frame_length,
+    ok,
+    parse_request,
+)
+
+log = logging.getLogger("ultranet.ipamd.server")
+
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return int(_PEERCRED.unpack(raw)[1])
+
+
+class ApiServer:
+    """Serves ``ipam.protocol`` requests from ``agent`` on a Unix socket."""
+
+    def __init__(
+        self, agent: NodeAgent, path: Path, *, allowed_uids: frozenset[int] = frozenset({0})
+    ):
+        self.agent = agent
+        self.path = path
+        self.allowed_uids = allowed_uids
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_socket():
+            self.path.unlink()  # a previous daemon's; nothing listens on it any more
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            uid = peer_uid(sock)
+            if uid not in self.allowed_uids:
+                writer.write(frame(error("forbidden", f"uid {uid} may not use the IPAM socket")))
+                await writer.drain()
+                return
+            while True:
+                try:
+                    header = await reader.readexactly(4)
+                except asyncio.IncompleteReadError:
+                    return  # the client hung up between requests
+                try:
+                    body = await reader.readexactly(frame_length(header))
+                    reply = await self.handle(body)
+                except ProtocolError as err:
+                    reply = error(err.code, err.message)
+                    if err.code == "too-large":
+                        writer.write(frame(reply))
+                        return  # the stream cannot be resynchronised
+                writer.write(frame(reply))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError) as err:
+            log.debug("api client went away: %s", err)
+        finally:
+            writer.close()
+
+    async def handle(self, body: bytes) -> dict[str, Any]:
+        request = parse_request(body)
+        try:
+            if isinstance(request, AllocateRequest):
+                allocation = await self.agent.allocate(
+                    request.key, request.pod, multi_nic=request.multi_nic
+                )
+                return ok(allocation_json(allocation))
+            if isinstance(request, ReleaseRequest):
+                released = await self.agent.release(request.key)
+                return ok({"released": allocation_json(released) if released else None})
+            if isinstance(request, GcRequest):
+                stale = await self.agent.gc(request.network, request.valid)
+                return ok({"released": [allocation_json(a) for a in stale]})
+            if isinstance(request, ListRequest):
+                return ok({"allocations": [allocation_json(a) for a in self.agent.allocations()]})
+            assert isinstance(request, StatusRequest)
+            status = await self.agent.status()
+            return ok(
+                {
+                    "ready": status.ready,
+                    "reason": status.reason,
+                    "cards": list(status.cards),
+                    "free_addresses": {str(k): v for k, v in status.free_addresses.items()},
+                }
+            )
+        except PoolExhausted as err:
+            return error("exhausted", str(err), cards=list(err.cards))
+        except (DatastoreError, AgentError) as err:
+            return error("refused", str(err))
+
+
+Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
+
+
+class HttpServer:
+    """A small GET-only HTTP/1.1 server for metrics and introspection on loopback."""
+
+    def __init__(self, host: str, port: int, routes: dict[str, Route]) -> None:
+        self.host = host
+        self.port = port
+        self.routes = routes
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass  # headers: nothing here needs them
+            parts = request_line.decode("latin-1").split()
+            if len(parts) != 3:
+                status, ctype, body = 400, "text/plain", b"bad request\n"
+            elif parts[0] != "GET":
+                status, ctype, body = 405, "text/plain", b"only GET\n"
+            elif parts[1].split("?")[0] not in self.routes:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            else:
+                status, ctype, body = await self.routes[parts[1].split("?")[0]]()
+            reason = {
+                200: "OK",
+                400: "Bad Request",
+                404: "Not Found",
+                405: "Method Not Allowed",
+                503: "Service Unavailable",
+            }.get(status, "OK")
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError) as err:
+            log.debug("http client: %s", err)
+        finally:
+            writer.close()
+
+
+def metrics_routes(agent: NodeAgent) -> dict[str, Route]:
+    async def metrics() -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(agent.metrics.registry)
+
+    return {"/metrics": metrics}
+
+
+def introspection_routes(agent: NodeAgent) -> dict[str, Route]:
+    async def state() -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(agent.introspect(), indent=1).encode()
+
+    async def healthz() -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok\n"
+
+    async def ready() -> tuple[int, str, bytes]:
+        status = await agent.status()
+        if status.ready:
+            return 200, "text/plain", b"ready\n"
+        return 503, "text/plain", f"not ready: {status.reason}\n".encode()
+
+    return {"/v1/state": state, "/healthz": healthz, "/ready": ready}

@@ -1,0 +1,111 @@
+"""A node agent running in-process against a lab: IMDS and EC2 of the lab, netlink in the
+lab's node namespace, the journal in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from ipam.agent import NodeAgent, NodeIdentity
+from ipam.config import IpamdConfig, load_config
+from ipam.ec2 import Ec2Client, boto3_client
+from ipam.hostnet import HostNetwork
+from ipam.imds import ImdsClient
+from ipam.keys import IpamKey, PodRef
+from ipam.metrics import IpamdMetrics
+from tools.lab.lab import Lab
+
+POD = PodRef("default", "pod")
+
+
+def key(n: int, network: str = "ultranet") -> IpamKey:
+    return IpamKey(network, f"c{n:05d}", "eth0")
+
+
+class ManualClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def config_for(state_dir: Path, env: Mapping[str, str] | None = None) -> IpamdConfig:
+    return load_config({"ULTRANET_STATE_DIR": str(state_dir), **(env or {})})
+
+
+def ec2_factory(lab: Lab) -> object:
+    def build(node: NodeIdentity, metrics: IpamdMetrics) -> Ec2Client:
+        return Ec2Client(
+            node.region,
+            endpoint_url=lab.ec2_url,
+            stats=metrics,
+            rate_per_s=1000.0,
+            burst=1000,
+            base_delay_s=0.001,
+            client_factory=functools.partial(
+                boto3_client, aws_access_key_id="lab", aws_secret_access_key="lab"
+            ),
+        )
+
+    return build
+
+
+class AgentRun:
+    """An agent and the event loop that drives it, for synchronous tests."""
+
+    def __init__(self, lab: Lab, config: IpamdConfig, clock: ManualClock) -> None:
+        self.lab = lab
+        self.loop = asyncio.new_event_loop()
+        self.agent = NodeAgent(
+            config,
+            imds=ImdsClient(lab.imds_url),
+            ec2_factory=ec2_factory(lab),  # type: ignore[arg-type]
+            hostnet=lambda: HostNetwork(netns=lab.node_ns),
+            clock=clock,
+        )
+        self.clock = clock
+
+    def run(self, coro: object) -> object:
+        return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        self.run(self.agent.start())
+        # Tests drive the pool manager by hand, so its timing cannot race them.
+        assert self.agent._manager is not None
+        self.agent._manager.cancel()
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+    def converge(self, steps: int = 20) -> int:
+        """Run pool steps until the plan is steady; returns the steps it took."""
+        for n in range(steps):
+            plans = [self.agent.plan(c) for c in self.agent.cards]
+            if not any(p.add_prefixes or p.release_prefixes for p in plans):
+                return n
+            self.run(self.agent.step())
+        raise AssertionError(f"no steady plan after {steps} steps: {plans}")
+
+    def close(self) -> None:
+        self.run(self.agent.stop())
+        self.loop.close()
+
+
+@contextmanager
+def agent_in(
+    lab: Lab,
+    state_dir: Path,
+    env: Mapping[str, str] | None = None,
+    clock: ManualClock | None = None,
+) -> Iterator[AgentRun]:
+    run = AgentRun(lab, config_for(state_dir, env), clock or ManualClock())
+    try:
+        run.start()
+        yield run
+    finally:
+        run.close()

@@ -1,0 +1,235 @@
+"""The node agent against the lab: start from IMDS alone, warm targets, release, cooldown,
+multi-NIC, throttling, fragmented subnets, stale IMDS."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from ipam.datastore_errors import PoolExhausted
+from tests.conftest import LabFactory
+from tests.ipam.agentenv import POD, ManualClock, agent_in, key
+from tests.lab.helpers import ec2_client
+from tools.lab.lab import CNI_SUBNET_TAG, LabConfig, SubnetSpec
+
+pytestmark = pytest.mark.netns
+
+
+def ec2_prefixes(lab: object, eni_id: str) -> set[IPv4Network]:
+    return set(lab.cloud.eni(eni_id).prefixes)  # type: ignore[attr-defined]
+
+
+def test_start_from_imds_alone_is_ready_with_no_ec2_call(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    lab.cloud.requests.clear()
+    with agent_in(lab, tmp_path) as run:
+        assert run.agent._ready.is_set()
+        assert not run.agent.ec2_used
+        assert lab.cloud.requests.count() == 0
+        primary = lab.cloud.enis_of(lab.instance_id)[0]
+        allocation = run.run(run.agent.allocate(key(1), POD, multi_nic=False))
+        assert allocation.leases[0].prefix in set(primary.prefixes)  # type: ignore[attr-defined]
+        assert lab.cloud.requests.count() == 0  # the allocation path calls nothing either
+
+
+# (pods, env, launch prefixes) -> (prefixes held after converging, ENIs used)
+WARM_CASES = [
+    (0, {}, 1, 1, 1),  # WARM_PREFIX_TARGET=1: one free prefix, already there
+    (16, {}, 1, 2, 1),  # the first prefix is full: one more free one
+    (40, {}, 1, 4, 1),  # 3 prefixes hold 40 pods, plus one free
+    (0, {"WARM_PREFIX_TARGET": "3"}, 1, 3, 1),
+    (5, {"WARM_IP_TARGET": "20"}, 1, 2, 1),  # 5 used + 20 warm = 25 -> 2 prefixes
+    (0, {"MINIMUM_IP_TARGET": "100", "WARM_IP_TARGET": "1"}, 1, 7, 1),
+    (100, {"WARM_PREFIX_TARGET": "1"}, 1, 8, 1),  # 7 full-ish + 1 free, still one ENI
+    (150, {"WARM_PREFIX_TARGET": "1"}, 1, 11, 2),  # past the primary's 9 slots: a second ENI
+]
+
+
+@pytest.mark.parametrize(("pods", "env", "launch", "prefixes", "enis"), WARM_CASES)
+def test_warm_targets(
+    lab_factory: LabFactory,
+    tmp_path: Path,
+    pods: int,
+    env: dict[str, str],
+    launch: int,
+    prefixes: int,
+    enis: int,
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=launch))
+    with agent_in(lab, tmp_path, {"IP_COOLDOWN_PERIOD": "0", **env}) as run:
+        run.converge()
+        for n in range(pods):
+            try:
+                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+            except PoolExhausted:
+                run.converge()
+                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        run.converge()
+        usage = run.agent.pool.card(0).usage(run.clock())  # type: ignore[union-attr]
+        assert (usage.prefixes, usage.enis) == (prefixes, enis)
+        # EC2 agrees with the pool, ENI by ENI.
+        for info in run.agent.pool.card(0).enis:  # type: ignore[union-attr]
+            pooled = set(run.agent.pool.card(0).prefixes_of(info.eni_id))  # type: ignore[union-attr]
+            assert pooled == ec2_prefixes(lab, info.eni_id)
+
+
+def test_prefixes_beyond_the_target_go_back_after_cooldown(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    clock = ManualClock()
+    with agent_in(lab, tmp_path, {"IP_COOLDOWN_PERIOD": "30"}, clock) as run:
+        for n in range(40):
+            try:
+                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+            except PoolExhausted:
+                run.converge()
+                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        run.converge()
+        assert run.agent.pool.card(0).usage(clock()).prefixes == 4  # type: ignore[union-attr]
+        for n in range(40):
+            run.run(run.agent.release(key(n)))
+        # In cooldown the released addresses count as used: nothing is released yet.
+        assert run.agent.plan(0).release_prefixes == 0
+        run.converge()
+        assert run.agent.pool.card(0).usage(clock()).prefixes == 4  # type: ignore[union-attr]
+        clock.advance(30)
+        run.converge()
+        usage = run.agent.pool.card(0).usage(clock())  # type: ignore[union-attr]
+        assert usage.prefixes == 1
+        primary = lab.cloud.enis_of(lab.instance_id)[0].eni_id
+        assert len(ec2_prefixes(lab, primary)) == 1
+        assert lab.cloud.requests.counts()["UnassignPrivateIpAddresses"] >= 1
+
+
+def test_bin_packing_lets_whole_prefixes_go(lab_factory: LabFactory, tmp_path: Path) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=4))
+    clock = ManualClock()
+    with agent_in(
+        lab, tmp_path, {"IP_COOLDOWN_PERIOD": "0", "WARM_PREFIX_TARGET": "4"}, clock
+    ) as run:
+        for n in range(32):
+            run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        prefixes = {
+            run.agent.lookup(key(n)).leases[0].prefix
+            for n in range(32)  # type: ignore[union-attr]
+        }
+        assert len(prefixes) == 2  # 32 pods fill two prefixes exactly, not four partly
+
+
+def test_multi_nic_allocation_spans_every_card_all_or_nothing(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(
+        LabConfig(instance_type="p5.48xlarge", prefixes_per_card=1, other_cards="efa")
+    )
+    env = {"ENABLE_MULTI_NIC": "true", "IP_COOLDOWN_PERIOD": "0"}
+    with agent_in(lab, tmp_path, env) as run:
+        assert sorted(run.agent.cards) == list(range(32))
+        allocation = run.run(run.agent.allocate(key(1), POD, multi_nic=True))
+        cards = [lease.card for lease in allocation.leases]  # type: ignore[attr-defined]
+        assert cards == list(range(32))
+        tables = {lease.route_table for lease in allocation.leases}  # type: ignore[attr-defined]
+        assert len(tables) == 32
+        # Exhaust card 5 alone: a multi-NIC allocation must then take nothing anywhere.
+        card5 = run.agent.pool.card(5)  # type: ignore[union-attr]
+        while card5.can_allocate(run.clock()):
+            card5.take(key(9999), run.clock())
+        before = [run.agent.pool.card(c).usage(run.clock()).assigned for c in range(32)]  # type: ignore[union-attr]
+        with pytest.raises(PoolExhausted) as excinfo:
+            run.run(run.agent.allocate(key(2), POD, multi_nic=True))
+        assert excinfo.value.cards == (5,)
+        after = [run.agent.pool.card(c).usage(run.clock()).assigned for c in range(32)]  # type: ignore[union-attr]
+        assert after == before
+        single = run.run(run.agent.allocate(key(3), POD, multi_nic=False))
+        assert [lease.card for lease in single.leases] == [0]  # type: ignore[attr-defined]
+
+
+def test_throttled_ec2_still_converges_with_bounded_calls(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    with agent_in(lab, tmp_path, {"WARM_PREFIX_TARGET": "4"}) as run:
+        lab.cloud.requests.clear()
+        lab.cloud.faults.throttle_next(5, "AssignPrivateIpAddresses")
+        run.converge()
+        usage = run.agent.pool.card(0).usage(run.clock())  # type: ignore[union-attr]
+        assert usage.prefixes == 4
+        counts = lab.cloud.requests.counts()
+        assert counts["AssignPrivateIpAddresses"] == 6  # 5 throttled + 1 that asked for all 3
+        assert sum(counts.values()) <= 8
+
+
+def test_fragmented_subnet_falls_back_to_another_tagged_subnet(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    subnets = (
+        SubnetSpec("100.64.0.0/24", "us-west-2a", {CNI_SUBNET_TAG: "1"}),
+        SubnetSpec("100.64.1.0/24", "us-west-2a", {CNI_SUBNET_TAG: "1"}),
+        SubnetSpec("100.64.2.0/24", "us-west-2b", {CNI_SUBNET_TAG: "1"}),
+    )
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=0, subnets=subnets))
+    # Fragment the instance's subnet: one address in every /28 that is still whole.
+    ec2 = ec2_client(lab)
+    holder = ec2.create_network_interface(SubnetId=lab.subnet_ids[0])["NetworkInterface"]
+    taken = {a for e in lab.cloud.enis() for a in e.addresses}
+    targets = [
+        str(block.network_address + 7)
+        for block in IPv4Network("100.64.0.0/24").subnets(new_prefix=28)
+        if not any(a in block for a in taken) and block.network_address + 7 not in taken
+    ]
+    ec2.assign_private_ip_addresses(
+        NetworkInterfaceId=holder["NetworkInterfaceId"], PrivateIpAddresses=targets
+    )
+    with agent_in(lab, tmp_path, {"WARM_PREFIX_TARGET": "1"}) as run:
+        run.converge()
+        card = run.agent.pool.card(0)  # type: ignore[union-attr]
+        assert card.usage(run.clock()).prefixes == 1
+        (secondary,) = [e for e in card.enis if e.device != 0]
+        assert secondary.subnet == IPv4Network("100.64.1.0/24")  # same AZ, tagged, not 2b
+        insufficient = run.agent.metrics.insufficient_cidr.labels(lab.subnet_ids[0])._value.get()
+        assert insufficient == 1
+
+
+def test_a_prefix_released_here_is_not_readopted_from_stale_imds(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=3))
+    env = {"IP_COOLDOWN_PERIOD": "0", "WARM_PREFIX_TARGET": "1"}
+    with agent_in(lab, tmp_path, env) as run:
+        lab.cloud.set_imds_lag(3600.0)  # IMDS will keep showing the launch state
+        run.converge()
+        kept = run.agent.pool.card(0).prefixes_of(lab.cloud.enis_of(lab.instance_id)[0].eni_id)  # type: ignore[union-attr]
+        assert len(kept) == 1
+    primary = lab.cloud.enis_of(lab.instance_id)[0].eni_id
+    assert len(ec2_prefixes(lab, primary)) == 1
+    # Restart: IMDS still lists all three; the two freed here must stay out.
+    with agent_in(lab, tmp_path, env) as again:
+        assert again.agent.pool.card(0).prefixes_of(primary) == kept  # type: ignore[union-attr]
+        assert not again.agent.ec2_used
+
+
+def test_allocations_on_a_prefix_imds_does_not_show_yet_are_checked_with_ec2(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    env = {"IP_COOLDOWN_PERIOD": "0"}
+    lab.cloud.set_imds_lag(3600.0)
+    with agent_in(lab, tmp_path, env) as run:
+        for n in range(20):  # the second prefix comes from EC2; IMDS will not show it
+            try:
+                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+            except PoolExhausted:
+                run.converge()
+                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        held = {n: run.agent.lookup(key(n)).leases[0].address for n in range(20)}  # type: ignore[union-attr]
+    with agent_in(lab, tmp_path, env) as again:
+        assert again.agent.ec2_used  # IMDS and the journal disagreed: EC2 decided
+        for n in range(20):
+            assert again.agent.lookup(key(n)).leases[0].address == held[n]  # type: ignore[union-attr]
+        fresh = again.run(again.agent.allocate(key(100), POD, multi_nic=False))
+        assert fresh.leases[0].address not in held.values()  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,13 @@ class ApiServer:
                     "reason": status.reason,
                     "cards": list(status.cards),
                     "free_addresses": {str(k): v for k, v in status.free_addresses.items()},
+                    "ec2_used": self.agent.ec2_used,
+                    "boto3_loaded": "boto3" in sys.modules,
+                    "ready_after_s": (
+                        None
+                        if self.agent.ready_at is None
+                        else self.agent.ready_at - self.agent.started_at
+                    ),
                 }
             )
         except PoolExhausted as err:

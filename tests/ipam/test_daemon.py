@@ -1,0 +1,208 @@
+"""``ultranet-ipamd`` as a real process in the lab's node namespace, through its socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam.client import AsyncIpamClient, IpamClientError
+from ipam.protocol import frame
+from tests.conftest import LabFactory
+from tools.lab.daemon import IpamdProcess
+from tools.lab.lab import Lab, LabConfig
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[IpamdProcess] = []
+
+    def start(lab: Lab, env: dict[str, str] | None = None, name: str = "d") -> IpamdProcess:
+        daemon = IpamdProcess(lab, tmp_path / name, env)
+        started.append(daemon)
+        daemon.start()
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            daemon.stop()
+
+
+def test_p5_start_from_preassigned_prefixes_makes_no_ec2_call(
+    lab_factory: LabFactory, daemon_factory: Any
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="p5.48xlarge", prefixes_per_card=1))
+    lab.cloud.requests.clear()
+    daemon = daemon_factory(lab, {"ENABLE_MULTI_NIC": "true"})
+    status = daemon.wait_ready()
+    assert status["cards"] == list(range(32))
+    assert status["ec2_used"] is False
+    assert status["boto3_loaded"] is False
+    assert lab.cloud.requests.count() == 0
+
+
+async def _client(daemon: IpamdProcess) -> AsyncIpamClient:
+    client = AsyncIpamClient(daemon.socket)
+    await client.__aenter__()
+    return client
+
+
+def test_bad_requests_get_clear_errors_and_never_crash(
+    lab_factory: LabFactory, daemon_factory: Any
+) -> None:
+    lab = lab_factory()
+    daemon = daemon_factory(lab)
+    daemon.wait_ready()
+
+    async def scenario() -> list[dict[str, Any]]:
+        replies = []
+        async with AsyncIpamClient(daemon.socket) as client:
+            replies.append(await client.raw({"version": 99, "op": "status"}))
+            replies.append(await client.raw({"version": 1, "op": "explode"}))
+            replies.append(await client.raw({"version": 1, "op": "allocate"}))
+            replies.append(
+                await client.raw(
+                    {
+                        "version": 1,
+                        "op": "allocate",
+                        "network": "n",
+                        "container_id": "-bad",
+                        "ifname": "eth0",
+                        "pod_namespace": "a",
+                        "pod_name": "b",
+                    }
+                )
+            )
+            assert client._writer is not None and client._reader is not None
+            client._writer.write(b"\x00\x00\x00\x05nope!")
+            header = await client._reader.readexactly(4)
+            replies.append(json.loads(await client._reader.readexactly(int.from_bytes(header))))
+            replies.append(await client.raw({"version": 1, "op": "status"}))
+        return replies
+
+    replies = asyncio.run(scenario())
+    codes = [r.get("error", {}).get("code") for r in replies[:5]]
+    assert codes == [
+        "unsupported-version",
+        "bad-request",
+        "bad-request",
+        "bad-request",
+        "bad-request",
+    ]
+    assert "supported: [1]" in replies[0]["error"]["message"]
+    assert "container_id" in replies[3]["error"]["message"]
+    assert replies[5]["ok"] is True  # the same connection still works
+
+
+def test_only_root_may_use_the_socket(lab_factory: LabFactory) -> None:
+    lab = lab_factory()
+    # A directory others may traverse, so the refusal comes from the daemon, not the
+    # file system.
+    public = Path(tempfile.mkdtemp(prefix="ultranet-test-", dir="/run"))
+    public.chmod(0o755)
+    daemon = IpamdProcess(lab, public)
+    try:
+        daemon.start()
+        daemon.wait_ready()
+        daemon.socket.chmod(0o666)  # even if the mode were loosened, the peer check holds
+        request = frame({"version": 1, "op": "status"})
+        code = (
+            "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            f" s.sendall({request!r}); print(s.recv(4096)[4:].decode())"
+        )
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            + [sys.executable, "-c", code, str(daemon.socket)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        daemon.stop()
+        shutil.rmtree(public)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["error"]["code"] == "forbidden"
+    assert "uid 65534" in reply["error"]["message"]
+
+
+async def _burst(
+    daemon: IpamdProcess, keys: list[str], stop_after: int, acked: dict[str, str]
+) -> None:
+    """Allocate ``keys`` over 20 connections; return once ``stop_after`` are acknowledged."""
+    enough = asyncio.Event()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for k in keys:
+        queue.put_nowait(k)
+
+    async def worker() -> None:
+        try:
+            async with AsyncIpamClient(daemon.socket) as client:
+                while not queue.empty():
+                    container = queue.get_nowait()
+                    reply = await client.allocate(container)
+                    acked[container] = reply["interfaces"][0]["address"]
+                    if len(acked) >= stop_after:
+                        enough.set()
+        except (ConnectionError, asyncio.IncompleteReadError, IpamClientError):
+            return  # the daemon was killed under us
+
+    tasks = [asyncio.create_task(worker()) for _ in range(20)]
+    waiter = asyncio.create_task(enough.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    daemon.kill()
+    await asyncio.gather(*tasks)
+    waiter.cancel()
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_kill_9_during_200_allocations_loses_and_duplicates_nothing(
+    lab_factory: LabFactory, daemon_factory: Any, trial: int
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=9))
+    # A static pool: the nine launch prefixes, kept (MINIMUM_IP_TARGET), never grown (MAX_ENI).
+    env = {
+        "IP_COOLDOWN_PERIOD": "0",
+        "MINIMUM_IP_TARGET": "144",
+        "WARM_IP_TARGET": "1",
+        "MAX_ENI": "1",
+    }
+    daemon = daemon_factory(lab, env, name=f"t{trial}")
+    daemon.wait_ready()
+    keys = [f"t{trial}-pod{n:03d}" for n in range(200)]
+    acked: dict[str, str] = {}
+    stop_after = random.Random(trial).randrange(1, 140)
+    asyncio.run(_burst(daemon, keys, stop_after, acked))
+    assert len(acked) >= stop_after
+
+    daemon.start()  # the same state directory: a restart after the crash
+    daemon.wait_ready()
+
+    async def check() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        async with AsyncIpamClient(daemon.socket) as client:
+            held = await client.list()
+            for container in keys:  # the runtime retries: DEL for every pod that went away
+                await client.release(container)
+            return held, await client.status()
+
+    held, status = asyncio.run(check())
+    by_key = {a["container_id"]: a["interfaces"][0]["address"] for a in held}
+    for container, address in acked.items():
+        assert by_key.get(container) == address, container  # nothing acknowledged lost
+    addresses = list(by_key.values())
+    assert len(addresses) == len(set(addresses))  # no address twice
+    assert set(by_key) <= set(keys)
+    assert status["free_addresses"]["0"] == 9 * 16  # no leak once every DEL arrived

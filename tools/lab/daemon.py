@@ -1,0 +1,115 @@
+"""``ultranet-ipamd`` as a real process inside a lab's node namespace.
+
+It finds IMDS at 169.254.169.254 and EC2 at 127.0.0.1:8773 there, as on an instance
+whose VPC has an EC2 endpoint; its socket and journal live in a directory of the
+caller's. Used by the daemon's tests, the benchmark and the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+from ipam.client import AsyncIpamClient
+from tools.lab.lab import NODE_EC2_PORT, Lab
+
+
+class IpamdProcess:
+    def __init__(self, lab: Lab, state_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.lab = lab
+        self.state_dir = state_dir
+        self.socket = state_dir / "ipamd.sock"
+        self.env = dict(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self._log: IO[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "ipamd.log"
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "ULTRANET_SOCKET": str(self.socket),
+            "ULTRANET_STATE_DIR": str(self.state_dir / "state"),
+            "ULTRANET_EC2_ENDPOINT": f"http://127.0.0.1:{NODE_EC2_PORT}",
+            "ULTRANET_METRICS_ADDR": "127.0.0.1:0",
+            "ULTRANET_INTROSPECTION_ADDR": "127.0.0.1:0",
+            "AWS_ACCESS_KEY_ID": "lab",
+            "AWS_SECRET_ACCESS_KEY": "lab",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **self.env,
+        }
+        if self._log is not None:
+            self._log.close()  # a restart after kill(): same log, new handle
+        self._log = open(self.log_path, "ab")
+        self.started_at = time.monotonic()
+        # The real interpreter, not a version manager's shim: exec time is what is measured.
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.node_ns, sys.executable, "-m", "ipam.cli"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, object]:
+        """Block until the daemon answers status with ready; returns that status."""
+        return asyncio.run(self._wait_ready(timeout))
+
+    async def _wait_ready(self, timeout: float) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ultranet-ipamd exited {self.process.returncode}: {self.log_tail()}"
+                )
+            if self.socket.exists():
+                try:
+                    async with AsyncIpamClient(self.socket) as client:
+                        status = await client.status()
+                    if status["ready"]:
+                        return status
+                except (ConnectionError, FileNotFoundError):
+                    pass  # bound but not yet listening, or a previous run's socket
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ultranet-ipamd not ready in {timeout} s: {self.log_tail()}")
+            await asyncio.sleep(delay)  # polling the daemon's own answer, bounded
+            delay = min(0.1, delay * 2)
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the datastore must survive."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -39,10 +39,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ipam import warm
 from ipam.config import IpamdConfig
-from ipam.datastore import Datastore, Journal
-from ipam.datastore_errors import DatastoreError, PoolExhausted
+from ipam.datastore import Batch, Datastore, DatastoreWriteError, Journal
+from ipam.datastore_errors import PoolExhausted
 from ipam.errors import SubnetSpaceError, UltranetError
-from ipam.hostnet import EniLink, HostNetwork
 from ipam.imds import ImdsClient, ImdsInterface
 from ipam.instance_types import InstanceType, lookup
 from ipam.keys import IpamKey, PodRef
@@ -51,6 +50,7 @@ from ipam.pool import AddressPool, Allocation, CardPool, EniInfo
 
 if TYPE_CHECKING:
     from ipam.ec2 import Ec2Client, EniState
+    from ipam.hostnet import HostNetwork
 
 log = logging.getLogger("ultranet.ipamd")
 T = TypeVar("T")
@@ -147,7 +147,8 @@ class NodeAgent:
         self._subnet_cooling: dict[str, float] = {}  # subnet id -> usable again at
         self._freed: dict[IPv4Network, float] = {}  # prefix -> wall time it was released
         self._wake = asyncio.Event()
-        self._commit_waiter: asyncio.Future[None] | None = None
+        self._next_commit: asyncio.Future[None] | None = None  # the batch being filled
+        self._committing: asyncio.Future[None] | None = None  # the batch being synced
         self._manager: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._busy = asyncio.Lock()  # one grow/shrink at a time
@@ -156,10 +157,16 @@ class NodeAgent:
 
     # -- start and stop --------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, manage: bool = True) -> None:
+        """Discover, restore, and (unless ``manage`` is False, for tests that drive
+        ``step`` themselves) keep the pool warm in the background."""
         self.started_at = self._clock()
         self._load_freed()
+        # Open netlink (and import pyroute2, the slowest import) on the netlink thread
+        # while this one waits on IMDS: the two overlap.
+        netlink_ready = asyncio.get_running_loop().run_in_executor(self._netlink, self._host)
         identity, interfaces = self._discover()
+        await netlink_ready
         self.node = identity
         self._build_pool(identity, interfaces)
         assert self.pool is not None
@@ -169,16 +176,18 @@ class NodeAgent:
         self._update_metrics()
         if self._plan_all_steady():
             self._mark_ready()
-        self._manager = asyncio.create_task(self._manage(), name="pool-manager")
+        else:
+            self._wake.set()  # grow at once: pods are waiting for this node
+        if manage:
+            self._manager = asyncio.create_task(self._manage(), name="pool-manager")
 
     async def stop(self) -> None:
         if self._manager is not None:
             self._manager.cancel()
-            try:
-                await self._manager
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(self._manager, return_exceptions=True)
             self._manager = None
+        if self._committing is not None:
+            await asyncio.gather(self._committing, return_exceptions=True)
         if self.datastore is not None:
             self.datastore.close()
         self._imds.close()
@@ -188,7 +197,8 @@ class NodeAgent:
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
         except TimeoutError:
             return False
         return True
@@ -201,7 +211,7 @@ class NodeAgent:
 
     def _discover(self) -> tuple[NodeIdentity, list[ImdsInterface]]:
         identity = self._imds.identity()
-        interfaces = self._imds.interfaces()
+        interfaces = self._imds.interfaces(primary_mac=identity.primary_mac)
         primary = next((i for i in interfaces if i.mac == identity.primary_mac), None)
         if primary is None:
             raise AgentError(f"IMDS lists no interface with the primary MAC {identity.primary_mac}")
@@ -297,6 +307,8 @@ class NodeAgent:
         return self._hostnet
 
     def _setup_host_blocking(self, info: EniInfo, mac: str) -> None:
+        from ipam.hostnet import EniLink
+
         host = self._host()
         if host is None or (info.card, info.device) == (0, 0):
             return  # the OS configured the primary ENI
@@ -307,10 +319,23 @@ class NodeAgent:
     async def _setup_host(self, info: EniInfo, mac: str) -> None:
         await self._on_netlink(self._setup_host_blocking, info, mac)
 
+    def _setup_hosts_blocking(self, pending: list[tuple[EniInfo, str]]) -> None:
+        from ipam.hostnet import EniLink
+
+        host = self._host()
+        if host is None:
+            return
+        host.setup_enis(
+            [
+                EniLink(info.eni_id, mac, info.card, info.device, info.primary_ip, info.subnet)
+                for info, mac in pending
+                if (info.card, info.device) != (0, 0)  # the OS configured the primary ENI
+            ]
+        )
+
     async def _setup_pending_hosts(self) -> None:
         pending, self._pending_hosts = self._pending_hosts, []
-        for info, mac in pending:
-            await self._setup_host(info, mac)
+        await self._on_netlink(self._setup_hosts_blocking, pending)
 
     # -- restore ---------------------------------------------------------------------
 
@@ -433,23 +458,43 @@ class NodeAgent:
         return AgentStatus(self._ready.is_set(), reason, free, tuple(pool.cards))
 
     async def _durable(self) -> None:
-        """Wait for the group commit that covers what this request staged."""
-        loop = asyncio.get_running_loop()
-        if self._commit_waiter is None:
-            self._commit_waiter = loop.create_future()
-            # call_soon: requests already read in this loop iteration join the batch.
-            loop.call_soon(self._commit_now)
-        await asyncio.shield(self._commit_waiter)
+        """Wait for the group commit that covers what this request staged.
 
-    def _commit_now(self) -> None:
-        waiter, self._commit_waiter = self._commit_waiter, None
-        assert waiter is not None and self.datastore is not None
-        try:
-            self.datastore.commit(self._clock())
-        except DatastoreError as err:
-            waiter.set_exception(err)
+        The sync runs on a worker thread while this loop keeps applying requests into the
+        next batch, so throughput is not one fsync per request but one per batch.
+        """
+        loop = asyncio.get_running_loop()
+        if self._next_commit is None:
+            self._next_commit = loop.create_future()
+            if self._committing is None:
+                # call_soon: requests already read in this loop iteration join the batch.
+                loop.call_soon(self._start_commit)
+        await asyncio.shield(self._next_commit)
+
+    def _start_commit(self) -> None:
+        assert self.datastore is not None
+        waiter, self._next_commit = self._next_commit, None
+        if waiter is None:
             return
-        waiter.set_result(None)
+        batch = self.datastore.take_batch()
+        self._committing = asyncio.ensure_future(self._commit(batch, waiter))
+
+    async def _commit(self, batch: Batch, waiter: asyncio.Future[None]) -> None:
+        assert self.datastore is not None
+        error: DatastoreWriteError | None = None
+        try:
+            await asyncio.to_thread(self.datastore.write_batch, batch)
+        except DatastoreWriteError as err:
+            error = err
+        self.datastore.finish_batch(batch, error, self._clock())
+        if error is None:
+            waiter.set_result(None)
+        else:
+            log.error("journal write failed; %d allocation(s) refused: %s", len(batch.adds), error)
+            waiter.set_exception(error)
+        self._committing = None
+        if self._next_commit is not None:
+            self._start_commit()  # the batch that filled up meanwhile
 
     # -- the warm pool ---------------------------------------------------------------
 
@@ -511,7 +556,10 @@ class NodeAgent:
         failures = 0
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), MANAGE_INTERVAL_S)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands as the event fires, and stop() would wait forever.
+                async with asyncio.timeout(MANAGE_INTERVAL_S):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

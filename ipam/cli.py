@@ -11,9 +11,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ipam.config import IpamdConfig, load_config
 from ipam.errors import ConfigError, UltranetError
+
+if TYPE_CHECKING:
+    from ipam.hostnet import HostNetwork
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from ipam.agent import NodeAgent
-    from ipam.hostnet import HostNetwork
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
-    agent = NodeAgent(config, hostnet=HostNetwork)
+    def hostnet() -> HostNetwork:
+        from ipam.hostnet import HostNetwork  # on the netlink thread, overlapping IMDS reads
+
+        return HostNetwork()
+
+    agent = NodeAgent(config, hostnet=hostnet)
     servers: list[ApiServer | HttpServer] = []
     try:
         await agent.start()

@@ -50,8 +50,6 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-
 from ipam.errors import ConfigError
 from ipam.warm import WarmTargets
 
@@ -381,6 +379,8 @@ def _parse_json(path: Path, text: str) -> object:
 
 
 def _parse_yaml(path: Path, text: str) -> object:
+    import yaml  # only for YAML files: it costs the daemon's start 20 ms otherwise
+
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()

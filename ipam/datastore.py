@@ -218,9 +218,25 @@ class Journal:
         """
         if not self._staged:
             return 0
+        self.write(self._staged)
+        count = len(self._staged)
+        self._staged.clear()
+        return count
+
+    def take_staged(self) -> list[bytes]:
+        staged, self._staged = self._staged, []
+        return staged
+
+    def restage_first(self, lines: list[bytes]) -> None:
+        """Put lines back ahead of what was staged since: journal order is apply order."""
+        self._staged[:0] = lines
+
+    def write(self, lines: list[bytes]) -> None:
+        """Append ``lines`` and make them durable. Safe on a worker thread, provided no
+        other journal method runs meanwhile (the datastore keeps one batch in flight)."""
         fd = self._open()
         start = os.lseek(fd, 0, os.SEEK_END)
-        payload = b"".join(self._staged)
+        payload = b"".join(lines)
         try:
             written = 0
             while written < len(payload):
@@ -233,10 +249,7 @@ class Journal:
             except OSError as cut:
                 log.error("datastore: cannot cut the journal back after a failed write: %s", cut)
             raise DatastoreWriteError(f"journal {self.journal_path}: write failed: {err}") from err
-        count = len(self._staged)
-        self._staged.clear()
-        self.lines_since_snapshot += count
-        return count
+        self.lines_since_snapshot += len(lines)
 
     def discard_staged(self) -> None:
         self._staged.clear()
@@ -275,6 +288,15 @@ class Journal:
             if self._sync:
                 _fsync_directory(self.directory)
         return self._fd
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Journal lines on their way to disk, and the changes they carry."""
+
+    lines: list[bytes]
+    adds: list[IpamKey]
+    dels: list[IpamKey]
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,25 +355,51 @@ class Datastore:
             self._pending_dels.append(allocation.key)
 
     def commit(self, now: float) -> None:
-        """Make every staged change durable, or undo the staged allocations and raise.
-
-        Staged releases stay released in memory and staged: they are retried by the
-        next commit (a runtime also retries DEL until it succeeds).
-        """
+        """Make every staged change durable, or undo the staged allocations and raise."""
+        batch = self.take_batch()
+        error: DatastoreWriteError | None = None
         try:
-            self.journal.commit()
-        except DatastoreWriteError:
-            adds, self._pending_adds = self._pending_adds, []
-            for key in adds:
+            self.write_batch(batch)
+        except DatastoreWriteError as err:
+            error = err
+        self.finish_batch(batch, error, now)
+        if error is not None:
+            raise error
+
+    # A commit in three steps, so the daemon can sync on a worker thread while its event
+    # loop goes on applying and staging the next batch: take (loop), write (thread),
+    # finish (loop). One batch is in flight at a time.
+
+    def take_batch(self) -> Batch:
+        batch = Batch(self.journal.take_staged(), self._pending_adds, self._pending_dels)
+        self._pending_adds, self._pending_dels = [], []
+        return batch
+
+    def write_batch(self, batch: Batch) -> None:
+        if batch.lines:
+            self.journal.write(batch.lines)
+
+    def finish_batch(self, batch: Batch, error: DatastoreWriteError | None, now: float) -> None:
+        """After a failed write: undo its allocations (never acknowledged) and put a
+        release of every key it touched in front of the queue. The releases are retried
+        by the next commit (a runtime also retries DEL until it succeeds); releasing the
+        undone allocations too keeps the journal right even if a snapshot caught them.
+
+        Snapshots may include staged, not yet durable changes: that is safe because the
+        staged lines follow in the journal and replaying them is idempotent, and because
+        an allocation undone here is also released in the journal.
+        """
+        if error is not None:
+            for key in batch.adds:
                 self.pool.release(key, now)
-            self.journal.discard_staged()
-            for key in self._pending_dels:
-                self.journal.stage_del(key)
-            raise
-        self._pending_adds.clear()
-        self._pending_dels.clear()
+            retried = [*batch.dels, *batch.adds]
+            self.journal.restage_first([_line({"op": "del", **_key_to_json(k)}) for k in retried])
+            self._pending_dels[:0] = retried
+            return
         if self.journal.lines_since_snapshot >= self.snapshot_every:
+            staged = self.journal.take_staged()
             self.journal.snapshot(a.record() for a in self.pool.allocations())
+            self.journal.restage_first(staged)
 
     def close(self) -> None:
         self.journal.close()

@@ -132,9 +132,21 @@ class ImdsClient:
         listing = self.require("network/interfaces/macs/")
         return [line.rstrip("/") for line in listing.splitlines() if line.strip()]
 
-    def interface(self, mac: str) -> ImdsInterface:
+    def interface(self, mac: str, *, same_vpc_as: ImdsInterface | None = None) -> ImdsInterface:
+        """One interface's keys. With ``same_vpc_as``, its VPC id, VPC CIDRs and security
+        groups are taken from that interface instead of read: every ENI of an instance is
+        in the instance's VPC, and on a p5.48xlarge that saves 93 of 325 requests."""
         base = f"network/interfaces/macs/{mac}/"
         subnet_cidr = self.get(base + "subnet-ipv4-cidr-block")
+        if same_vpc_as is None:
+            vpc_id = self.require(base + "vpc-id")
+            vpc_cidrs = tuple(
+                IPv4Network(c) for c in _lines(self.get(base + "vpc-ipv4-cidr-blocks"))
+            )
+            groups = tuple(_lines(self.get(base + "security-group-ids")))
+        else:
+            vpc_id, vpc_cidrs = same_vpc_as.vpc_id, same_vpc_as.vpc_cidrs
+            groups = same_vpc_as.security_group_ids
         return ImdsInterface(
             mac=mac,
             interface_id=self.require(base + "interface-id"),
@@ -142,17 +154,22 @@ class ImdsClient:
             network_card=int(self.get(base + "network-card") or 0),
             subnet_id=self.require(base + "subnet-id"),
             subnet_cidr=IPv4Network(subnet_cidr) if subnet_cidr else None,
-            vpc_id=self.require(base + "vpc-id"),
-            vpc_cidrs=tuple(
-                IPv4Network(c) for c in _lines(self.get(base + "vpc-ipv4-cidr-blocks"))
-            ),
-            security_group_ids=tuple(_lines(self.get(base + "security-group-ids"))),
+            vpc_id=vpc_id,
+            vpc_cidrs=vpc_cidrs,
+            security_group_ids=groups,
             local_ipv4s=tuple(IPv4Address(a) for a in _lines(self.get(base + "local-ipv4s"))),
             ipv4_prefixes=tuple(IPv4Network(p) for p in _lines(self.get(base + "ipv4-prefix"))),
         )
 
-    def interfaces(self) -> list[ImdsInterface]:
-        found = [self.interface(mac) for mac in self.macs()]
+    def interfaces(self, *, primary_mac: str | None = None) -> list[ImdsInterface]:
+        """Every interface; given the primary's MAC, the others' VPC keys come from it."""
+        macs = self.macs()
+        found = []
+        primary = None
+        if primary_mac is not None and primary_mac in macs:
+            primary = self.interface(primary_mac)
+            found.append(primary)
+        found += [self.interface(m, same_vpc_as=primary) for m in macs if m != primary_mac]
         return sorted(found, key=lambda i: (i.network_card, i.device_number))
 
     # -- internals -------------------------------------------------------------------

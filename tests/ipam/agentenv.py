@@ -76,11 +76,8 @@ class AgentRun:
         return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
 
     def start(self) -> None:
-        self.run(self.agent.start())
-        # Tests drive the pool manager by hand, so its timing cannot race them.
-        assert self.agent._manager is not None
-        self.agent._manager.cancel()
-        self.loop.run_until_complete(asyncio.sleep(0))
+        # Tests drive the pool steps by hand, so no background timing can race them.
+        self.run(self.agent.start(manage=False))
 
     def converge(self, steps: int = 20) -> int:
         """Run pool steps until the plan is steady; returns the steps it took."""

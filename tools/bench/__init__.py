@@ -1,0 +1,1 @@
+"""Benchmarks: the figures in each package README, and the commands behind them."""

@@ -42,6 +42,10 @@ class NauRules:
     # Ambiguous in AWS's text: does the EFA row add to "additional interface"
     # (2 + IPs for an EFA with ENA) or restate it (1 + IPs)? Default: restate.
     efa_adds_to_interface: bool = False
+    # Ambiguous: does an additional interface's own primary IPv4 count on top of the
+    # interface unit (an empty extra ENI costs 2) or does the interface unit cover it
+    # (costs 1)? Default: it counts, the conservative double count (nau.md §1.2).
+    extra_interface_primary_ip: bool = True
 
     def interface_units(
         self,
@@ -56,6 +60,8 @@ class NauRules:
         ``addresses`` counts every IPv4 and IPv6 address on it, its own primary included.
         """
         units = addresses * self.address + prefixes * self.prefix
+        if not primary and addresses and not self.extra_interface_primary_ip:
+            units -= self.address  # the interface unit covers its own primary IPv4
         if interface_type is InterfaceType.INTERFACE:
             return units + (0 if primary else self.additional_interface)
         efa = self.efa_interface
@@ -80,11 +86,63 @@ class NauRules:
             ("EKS pod with its own VPC identity", self.eks_pod),
         ]
 
+    def resource_units(self, resource: ManagedResource) -> int:
+        """NAU of one VPC resource that is not an instance interface (per AZ where noted)."""
+        return {
+            ManagedResource.NLB: self.nlb_per_az,
+            ManagedResource.GWLB: self.gwlb_per_az,
+            ManagedResource.VPC_ENDPOINT: self.vpc_endpoint_per_az,
+            ManagedResource.TGW_ATTACHMENT: self.tgw_attachment,
+            ManagedResource.LAMBDA: self.lambda_function,
+            ManagedResource.NAT_GATEWAY: self.nat_gateway,
+            ManagedResource.EFS_MOUNT_TARGET: self.efs_mount_target,
+        }[resource]
+
+    def switches(self) -> list[tuple[str, str, str]]:
+        """The readings chosen where AWS's text is ambiguous: (switch, chosen, alternative)."""
+        return [
+            (
+                "efa-counting",
+                "adds" if self.efa_adds_to_interface else "restate",
+                "restate" if self.efa_adds_to_interface else "adds",
+            ),
+            (
+                "extra-eni-primary-ip",
+                "counted" if self.extra_interface_primary_ip else "covered",
+                "covered" if self.extra_interface_primary_ip else "counted",
+            ),
+        ]
+
+
+class ManagedResource(StrEnum):
+    """VPC resources the NAU page lists that are not interfaces of an instance."""
+
+    NLB = "network-load-balancer"  # per AZ
+    GWLB = "gateway-load-balancer"  # per AZ
+    VPC_ENDPOINT = "vpc-endpoint"  # per AZ
+    TGW_ATTACHMENT = "transit-gateway-attachment"
+    LAMBDA = "lambda-function"
+    NAT_GATEWAY = "nat-gateway"
+    EFS_MOUNT_TARGET = "efs-mount-target"
+
 
 DEFAULT_RULES = NauRules()
+# The planner's reading: every ambiguity resolved the way that counts more, so a plan
+# that fits under it fits under either reading. The emulator keeps DEFAULT_RULES (the
+# literal reading, EFA row restating the interface row); ``--efa-counting restate``
+# gives the planner the same.
+CONSERVATIVE_RULES = NauRules(efa_adds_to_interface=True, extra_interface_primary_ip=True)
 
 # Quotas (VPC User Guide, "Amazon VPC quotas").
 NAU_QUOTA_DEFAULT = 64_000
 NAU_QUOTA_MAX = 256_000
 PEERED_NAU_QUOTA_DEFAULT = 128_000
 PEERED_NAU_QUOTA_MAX = 512_000
+
+# Other VPC limits the layout is held to ("Amazon VPC quotas", "VPC CIDR blocks").
+VPC_CIDR_BLOCKS_DEFAULT = 5  # IPv4 CIDR blocks per VPC, primary included
+VPC_CIDR_BLOCKS_MAX = 50
+VPC_BLOCK_MIN_PREFIXLEN = 16  # a VPC IPv4 block is /16 .. /28
+SUBNETS_PER_VPC_DEFAULT = 200  # adjustable
+SUBNET_RESERVED_ADDRESSES = 5  # network, router, DNS, future use, broadcast
+ENIS_PER_REGION_DEFAULT = 5_000  # "Network interfaces per Region", adjustable

@@ -24,7 +24,7 @@ from typing import Any
 from ipam.errors import UnknownInstanceType
 from ipam.instance_types import InstanceType, catalog, lookup
 from tools.lab.ec2.errors import Ec2Error, combination, invalid
-from tools.lab.ec2.state import OWNER_ID, Cloud, Eni, Instance, Subnet
+from tools.lab.ec2.state import OWNER_ID, Cloud, Eni, Instance, NatGateway, Subnet, VpcEndpoint
 from tools.lab.ec2.wire import WireError, decode_params, parse_form, render_error, render_response
 
 log = logging.getLogger("ultranet.lab.ec2")
@@ -159,13 +159,13 @@ def _eni_view(eni: Eni) -> dict[str, Any]:
         "AvailabilityZone": eni.availability_zone,
         "Description": eni.description,
         "Groups": _group_list(eni),
-        "InterfaceType": str(eni.interface_type),
+        "InterfaceType": eni.shown_type,
         "Ipv6Addresses": [],
         "MacAddress": eni.mac,
         "NetworkInterfaceId": eni.eni_id,
         "OwnerId": OWNER_ID,
         "PrivateIpAddresses": _private_ips(eni),
-        "RequesterManaged": False,
+        "RequesterManaged": eni.managed_type is not None,
         "SourceDestCheck": eni.source_dest_check,
         "Status": eni.status,
         "SubnetId": eni.subnet_id,
@@ -176,6 +176,8 @@ def _eni_view(eni: Eni) -> dict[str, Any]:
         out["PrivateIpAddress"] = str(eni.primary_ip)
     if eni.prefixes:
         out["Ipv4Prefixes"] = [{"Ipv4Prefix": str(p)} for p in eni.prefixes]
+    if eni.requester_id is not None:
+        out["RequesterId"] = eni.requester_id
     if eni.attachment is not None:
         a = eni.attachment
         out["Attachment"] = {
@@ -238,6 +240,22 @@ def _subnet_view(subnet: Subnet) -> dict[str, Any]:
         "SubnetId": subnet.subnet_id,
         "Tags": _tags(subnet.tags),
         "VpcId": subnet.vpc_id,
+    }
+
+
+def _endpoint_view(endpoint: VpcEndpoint) -> dict[str, Any]:
+    return {
+        "CreationTimestamp": endpoint.create_time,
+        "NetworkInterfaceIds": list(endpoint.eni_ids),
+        "OwnerId": OWNER_ID,
+        "RequesterManaged": False,
+        "ServiceName": endpoint.service_name,
+        "State": endpoint.state,
+        "SubnetIds": list(endpoint.subnet_ids),
+        "Tags": _tags(endpoint.tags),
+        "VpcEndpointId": endpoint.vpc_endpoint_id,
+        "VpcEndpointType": endpoint.endpoint_type,
+        "VpcId": endpoint.vpc_id,
     }
 
 
@@ -319,6 +337,9 @@ class Ec2Api:
             "DeleteTags": self.delete_tags,
             "DescribeInstanceTypes": self.describe_instance_types,
             "DescribeInstances": self.describe_instances,
+            "DescribeNatGateways": self.describe_nat_gateways,
+            "DescribeVpcEndpoints": self.describe_vpc_endpoints,
+            "DescribeVpcs": self.describe_vpcs,
             "DescribeNetworkInterfaces": self.describe_network_interfaces,
             "DescribeSubnets": self.describe_subnets,
             "DetachNetworkInterface": self.detach_network_interface,
@@ -536,6 +557,111 @@ class Ec2Api:
             out["Description"] = record.description
         return out
 
+    # -- VPCs, NAT gateways and VPC endpoints (for NAU inspection) ---------------------
+
+    def describe_vpcs(self, params: Params) -> Result:
+        ids = params.get("VpcIds") or []
+        vpcs = self.cloud.vpcs()
+        if ids:
+            known = {v.vpc_id for v in vpcs}
+            missing = [i for i in ids if i not in known]
+            if missing:
+                raise Ec2Error("InvalidVpcID.NotFound", f"The vpc ID '{missing[0]}' does not exist")
+            vpcs = [v for v in vpcs if v.vpc_id in ids]
+        fields: FilterFields = {
+            "cidr": lambda v: [str(v.cidrs[0])],
+            "cidr-block-association.cidr-block": lambda v: [str(c) for c in v.cidrs],
+            "state": lambda v: ["available"],
+            "vpc-id": lambda v: [v.vpc_id],
+        }
+        vpcs = self._filter("DescribeVpcs", vpcs, params.get("Filters"), fields, lambda v: v.tags)
+        page, token = _page(vpcs, lambda v: v.vpc_id, params, max_limit=1000, ids_given=bool(ids))
+        views = [
+            {
+                "CidrBlock": str(v.cidrs[0]),
+                "CidrBlockAssociationSet": [
+                    {
+                        "AssociationId": f"vpc-cidr-assoc-{v.vpc_id[4:]}{i}",
+                        "CidrBlock": str(c),
+                        "CidrBlockState": {"State": "associated"},
+                    }
+                    for i, c in enumerate(v.cidrs)
+                ],
+                "InstanceTenancy": "default",
+                "IsDefault": False,
+                "OwnerId": OWNER_ID,
+                "State": "available",
+                "Tags": _tags(v.tags),
+                "VpcId": v.vpc_id,
+            }
+            for v in page
+        ]
+        return {"Vpcs": views, "NextToken": token}
+
+    def describe_nat_gateways(self, params: Params) -> Result:
+        ids = params.get("NatGatewayIds") or []
+        nats = self.cloud.nat_gateways()
+        if ids:
+            missing = [i for i in ids if i not in {n.nat_gateway_id for n in nats}]
+            if missing:
+                raise Ec2Error("NatGatewayNotFound", f"The Nat Gateway {missing[0]} was not found")
+            nats = [n for n in nats if n.nat_gateway_id in ids]
+        fields: FilterFields = {
+            "nat-gateway-id": lambda n: [n.nat_gateway_id],
+            "state": lambda n: [n.state],
+            "subnet-id": lambda n: [n.subnet_id],
+            "vpc-id": lambda n: [n.vpc_id],
+        }
+        nats = self._filter(
+            "DescribeNatGateways", nats, params.get("Filter"), fields, lambda n: n.tags
+        )
+        page, token = _page(nats, lambda n: n.nat_gateway_id, params, max_limit=1000)
+        return {"NatGateways": [self._nat_view(n) for n in page], "NextToken": token}
+
+    def _nat_view(self, nat: NatGateway) -> dict[str, Any]:
+        eni = self.cloud.eni(nat.eni_id)
+        return {
+            "ConnectivityType": "private",
+            "CreateTime": nat.create_time,
+            "NatGatewayAddresses": [
+                {
+                    "IsPrimary": True,
+                    "NetworkInterfaceId": eni.eni_id,
+                    "PrivateIp": str(eni.primary_ip),
+                    "Status": "succeeded",
+                }
+            ],
+            "NatGatewayId": nat.nat_gateway_id,
+            "State": nat.state,
+            "SubnetId": nat.subnet_id,
+            "Tags": _tags(nat.tags),
+            "VpcId": nat.vpc_id,
+        }
+
+    def describe_vpc_endpoints(self, params: Params) -> Result:
+        ids = params.get("VpcEndpointIds") or []
+        endpoints = self.cloud.vpc_endpoints()
+        if ids:
+            missing = [i for i in ids if i not in {e.vpc_endpoint_id for e in endpoints}]
+            if missing:
+                raise Ec2Error(
+                    "InvalidVpcEndpointId.NotFound",
+                    f"The Vpc Endpoint Id '{missing[0]}' does not exist",
+                )
+            endpoints = [e for e in endpoints if e.vpc_endpoint_id in ids]
+        fields: FilterFields = {
+            "service-name": lambda e: [e.service_name],
+            "vpc-endpoint-id": lambda e: [e.vpc_endpoint_id],
+            "vpc-endpoint-state": lambda e: [e.state],
+            "vpc-endpoint-type": lambda e: [e.endpoint_type],
+            "vpc-id": lambda e: [e.vpc_id],
+        }
+        endpoints = self._filter(
+            "DescribeVpcEndpoints", endpoints, params.get("Filters"), fields, lambda e: e.tags
+        )
+        page, token = _page(endpoints, lambda e: e.vpc_endpoint_id, params, max_limit=1000)
+        return {"VpcEndpoints": [_endpoint_view(e) for e in page], "NextToken": token}
+
     # -- network interfaces ----------------------------------------------------------
 
     def describe_network_interfaces(self, params: Params) -> Result:
@@ -571,14 +697,14 @@ class Ec2Api:
             "availability-zone": lambda e: [e.availability_zone],
             "description": lambda e: [e.description],
             "group-id": lambda e: list(e.groups),
-            "interface-type": lambda e: [str(e.interface_type)],
+            "interface-type": lambda e: [e.shown_type],
             "mac-address": lambda e: [e.mac],
             "network-interface-id": lambda e: [e.eni_id],
             "owner-id": lambda e: [OWNER_ID],
             "private-ip-address": lambda e: [str(a) for a in e.addresses],
             "addresses.primary": lambda e: ["true"] if e.primary_ip else [],
             "availability-zone-id": lambda e: [self.cloud.subnet(e.subnet_id).availability_zone_id],
-            "requester-managed": lambda e: ["false"],
+            "requester-managed": lambda e: [str(e.managed_type is not None).lower()],
             "source-dest-check": lambda e: [str(e.source_dest_check).lower()],
             "status": lambda e: [e.status],
             "subnet-id": lambda e: [e.subnet_id],

@@ -40,7 +40,13 @@ from typing import Any
 
 from ipam.errors import SubnetSpaceError, UnknownInstanceType
 from ipam.instance_types import InstanceType, catalog, lookup
-from ipam.nau.rules import DEFAULT_RULES, NAU_QUOTA_DEFAULT, InterfaceType, NauRules
+from ipam.nau.rules import (
+    DEFAULT_RULES,
+    NAU_QUOTA_DEFAULT,
+    InterfaceType,
+    ManagedResource,
+    NauRules,
+)
 from ipam.subnet_space import ReservationKind, SubnetSpace
 from tools.lab.ec2.errors import Ec2Error, combination, invalid, not_found
 from tools.lab.ec2.faults import Faults, RequestLog
@@ -116,10 +122,22 @@ class Eni:
     tags: dict[str, str] = field(default_factory=dict)
     source_dest_check: bool = True
     attachment: Attachment | None = None
+    # Requester-managed interfaces (NAT gateways, endpoints, load balancers): the EC2
+    # InterfaceType they show (natGateway, vpc_endpoint, network_load_balancer, ...) and
+    # the service that owns them. None for interfaces the account created.
+    managed_type: str | None = None
+    requester_id: str | None = None
 
     @property
     def status(self) -> str:
+        if self.managed_type is not None:
+            return "in-use"
         return "in-use" if self.attachment is not None else "available"
+
+    @property
+    def shown_type(self) -> str:
+        """The InterfaceType EC2 reports for it."""
+        return self.managed_type if self.managed_type is not None else str(self.interface_type)
 
     @property
     def addresses(self) -> list[IPv4Address]:
@@ -142,6 +160,49 @@ class Instance:
     image_id: str = "ami-0123456789abcdef0"
     state: str = "running"
     tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class NatGateway:
+    nat_gateway_id: str
+    subnet_id: str
+    vpc_id: str
+    eni_id: str
+    create_time: datetime
+    state: str = "available"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class VpcEndpoint:
+    vpc_endpoint_id: str
+    vpc_id: str
+    service_name: str
+    endpoint_type: str  # Interface, Gateway or GatewayLoadBalancer
+    subnet_ids: list[str]
+    eni_ids: list[str]
+    create_time: datetime
+    state: str = "available"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LoadBalancer:
+    """What EC2 sees of an ELB: one requester-managed interface per subnet (AZ)."""
+
+    arn: str
+    name: str
+    kind: str  # network, gateway or application
+    vpc_id: str
+    eni_ids: list[str]
+
+
+LB_INTERFACE = {  # EC2 InterfaceType and the description prefix ELB gives each kind
+    "network": ("network_load_balancer", "net"),
+    "gateway": ("gateway_load_balancer", "gwy"),
+    "application": ("interface", "app"),
+}
+ENDPOINT_TYPES = ("Interface", "Gateway", "GatewayLoadBalancer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +275,12 @@ class Cloud:
         self._macs: set[str] = set()
         self._client_tokens: dict[tuple[str, str], tuple[str, str]] = {}  # -> (params, id)
         self._listeners: list[CloudListener] = []
+        self._nat_gateways: dict[str, NatGateway] = {}
+        self._vpc_endpoints: dict[str, VpcEndpoint] = {}
+        self._load_balancers: dict[str, LoadBalancer] = {}
         self._imds_lag_s = 0.0
         self._imds_history: dict[str, list[_ImdsSnapshot]] = {}
+        self._imds_trees: dict[str, tuple[tuple[ImdsInterface, ...], dict[str, Any]]] = {}
         self._max_slots = max(t.ipv4_per_eni for t in catalog().values())
 
     # -- ids and clocks --------------------------------------------------------------
@@ -302,7 +367,27 @@ class Cloud:
     def nau_used(self, vpc_id: str) -> int:
         with self._lock:
             self.vpc(vpc_id)
-            return sum(self._eni_nau(e) for e in self._enis.values() if e.vpc_id == vpc_id)
+            instances = sum(self._eni_nau(e) for e in self._enis.values() if e.vpc_id == vpc_id)
+            return instances + self._managed_nau(vpc_id)
+
+    def _managed_nau(self, vpc_id: str) -> int:
+        """NAT gateways, endpoints per AZ, NLBs and GWLBs per AZ (ALBs are not listed)."""
+        rules = self.rules
+        units = sum(
+            rules.resource_units(ManagedResource.NAT_GATEWAY)
+            for n in self._nat_gateways.values()
+            if n.vpc_id == vpc_id and n.state in ("pending", "available")
+        )
+        for endpoint in self._vpc_endpoints.values():
+            if endpoint.vpc_id == vpc_id and endpoint.endpoint_type != "Gateway":
+                units += len(endpoint.subnet_ids) * rules.resource_units(
+                    ManagedResource.VPC_ENDPOINT
+                )
+        kinds = {"network": ManagedResource.NLB, "gateway": ManagedResource.GWLB}
+        for lb in self._load_balancers.values():
+            if lb.vpc_id == vpc_id and lb.kind in kinds:
+                units += len(lb.eni_ids) * rules.resource_units(kinds[lb.kind])
+        return units
 
     def _eni_nau(self, eni: Eni) -> int:
         """NAU of one ENI; only interfaces attached to an instance count."""
@@ -374,6 +459,106 @@ class Cloud:
     def vpcs(self) -> list[Vpc]:
         with self._lock:
             return list(self._vpcs.values())
+
+    # -- requester-managed resources (for NAU inspection) -----------------------------
+
+    def _managed_eni(
+        self, subnet_id: str, interface_type: str, description: str, requester: str
+    ) -> Eni:
+        eni = self._create_eni(
+            subnet_id, interface_type="interface", description=description, groups=None, tags={}
+        )
+        eni.managed_type = interface_type
+        eni.requester_id = requester
+        return eni
+
+    def create_nat_gateway(self, subnet_id: str, tags: dict[str, str] | None = None) -> NatGateway:
+        """A private NAT gateway: one requester-managed interface in its subnet."""
+        with self._lock:
+            subnet = self.subnet(subnet_id)
+            nat_id = self._new_id("nat")
+            eni = self._managed_eni(
+                subnet_id, "natGateway", f"Interface for NAT Gateway {nat_id}", "amazon-nat"
+            )
+            nat = NatGateway(
+                nat_id, subnet_id, subnet.vpc_id, eni.eni_id, self._now(), tags=dict(tags or {})
+            )
+            self._nat_gateways[nat_id] = nat
+            return nat
+
+    def nat_gateways(self) -> list[NatGateway]:
+        with self._lock:
+            return list(self._nat_gateways.values())
+
+    def create_vpc_endpoint(
+        self, vpc_id: str, service_name: str, endpoint_type: str, subnet_ids: Sequence[str] = ()
+    ) -> VpcEndpoint:
+        """Interface and GWLB endpoints get an interface per subnet; Gateway ones none."""
+        with self._lock:
+            self.vpc(vpc_id)
+            if endpoint_type not in ENDPOINT_TYPES:
+                raise invalid(f"VpcEndpointType '{endpoint_type}' is invalid")
+            if endpoint_type == "Gateway" and subnet_ids:
+                raise combination("A Gateway endpoint takes route tables, not subnets")
+            if endpoint_type != "Gateway" and not subnet_ids:
+                raise invalid(f"A {endpoint_type} endpoint needs at least one subnet")
+            subnets = [self.subnet(s) for s in subnet_ids]
+            if any(s.vpc_id != vpc_id for s in subnets):
+                raise invalid(f"The subnets of an endpoint must be in {vpc_id}")
+            if len({s.availability_zone for s in subnets}) != len(subnets):
+                raise invalid("An endpoint takes at most one subnet per Availability Zone")
+            endpoint_id = self._new_id("vpce")
+            kind = (
+                "vpc_endpoint"
+                if endpoint_type == "Interface"
+                else ("gateway_load_balancer_endpoint")
+            )
+            enis = [
+                self._managed_eni(
+                    s.subnet_id, kind, f"VPC Endpoint Interface {endpoint_id}", "amazon-vpce"
+                ).eni_id
+                for s in subnets
+            ]
+            endpoint = VpcEndpoint(
+                endpoint_id,
+                vpc_id,
+                service_name,
+                endpoint_type,
+                list(subnet_ids),
+                enis,
+                self._now(),
+            )
+            self._vpc_endpoints[endpoint_id] = endpoint
+            return endpoint
+
+    def vpc_endpoints(self) -> list[VpcEndpoint]:
+        with self._lock:
+            return list(self._vpc_endpoints.values())
+
+    def create_load_balancer(self, name: str, kind: str, subnet_ids: Sequence[str]) -> LoadBalancer:
+        """What EC2 shows of an ELB (elbv2 itself is another service, not emulated)."""
+        with self._lock:
+            if kind not in LB_INTERFACE:
+                raise invalid(f"load balancer type '{kind}' is invalid")
+            subnets = [self.subnet(s) for s in subnet_ids]
+            if not subnets or len({s.vpc_id for s in subnets}) != 1:
+                raise invalid("a load balancer needs subnets of one VPC")
+            interface_type, short = LB_INTERFACE[kind]
+            lb_id = f"{self._rng.getrandbits(64):016x}"
+            region = subnets[0].availability_zone[:-1]
+            arn = (
+                f"arn:aws:elasticloadbalancing:{region}:{OWNER_ID}:loadbalancer/"
+                f"{short}/{name}/{lb_id}"
+            )
+            enis = [
+                self._managed_eni(
+                    s.subnet_id, interface_type, f"ELB {short}/{name}/{lb_id}", "amazon-elb"
+                ).eni_id
+                for s in subnets
+            ]
+            lb = LoadBalancer(arn, name, kind, subnets[0].vpc_id, enis)
+            self._load_balancers[arn] = lb
+            return lb
 
     # -- CIDR reservations -----------------------------------------------------------
 
@@ -595,6 +780,17 @@ class Cloud:
             except KeyError:
                 raise not_found("eni", eni_id) from None
 
+    def _own_eni(self, eni_id: str) -> Eni:
+        """An interface the account may change: requester-managed ones are refused."""
+        eni = self.eni(eni_id)
+        if eni.managed_type is not None:
+            raise Ec2Error(
+                "OperationNotPermitted",
+                f"Network interface {eni_id} is managed by {eni.requester_id} and cannot be "
+                "modified, attached, detached or deleted by the account",
+            )
+        return eni
+
     def enis(self) -> list[Eni]:
         with self._lock:
             return list(self._enis.values())
@@ -617,7 +813,7 @@ class Cloud:
         self, eni_id: str, instance_id: str, device_index: int, network_card_index: int = 0
     ) -> str:
         with self._lock:
-            eni = self.eni(eni_id)
+            eni = self._own_eni(eni_id)
             instance = self.instance(instance_id)
             attachment = self._attach(
                 eni, instance, device_index, network_card_index, delete_on_termination=False
@@ -773,7 +969,7 @@ class Cloud:
 
     def delete_network_interface(self, eni_id: str) -> None:
         with self._lock:
-            eni = self.eni(eni_id)
+            eni = self._own_eni(eni_id)
             if eni.attachment is not None:
                 raise Ec2Error(
                     "InvalidNetworkInterface.InUse",
@@ -797,7 +993,7 @@ class Cloud:
         delete_on_termination: bool | None = None,
     ) -> None:
         with self._lock:
-            eni = self.eni(eni_id)
+            eni = self._own_eni(eni_id)
             changes = [
                 description is not None,
                 source_dest_check is not None,
@@ -837,7 +1033,7 @@ class Cloud:
         allow_reassignment: bool = False,
     ) -> Assigned:
         with self._lock:
-            eni = self.eni(eni_id)
+            eni = self._own_eni(eni_id)
             if not (ip_count or ips or prefix_count or prefixes):
                 raise Ec2Error(
                     "MissingParameter",
@@ -958,7 +1154,7 @@ class Cloud:
         self, eni_id: str, *, ips: Sequence[str] = (), prefixes: Sequence[str] = ()
     ) -> None:
         with self._lock:
-            eni = self.eni(eni_id)
+            eni = self._own_eni(eni_id)
             if not ips and not prefixes:
                 raise Ec2Error(
                     "MissingParameter",
@@ -1108,50 +1304,61 @@ class Cloud:
             return history[0].interfaces
 
     def imds_tree(self, instance_id: str) -> dict[str, Any]:
-        """The instance's metadata under /latest/, as IMDS serves it (maybe stale)."""
+        """The instance's metadata under /latest/, as IMDS serves it (maybe stale).
+
+        Built once per visible snapshot: a node reads ~230 keys at start, and building
+        the tree of a 32-card instance for each would make the lab's IMDS far slower
+        than EC2's.
+        """
         with self._lock:
-            instance = self.instance(instance_id)
             interfaces = self.imds_interfaces(instance_id)
-            primary = next(
-                (
-                    i.view
-                    for i in interfaces
-                    if (i.view.network_card, i.view.device_index) == (0, 0)
-                ),
-                None,
-            )
-            macs = {i.view.mac: _imds_interface(i) for i in sorted(interfaces, key=_by_mac)}
-            meta: dict[str, Any] = {
-                "ami-id": instance.image_id,
-                "instance-id": instance.instance_id,
-                "instance-type": instance.instance_type.name,
-                "network": {"interfaces": {"macs": macs}},
-                "placement": {
-                    "availability-zone": instance.availability_zone,
-                    "availability-zone-id": _az_id(instance.availability_zone),
-                    "region": instance.availability_zone[:-1],
-                },
-            }
-            if primary is not None:
-                meta["mac"] = primary.mac
-                if primary.primary_ip is not None:
-                    meta["local-ipv4"] = str(primary.primary_ip)
-            identity = {
-                "accountId": OWNER_ID,
-                "architecture": "x86_64",
-                "availabilityZone": instance.availability_zone,
-                "imageId": instance.image_id,
-                "instanceId": instance.instance_id,
-                "instanceType": instance.instance_type.name,
-                "pendingTime": instance.launch_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "privateIp": meta.get("local-ipv4"),
+            cached = self._imds_trees.get(instance_id)
+            if cached is not None and cached[0] is interfaces:
+                return cached[1]
+            tree = self._build_imds_tree(instance_id, interfaces)
+            self._imds_trees[instance_id] = (interfaces, tree)
+            return tree
+
+    def _build_imds_tree(
+        self, instance_id: str, interfaces: tuple[ImdsInterface, ...]
+    ) -> dict[str, Any]:
+        instance = self.instance(instance_id)
+        primary = next(
+            (i.view for i in interfaces if (i.view.network_card, i.view.device_index) == (0, 0)),
+            None,
+        )
+        macs = {i.view.mac: _imds_interface(i) for i in sorted(interfaces, key=_by_mac)}
+        meta: dict[str, Any] = {
+            "ami-id": instance.image_id,
+            "instance-id": instance.instance_id,
+            "instance-type": instance.instance_type.name,
+            "network": {"interfaces": {"macs": macs}},
+            "placement": {
+                "availability-zone": instance.availability_zone,
+                "availability-zone-id": _az_id(instance.availability_zone),
                 "region": instance.availability_zone[:-1],
-                "version": "2017-09-30",
-            }
-            return {
-                "dynamic": {"instance-identity": {"document": JsonLeaf(identity)}},
-                "meta-data": dict(sorted(meta.items())),
-            }
+            },
+        }
+        if primary is not None:
+            meta["mac"] = primary.mac
+            if primary.primary_ip is not None:
+                meta["local-ipv4"] = str(primary.primary_ip)
+        identity = {
+            "accountId": OWNER_ID,
+            "architecture": "x86_64",
+            "availabilityZone": instance.availability_zone,
+            "imageId": instance.image_id,
+            "instanceId": instance.instance_id,
+            "instanceType": instance.instance_type.name,
+            "pendingTime": instance.launch_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "privateIp": meta.get("local-ipv4"),
+            "region": instance.availability_zone[:-1],
+            "version": "2017-09-30",
+        }
+        return {
+            "dynamic": {"instance-identity": {"document": JsonLeaf(identity)}},
+            "meta-data": dict(sorted(meta.items())),
+        }
 
     # -- events ----------------------------------------------------------------------
 

@@ -1,0 +1,7 @@
+"""``python -m cni``: the ``ultranet-cni`` command (``install``)."""
+
+import sys
+
+from cni.install import main
+
+sys.exit(main())

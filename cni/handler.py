@@ -1,0 +1,325 @@
+"""The CNI commands, hosted by ultranet-ipamd: ``CniHandler.handle(env, stdin)``.
+
+The shim hands over ``CNI_*`` and stdin unchanged; this module answers them as the
+plugin itself would (CNI spec 1.1.0 §"Plugin operations"), using the daemon's
+:class:`~cni.backend.IpamBackend` for addresses and :class:`~cni.plumbing.Plumbing`
+for netlink:
+
+* ADD: allocate, plumb; any failure undoes the plumbing and releases the allocation
+  (unless it predates this ADD: a repeated ADD must not free a live pod's address).
+  With ``prevResult`` (we are chained after another plugin) the output extends it.
+* DEL: tear down from the allocation, else from ``prevResult``; a missing netns, a
+  missing prevResult, a missing allocation are all success. If the backend is
+  unavailable the plumbing still goes and the release is spooled (``cni.transport``).
+* CHECK: the prevResult's addresses are ours, and everything ADD made is in place.
+* STATUS: 50 if ADD cannot succeed (backend not ready, or no address on card 0), 51 if
+  existing pods may have lost connectivity.
+* GC: release this network's allocations not in ``cni.dev/valid-attachments`` and their
+  host plumbing; without the key there is nothing to compare against and nothing goes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Protocol
+
+from cni import shim
+from cni.backend import BackendUnavailable, IpamBackend
+from cni.errors import CheckFailed, CniError, ErrorCode
+from cni.plumbing import PlumbedInterface, PodNetwork, pod_ifname
+from cni.result import IpConfig, PodInterface, Result, Route, chain, render_result
+from cni.spec import (
+    LATEST_VERSION,
+    CniEnv,
+    Command,
+    NetConf,
+    error_json,
+    parse_conf,
+    parse_env,
+    render,
+    version_json,
+)
+from ipam.datastore_errors import DatastoreError, PoolExhausted
+from ipam.keys import InvalidKey, IpamKey, PodRef
+from ipam.pool import Allocation
+
+__all__ = ["CniHandler", "HandlerConfig", "PlumbingPort"]
+
+log = logging.getLogger("ultranet.cni")
+_DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+
+
+class PlumbingPort(Protocol):
+    async def setup(self, net: PodNetwork) -> list[PlumbedInterface]: ...
+
+    async def check(self, net: PodNetwork) -> None: ...
+
+    async def teardown(
+        self,
+        key: IpamKey,
+        addresses: Mapping[int, IPv4Address],
+        *,
+        veth_prefix: str,
+        netns: str,
+    ) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerConfig:
+    enable_multi_nic: bool = False  # the node's ENABLE_MULTI_NIC
+    spool_dir: Path | None = None  # where DELs wait for the backend (the shim's SPOOL_DIR)
+
+
+class CniHandler:
+    def __init__(
+        self, backend: IpamBackend, plumbing: PlumbingPort, config: HandlerConfig | None = None
+    ) -> None:
+        self.backend = backend
+        self.plumbing = plumbing
+        self.config = config or HandlerConfig()
+
+    async def handle(self, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
+        """(exit code, stdout) for one CNI invocation."""
+        version = LATEST_VERSION
+        try:
+            cni = parse_env(env)
+            if cni.command is Command.VERSION:
+                return 0, version_json(stdin)
+            conf = parse_conf(stdin, cni.command)
+            version = conf.cni_version
+            return 0, await self._dispatch(cni, conf, stdin)
+        except CniError as err:
+            log.info("cni: %s failed: %s", env.get("CNI_COMMAND"), err)
+            return 1, error_json(err, version)
+
+    async def _dispatch(self, cni: CniEnv, conf: NetConf, stdin: bytes) -> bytes:
+        if cni.command is Command.ADD:
+            return await self._add(cni, conf)
+        if cni.command is Command.DEL:
+            await self._del(cni, conf, stdin)
+        elif cni.command is Command.CHECK:
+            await self._check(cni, conf)
+        elif cni.command is Command.STATUS:
+            await self._status()
+        elif cni.command is Command.GC:
+            await self._gc(conf)
+        return b""
+
+    # -- ADD ------------------------------------------------------------------------------
+
+    async def _add(self, cni: CniEnv, conf: NetConf) -> bytes:
+        key = _key(conf.name, cni)
+        pod = _pod(cni)
+        await self._replay_spooled(cni)
+        multi_nic = self.config.enable_multi_nic and conf.wants_multi_nic()
+        existing = self._lookup(key)
+        allocation = await self._allocate(key, pod, multi_nic)
+        net = PodNetwork(key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix)
+        try:
+            plumbed = await self.plumbing.setup(net)
+        except BaseException:
+            if existing is None:
+                await self._release_after_failure(key)
+            raise
+        ours = render_result(_result(plumbed, cni.netns, conf.mtu), conf.cni_version)
+        if conf.prev_raw is not None:
+            ours = chain(conf.prev_raw, ours, conf.cni_version)
+        return render(ours)
+
+    async def _allocate(self, key: IpamKey, pod: PodRef, multi_nic: bool) -> Allocation:
+        try:
+            return await self.backend.allocate(key, pod, multi_nic=multi_nic)
+        except PoolExhausted as err:
+            raise CniError(ErrorCode.TRY_AGAIN_LATER, "no free pod address", str(err)) from err
+        except BackendUnavailable as err:
+            raise CniError(ErrorCode.TRY_AGAIN_LATER, "IPAM not ready", str(err)) from err
+        except DatastoreError as err:
+            raise CniError(
+                ErrorCode.IPAM_FAILED, f"allocation for {key} refused", str(err)
+            ) from err
+
+    async def _release_after_failure(self, key: IpamKey) -> None:
+        try:
+            await self.backend.release(key)
+        except (BackendUnavailable, DatastoreError) as err:
+            # The runtime DELs after a failed ADD (spec §"Lifecycle"), which retries this.
+            log.error("cni: ADD of %s failed and its release failed too: %s", key, err)
+
+    # -- DEL ------------------------------------------------------------------------------
+
+    async def _del(self, cni: CniEnv, conf: NetConf, stdin: bytes) -> None:
+        key = _key(conf.name, cni)
+        addresses = self._held(key, conf)
+        errors = await self.plumbing.teardown(
+            key, addresses, veth_prefix=conf.veth_prefix, netns=cni.netns
+        )
+        try:
+            await self.backend.release(key)
+        except BackendUnavailable as err:
+            self._spool(cni, stdin, err)
+        except DatastoreError as err:
+            errors.append(f"release of {key}: {err}")
+        if errors:
+            raise CniError(ErrorCode.PLUMBING_FAILED, f"DEL of {key} incomplete", "; ".join(errors))
+
+    def _held(self, key: IpamKey, conf: NetConf) -> dict[int, IPv4Address]:
+        """Interface index -> address: from the backend, else from prevResult."""
+        try:
+            allocation = self.backend.lookup(key)
+        except BackendUnavailable:
+            allocation = None
+        if allocation is not None:
+            return {i: lease.address for i, lease in enumerate(allocation.leases)}
+        return _from_prev_result(key, conf.prev_result)
+
+    def _spool(self, cni: CniEnv, stdin: bytes, why: BackendUnavailable) -> None:
+        if self.config.spool_dir is None:
+            raise CniError(ErrorCode.TRY_AGAIN_LATER, "IPAM not ready to release", str(why))
+        env = {
+            b"CNI_COMMAND": b"DEL",
+            b"CNI_CONTAINERID": cni.container_id.encode(),
+            b"CNI_IFNAME": cni.ifname.encode(),
+            b"CNI_NETNS": cni.netns.encode(),
+        }
+        shim.spool(str(self.config.spool_dir).encode(), env, stdin)
+        log.warning("cni: release of %s spooled: %s", cni.container_id, why)
+
+    async def _replay_spooled(self, cni: CniEnv) -> None:
+        """A DEL spooled for this attachment predates this ADD: run it first."""
+        if self.config.spool_dir is None:
+            return
+        env = {b"CNI_CONTAINERID": cni.container_id.encode(), b"CNI_IFNAME": cni.ifname.encode()}
+        path = self.config.spool_dir / shim.spool_name(env).decode()
+        if not path.exists():
+            return
+        raw_env, stdin = shim.decode_request(shim.decode_frame(path.read_bytes(), shim.REQUEST))
+        text_env = {k.decode(): v.decode() for k, v in raw_env.items()}
+        code, out = await self.handle(text_env, stdin)
+        if code != 0:
+            raise CniError(ErrorCode.TRY_AGAIN_LATER, "an earlier DEL is pending", out.decode())
+        path.unlink(missing_ok=True)
+
+    # -- CHECK ----------------------------------------------------------------------------
+
+    async def _check(self, cni: CniEnv, conf: NetConf) -> None:
+        key = _key(conf.name, cni)
+        if conf.prev_result is None:
+            raise CniError(ErrorCode.INVALID_CONFIG, "prevResult: required for CHECK")
+        allocation = self._lookup(key)
+        if allocation is None:
+            raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"no allocation for {key}")
+        listed = {ip.address.ip for ip in conf.prev_result.ips}
+        for lease in allocation.leases:
+            if lease.address not in listed:
+                raise CheckFailed(f"prevResult lacks {lease.address}, allocated to {key}")
+        net = PodNetwork(key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix)
+        await self.plumbing.check(net)
+
+    def _lookup(self, key: IpamKey) -> Allocation | None:
+        try:
+            return self.backend.lookup(key)
+        except BackendUnavailable as err:
+            raise CniError(ErrorCode.TRY_AGAIN_LATER, "IPAM not ready", str(err)) from err
+
+    # -- STATUS and GC --------------------------------------------------------------------
+
+    async def _status(self) -> None:
+        try:
+            status = await self.backend.status()
+        except BackendUnavailable as err:
+            raise CniError(ErrorCode.NOT_AVAILABLE, "IPAM not ready", str(err)) from err
+        if status.connectivity_limited:
+            raise CniError(
+                ErrorCode.LIMITED_CONNECTIVITY, "pod connectivity limited", status.reason
+            )
+        if not status.ready:
+            raise CniError(ErrorCode.NOT_AVAILABLE, "IPAM not ready", status.reason)
+        if status.free_addresses.get(0, 1) == 0:
+            free = ", ".join(f"card {c}: {n}" for c, n in sorted(status.free_addresses.items()))
+            raise CniError(ErrorCode.NOT_AVAILABLE, "no free pod address on card 0", free)
+
+    async def _gc(self, conf: NetConf) -> None:
+        if conf.valid_attachments is None:
+            log.info("cni: GC of %s without cni.dev/valid-attachments: nothing to do", conf.name)
+            return
+        valid = []
+        for i, item in enumerate(conf.valid_attachments):
+            try:
+                valid.append(IpamKey(conf.name, item.container_id, item.ifname))
+            except InvalidKey as err:
+                raise CniError(
+                    ErrorCode.INVALID_CONFIG, f"cni.dev/valid-attachments[{i}]: {err}"
+                ) from err
+        if not valid:
+            # IpamBackend.gc scopes by the keys' network; an empty list names none.
+            log.warning("cni: GC of %s with no valid attachment: not scoped, skipped", conf.name)
+            return
+        try:
+            released = await self.backend.gc(valid)
+        except (BackendUnavailable, DatastoreError) as err:
+            raise CniError(ErrorCode.TRY_AGAIN_LATER, "IPAM could not GC", str(err)) from err
+        errors = []
+        for allocation in released:
+            addresses = {i: lease.address for i, lease in enumerate(allocation.leases)}
+            errors += await self.plumbing.teardown(
+                allocation.key, addresses, veth_prefix=conf.veth_prefix, netns=""
+            )
+        if errors:
+            raise CniError(ErrorCode.GC_INCOMPLETE, "GC left stale plumbing", "; ".join(errors))
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+
+def _key(network: str, cni: CniEnv) -> IpamKey:
+    try:
+        return IpamKey(network, cni.container_id, cni.ifname)
+    except InvalidKey as err:
+        if err.field == "network":
+            raise CniError(ErrorCode.INVALID_CONFIG, f"name={network!r}: {err}") from err
+        var = "CNI_CONTAINERID" if err.field == "container_id" else "CNI_IFNAME"
+        raise CniError(ErrorCode.INVALID_ENV, f"{var}={err.value!r}: invalid", str(err)) from err
+
+
+def _pod(cni: CniEnv) -> PodRef:
+    args = cni.pod
+    missing = [
+        k for k, v in (("K8S_POD_NAMESPACE", args.namespace), ("K8S_POD_NAME", args.name)) if not v
+    ]
+    if missing:
+        raise CniError(ErrorCode.INVALID_ENV, f"CNI_ARGS lacks {', '.join(missing)}")
+    return PodRef(args.namespace, args.name)
+
+
+def _result(plumbed: list[PlumbedInterface], netns: str, mtu: int) -> Result:
+    interfaces: list[PodInterface] = []
+    ips, routes = [], []
+    for iface in plumbed:
+        interfaces.append(PodInterface(iface.host_ifname, iface.host_mac, "", mtu))
+        interfaces.append(PodInterface(iface.pod_ifname, iface.pod_mac, netns, mtu))
+        address = IPv4Interface(f"{iface.address}/32")
+        ips.append(IpConfig(address, iface.gateway, len(interfaces) - 1))
+        table = None if iface.index == 0 else iface.index
+        routes.append(Route(_DEFAULT_ROUTE, iface.gateway, table))
+    return Result(tuple(interfaces), tuple(ips), tuple(routes))
+
+
+def _from_prev_result(key: IpamKey, prev: Result | None) -> dict[int, IPv4Address]:
+    """Our interfaces' addresses in a prevResult, by pod interface name (the host names
+    are derived from the key, so only the pod side is needed)."""
+    if prev is None:
+        return {}
+    names = {pod_ifname(key, 0): 0}
+    names.update({pod_ifname(key, i): i for i in range(1, len(prev.interfaces) + 1)})
+    found = {}
+    for ip in prev.ips:
+        if ip.interface is None or not 0 <= ip.interface < len(prev.interfaces):
+            continue
+        iface = prev.interfaces[ip.interface]
+        if iface.sandbox and iface.name in names:
+            found[names[iface.name]] = ip.address.ip
+    return found

@@ -1,0 +1,464 @@
+"""Pod network plumbing, as the VPC CNI does it (shared/research/vpc-cni.md §3).
+
+For each pod interface i (one per lease; i > 0 only for multi-NIC pods):
+
+* a veth pair: host end ``<vethPrefix><11 hex>`` in the host namespace with a random
+  locally administered MAC (set here, so udev's MAC policy never rewrites it: VPC CNI
+  #3354); pod end ``CNI_IFNAME`` for i = 0 and ``mNicIf<i>`` otherwise;
+* in the pod: the lease's address as a /32, gateway ``169.254.1.(i+1)`` as a
+  scope-link route, ``default via`` it, and a permanent neighbour entry for the gateway
+  pointing at the host end's MAC (no ARP, no proxy ARP). i = 0 uses the main table;
+  i > 0 uses table i and the rule ``from <address> lookup i`` (priority 1), so traffic
+  from interface k leaves through interface k;
+* on the host: ``<address>/32 dev <host end>`` in main, rule ``to <address> lookup main``
+  (priority 512), and, when the lease's ENI has its own table (every ENI but the
+  primary), ``from <address> lookup <ENI table>`` (priority 1536). Card k's ENI table
+  sends the traffic out of card k's ENI.
+
+Where we differ from the VPC CNI, on purpose:
+
+* The host name hashes the CNI attachment key (network, container id, ifname) and i,
+  not the pod's namespace/name: DEL finds it without pod arguments, and two sandboxes
+  of one pod never share a name (the VPC CNI deletes a same-named host veth, which can
+  cut an old sandbox that is still running).
+* DEL deletes the veth (the VPC CNI leaves it to the namespace's removal), but on a
+  reaper thread after the routing is gone: the kernel takes 15-25 ms per veth.
+
+Every ADD step registers its undo; a failure undoes them all, in reverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni import rtnl
+from cni.errors import CheckFailed, CniError, ErrorCode
+from cni.netlink import LinkReaper, NamespaceError, iproute_in, same_namespace, socket_in
+from cni.rtnl import Rtnl, RtnlError
+from ipam.keys import IpamKey
+from ipam.pool import MAIN_TABLE, Lease
+
+__all__ = [
+    "RULE_FROM_POD",
+    "RULE_POD_TABLE",
+    "RULE_TO_POD",
+    "PlumbedInterface",
+    "Plumbing",
+    "PodNetwork",
+    "gateway",
+    "host_ifname",
+    "pod_ifname",
+]
+
+log = logging.getLogger("ultranet.cni")
+
+RULE_TO_POD = 512  # to <pod> lookup main
+RULE_FROM_POD = 1536  # from <pod> lookup <ENI table>
+RULE_POD_TABLE = 1  # inside the pod: from <address k> lookup k
+_NUD_PERMANENT = 0x80
+_AF_INET = socket.AF_INET
+
+
+def host_ifname(key: IpamKey, index: int, prefix: str) -> str:
+    digest = hashlib.sha1(f"{key.network}/{key.container_id}/{key.ifname}/{index}".encode())
+    return prefix + digest.hexdigest()[:11]
+
+
+def pod_ifname(key: IpamKey, index: int) -> str:
+    return key.ifname if index == 0 else f"mNicIf{index}"
+
+
+def gateway(index: int) -> IPv4Address:
+    return IPv4Address("169.254.1.1") + index
+
+
+def _random_mac() -> str:
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFE) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+@dataclass(frozen=True, slots=True)
+class PodNetwork:
+    """What to plumb: one interface per lease, in order."""
+
+    key: IpamKey
+    netns: str
+    leases: tuple[Lease, ...]
+    mtu: int
+    veth_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlumbedInterface:
+    index: int
+    host_ifname: str
+    host_mac: str
+    pod_ifname: str
+    pod_mac: str
+    address: IPv4Address
+    gateway: IPv4Address
+    host_table: int  # the ENI table of the lease (main for the primary ENI)
+
+
+def _ignore(err: NetlinkError, *codes: int) -> None:
+    if err.code not in codes:
+        raise err
+
+
+def _plumbing_error(step: str, err: BaseException) -> CniError:
+    return CniError(ErrorCode.PLUMBING_FAILED, f"{step} failed", str(err))
+
+
+class Plumbing:
+    """Netlink work for pods, from the host namespace (``host_netns``, None: ours)."""
+
+    def __init__(self, host: Any, rtnl: Rtnl, reaper: LinkReaper, host_netns: str | None) -> None:
+        self._host = host  # pyroute2, for CHECK and dumps
+        self._rtnl = rtnl  # raw batches, for ADD and DEL
+        self._reaper = reaper
+        self._host_netns = host_netns
+
+    @classmethod
+    async def open(cls, host_netns: str | None = None) -> Plumbing:
+        """Sockets in ``host_netns`` (a path; None: this process's namespace)."""
+        with contextlib.ExitStack() as opened:
+            host = await iproute_in(host_netns)
+            opened.callback(host.close)
+            rtnl = Rtnl(socket_in(host_netns))
+            opened.callback(rtnl.close)
+            reaper = LinkReaper(host_netns)
+            opened.pop_all()
+        return cls(host, rtnl, reaper, host_netns)
+
+    async def close(self) -> None:
+        await self._reaper.settle()
+        self._reaper.close()
+        self._rtnl.close()
+        self._host.close()
+
+    async def settle(self) -> None:
+        """Wait for background link deletions (tests, shutdown)."""
+        await self._reaper.settle()
+
+    # -- ADD ------------------------------------------------------------------------------
+
+    def _enter_pod(self, netns: str) -> socket.socket:
+        """A netlink socket in the pod's namespace; CniError 3 if it is gone."""
+        try:
+            if same_namespace(netns, self._host_netns):
+                raise CniError(
+                    ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r} is the host's own namespace"
+                )
+            return socket_in(netns)
+        except NamespaceError as err:
+            if err.errno == errno.ENOENT:
+                raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone") from err
+            raise CniError(ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r}: {err.strerror}") from err
+        except FileNotFoundError as err:
+            raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone") from err
+
+    @contextlib.contextmanager
+    def _pod(self, netns: str) -> Iterator[Rtnl]:
+        pod = Rtnl(self._enter_pod(netns))
+        try:
+            yield pod
+        finally:
+            pod.close()
+
+    @contextlib.asynccontextmanager
+    async def _pod_iproute(self, netns: str) -> AsyncIterator[Any]:
+        sock = self._enter_pod(netns)
+        try:
+            ipr = AsyncIPRoute(fileno=sock.detach(), groups=0)
+            await ipr.setup_endpoint()
+        finally:
+            sock.close()
+        try:
+            yield ipr
+        finally:
+            ipr.close()
+
+    async def setup(self, net: PodNetwork) -> list[PlumbedInterface]:
+        """Plumb every interface; on any failure undo every step taken, then raise."""
+        with self._pod(net.netns) as pod:
+            async with contextlib.AsyncExitStack() as undo:
+                fd = os.open(net.netns, os.O_RDONLY | os.O_CLOEXEC)
+                undo.callback(os.close, fd)
+                done = []
+                for index, lease in enumerate(net.leases):
+                    done.append(await self._setup_one(net, index, lease, pod, fd, undo))
+                undo.pop_all()
+                os.close(fd)
+                return done
+
+    async def _setup_one(
+        self,
+        net: PodNetwork,
+        index: int,
+        lease: Lease,
+        pod: Rtnl,
+        fd: int,
+        undo: contextlib.AsyncExitStack,
+    ) -> PlumbedInterface:
+        host_name = host_ifname(net.key, index, net.veth_prefix)
+        pod_name = pod_ifname(net.key, index)
+        host_mac, pod_mac = _random_mac(), _random_mac()
+        waiting = self._reaper.pending(host_name)
+        if waiting is not None:  # a DEL of the same attachment is still deleting it
+            await _wait_quietly(waiting)
+        try:
+            self._rtnl.batch([rtnl.veth(host_name, host_mac, pod_name, pod_mac, fd, net.mtu)])
+        except RtnlError as err:
+            if err.errno == errno.EEXIST and pod.link_index(pod_name) is not None:
+                raise CniError(
+                    ErrorCode.INTERFACE_EXISTS,
+                    f"CNI_IFNAME={pod_name!r} already exists in CNI_NETNS={net.netns!r}",
+                ) from err
+            raise _plumbing_error(err.what, err) from err
+        undo.push_async_callback(self._delete_link_now, host_name)
+        gw = gateway(index)
+        self._run(pod, self._pod_side(pod, pod_name, index, lease.address, gw, host_mac, undo))
+        self._run(self._rtnl, self._host_side(host_name, lease, undo))
+        return PlumbedInterface(
+            index, host_name, host_mac, pod_name, pod_mac, lease.address, gw, lease.route_table
+        )
+
+    def _pod_side(
+        self,
+        pod: Rtnl,
+        name: str,
+        index: int,
+        address: IPv4Address,
+        gw: IPv4Address,
+        host_mac: str,
+        undo: contextlib.AsyncExitStack,
+    ) -> list[rtnl.Message]:
+        link = self._index(pod, name, "in the pod")
+        table = MAIN_TABLE if index == 0 else index
+        where = f"in the pod ({name})"
+        messages = [
+            rtnl.link_up(link, f"set {name} up {where}"),
+            rtnl.address(link, address, f"add {address}/32 {where}"),
+            rtnl.route(link, gw, table=table, what=f"route {gw} scope link {where}"),
+            rtnl.route(link, None, table=table, gateway=gw, what=f"default via {gw} {where}"),
+            rtnl.neighbour(link, gw, host_mac, f"neighbour {gw} lladdr {host_mac} {where}"),
+        ]
+        if index > 0:
+            undo.callback(
+                self._quiet, pod, [rtnl.rule("src", address, RULE_POD_TABLE, None, delete=True)]
+            )
+            messages.append(rtnl.rule("src", address, RULE_POD_TABLE, table))
+        return messages
+
+    def _host_side(
+        self, name: str, lease: Lease, undo: contextlib.AsyncExitStack
+    ) -> list[rtnl.Message]:
+        link = self._index(self._rtnl, name, "on the host")
+        address = lease.address
+        undo.callback(self._quiet, self._rtnl, _rule_deletes(address))
+        messages = [
+            rtnl.route(link, address, table=MAIN_TABLE, what=f"route {address}/32 dev {name}"),
+            rtnl.rule("dst", address, RULE_TO_POD, MAIN_TABLE),
+        ]
+        if lease.route_table != MAIN_TABLE:
+            messages.append(rtnl.rule("src", address, RULE_FROM_POD, lease.route_table))
+        return messages
+
+    def _index(self, sock: Rtnl, name: str, where: str) -> int:
+        try:
+            index = sock.link_index(name)
+        except RtnlError as err:
+            raise _plumbing_error(err.what, err) from err
+        if index is None:
+            raise CniError(ErrorCode.PLUMBING_FAILED, f"{name} vanished {where}")
+        return index
+
+    def _run(self, sock: Rtnl, messages: list[rtnl.Message]) -> None:
+        try:
+            sock.batch(messages)
+        except RtnlError as err:
+            raise _plumbing_error(err.what, err) from err
+
+    def _quiet(self, sock: Rtnl, messages: list[rtnl.Message]) -> None:
+        """Undo steps: what is already gone is fine; other errors are logged (the undo
+        continues, and the runtime's DEL after a failed ADD tries again)."""
+        try:
+            sock.batch(messages)
+        except RtnlError as err:
+            log.error("cni: undo step %s failed: %s", err.what, err)
+
+    # -- CHECK ----------------------------------------------------------------------------
+
+    async def check(self, net: PodNetwork) -> None:
+        """Raise ``CheckFailed`` naming the first thing an ADD made that is not there."""
+        host_rules = await self._rules(self._host)
+        async with self._pod_iproute(net.netns) as pod:
+            pod_routes = {
+                (r.get("RTA_DST"), r.get("RTA_GATEWAY"), r.get("RTA_TABLE"), r.get("RTA_OIF"))
+                async for r in await pod.route("dump", family=_AF_INET)
+            }
+            for index, lease in enumerate(net.leases):
+                await self._check_one(net, index, lease, pod, pod_routes, host_rules)
+
+    async def _check_one(
+        self,
+        net: PodNetwork,
+        index: int,
+        lease: Lease,
+        pod: Any,
+        pod_routes: set[tuple[Any, ...]],
+        host_rules: set[tuple[int, str, str, int]],
+    ) -> None:
+        address, gw = str(lease.address), gateway(index)
+        host_name, pod_name = (
+            host_ifname(net.key, index, net.veth_prefix),
+            pod_ifname(net.key, index),
+        )
+        host_link = await self._link_or_none(self._host, host_name)
+        if host_link is None:
+            raise CheckFailed(f"host veth {host_name} of {pod_name} is missing")
+        pod_link = await self._link_or_none(pod, pod_name)
+        if pod_link is None:
+            raise CheckFailed(f"{pod_name} is missing from CNI_NETNS={net.netns!r}")
+        pod_index = pod_link["index"]
+        addrs = {a.get("IFA_ADDRESS") async for a in await pod.addr("dump", index=pod_index)}
+        if address not in addrs:
+            raise CheckFailed(f"{pod_name} lacks its address {address}/32")
+        table = MAIN_TABLE if index == 0 else index
+        if ("0.0.0.0", str(gw), table, pod_index) not in {
+            (dst or "0.0.0.0", g, t, o) for dst, g, t, o in pod_routes if g is not None
+        }:
+            raise CheckFailed(f"{pod_name}: default route via {gw} (table {table}) is missing")
+        neigh = {
+            (n.get("NDA_DST"), n.get("NDA_LLADDR"), n["state"])
+            async for n in await pod.neigh("dump", ifindex=pod_index)
+        }
+        host_mac = host_link.get("IFLA_ADDRESS")
+        if (str(gw), host_mac, _NUD_PERMANENT) not in neigh:
+            raise CheckFailed(f"{pod_name}: permanent neighbour {gw} -> {host_mac} is missing")
+        host_routes = {
+            (r.get("RTA_DST"), r["dst_len"], r.get("RTA_OIF"))
+            async for r in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE)
+        }
+        if (address, 32, host_link["index"]) not in host_routes:
+            raise CheckFailed(f"host route {address}/32 dev {host_name} is missing")
+        if (RULE_TO_POD, "dst", address, MAIN_TABLE) not in host_rules:
+            raise CheckFailed(f"host rule to {address} lookup main (prio 512) is missing")
+        wanted = (RULE_FROM_POD, "src", address, lease.route_table)
+        if lease.route_table != MAIN_TABLE and wanted not in host_rules:
+            raise CheckFailed(
+                f"host rule from {address} lookup {lease.route_table} (prio 1536) is missing"
+            )
+
+    # -- DEL --------------------------------------------------------------------------------
+
+    async def teardown(
+        self,
+        key: IpamKey,
+        addresses: Mapping[int, IPv4Address],
+        *,
+        veth_prefix: str,
+        netns: str,
+    ) -> list[str]:
+        """Remove the host routing of ``addresses`` (interface index -> address) and the
+        veths; idempotent. Returns the errors met (every step is still tried).
+
+        Rules of an address are removed only while this attachment still holds it: its
+        veth exists, or no other veth routes the address (it may belong to a newer pod
+        now, whose identical rules must stay).
+        """
+        errors: list[str] = []
+        for index, address in sorted(addresses.items()):
+            name = host_ifname(key, index, veth_prefix)
+            try:
+                await self._teardown_one(name, str(address))
+            except (NetlinkError, OSError) as err:
+                errors.append(f"{name} ({address}): {err}")
+        secondary = [address for index, address in addresses.items() if index > 0]
+        if secondary and netns:
+            errors += await self._teardown_pod_rules(netns, secondary)
+        for index in sorted(set(addresses) | {0}):
+            self._reaper.delete(host_ifname(key, index, veth_prefix))
+        return errors
+
+    async def _teardown_one(self, name: str, address: str) -> None:
+        addr = IPv4Address(address)
+        link = self._rtnl.link_index(name)
+        if link is None and await self._routed_elsewhere(address):
+            log.info("cni: %s now routes to another veth; its rules stay", address)
+            return
+        messages = _rule_deletes(addr)
+        if link is not None:
+            what = f"delete route {address}/32 dev {name}"
+            messages.insert(0, rtnl.route(link, addr, table=MAIN_TABLE, delete=True, what=what))
+        self._rtnl.batch(messages)
+
+    async def _teardown_pod_rules(self, netns: str, addresses: Sequence[IPv4Address]) -> list[str]:
+        """The pod-side rules of interfaces > 0 (they outlive the veth if the namespace
+        does)."""
+        try:
+            with self._pod(netns) as pod:
+                pod.batch(
+                    [rtnl.rule("src", a, RULE_POD_TABLE, None, delete=True) for a in addresses]
+                )
+        except CniError:
+            return []  # the namespace is gone, and its rules with it
+        except RtnlError as err:
+            return [f"pod rules in {netns}: {err}"]
+        return []
+
+    async def _routed_elsewhere(self, address: str) -> bool:
+        async for route in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE):
+            if route.get("RTA_DST") == address and route["dst_len"] == 32:
+                return True
+        return False
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _delete_link_now(self, name: str) -> None:
+        await self._reaper.delete(name)
+
+    async def _link_or_none(self, ipr: Any, name: str) -> Any:
+        try:
+            (link,) = await ipr.link("get", ifname=name)
+        except NetlinkError as err:
+            _ignore(err, errno.ENODEV)
+            return None
+        return link
+
+    async def _rules(self, ipr: Any) -> set[tuple[int, str, str, int]]:
+        found = set()
+        async for rule in await ipr.rule("dump", family=_AF_INET):
+            table = rule.get("FRA_TABLE") or rule["table"]
+            for side in ("src", "dst"):
+                value = rule.get(f"FRA_{side.upper()}")
+                if value is not None and rule[f"{side}_len"] == 32:
+                    found.add((rule.get("FRA_PRIORITY", 0), side, value, table))
+        return found
+
+
+def _rule_deletes(address: IPv4Address) -> list[rtnl.Message]:
+    """Both host rules of ``address``, twice each: an older agent may have left a
+    duplicate, and the second delete answers ENOENT when there was none."""
+    to_pod = rtnl.rule("dst", address, RULE_TO_POD, None, delete=True)
+    from_pod = rtnl.rule("src", address, RULE_FROM_POD, None, delete=True)
+    return [to_pod, to_pod, from_pod, from_pod]
+
+
+async def _wait_quietly(future: Any) -> None:
+    """Wait for a reaper deletion, whatever its outcome (the ADD retries the name)."""
+    with contextlib.suppress(OSError):
+        await future

@@ -1,0 +1,157 @@
+"""Multi-NIC pods on a p5.48xlarge lab (32 network cards): one interface per card, and
+the packets from interface k leave through card k's ENI."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute
+
+from cni.spec import ANNOTATIONS_CAPABILITY, MULTI_NIC_ANNOTATION, MULTI_NIC_VALUE
+from ipam.hostnet import EniLink, HostNetwork
+from tests.cni.backend import PoolBackend, pool_from_lab
+from tests.cni.harness import conf, env, host_state, node, ns_path, pod_state, run
+from tests.lab.helpers import python_in
+from tools.lab import netns
+from tools.lab.lab import Lab, LabConfig
+
+pytestmark = pytest.mark.netns
+
+PAYLOAD = 64 * 1024
+CARDS = 32
+SEND_FROM = """
+import socket, sys
+sock = socket.socket()
+sock.settimeout(5)
+sock.bind((sys.argv[1], 0))
+sock.connect((sys.argv[2], int(sys.argv[3])))
+sock.sendall(bytes(int(sys.argv[4])))
+sock.close()
+print("sent")
+"""
+MULTI = {ANNOTATIONS_CAPABILITY: {MULTI_NIC_ANNOTATION: MULTI_NIC_VALUE}}
+
+
+@pytest.fixture(scope="module")
+def p5(request: pytest.FixtureRequest) -> Any:
+    """One p5.48xlarge lab for the module (launching 32 cards is the slow part), with
+    every ENI's host side plumbed by ipam.hostnet as the daemon does."""
+    from tools.lab.lab import Lab as LabClass
+
+    lab = LabClass(LabConfig(instance_type="p5.48xlarge", prefixes_per_card=1, other_cards="efa"))
+    lab.start()
+    try:
+        links = {}
+        with HostNetwork(netns=lab.node_ns) as host:
+            for eni in lab.cloud.enis_of(lab.instance_id):
+                view = lab.cloud.eni_view(eni.eni_id)
+                assert view.primary_ip is not None
+                link = EniLink(
+                    view.eni_id,
+                    view.mac,
+                    view.network_card,
+                    view.device_index,
+                    view.primary_ip,
+                    view.subnet,
+                )
+                host.setup_eni(link)
+                links[view.network_card] = host.find_link(view.mac)
+        yield lab, links
+    finally:
+        lab.close()
+
+
+def tx_bytes(ns: str) -> dict[str, int]:
+    with IPRoute(netns=ns) as ipr:
+        links = ipr.get_links()
+        return {str(link.get("ifname")): int(link.get("stats64")["tx_bytes"]) for link in links}
+
+
+def send_from(lab: Lab, pod_ns: str, source: str, gateway: str) -> str:
+    listener = netns.listening_socket(lab.vpc_ns, gateway, 0)
+    try:
+        port = str(listener.getsockname()[1])
+        done = python_in(pod_ns, SEND_FROM, source, gateway, port, str(PAYLOAD))
+        assert done.stdout.strip() == "sent", done.stderr
+        listener.settimeout(5)
+        conn, peer = listener.accept()
+        got = 0
+        while chunk := conn.recv(65536):
+            got += len(chunk)
+        conn.close()
+        assert got == PAYLOAD
+        return str(peer[0])
+    finally:
+        listener.close()
+
+
+def test_multi_nic_pod_gets_one_interface_per_card_and_uses_each(p5: Any) -> None:
+    lab, eni_links = p5
+    pod_ns = lab.create_pod_namespace("mn")
+    backend = PoolBackend(pool_from_lab(lab))
+    assert backend.pool.cards == list(range(CARDS))
+    before = host_state(lab)
+    gateway = str(lab.cloud.eni_view(lab.cloud.enis_of(lab.instance_id)[0].eni_id).gateway)
+
+    async def scenario() -> tuple[dict[str, Any], dict[int, tuple[str, dict[str, int]]], Any]:
+        async with node(lab, backend, enable_multi_nic=True) as n:
+            result = await n.add("m1", pod_ns, runtimeConfig=MULTI)
+            inside = await asyncio.to_thread(pod_state, pod_ns)
+            sent = {}
+            for card in (0, 1, 7, 31):
+                address = result["ips"][card]["address"].split("/")[0]
+                before_tx = await asyncio.to_thread(tx_bytes, lab.node_ns)
+                peer = await asyncio.to_thread(send_from, lab, pod_ns, address, gateway)
+                after_tx = await asyncio.to_thread(tx_bytes, lab.node_ns)
+                delta = {k: after_tx[k] - before_tx.get(k, 0) for k in after_tx}
+                sent[card] = (peer, delta)
+                assert peer == address
+            code, out = await n.call(
+                env("CHECK", "m1", ns_path(pod_ns)), conf(prevResult=result, runtimeConfig=MULTI)
+            )
+            assert code == 0, out
+            await n.delete("m1", pod_ns, result)
+            await n.plumbing.settle()
+            return result, sent, inside
+
+    result, sent, inside = run(scenario())
+    names = [i["name"] for i in result["interfaces"] if i.get("sandbox")]
+    assert names == ["eth0"] + [f"mNicIf{k}" for k in range(1, CARDS)]
+    assert len(result["ips"]) == CARDS
+    assert [ip["gateway"] for ip in result["ips"]] == [f"169.254.1.{k + 1}" for k in range(CARDS)]
+    assert len({ip["address"] for ip in result["ips"]}) == CARDS
+    # Policy routing in the pod: interface k > 0 has its table k, chosen by source.
+    assert sorted(r for r in inside["rules"] if r[0] == 1) == sorted(
+        (1, ip["address"].split("/")[0], k) for k, ip in enumerate(result["ips"]) if k > 0
+    )
+    for card, (_, delta) in sent.items():
+        own = eni_links[card]
+        assert delta[own] >= PAYLOAD, (card, own, delta[own])
+        others = [name for c, name in eni_links.items() if c != card]
+        assert all(delta[name] < PAYLOAD for name in others), card
+    assert host_state(lab) == before
+    assert pod_state(pod_ns) == {"links": [], "addrs": [], "rules": []}
+    assert backend.held() == set()
+
+
+@pytest.mark.parametrize(("enabled", "annotated"), [(False, True), (True, False)])
+def test_single_interface_unless_node_enables_and_pod_asks(
+    p5: Any, enabled: bool, annotated: bool
+) -> None:
+    lab, _ = p5
+    pod_ns = lab.create_pod_namespace(f"s{int(enabled)}{int(annotated)}")
+    backend = PoolBackend(pool_from_lab(lab))
+    extra = {"runtimeConfig": MULTI} if annotated else {}
+
+    async def scenario() -> dict[str, Any]:
+        async with node(lab, backend, enable_multi_nic=enabled) as n:
+            result = await n.add("s1", pod_ns, **extra)
+            await n.delete("s1", pod_ns, result)
+            await n.plumbing.settle()
+            return result
+
+    result = run(scenario())
+    assert len(result["ips"]) == 1 and result["ips"][0]["gateway"] == "169.254.1.1"
+    assert backend.held() == set()

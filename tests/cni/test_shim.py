@@ -1,0 +1,175 @@
+"""The exec'd shim: its imports, its wire format, the installer, and the daemon-down paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cni import shim
+from cni.install import InstallError, conflist, install, real_interpreter
+from cni.spec import SUPPORTED_VERSIONS
+from tests.cni.harness import conf, env
+
+# What `python -IS` has loaded before running a script; the shim may add only _socket.
+ALLOWED = {"_socket"}
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    (path, _) = install(tmp_path / "bin", tmp_path / "net.d", python=sys.executable)
+    return path
+
+
+def exec_shim(
+    path: Path, variables: dict[str, str], stdin: bytes | None, tmp_path: Path
+) -> tuple[int, dict[str, object]]:
+    full = {
+        "PATH": "/usr/bin:/bin",
+        "ULTRANET_CNI_SOCKET": str(tmp_path / "absent.sock"),
+        "ULTRANET_CNI_SPOOL": str(tmp_path / "spool"),
+        **variables,
+    }
+    done = subprocess.run([str(path)], input=stdin, env=full, capture_output=True, timeout=30)
+    return done.returncode, (json.loads(done.stdout) if done.stdout.strip() else {})
+
+
+def test_installed_shim_imports_only_what_the_interpreter_loaded(
+    installed: Path, tmp_path: Path
+) -> None:
+    base = subprocess.run(
+        [sys.executable, "-IS", "-X", "importtime", "-c", "pass"], capture_output=True, text=True
+    )
+    shim_run = subprocess.run(
+        [sys.executable, "-IS", "-X", "importtime", str(installed)],
+        input=conf(),
+        env={"CNI_COMMAND": "STATUS", "ULTRANET_CNI_SOCKET": str(tmp_path / "none")},
+        capture_output=True,
+    )
+
+    def modules(stderr: str) -> set[str]:
+        return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if "|" in line}
+
+    extra = modules(shim_run.stderr.decode()) - modules(base.stderr)
+    assert "_socket" in extra or "_socket" in sys.builtin_module_names
+    assert extra <= ALLOWED, extra
+
+
+def test_shebang_names_the_real_interpreter_with_isolation(installed: Path) -> None:
+    first = installed.read_bytes().split(b"\n", 1)[0].decode()
+    assert first == f"#!{Path(sys.executable).resolve()} -IS"
+    assert os.access(installed, os.X_OK)
+
+
+def test_installer_refuses_a_version_manager_shim(tmp_path: Path) -> None:
+    fake = tmp_path / "shims" / "python3"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nexec pyenv exec python "$@"\n')
+    with pytest.raises(InstallError, match="not an executable binary"):
+        real_interpreter(str(fake))
+    with pytest.raises(InstallError, match="not an executable binary"):
+        install(tmp_path / "bin", None, python=str(fake))
+    assert not (tmp_path / "bin" / "ultranet").exists()
+
+
+def test_conflist_lists_every_version_and_the_annotation_capability(tmp_path: Path) -> None:
+    (_, written) = install(tmp_path / "bin", tmp_path / "net.d", python=sys.executable)
+    body = json.loads(written.read_text())
+    assert body == conflist()
+    assert body["cniVersions"] == list(SUPPORTED_VERSIONS)
+    (plugin,) = body["plugins"]
+    assert plugin["type"] == "ultranet"
+    assert plugin["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
+    assert not [p for p in written.parent.iterdir() if p.name.startswith(".")]  # no temp files
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"XXXX" + b"Q" + b"\0\0\0\0", "bad magic"),
+        (shim.MAGIC + b"Q" + (shim.MAX_FRAME + 1).to_bytes(4, "big"), "exceeds"),
+    ],
+)
+def test_wire_header_rejects_foreign_or_huge_frames(data: bytes, message: str) -> None:
+    with pytest.raises(shim.WireError, match=message):
+        shim.parse_header(data)
+
+
+def test_wire_round_trip_and_truncation() -> None:
+    request = shim.encode_request({b"CNI_COMMAND": b"ADD", b"CNI_ARGS": b""}, b'{"a": 1}')
+    body = shim.decode_frame(request, shim.REQUEST)
+    assert shim.decode_request(body) == ({b"CNI_COMMAND": b"ADD", b"CNI_ARGS": b""}, b'{"a": 1}')
+    with pytest.raises(shim.WireError, match="truncated"):
+        shim.decode_request(body[:-1])
+    with pytest.raises(shim.WireError, match="trailing"):
+        shim.decode_request(body + b"x")
+    answer = shim.encode_answer(1, b"out", b"err")
+    assert shim.decode_answer(shim.decode_frame(answer, shim.ANSWER)) == (1, b"out", b"err")
+
+
+@pytest.mark.parametrize(
+    ("stdin", "version"),
+    [
+        (b'{"cniVersion": "1.0.0"}', b"1.0.0"),
+        (b'{"cniVersion" :\n "0.4.0", "name": "x"}', b"0.4.0"),
+        (b'{"cniVersion": 4}', b"1.1.0"),
+        (b'{"cniVersion": "1.0.0\\" evil"}', b"1.1.0"),
+        (b"", b"1.1.0"),
+    ],
+)
+def test_shim_reads_cni_version_without_json(stdin: bytes, version: bytes) -> None:
+    assert shim.cni_version(stdin) == version
+
+
+def test_version_is_answered_without_the_daemon(installed: Path, tmp_path: Path) -> None:
+    code, out = exec_shim(installed, {"CNI_COMMAND": "VERSION"}, conf("1.0.0"), tmp_path)
+    assert code == 0
+    assert out == {"cniVersion": "1.0.0", "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def test_daemon_down_del_succeeds_and_spools(installed: Path, tmp_path: Path) -> None:
+    variables = env("DEL", "c1", "/run/netns/gone")
+    code, out = exec_shim(installed, variables, conf(), tmp_path)
+    assert (code, out) == (0, {})
+    (spooled,) = (tmp_path / "spool").iterdir()
+    assert spooled.name == "c1:eth0.del"
+    sent, stdin = shim.decode_request(shim.decode_frame(spooled.read_bytes(), shim.REQUEST))
+    assert stdin == conf()
+    assert sent[b"CNI_COMMAND"] == b"DEL" and b"ULTRANET_CNI_SOCKET" not in sent
+
+
+@pytest.mark.parametrize(("command", "code"), [("STATUS", 50), ("ADD", 11), ("CHECK", 11)])
+def test_daemon_down_answers_50_for_status_and_11_otherwise(
+    installed: Path, tmp_path: Path, command: str, code: int
+) -> None:
+    rc, out = exec_shim(installed, env(command, "c1", "/run/netns/x"), conf("1.0.0"), tmp_path)
+    assert rc == 1
+    assert out["code"] == code and out["cniVersion"] == "1.0.0"
+    assert str(tmp_path / "absent.sock") in str(out["msg"])
+    assert not (tmp_path / "spool").exists()
+
+
+def test_unreadable_stdin_is_code_5(installed: Path, tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "write-only", os.O_WRONLY | os.O_CREAT)  # read() fails: EBADF
+    try:
+        done = subprocess.run(
+            [str(installed)], stdin=fd, env={"CNI_COMMAND": "ADD"}, capture_output=True
+        )
+    finally:
+        os.close(fd)
+    assert done.returncode == 1
+    out = json.loads(done.stdout)
+    assert out["code"] == 5 and "stdin" in out["msg"]
+
+
+def test_del_that_cannot_be_spooled_is_code_11(installed: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, out = exec_shim(
+        installed, {**env("DEL", "c1"), "ULTRANET_CNI_SPOOL": str(blocker)}, conf(), tmp_path
+    )
+    assert code == 1 and out["code"] == 11 and "cannot spool" in str(out["msg"])

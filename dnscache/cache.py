@@ -1,0 +1,173 @@
+"""The answer cache: entries keyed by wire question, TTL aging, stale and prefetch clocks.
+
+Pure: times are passed in (``time.monotonic`` seconds). What may be cached and for how long
+follows RFC 2308 (negative answers: TTL from the authority SOA, none without one; SERVFAIL at
+most 5 minutes, §7.1), RFC 2181 §9 (never truncated data) and RFC 8767 (stale data kept
+``max_stale`` past expiry, never for 0-TTL data, only NOERROR/NXDOMAIN replace it).
+
+Capacity is a count of entries; when full, the oldest inserted entry goes (``dict`` keeps
+insertion order, so eviction is O(1) and a hit does no bookkeeping).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from .config import CacheConfig, PrefetchConfig, StaleConfig
+from .wire import Rcode, Walked, heads, truncated_heads
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How long to keep a response (``ttl`` None: do not cache) and how to label it."""
+
+    ttl: int | None
+    kind: str  # "success" | "denial" | "servfail" | "uncacheable"
+    original_ttl: int
+
+
+def classify(w: Walked, cfg: CacheConfig, size: int) -> Verdict:
+    if w.truncated or size > cfg.max_entry_bytes:
+        return Verdict(None, "uncacheable", 0)
+    if w.rcode == Rcode.SERVFAIL:
+        return Verdict(cfg.servfail_ttl or None, "servfail", 0)
+    if w.rcode == Rcode.NOERROR and w.has_answer:
+        ttl = w.min_ttl or 0
+        return Verdict(max(cfg.min_ttl, min(ttl, cfg.max_ttl)), "success", ttl)
+    if w.rcode in (Rcode.NXDOMAIN, Rcode.NOERROR) and w.negative_ttl is not None:
+        # RFC 2308 §5: the SOA gives the negative TTL; a CNAME chain before it caps it too.
+        ttl = min(w.negative_ttl, w.min_ttl if w.min_ttl is not None else w.negative_ttl)
+        return Verdict(max(cfg.min_ttl, min(ttl, cfg.max_negative_ttl)), "denial", ttl)
+    return Verdict(None, "uncacheable", 0)
+
+
+class Entry:
+    """One cached response, ready to splice. ``render(now)`` gives the body with every TTL set
+    to the remaining lifetime (CoreDNS gives all records the same remaining TTL); the result is
+    kept for the current second, so the TTLs of a hot entry are rewritten once a second."""
+
+    __slots__ = (
+        "heads",
+        "tc_heads",
+        "body",
+        "body_len",
+        "ttl_offsets",
+        "ttl",
+        "original_ttl",
+        "inserted",
+        "expires",
+        "stale_until",
+        "prefetch_after",
+        "rendered",
+        "rendered_at",
+        "hits",
+        "rcode",
+        "kind",
+        "zone",
+        "failed_at",
+        "label",
+        "miss_label",
+        "opt",
+    )
+
+    def __init__(
+        self,
+        w: Walked,
+        verdict: Verdict,
+        now: float,
+        zone: str,
+        stale: StaleConfig,
+        prefetch: PrefetchConfig,
+    ) -> None:
+        ttl = verdict.ttl if verdict.ttl is not None else 0
+        self.heads = heads(w.flags, w.an, w.ns, w.ar)
+        self.tc_heads = truncated_heads(w.flags)
+        self.body = w.body
+        self.body_len = len(w.body)
+        self.ttl_offsets = w.ttl_offsets
+        self.ttl = ttl
+        self.original_ttl = verdict.original_ttl
+        self.inserted = now
+        self.expires = now + ttl
+        servable_stale = stale.max_stale > 0 and verdict.original_ttl > 0 and w.rcode in (0, 3)
+        self.stale_until = self.expires + (stale.max_stale if servable_stale else 0)
+        lead = max(1.0, ttl * prefetch.percent / 100)
+        self.prefetch_after = self.expires - lead if prefetch.hits else float("inf")
+        self.rendered = b""
+        self.rendered_at = -1
+        self.hits = 0
+        self.rcode = w.rcode
+        self.kind = verdict.kind
+        self.zone = zone
+        self.failed_at = float("-inf")
+        self.label: tuple[str, str, str, str] = (zone, "", verdict.kind, "")
+        self.miss_label = self.label
+        self.opt = b""
+
+    def render(self, now: float) -> bytes:
+        second = int(now)
+        if second == self.rendered_at:
+            return self.rendered
+        remaining = math.ceil(self.expires - now)  # a fresh answer shows its whole TTL
+        self.rendered = self.with_ttl(remaining if remaining > 0 else 0)
+        self.rendered_at = second
+        return self.rendered
+
+    def with_ttl(self, ttl: int) -> bytes:
+        if not self.ttl_offsets:
+            return self.body
+        body = bytearray(self.body)
+        value = ttl.to_bytes(4, "big")
+        for off in self.ttl_offsets:
+            body[off : off + 4] = value
+        return bytes(body)
+
+
+class Cache:
+    """Entries by key; ``capacity`` bounds the count. Expired entries past their stale window
+    are dropped when met and by ``sweep``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.data: dict[bytes, Entry] = {}
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, key: bytes, now: float) -> Entry | None:
+        """A fresh or stale-servable entry; callers compare ``now`` with ``expires``."""
+        e = self.data.get(key)
+        if e is not None and now >= e.stale_until and now >= e.expires:
+            del self.data[key]
+            return None
+        return e
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        data = self.data
+        if key in data:
+            del data[key]
+        elif len(data) >= self.capacity:
+            del data[next(iter(data))]
+            self.evictions += 1
+        data[key] = entry
+
+    def remove(self, key: bytes) -> None:
+        self.data.pop(key, None)
+
+    def sweep(self, now: float, budget: int = 1000) -> int:
+        """Drop dead entries among the ``budget`` oldest; returns how many went. Small and
+        frequent: a pass over the whole cache would stall the worker for tens of ms."""
+        dead = [
+            key
+            for key, e in itertools.islice(self.data.items(), budget)
+            if now >= e.stale_until and now >= e.expires
+        ]
+        for key in dead:
+            del self.data[key]
+        return len(dead)
+
+    def clear(self) -> None:
+        self.data.clear()

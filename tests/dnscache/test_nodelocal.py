@@ -1,0 +1,96 @@
+"""Node-local mode inside a namespace we create: 169.254.20.10 on our own interface, NOTRACK
+rules for it, all removed on exit. The ``dummy`` link type is missing on this kernel, so the
+test runs with ``link_kind: bridge`` (a port-less bridge holds a local address the same way)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .helpers import REPO, DnsProcess
+
+pytestmark = pytest.mark.netns
+Factory = Callable[..., DnsProcess]
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"un-{uuid.uuid4().hex[:8]}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
+
+
+@pytest.fixture
+def upstream(netns: str) -> Iterator[int]:
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "dnscache.testing",
+            "--record",
+            "www.test. A 198.18.0.5",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        yield json.loads(proc.stdout.readline())["port"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_node_local_address_rules_and_teardown(
+    netns: str, upstream: int, dns_factory: Factory
+) -> None:
+    doc = {
+        "listen": ["169.254.20.10:53"],
+        "workers": 2,
+        "metrics": "127.0.0.1:0",
+        "zones": {".": {"upstreams": [f"127.0.0.1:{upstream}"]}},
+        "node_local": {
+            "interface": "nodelocaldns",
+            "addresses": ["169.254.20.10"],
+            "link_kind": "bridge",
+        },
+    }
+    dns = dns_factory(doc, netns=netns)
+    assert "169.254.20.10/32" in sh("ip", "-n", netns, "addr", "show", "dev", "nodelocaldns")
+    raw = sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
+    assert "-A ULTRANET-DNS-PRE -d 169.254.20.10/32 -p udp -m udp --dport 53 -j NOTRACK" in raw
+    assert "-A PREROUTING -j ULTRANET-DNS-PRE" in raw
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "dig", "@169.254.20.10", "+tries=1", "+time=3", "www.test"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    ).stdout
+    assert "198.18.0.5" in out and "status: NOERROR" in out
+    dns.signal(signal.SIGTERM)
+    assert dns.proc.wait(30) == 0
+    links = sh("ip", "-n", netns, "link", "show")
+    assert "nodelocaldns" not in links
+    assert "ULTRANET" not in sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
+    assert "ULTRANET" not in sh("ip", "netns", "exec", netns, "iptables", "-w", "-S")

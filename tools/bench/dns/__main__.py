@@ -1,0 +1,256 @@
+"""DNS cache benchmark: ``python -m tools.bench.dns [--json] [--runs 3] [--duration 10]``.
+
+dnsperf against ultranet-dns and, in the same run, dnsmasq, unbound (1 thread) and dnsdist,
+all caching forwarders to one NSD. The server under test is pinned to CPU 0, dnsperf and NSD
+to CPU 1. Workloads: ``hot`` (1,000 names, all hits once warm), ``zipf`` (Zipf s=1 over 100K
+names, warmed by one pass), ``miss`` (unique names never seen, every query forwarded).
+Reports QPS at saturation (median and range of ``--runs``), server CPU µs per answer, p50/p99
+at half of each server's own hot saturation rate, and ultranet's upstream queries on a Zipf
+pass with 1 and 2 workers. Results go to ``tools/bench/dns/out/`` (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .servers import (
+    LOAD_CPU,
+    NAMES,
+    STARTERS,
+    ZONE,
+    Running,
+    check_tools,
+    free_port,
+    start_nsd,
+    start_ultranet,
+)
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def write_queries(path: Path, names: list[str]) -> Path:
+    path.write_text("".join(f"{n} A\n" for n in names))
+    return path
+
+
+def zipf_names(count: int, seed: int = 3) -> list[str]:
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) for k in range(NAMES)]
+    ranks = rng.choices(range(NAMES), weights, k=count)
+    return [f"n{r}.{ZONE}" for r in ranks]
+
+
+def dnsperf(
+    port: int,
+    data: Path,
+    *,
+    seconds: float | None = None,
+    once: bool = False,
+    qps: int | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    argv = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "dnsperf",
+        "-s",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-d",
+        str(data),
+        "-c",
+        "4",
+        "-q",
+        "100",
+        "-t",
+        "2",
+    ]
+    if seconds is not None:
+        argv += ["-l", str(seconds)]
+    if once:
+        argv += ["-n", "1"]
+    if qps is not None:
+        argv += ["-Q", str(qps)]
+    if verbose:
+        argv += ["-v"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600).stdout
+    res: dict[str, Any] = {
+        "completed": int(re.search(r"Queries completed:\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
+        "lost": int(re.search(r"Queries lost:\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
+        "qps": float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+    }
+    if verbose:
+        lat = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
+        if lat:
+            res["p50_ms"] = lat[len(lat) // 2] * 1000
+            res["p99_ms"] = lat[int(len(lat) * 0.99)] * 1000
+    return res
+
+
+def saturate(server: Running, data: Path, runs: int, seconds: float) -> dict[str, Any]:
+    qps, cpu_us = [], []
+    for _ in range(runs):
+        before = server.cpu_seconds()
+        r = dnsperf(server.port, data, seconds=seconds)
+        used = server.cpu_seconds() - before
+        qps.append(r["qps"])
+        cpu_us.append(used / max(1, r["completed"]) * 1e6)
+    return {
+        "qps": statistics.median(qps),
+        "qps_range": [min(qps), max(qps)],
+        "cpu_us_per_answer": round(statistics.median(cpu_us), 2),
+    }
+
+
+def miss_file(work: Path, seconds: float, tag: str) -> Path:
+    """Unique names no server has seen: enough for ``seconds`` at 100K QPS (dnsdist's miss
+    rate here is ~77K), so dnsperf does not loop back to names already cached."""
+    salt = f"{tag}{random.randrange(1 << 40):x}"
+    names = [f"m{i}.{salt}.{ZONE}" for i in range(int(seconds * 100_000))]
+    return write_queries(work / f"miss-{tag}.txt", names)
+
+
+def bench_server(
+    name: str,
+    work: Path,
+    upstream: int,
+    files: dict[str, Path],
+    runs: int,
+    seconds: float,
+    loop: str,
+) -> dict[str, Any]:
+    start = STARTERS[name]
+    server = (
+        start_ultranet(work, upstream, loop=loop) if name == "ultranet" else start(work, upstream)
+    )
+    try:
+        res: dict[str, Any] = {}
+        dnsperf(server.port, files["hot"], once=True)  # warm
+        res["hot"] = saturate(server, files["hot"], runs, seconds)
+        dnsperf(server.port, files["zipf"], once=True)  # warm: one pass of the same mix
+        res["zipf"] = saturate(server, files["zipf"], runs, seconds)
+        half = int(res["hot"]["qps"] / 2)
+        lat = dnsperf(server.port, files["hot"], seconds=min(seconds, 5), qps=half, verbose=True)
+        res["latency_at_half"] = {
+            "offered_qps": half,
+            "p50_ms": lat.get("p50_ms"),
+            "p99_ms": lat.get("p99_ms"),
+            "lost": lat["lost"],
+        }
+        miss = []
+        for run in range(runs):
+            f = miss_file(work, seconds, f"{name}{run}")
+            before = server.cpu_seconds()
+            r = dnsperf(server.port, f, seconds=seconds)
+            f.unlink()
+            r["cpu_us_per_answer"] = (server.cpu_seconds() - before) / max(1, r["completed"]) * 1e6
+            miss.append(r)
+        res["miss"] = {
+            "qps": statistics.median(m["qps"] for m in miss),
+            "qps_range": [min(m["qps"] for m in miss), max(m["qps"] for m in miss)],
+            "lost": sum(m["lost"] for m in miss),
+            "cpu_us_per_answer": round(statistics.median(m["cpu_us_per_answer"] for m in miss), 2),
+        }
+        return res
+    finally:
+        server.stop()
+
+
+def upstream_counts(work: Path, upstream: int, data: Path) -> dict[str, int]:
+    out = {}
+    for workers in (1, 2):
+        metrics = free_port()
+        server = start_ultranet(work, upstream, workers=workers, metrics=metrics)
+        try:
+            dnsperf(server.port, data, once=True)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read()
+            total = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.decode().splitlines()
+                if line.startswith("ultranet_dns_upstream_queries_total{")
+            )
+            out[f"workers_{workers}"] = int(total)
+        finally:
+            server.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench.dns")
+    p.add_argument("--json", action="store_true", help="print the results as JSON only")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per dnsperf run")
+    p.add_argument("--servers", default="ultranet,dnsmasq,unbound,dnsdist")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = p.parse_args(argv)
+    missing = check_tools()
+    if missing:
+        print(
+            f"missing tools: {' '.join(missing)} (apt-get install dnsperf nsd dnsmasq-base "
+            "unbound dnsdist util-linux)",
+            file=sys.stderr,
+        )
+        return 2
+    OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        work = Path(tmp)
+        nsd = start_nsd(work)
+        try:
+            files = {
+                "hot": write_queries(work / "hot.txt", [f"n{i}.{ZONE}" for i in range(1000)]),
+                "zipf": write_queries(work / "zipf.txt", zipf_names(1_000_000)),
+            }
+            up_file = write_queries(work / "zipf-300k.txt", zipf_names(300_000, seed=11))
+            results: dict[str, Any] = {
+                "command": " ".join(["python -m tools.bench.dns", *(argv or sys.argv[1:])]),
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "servers": {},
+            }
+            for name in args.servers.split(","):
+                results["servers"][name] = bench_server(
+                    name, work, nsd.port, files, args.runs, args.duration, args.loop
+                )
+                if not args.json:
+                    print(name, json.dumps(results["servers"][name]), flush=True)
+            if "ultranet" in args.servers:
+                results["upstream_queries_zipf_300k"] = upstream_counts(work, nsd.port, up_file)
+        finally:
+            nsd.stop()
+    (OUT / "last.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2) if args.json else _table(results))
+    return 0
+
+
+def _table(r: dict[str, Any]) -> str:
+    rows = [
+        "| server | hot QPS | zipf QPS | miss QPS | hot CPU µs/answer | miss CPU µs/answer "
+        "| p50 / p99 ms at half |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in r["servers"].items():
+        lat = s["latency_at_half"]
+        rows.append(
+            f"| {name} | {s['hot']['qps']:,.0f} | {s['zipf']['qps']:,.0f} | "
+            f"{s['miss']['qps']:,.0f} | {s['hot']['cpu_us_per_answer']} | "
+            f"{s['miss']['cpu_us_per_answer']} | {lat['p50_ms']:.3f} / {lat['p99_ms']:.3f} |"
+        )
+    if "upstream_queries_zipf_300k" in r:
+        rows.append(f"\nupstream queries, Zipf 300K: {r['upstream_queries_zipf_300k']}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The servers a benchmark run starts: NSD as the upstream, and the caching forwarders under test
+(ultranet-dns, dnsmasq, unbound with one thread, dnsdist), each forwarding to that NSD.
+
+Every server gets the same cache size and no logging, and is pinned with ``taskset`` to
+``SERVER_CPU``; NSD and dnsperf share ``LOAD_CPU``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVER_CPU = "0"
+LOAD_CPU = "1"
+CACHE_ENTRIES = 200_000
+ZONE = "bench."
+NAMES = 100_000
+REPO = Path(__file__).resolve().parents[3]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind(("127.0.0.1", 0))
+        port: int = u.getsockname()[1]
+    return port
+
+
+def wait_answering(port: int, timeout: float = 20.0) -> None:
+    """Until the server answers a query on ``port`` (any rcode), bounded."""
+    query = (
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ready\x05bench\x00\x00\x01\x00\x01"
+    )
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() < deadline:
+            s.sendto(query, ("127.0.0.1", port))
+            try:
+                if s.recv(4096)[:2] == b"\x12\x34":
+                    return
+            except TimeoutError:
+                continue
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+@dataclass
+class Running:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    pids: list[int] = field(default_factory=list)  # processes whose CPU time is counted
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server's processes (the supervisor's workers for ultranet)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids or [self.proc.pid]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _spawn(
+    argv: list[str], cpu: str, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["taskset", "-c", cpu, *argv],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def write_zone(work: Path) -> Path:
+    lines = [
+        f"$ORIGIN {ZONE}",
+        "$TTL 3600",
+        f"@ IN SOA ns.{ZONE} hostmaster.{ZONE} 1 3600 600 86400 3600",
+        f"@ IN NS ns.{ZONE}",
+        "ns IN A 198.18.0.1",
+        "ready IN A 198.18.0.2",
+    ]
+    rng = random.Random(1)
+    lines += [f"n{i} IN A 198.18.{rng.randrange(256)}.{rng.randrange(256)}" for i in range(NAMES)]
+    path = work / "bench.zone"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_nsd(work: Path) -> Running:
+    port = free_port()
+    zone = write_zone(work)
+    conf = work / "nsd.conf"
+    conf.write_text(f"""server:
+  ip-address: 127.0.0.1
+  port: {port}
+  server-count: 1
+  username: ""
+  chroot: ""
+  zonesdir: "{work}"
+  database: ""
+  zonelistfile: "{work}/zone.list"
+  xfrdfile: "{work}/xfrd.state"
+  pidfile: "{work}/nsd.pid"
+  logfile: "{work}/nsd.log"
+  verbosity: 0
+  rrl-ratelimit: 0
+  rrl-whitelist-ratelimit: 0
+remote-control:
+  control-enable: no
+zone:
+  name: "{ZONE}"
+  zonefile: "{zone}"
+""")
+    proc = _spawn(["nsd", "-d", "-c", str(conf)], LOAD_CPU, work / "nsd.out")
+    wait_answering(port)
+    return Running("nsd", port, proc)
+
+
+def start_ultranet(
+    work: Path, upstream: int, workers: int = 1, loop: str = "asyncio", metrics: int | None = None
+) -> Running:
+    port = free_port()
+    conf = work / "ultranet.yaml"
+    conf.write_text(
+        f"cache: {{capacity: {CACHE_ENTRIES}}}\nacl: [127.0.0.0/8]\n"
+        "upstream: {max_concurrent: 10000}\n"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "dnscache",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{upstream}",
+        "--workers",
+        str(workers),
+        "--config",
+        str(conf),
+        "--log-level",
+        "WARNING",
+        "--loop",
+        loop,
+    ]
+    if metrics is not None:
+        argv += ["--metrics", f"127.0.0.1:{metrics}"]
+    cpu = SERVER_CPU if workers == 1 else f"{SERVER_CPU},{LOAD_CPU}"
+    proc = _spawn(
+        argv, cpu, work / f"ultranet-{workers}.out", dict(os.environ, PYTHONPATH=str(REPO))
+    )
+    wait_answering(port)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    # taskset execs the supervisor in place, so proc.pid is the supervisor; count it too.
+    return Running("ultranet", port, proc, [proc.pid, *pids])
+
+
+def start_dnsmasq(work: Path, upstream: int) -> Running:
+    port = free_port()
+    argv = [
+        "dnsmasq",
+        "-k",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        f"--port={port}",
+        f"--server=127.0.0.1#{upstream}",
+        f"--cache-size={CACHE_ENTRIES}",
+        "--pid-file=",
+        "--user=root",
+        "--conf-file=/dev/null",
+    ]
+    proc = _spawn(argv, SERVER_CPU, work / "dnsmasq.out")
+    wait_answering(port)
+    return Running("dnsmasq", port, proc)
+
+
+def start_unbound(work: Path, upstream: int) -> Running:
+    port = free_port()
+    conf = work / "unbound.conf"
+    conf.write_text(f"""server:
+  interface: 127.0.0.1
+  port: {port}
+  num-threads: 1
+  do-daemonize: no
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  chroot: ""
+  username: ""
+  pidfile: ""
+  directory: "{work}"
+  access-control: 127.0.0.0/8 allow
+  do-not-query-localhost: no
+  module-config: "iterator"
+  msg-cache-size: 256m
+  rrset-cache-size: 512m
+  num-queries-per-thread: 4096
+  outgoing-range: 8192
+  qname-minimisation: no
+  minimal-responses: yes
+  domain-insecure: "{ZONE}"
+  local-zone: "{ZONE}" nodefault
+forward-zone:
+  name: "."
+  forward-addr: 127.0.0.1@{upstream}
+remote-control:
+  control-enable: no
+""")
+    proc = _spawn(["unbound", "-d", "-c", str(conf)], SERVER_CPU, work / "unbound.out")
+    wait_answering(port)
+    return Running("unbound", port, proc)
+
+
+def start_dnsdist(work: Path, upstream: int) -> Running:
+    port = free_port()
+    conf = work / "dnsdist.conf"
+    conf.write_text(f"""setSecurityPollSuffix("")
+setLocal("127.0.0.1:{port}")
+addACL("127.0.0.0/8")
+newServer({{address="127.0.0.1:{upstream}", checkName="ready.{ZONE}"}})
+pc = newPacketCache({CACHE_ENTRIES}, {{maxTTL=86400}})
+getPool(""):setCache(pc)
+""")
+    argv = ["dnsdist", "--supervised", "--disable-syslog", "-C", str(conf)]
+    proc = _spawn(argv, SERVER_CPU, work / "dnsdist.out")
+    wait_answering(port)
+    return Running("dnsdist", port, proc)
+
+
+STARTERS = {
+    "ultranet": start_ultranet,
+    "dnsmasq": start_dnsmasq,
+    "unbound": start_unbound,
+    "dnsdist": start_dnsdist,
+}
+
+
+def check_tools() -> list[str]:
+    return [
+        t
+        for t in ("dnsperf", "nsd", "dnsmasq", "unbound", "dnsdist", "taskset")
+        if shutil.which(t) is None
+    ]

@@ -10,18 +10,33 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-DEBIAN_TOOLS := ip:iproute2
+# What the tests need from Debian, as check:package; a check is a command on PATH or an
+# absolute path (for packages that ship no command of that name).
+DEBIAN_TOOLS := ip:iproute2 setpriv:util-linux dig:bind9-dnsutils iptables:iptables \
+	go:golang-go /usr/share/gocode/src/github.com/containernetworking/cni:golang-github-appc-cni-dev \
+	/usr/lib/cni/ptp:containernetworking-plugins
+# What the benchmarks add: the peers they measure against, and the load generator.
+BENCH_TOOLS := dnsperf:dnsperf nsd:nsd dnsmasq:dnsmasq-base unbound:unbound dnsdist:dnsdist
 
-.PHONY: help demo test lint typecheck unit deps venv clean
+.PHONY: help demo test lint typecheck unit deps bench-deps debian-install venv clean bench
 
 help:
 	@echo "make demo   - create .venv, install, run the lab demo (p5.48xlarge node)"
 	@echo "make test   - create .venv, install, run lint, type checks and every test"
 
 deps:
-	@missing=""; for pair in $(DEBIAN_TOOLS); do \
-	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
-	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	@$(MAKE) --no-print-directory debian-install TOOLS="$(DEBIAN_TOOLS)"
+
+bench-deps: deps
+	@$(MAKE) --no-print-directory debian-install TOOLS="$(BENCH_TOOLS)"
+
+debian-install:
+	@missing=""; for pair in $(TOOLS); do \
+	  check=$${pair%:*}; pkg=$${pair##*:}; \
+	  case $$check in \
+	    /*) test -e $$check || missing="$$missing $$pkg" ;; \
+	    *) command -v $$check >/dev/null 2>&1 || missing="$$missing $$pkg" ;; \
+	  esac; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -64,3 +79,10 @@ test: deps venv lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Long benchmarks, apart from `make test`; figures go in each package README.
+bench: bench-deps venv
+	$(VPY) -m tools.bench.ipam
+	$(VPY) -m tools.bench.cni
+	$(VPY) -m tools.bench.dns
+	$(VPY) tools/bench/nau/run.py

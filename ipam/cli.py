@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
+    from cni.handler import CniHandler, HandlerConfig
+    from cni.plumbing import Plumbing
+    from cni.transport import replay_spool, serve
     from ipam.agent import NodeAgent
+    from ipam.cni_backend import AgentBackend, host_veth_alive
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
     def hostnet() -> HostNetwork:
@@ -49,8 +53,11 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
 
         return HostNetwork()
 
-    agent = NodeAgent(config, hostnet=hostnet)
+    log = logging.getLogger("ultranet.ipamd")
+    agent = NodeAgent(config, hostnet=hostnet, pod_alive=host_veth_alive())
     servers: list[ApiServer | HttpServer] = []
+    cni_server: asyncio.Server | None = None
+    plumbing: Plumbing | None = None
     try:
         await agent.start()
         api = ApiServer(agent, config.socket)
@@ -63,10 +70,26 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
             http = HttpServer(str(address.host), address.port, routes)
             await http.start()
             servers.append(http)
-        logging.getLogger("ultranet.ipamd").info("serving on %s", config.socket)
+        plumbing = await Plumbing.open()
+        handler = CniHandler(
+            AgentBackend(agent),
+            plumbing,
+            HandlerConfig(enable_multi_nic=config.enable_multi_nic, spool_dir=config.cni_spool),
+        )
+        # DELs the shim spooled while no daemon listened: done before new ADDs arrive.
+        still_failing = await replay_spool(config.cni_spool, handler.handle)
+        if still_failing:
+            log.warning("%d spooled DEL(s) still fail; kept for the next start", len(still_failing))
+        cni_server = await serve(config.cni_socket, handler.handle)
+        log.info("serving IPAM on %s and CNI on %s", config.socket, config.cni_socket)
         await stop.wait()
         return 0
     finally:
+        if cni_server is not None:
+            cni_server.close()
+            await cni_server.wait_closed()
+        if plumbing is not None:
+            await plumbing.close()
         for server in reversed(servers):
             await server.close()
         await agent.stop()

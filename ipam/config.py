@@ -84,6 +84,8 @@ class IpamdConfig:
     max_pods: int | None = None  # None: derived by the daemon
     warm_eni_target: int | None = None  # accepted and ignored (prefix mode)
     socket: Path = Path("/run/ultranet/ipamd.sock")
+    cni_socket: Path = Path("/run/ultranet/cni.sock")  # where the CNI shim connects
+    cni_spool: Path = Path("/var/lib/ultranet/cni-spool")  # DELs the shim kept while we were down
     state_dir: Path = Path("/var/lib/ultranet")
     metrics_addr: BindAddress = BindAddress(IPv4Address("127.0.0.1"), 61678)
     introspection_addr: BindAddress = BindAddress(IPv4Address("127.0.0.1"), 61679)
@@ -283,6 +285,8 @@ KNOBS: Mapping[str, Knob] = MappingProxyType(
             Knob("WARM_ENI_TARGET", "warm_eni_target", _count),
             Knob("MAX_PODS", "max_pods", _positive),
             Knob("ULTRANET_SOCKET", "socket", _socket_path, text_only=True),
+            Knob("ULTRANET_CNI_SOCKET", "cni_socket", _socket_path, text_only=True),
+            Knob("ULTRANET_CNI_SPOOL", "cni_spool", _abs_path, text_only=True),
             Knob("ULTRANET_STATE_DIR", "state_dir", _abs_path, text_only=True),
             Knob("ULTRANET_METRICS_ADDR", "metrics_addr", _bind_address, text_only=True),
             Knob(

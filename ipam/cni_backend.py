@@ -1,0 +1,67 @@
+"""The node agent as the CNI handler's IPAM backend (``cni.backend.IpamBackend``).
+
+The CNI logic lives in ``cni/`` and runs inside the daemon; this adapter is the only
+place the two meet, so neither package imports the other's internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+from cni.backend import BackendStatus, BackendUnavailable
+from ipam.agent import AgentError, NodeAgent
+from ipam.keys import IpamKey, PodRef
+from ipam.pool import Allocation
+
+
+class AgentBackend:
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+
+    def _started(self) -> NodeAgent:
+        if self.agent.pool is None:
+            raise BackendUnavailable("ultranet-ipamd is still starting")
+        return self.agent
+
+    async def allocate(self, key: IpamKey, pod: PodRef, *, multi_nic: bool) -> Allocation:
+        return await self._started().allocate(key, pod, multi_nic=multi_nic)
+
+    async def release(self, key: IpamKey) -> Allocation | None:
+        return await self._started().release(key)
+
+    async def gc(self, valid: Collection[IpamKey]) -> list[Allocation]:
+        networks = {key.network for key in valid}
+        released: list[Allocation] = []
+        for network in networks:
+            released += await self._started().gc(
+                network, [k for k in valid if k.network == network]
+            )
+        return released
+
+    def lookup(self, key: IpamKey) -> Allocation | None:
+        return self._started().lookup(key)
+
+    async def status(self) -> BackendStatus:
+        try:
+            status = await self._started().status()
+        except AgentError as err:
+            raise BackendUnavailable(str(err)) from err
+        return BackendStatus(
+            ready=status.ready, reason=status.reason, free_addresses=dict(status.free_addresses)
+        )
+
+
+def host_veth_alive(veth_prefix: str = "eni") -> Callable[[Allocation], bool]:
+    """A ``pod_alive`` check for restarts: the pod's host-side veth still exists.
+
+    The VPC CNI drops, after a restart, allocations whose host veth is gone (vpc-cni.md
+    §2): the pod went away while the daemon was down and its DEL was lost.
+    """
+    from cni.plumbing import host_ifname
+
+    def alive(allocation: Allocation) -> bool:
+        name = host_ifname(allocation.key, 0, veth_prefix)
+        return Path("/sys/class/net", name).exists()
+
+    return alive

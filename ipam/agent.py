@@ -360,7 +360,9 @@ class NodeAgent:
         if lost:
             self.metrics.force_removed.inc(len(lost))
         if self._pod_alive is not None:
-            gone = [a for a in self.pool.allocations() if not self._pod_alive(a)]
+            gone = [
+                a for a in self.pool.allocations() if a.origin == "cni" and not self._pod_alive(a)
+            ]
             for allocation in gone:
                 log.info("dropping %s: its pod's namespace and host veth are gone", allocation.key)
                 self.datastore.release(allocation.key, self._clock())
@@ -398,14 +400,16 @@ class NodeAgent:
             raise AgentError("the agent has not started")
         return self.pool, self.datastore
 
-    async def allocate(self, key: IpamKey, pod: PodRef, *, multi_nic: bool) -> Allocation:
+    async def allocate(
+        self, key: IpamKey, pod: PodRef, *, multi_nic: bool, origin: str = "api"
+    ) -> Allocation:
         pool, store = self._require()
         started = self._clock()
         if multi_nic and not self.config.enable_multi_nic:
             raise AgentError("a multi-NIC allocation needs ENABLE_MULTI_NIC=true on the node")
         cards = pool.cards if multi_nic else [0]
         try:
-            allocation = store.allocate(key, pod, started, cards=cards)
+            allocation = store.allocate(key, pod, started, cards=cards, origin=origin)
         except PoolExhausted:
             self.metrics.allocation_errors.labels("exhausted").inc()
             self._wake.set()

@@ -25,7 +25,7 @@ class AgentBackend:
         return self.agent
 
     async def allocate(self, key: IpamKey, pod: PodRef, *, multi_nic: bool) -> Allocation:
-        return await self._started().allocate(key, pod, multi_nic=multi_nic)
+        return await self._started().allocate(key, pod, multi_nic=multi_nic, origin="cni")
 
     async def release(self, key: IpamKey) -> Allocation | None:
         return await self._started().release(key)

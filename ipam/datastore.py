@@ -67,6 +67,7 @@ def _record_to_json(record: AllocationRecord) -> dict[str, Any]:
         "k8sPodName": record.pod.name,
         "addresses": [{"card": a.card, "ipv4": str(a.address)} for a in record.addresses],
         "allocatedAt": record.allocated_at,
+        "origin": record.origin,
     }
 
 
@@ -86,6 +87,7 @@ def _record_from_json(raw: dict[str, Any]) -> AllocationRecord:
             RecordedAddress(int(a["card"]), IPv4Address(a["ipv4"])) for a in raw["addresses"]
         ),
         allocated_at=float(raw["allocatedAt"]),
+        origin=str(raw.get("origin", "api")),
     )
 
 
@@ -330,13 +332,19 @@ class Datastore:
         return RestoreReport(len(records) - len(dropped), tuple(dropped), report.torn_tail_bytes)
 
     def allocate(
-        self, key: IpamKey, pod: PodRef, now: float, *, cards: Sequence[int] = (0,)
+        self,
+        key: IpamKey,
+        pod: PodRef,
+        now: float,
+        *,
+        cards: Sequence[int] = (0,),
+        origin: str = "api",
     ) -> Allocation:
         """Allocate in memory and stage its journal line; durable after ``commit``."""
         existing = self.pool.get(key)
         if existing is not None:
             return existing
-        allocation = self.pool.allocate(key, pod, now, cards=cards)
+        allocation = self.pool.allocate(key, pod, now, cards=cards, origin=origin)
         self.journal.stage_add(allocation.record())
         self._pending_adds.append(key)
         return allocation

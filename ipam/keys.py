@@ -106,3 +106,6 @@ class AllocationRecord:
     pod: PodRef
     addresses: tuple[RecordedAddress, ...]
     allocated_at: float  # the daemon's clock when it was handed out; informational
+    # "cni": made by the CNI handler, which plumbs a host veth for it, so a restart may
+    # drop it when that veth is gone; "api": made through the socket API, kept as is.
+    origin: str = "api"

@@ -115,6 +115,7 @@ class Allocation:
     pod: PodRef
     leases: tuple[Lease, ...]
     allocated_at: float
+    origin: str = "api"  # see AllocationRecord.origin
 
     def record(self) -> AllocationRecord:
         return AllocationRecord(
@@ -122,6 +123,7 @@ class Allocation:
             self.pod,
             tuple(RecordedAddress(lease.card, lease.address) for lease in self.leases),
             self.allocated_at,
+            self.origin,
         )
 
 
@@ -415,7 +417,13 @@ class AddressPool:
         return self._allocations.get(key)
 
     def allocate(
-        self, key: IpamKey, pod: PodRef, now: float, *, cards: Sequence[int] = (0,)
+        self,
+        key: IpamKey,
+        pod: PodRef,
+        now: float,
+        *,
+        cards: Sequence[int] = (0,),
+        origin: str = "api",
     ) -> Allocation:
         """An address on each of ``cards`` for ``key``; the same key gets the same answer.
 
@@ -439,7 +447,7 @@ class AddressPool:
         for pool in pools:
             prefix, offset = pool.take(key, now)
             leases.append(pool.lease(prefix, offset))
-        allocation = Allocation(key, pod, tuple(leases), now)
+        allocation = Allocation(key, pod, tuple(leases), now, origin)
         self._allocations[key] = allocation
         return allocation
 
@@ -502,6 +510,6 @@ class AddressPool:
                 continue
             leases = tuple(self.card(r.card).claim(r.address, record.key) for r in record.addresses)
             self._allocations[record.key] = Allocation(
-                record.key, record.pod, leases, record.allocated_at
+                record.key, record.pod, leases, record.allocated_at, record.origin
             )
         return dropped

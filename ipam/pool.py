@@ -143,6 +143,7 @@ class PoolUsage:
 class _Prefix:
     network: IPv4Network
     eni_id: str
+    base: int = 0  # int(network address): the hot path keys by it, not by IPv4Network
     free: set[int] = field(default_factory=lambda: set(range(PREFIX_SIZE)))
     assigned: dict[int, IpamKey] = field(default_factory=dict)
     cooling: dict[int, float] = field(default_factory=dict)  # offset -> usable again at
@@ -152,7 +153,7 @@ class _Prefix:
         return len(self.assigned) + len(self.cooling)
 
     def address(self, offset: int) -> IPv4Address:
-        return self.network.network_address + offset
+        return IPv4Address(self.base + offset)
 
 
 class CardPool:
@@ -162,10 +163,12 @@ class CardPool:
         self.card = card
         self.cooldown_s = cooldown_s
         self._enis: dict[str, EniInfo] = {}
+        self._eni_facts: dict[str, tuple[IPv4Address, int]] = {}  # gateway, route table
         self._prefixes: dict[IPv4Network, _Prefix] = {}
+        self._by_base: dict[int, _Prefix] = {}
         # Prefixes with a usable address, by how many addresses they hold (0..15).
-        self._by_used: list[set[IPv4Network]] = [set() for _ in range(PREFIX_SIZE)]
-        self._cooling: list[tuple[float, IPv4Network, int]] = []  # heap by expiry
+        self._by_used: list[set[int]] = [set() for _ in range(PREFIX_SIZE)]  # prefix bases
+        self._cooling: list[tuple[float, int, int]] = []  # (until, base, offset), by expiry
         self._assigned = 0
 
     # -- ENIs and prefixes -----------------------------------------------------------
@@ -190,6 +193,7 @@ class CardPool:
                     f"not {eni.eni_id}"
                 )
         self._enis[eni.eni_id] = eni
+        self._eni_facts[eni.eni_id] = (eni.gateway, eni.route_table)
 
     def remove_eni(self, eni_id: str, *, force: bool = False) -> list[IpamKey]:
         """Drop an ENI and its prefixes; ``force`` also drops its pods' addresses.
@@ -206,6 +210,7 @@ class CardPool:
         for prefix in prefixes:
             self._drop_prefix(prefix)
         del self._enis[eni_id]
+        del self._eni_facts[eni_id]
         return lost
 
     def add_prefix(self, eni_id: str, network: IPv4Network) -> None:
@@ -218,9 +223,10 @@ class CardPool:
             raise Conflict(f"prefix {network} is already on {self._prefixes[network].eni_id}")
         if len(self.prefixes_of(eni_id)) >= eni.max_prefixes:
             raise InvalidPrefix(network, f"{eni_id} already holds {eni.max_prefixes} prefixes")
-        prefix = _Prefix(network, eni_id)
+        prefix = _Prefix(network, eni_id, int(network.network_address))
         self._prefixes[network] = prefix
-        self._by_used[0].add(network)
+        self._by_base[prefix.base] = prefix
+        self._by_used[0].add(prefix.base)
 
     def remove_prefix(self, network: IPv4Network) -> None:
         """Drop a prefix that holds no pod (cooling addresses go with it)."""
@@ -253,15 +259,21 @@ class CardPool:
             bucket = self._by_used[used]
             if bucket:
                 # min() keeps the choice deterministic across runs and restarts.
-                prefix = self._prefixes[min(bucket)]
+                prefix = self._by_base[min(bucket)]
                 offset = min(prefix.free)
                 self._occupy(prefix, offset, key)
                 return prefix, offset
         raise PoolExhausted([self.card], self._exhausted_detail())
 
     def give_back(self, address: IPv4Address, key: IpamKey, now: float) -> None:
-        """Release ``address`` held by ``key`` into cooldown."""
-        prefix, offset = self._locate(address)
+        """Release ``address`` held by ``key`` into cooldown; nothing if its prefix is gone
+        (it went with a force-removed ENI)."""
+        value = int(address)
+        base = value & ~(PREFIX_SIZE - 1)
+        prefix = self._by_base.get(base)
+        if prefix is None:
+            return
+        offset = value - base
         if prefix.assigned.get(offset) != key:
             return  # not (or no longer) ``key``'s: release stays idempotent
         self._unbucket(prefix)
@@ -282,15 +294,16 @@ class CardPool:
 
     def lease(self, prefix: _Prefix, offset: int) -> Lease:
         eni = self._enis[prefix.eni_id]
+        gateway, table = self._eni_facts[eni.eni_id]
         return Lease(
-            card=self.card,
-            address=prefix.address(offset),
-            prefix=prefix.network,
-            eni_id=eni.eni_id,
-            device=eni.device,
-            route_table=eni.route_table,
-            gateway=eni.gateway,
-            subnet=eni.subnet,
+            self.card,
+            prefix.address(offset),
+            prefix.network,
+            eni.eni_id,
+            eni.device,
+            table,
+            gateway,
+            eni.subnet,
         )
 
     def usage(self, now: float) -> PoolUsage:
@@ -334,19 +347,20 @@ class CardPool:
             raise UnknownPrefix(network) from None
 
     def _locate(self, address: IPv4Address) -> tuple[_Prefix, int]:
-        network = IPv4Network((int(address) & ~(PREFIX_SIZE - 1), PREFIX_LEN))
-        prefix = self._prefixes.get(network)
+        value = int(address)
+        base = value & ~(PREFIX_SIZE - 1)
+        prefix = self._by_base.get(base)
         if prefix is None:
-            raise UnknownPrefix(network)
-        return prefix, int(address) - int(network.network_address)
+            raise UnknownPrefix(IPv4Network((base, PREFIX_LEN)))
+        return prefix, value - base
 
     def _unbucket(self, prefix: _Prefix) -> None:
         if prefix.used < PREFIX_SIZE:
-            self._by_used[prefix.used].discard(prefix.network)
+            self._by_used[prefix.used].discard(prefix.base)
 
     def _bucket(self, prefix: _Prefix) -> None:
         if prefix.free:
-            self._by_used[prefix.used].add(prefix.network)
+            self._by_used[prefix.used].add(prefix.base)
 
     def _occupy(self, prefix: _Prefix, offset: int, key: IpamKey) -> None:
         self._unbucket(prefix)
@@ -361,14 +375,14 @@ class CardPool:
         if self.cooldown_s > 0:
             until = now + self.cooldown_s
             prefix.cooling[offset] = until
-            heapq.heappush(self._cooling, (until, prefix.network, offset))
+            heapq.heappush(self._cooling, (until, prefix.base, offset))
         else:
             prefix.free.add(offset)
 
     def _expire(self, now: float) -> None:
         while self._cooling and self._cooling[0][0] <= now:
-            until, network, offset = heapq.heappop(self._cooling)
-            prefix = self._prefixes.get(network)
+            until, base, offset = heapq.heappop(self._cooling)
+            prefix = self._by_base.get(base)
             if prefix is None or prefix.cooling.get(offset) != until:
                 continue  # the prefix went away, or the address was claimed since
             self._unbucket(prefix)
@@ -380,6 +394,7 @@ class CardPool:
         self._unbucket(prefix)
         self._assigned -= len(prefix.assigned)
         del self._prefixes[prefix.network]
+        del self._by_base[prefix.base]
 
     def _exhausted_detail(self) -> str:
         cooling = sum(len(p.cooling) for p in self._prefixes.values())
@@ -462,8 +477,7 @@ class AddressPool:
     def _give_back(self, allocation: Allocation, now: float) -> None:
         for lease in allocation.leases:
             pool = self._cards.get(lease.card)
-            # A lease whose prefix went with a force-removed ENI has nothing to give back.
-            if pool is not None and pool.holds(lease.address):
+            if pool is not None:
                 pool.give_back(lease.address, allocation.key, now)
 
     def remove_eni(

@@ -152,6 +152,10 @@ class NodeAgent:
         self._manager: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._busy = asyncio.Lock()  # one grow/shrink at a time
+        self._latency = {
+            op: self.metrics.allocation_seconds.labels(op) for op in ("allocate", "release")
+        }
+        self._exhausted = self.metrics.allocation_errors.labels("exhausted")
         self.started_at = 0.0
         self.ready_at: float | None = None
 
@@ -403,31 +407,49 @@ class NodeAgent:
     async def allocate(
         self, key: IpamKey, pod: PodRef, *, multi_nic: bool, origin: str = "api"
     ) -> Allocation:
-        pool, store = self._require()
         started = self._clock()
+        allocation, durable = self.allocate_staged(key, pod, multi_nic=multi_nic, origin=origin)
+        await asyncio.shield(durable)
+        self.observe("allocate", started)
+        return allocation
+
+    def allocate_staged(
+        self, key: IpamKey, pod: PodRef, *, multi_nic: bool, origin: str = "api"
+    ) -> tuple[Allocation, asyncio.Future[None]]:
+        """Allocate in memory; the future resolves once the allocation is durable, and
+        only then may it be acknowledged. The socket server uses this directly, with a
+        callback instead of a coroutine per request."""
+        pool, store = self._require()
         if multi_nic and not self.config.enable_multi_nic:
             raise AgentError("a multi-NIC allocation needs ENABLE_MULTI_NIC=true on the node")
         cards = pool.cards if multi_nic else [0]
         try:
-            allocation = store.allocate(key, pod, started, cards=cards, origin=origin)
+            allocation = store.allocate(key, pod, self._clock(), cards=cards, origin=origin)
         except PoolExhausted:
-            self.metrics.allocation_errors.labels("exhausted").inc()
+            self._exhausted.inc()
             self._wake.set()
             raise
-        await self._durable()
         self._wake.set()
-        self.metrics.allocation_seconds.labels("allocate").observe(self._clock() - started)
-        return allocation
+        return allocation, self._durable()
 
     async def release(self, key: IpamKey) -> Allocation | None:
-        _, store = self._require()
         started = self._clock()
-        allocation = store.release(key, started)
-        if allocation is not None:
-            await self._durable()
-            self._wake.set()
-        self.metrics.allocation_seconds.labels("release").observe(self._clock() - started)
+        allocation, durable = self.release_staged(key)
+        if durable is not None:
+            await asyncio.shield(durable)
+        self.observe("release", started)
         return allocation
+
+    def release_staged(self, key: IpamKey) -> tuple[Allocation | None, asyncio.Future[None] | None]:
+        _, store = self._require()
+        allocation = store.release(key, self._clock())
+        if allocation is None:
+            return None, None
+        self._wake.set()
+        return allocation, self._durable()
+
+    def observe(self, op: str, started: float) -> None:
+        self._latency[op].observe(self._clock() - started)
 
     async def gc(self, network: str, valid: Collection[IpamKey]) -> list[Allocation]:
         """Release this network's allocations that the runtime no longer knows."""
@@ -438,7 +460,7 @@ class NodeAgent:
         for allocation in stale:
             store.release(allocation.key, now)
         if stale:
-            await self._durable()
+            await asyncio.shield(self._durable())
             self._wake.set()
         return stale
 
@@ -461,19 +483,19 @@ class NodeAgent:
         reason = "warm pool met" if steady else self._not_ready_reason()
         return AgentStatus(self._ready.is_set(), reason, free, tuple(pool.cards))
 
-    async def _durable(self) -> None:
-        """Wait for the group commit that covers what this request staged.
+    def _durable(self) -> asyncio.Future[None]:
+        """The group commit that will cover what was just staged.
 
         The sync runs on a worker thread while this loop keeps applying requests into the
         next batch, so throughput is not one fsync per request but one per batch.
         """
-        loop = asyncio.get_running_loop()
         if self._next_commit is None:
+            loop = asyncio.get_running_loop()
             self._next_commit = loop.create_future()
             if self._committing is None:
                 # call_soon: requests already read in this loop iteration join the batch.
                 loop.call_soon(self._start_commit)
-        await asyncio.shield(self._next_commit)
+        return self._next_commit
 
     def _start_commit(self) -> None:
         assert self.datastore is not None

@@ -12,7 +12,7 @@ Operations:
 
 ==========  ===================================================================
 allocate    network, container_id, ifname, pod_namespace, pod_name, multi_nic
-release     network, container_id, ifname  (idempotent)
+release     network, container_id, ifname  (idempotent): {"released": true|false}
 gc          network, valid: [[container_id, ifname], ...]
 status      (none)
 list        (none): every allocation, for operators and tests

@@ -58,6 +58,7 @@ T = TypeVar("T")
 SUBNET_COOLDOWN_S = 120.0  # after InsufficientCidrBlocks, as the VPC CNI waits
 FREED_PREFIX_COOLDOWN_S = 60.0  # a released prefix is not re-adopted from IMDS sooner
 MANAGE_INTERVAL_S = 5.0  # the pool is also re-planned at least this often
+RECONCILE_INTERVAL_S = 60.0  # IMDS is compared with the pool this often, as the VPC CNI does
 ERROR_BACKOFF_S = (1.0, 60.0)  # after a failed grow/shrink step: first and longest wait
 LINK_WAIT_S = 30.0  # a hot-plugged ENI's link appears within this on EC2
 ENI_DESCRIPTION = "ultranet pod addresses"
@@ -158,6 +159,7 @@ class NodeAgent:
         self._exhausted = self.metrics.allocation_errors.labels("exhausted")
         self.started_at = 0.0
         self.ready_at: float | None = None
+        self._reconciled_at = 0.0
 
     # -- start and stop --------------------------------------------------------------
 
@@ -591,6 +593,8 @@ class NodeAgent:
             self._wake.clear()
             try:
                 async with self._busy:
+                    if self._clock() - self._reconciled_at >= RECONCILE_INTERVAL_S:
+                        await self._reconcile()
                     await self._step()
                 failures = 0
             except (UltranetError, OSError) as err:
@@ -598,6 +602,105 @@ class NodeAgent:
                 delay = min(ERROR_BACKOFF_S[1], ERROR_BACKOFF_S[0] * 2 ** (failures - 1))
                 log.error("pool step failed (%s); next try in %.0f s", err, delay)
                 await asyncio.sleep(delay)
+
+    async def reconcile(self) -> None:
+        """Compare the pool with IMDS now (tests drive this directly)."""
+        async with self._busy:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Follow changes made behind the daemon's back, trusting EC2 over IMDS.
+
+        IMDS is read every time (it is free); EC2 is asked only when IMDS and the pool
+        disagree, because IMDS lags: a prefix it lists may have been released, an ENI it
+        no longer lists may only be slow to show. EC2's answer is applied: ENIs it says
+        are gone are force-removed with their pods (counted in
+        ``ultranet_ipamd_force_removed_allocations_total``), prefixes it says are ours are
+        adopted, prefixes it says are not are dropped.
+        """
+        assert self.pool is not None and self.node is not None and self.datastore is not None
+        self._reconciled_at = self._clock()
+        interfaces = await asyncio.to_thread(self._imds.interfaces, primary_mac=None)
+        seen = {i.interface_id: i for i in interfaces if i.network_card in self.pool.cards}
+        freed_after = self._wall() - FREED_PREFIX_COOLDOWN_S
+        disagree = False
+        for card in self.pool.cards:
+            pool = self.pool.card(card)
+            for info in pool.enis:
+                listed = seen.get(info.eni_id)
+                if listed is None:
+                    disagree = True
+                    continue
+                imds_prefixes = {
+                    p for p in listed.ipv4_prefixes if self._freed.get(p, 0.0) <= freed_after
+                }
+                if imds_prefixes != set(pool.prefixes_of(info.eni_id)):
+                    disagree = True
+        for interface in seen.values():
+            if interface.interface_id not in self._enis and not interface.maybe_efa_only:
+                disagree = True
+        if not disagree:
+            return
+        ec2 = self._ec2()
+        states = await asyncio.to_thread(ec2.describe_instance_enis, self.node.instance_id)
+        attached = {s.eni_id: s for s in states if s.card in self.pool.cards}
+        now = self._clock()
+        for card in self.pool.cards:
+            pool = self.pool.card(card)
+            for info in list(pool.enis):
+                state = attached.get(info.eni_id)
+                if state is None:
+                    lost = self.pool.remove_eni(card, info.eni_id, now, force=True)
+                    self._enis.pop(info.eni_id, None)
+                    self.cards[card].devices_taken.discard(info.device)
+                    self.datastore.drop(lost)
+                    self.metrics.force_removed.inc(len(lost))
+                    log.warning(
+                        "EC2 says %s is no longer attached: removed it and %d allocation(s)",
+                        info.eni_id,
+                        len(lost),
+                    )
+                    continue
+                held = set(pool.prefixes_of(info.eni_id))
+                for prefix in set(state.prefixes) - held:
+                    log.info("EC2 says %s holds %s: adopting it", info.eni_id, prefix)
+                    pool.add_prefix(info.eni_id, prefix)
+                    self._freed.pop(prefix, None)
+                for prefix in held - set(state.prefixes):
+                    lost = self._drop_prefix(card, prefix, now)
+                    log.warning(
+                        "EC2 says %s no longer holds %s: dropped it and %d allocation(s)",
+                        info.eni_id,
+                        prefix,
+                        len(lost),
+                    )
+        for interface in seen.values():
+            state = attached.get(interface.interface_id)
+            if state is None or interface.interface_id in self._enis:
+                continue
+            if state.primary_ip is None or interface.subnet_cidr is None:
+                continue  # efa-only: never used for pods
+            self.cards[interface.network_card].devices_taken.add(interface.device_number)
+            self._adopt(interface, skip_freed_after=self._wall() - FREED_PREFIX_COOLDOWN_S)
+            log.info("adopted %s, attached behind our back", interface.interface_id)
+        await self._setup_pending_hosts()
+        if self.datastore.journal.staged:
+            await asyncio.shield(self._durable())
+        self._update_metrics()
+
+    def _drop_prefix(self, card: int, prefix: IPv4Network, now: float) -> list[Allocation]:
+        """Remove a prefix EC2 took back, and the allocations that were on it."""
+        assert self.pool is not None and self.datastore is not None
+        lost = [
+            a
+            for a in self.pool.allocations()
+            if any(lease.card == card and lease.prefix == prefix for lease in a.leases)
+        ]
+        for allocation in lost:
+            self.datastore.release(allocation.key, now)
+        self.metrics.force_removed.inc(len(lost))
+        self.pool.card(card).remove_prefix(prefix)
+        return lost
 
     async def step(self) -> None:
         """One grow-or-shrink pass over every card (tests drive this directly)."""

@@ -233,3 +233,51 @@ def test_allocations_on_a_prefix_imds_does_not_show_yet_are_checked_with_ec2(
             assert again.agent.lookup(key(n)).leases[0].address == held[n]  # type: ignore[union-attr]
         fresh = again.run(again.agent.allocate(key(100), POD, multi_nic=False))
         assert fresh.leases[0].address not in held.values()  # type: ignore[attr-defined]
+
+
+def test_reconcile_follows_ec2_changes_made_behind_the_agents_back(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    env = {"IP_COOLDOWN_PERIOD": "0", "WARM_PREFIX_TARGET": "0", "WARM_IP_TARGET": "1"}
+    with agent_in(lab, tmp_path, env) as run:
+        lab.cloud.requests.clear()
+        run.run(run.agent.reconcile())
+        assert lab.cloud.requests.count() == 0  # IMDS agrees: EC2 is not asked
+
+        ec2 = ec2_client(lab)
+        primary = lab.cloud.enis_of(lab.instance_id)[0].eni_id
+        added = ec2.assign_private_ip_addresses(NetworkInterfaceId=primary, Ipv4PrefixCount=1)[
+            "AssignedIpv4Prefixes"
+        ][0]["Ipv4Prefix"]
+        extra = ec2.create_network_interface(SubnetId=lab.subnet_ids[0], Ipv4PrefixCount=1)[
+            "NetworkInterface"
+        ]
+        attachment = ec2.attach_network_interface(
+            NetworkInterfaceId=extra["NetworkInterfaceId"],
+            InstanceId=lab.instance_id,
+            DeviceIndex=1,
+        )["AttachmentId"]
+        run.run(run.agent.reconcile())
+        card = run.agent.pool.card(0)  # type: ignore[union-attr]
+        assert IPv4Network(added) in card.prefixes_of(primary)
+        assert extra["NetworkInterfaceId"] in {e.eni_id for e in card.enis}
+
+        # Pods on every prefix, then the extra ENI is detached by someone else.
+        for n in range(48):
+            run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        on_extra = [
+            a.key
+            for a in run.agent.allocations()
+            if a.leases[0].eni_id == extra["NetworkInterfaceId"]
+        ]
+        assert len(on_extra) == 16
+        ec2.detach_network_interface(AttachmentId=attachment)
+        run.run(run.agent.reconcile())
+        assert extra["NetworkInterfaceId"] not in {e.eni_id for e in card.enis}
+        assert all(run.agent.lookup(k) is None for k in on_extra)  # those pods lost them
+        assert len(run.agent.allocations()) == 32
+        assert run.agent.metrics.force_removed._value.get() == 16
+        # And it is durable: a restart does not bring them back.
+    with agent_in(lab, tmp_path, env) as again:
+        assert len(again.agent.allocations()) == 32

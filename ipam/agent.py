@@ -383,7 +383,7 @@ class NodeAgent:
     async def _reconcile_with_ec2(self) -> None:
         """Adopt what EC2 says our ENIs hold (EC2 wins over a lagging IMDS)."""
         assert self.node is not None and self.pool is not None
-        ec2 = self._ec2()
+        ec2 = await self._ec2()
         states = await asyncio.to_thread(ec2.describe_instance_enis, self.node.instance_id)
         for state in states:
             if state.card not in self.pool.cards or state.primary_ip is None:
@@ -641,7 +641,7 @@ class NodeAgent:
                 disagree = True
         if not disagree:
             return
-        ec2 = self._ec2()
+        ec2 = await self._ec2()
         states = await asyncio.to_thread(ec2.describe_instance_enis, self.node.instance_id)
         attached = {s.eni_id: s for s in states if s.card in self.pool.cards}
         now = self._clock()
@@ -708,27 +708,51 @@ class NodeAgent:
             await self._step()
 
     async def _step(self) -> None:
+        """Grow or shrink the cards that need it, most urgent first, re-judged after each.
+
+        With 32 cards behind one EC2 rate limit, topping them up in index order let card 0
+        (every pod's card) run dry while cards 1-31 waited their turn; so each turn goes to
+        the growing card with the fewest usable addresses, and a card that ran low again
+        meanwhile gets another turn.
+        """
         assert self.pool is not None
-        for card in self.pool.cards:
-            plan = self.plan(card)
-            self.cards[card].last_plan = plan
-            if plan.add_prefixes:
+        turns = 2 * len(self.pool.cards)
+        shrunk: set[int] = set()
+        stuck: set[int] = set()  # grew nothing this step (no slot, no subnet): retried next step
+        while turns:
+            turns -= 1
+            plans = {card: self.plan(card) for card in self.pool.cards}
+            for card, plan in plans.items():
+                self.cards[card].last_plan = plan
+            growing = [c for c, p in plans.items() if p.add_prefixes and c not in stuck]
+            if growing:
+                card = min(growing, key=lambda c: (self._usage(c).available, c))
+                plan = plans[card]
                 log.info(
                     "card %d: growing by %d prefix(es): %s", card, plan.add_prefixes, plan.reason
                 )
+                before = self._usage(card).prefixes
                 await self._grow(card, plan.add_prefixes)
-            elif plan.release_prefixes:
-                log.info(
-                    "card %d: releasing %d prefix(es): %s", card, plan.release_prefixes, plan.reason
-                )
-                await self._shrink(card, plan.release_prefixes)
+                if self._usage(card).prefixes == before:
+                    stuck.add(card)
+                continue
+            shrinking = [c for c, p in plans.items() if p.release_prefixes and c not in shrunk]
+            if not shrinking:
+                break
+            card = shrinking[0]
+            plan = plans[card]
+            log.info(
+                "card %d: releasing %d prefix(es): %s", card, plan.release_prefixes, plan.reason
+            )
+            await self._shrink(card, plan.release_prefixes)
+            shrunk.add(card)
         self._update_metrics()
         if self._plan_all_steady():
             self._mark_ready()
 
     async def _grow(self, card: int, need: int) -> None:
         assert self.pool is not None and self.node is not None
-        ec2 = self._ec2()
+        ec2 = await self._ec2()
         pool = self.pool.card(card)
         for info in pool.enis:
             if need <= 0:
@@ -763,7 +787,7 @@ class NodeAgent:
     async def _new_eni(self, card: int, prefixes: int) -> EniState | None:
         """Create and attach an ENI with prefixes, in the first subnet that can hold them."""
         assert self.node is not None and self.pool is not None
-        ec2 = self._ec2()
+        ec2 = await self._ec2()
         for subnet_id in await self._eligible_subnets():
             try:
                 created = await asyncio.to_thread(
@@ -837,7 +861,7 @@ class NodeAgent:
 
     async def _eligible_subnets(self) -> list[str]:
         assert self.node is not None
-        ec2 = self._ec2()
+        ec2 = await self._ec2()
         found = await asyncio.to_thread(
             ec2.subnets_in, self.node.vpc_id, self.node.availability_zone, self.config.subnet_tag
         )
@@ -852,7 +876,7 @@ class NodeAgent:
         for eni in self._enis.values():
             if eni.subnet_id == subnet_id:
                 return eni.info.subnet
-        ec2 = self._ec2()
+        ec2 = await self._ec2()
         (subnet,) = await asyncio.to_thread(ec2.describe_subnets, [subnet_id])
         return subnet.cidr
 
@@ -872,7 +896,7 @@ class NodeAgent:
 
     async def _shrink(self, card: int, count: int) -> None:
         assert self.pool is not None
-        ec2 = self._ec2()
+        ec2 = await self._ec2()
         pool = self.pool.card(card)
         chosen = pool.releasable_prefixes(self._clock())[:count]
         by_eni: dict[str, list[IPv4Network]] = {}
@@ -896,11 +920,15 @@ class NodeAgent:
 
     # -- EC2, lazily ----------------------------------------------------------------
 
-    def _ec2(self) -> Ec2Client:
+    async def _ec2(self) -> Ec2Client:
         if self._ec2_client is None:
             assert self.node is not None
             log.info("first EC2 call: creating the EC2 client")
-            self._ec2_client = self._ec2_factory(self.node, self.metrics)
+            # Importing boto3 and building a client takes ~0.5 s of CPU: on a worker
+            # thread, so allocations keep being answered meanwhile.
+            client = await asyncio.to_thread(self._ec2_factory, self.node, self.metrics)
+            if self._ec2_client is None:
+                self._ec2_client = client
         return self._ec2_client
 
     # -- recently freed prefixes, kept across restarts --------------------------------

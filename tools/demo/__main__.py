@@ -1,164 +1,113 @@
-"""``make demo``: a p5.48xlarge launched with pre-assigned prefixes, as its node sees it.
+"""``make demo``: ultranet on one emulated node, end to end, then the plan for 100K nodes.
 
-Brings up the lab (emulated VPC + instance in network namespaces), reads the instance
-from inside its namespace through IMDSv2 at 169.254.169.254 with ultranet's own IMDS
-client, lists its ENIs per network card through boto3 against the emulator, prints
-prefixes and NAU, and tears everything down. Without root there are no namespaces: it
-says so and shows the same instance through the emulator's EC2 and IMDS on loopback.
+As root: the lab launches an emulated p5.48xlarge (32 network cards) with /28 prefixes
+pre-assigned; ``ultranet-ipamd`` starts in its namespace from IMDS alone; 100 pods (10 of
+them multi-NIC, one interface per card) are started through the real CNI shim by libcni,
+as a container runtime starts them; the pods resolve names through ``ultranet-dns`` in
+node-local mode, which forwards to a lab upstream; the pods are stopped (CNI DEL); the
+lab is removed. It prints ADD latency, the pods' addresses, prefixes and NAU on the
+node, DNS hit rate and upstream queries, then ``ultranet-nau plan`` for 100,000 nodes.
+
+Without root there are no namespaces: it says so and runs the planner alone.
+
+``--fail-at STEP`` fails on purpose at the start of a step (build, lab, imds, ipamd,
+dns, pods, warm, queries, del, teardown): it shows that clean-up leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import contextlib
+import io
 import os
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
 
-INSTANCE_TYPE = "p5.48xlarge"
-PREFIXES_PER_CARD = 1
+from tools.demo.node import NODE_STEPS, Options, run_node, summary
+from tools.demo.progress import DemoError, Progress
 
-
-@contextmanager
-def step(number: int, total: int, text: str) -> Iterator[None]:
-    print(f"[{number}/{total}] {text} ...", end="", flush=True)
-    started = time.perf_counter()
-    yield
-    print(f" done ({time.perf_counter() - started:.2f} s)", flush=True)
+STEP_KEYS = ("build", "lab", "imds", "ipamd", "dns", "pods", "warm", "queries", "del", "teardown")
 
 
-def show_node(imds_doc: dict[str, Any], enis: list[Any], nau: int, quota: int) -> None:
-    identity = imds_doc["identity"]
-    interfaces = imds_doc["interfaces"]
-    print(
-        f"\n== what the node sees (IMDSv2 from inside its namespace, {imds_doc['imds_requests']}"
-        " requests) =="
-    )
-    print(
-        f"instance {identity['instance_id']}  type {identity['instance_type']}  "
-        f"AZ {identity['availability_zone']}"
-    )
-    print(f"{'card':>4} {'dev':>3}  {'interface':<22} {'mac':<18} {'primary ip':<15} prefixes")
-    for i in interfaces:
-        primary = i["local_ipv4s"][0] if i["local_ipv4s"] else "-"
-        prefixes = ", ".join(i["ipv4_prefixes"]) or "-"
-        print(
-            f"{i['network_card']:>4} {i['device_number']:>3}  {i['interface_id']:<22} "
-            f"{i['mac']:<18} {primary:<15} {prefixes}"
-        )
-    by_type: dict[str, int] = {}
-    for eni in enis:
-        kind = str(eni["InterfaceType"])
-        by_type[kind] = by_type.get(kind, 0) + 1
-    cards = {e["Attachment"]["NetworkCardIndex"] for e in enis}
-    prefix_count = sum(len(e.get("Ipv4Prefixes", [])) for e in enis)
-    print("\n== what EC2 says (boto3 DescribeNetworkInterfaces) ==")
-    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_type.items()))
-    print(
-        f"{len(enis)} ENIs on {len(cards)} network cards ({kinds}); {prefix_count} /28 prefixes "
-        f"= {prefix_count * 16} pod addresses"
-    )
-    print(f"NAU used in the VPC: {nau} of {quota:,} (quota)")
-
-
-def run_lab() -> int:
-    from tools.lab.lab import Lab, LabConfig
-
-    total = 4
-    config = LabConfig(instance_type=INSTANCE_TYPE, prefixes_per_card=PREFIXES_PER_CARD)
-    with step(
-        1,
-        total,
-        f"lab up: VPC, {INSTANCE_TYPE} launched with {PREFIXES_PER_CARD} "
-        "prefix per card, vpc + node namespaces",
-    ):
-        lab = Lab(config)
-        lab.__enter__()
-    try:
-        with step(2, total, "reading IMDS from inside the node namespace"):
-            seen = subprocess.run(
-                ["ip", "netns", "exec", lab.node_ns, sys.executable, "-m", "ipam.imds"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            )
-            imds_doc = json.loads(seen.stdout)
-        with step(3, total, "asking EC2 (emulator) through boto3"):
-            enis = instance_enis(lab.ec2_url, lab.instance_id)
-            nau = lab.cloud.nau_used(lab.vpc_id)
-            quota = lab.cloud.nau_quota(lab.vpc_id)
-        show_node(imds_doc, enis, nau, quota)
-    finally:
-        with step(total, total, "tearing the lab down"):
-            lab.close()
-    return 0
-
-
-def ec2_client(url: str) -> Any:
-    import boto3
-
-    return boto3.client(
-        "ec2",
-        endpoint_url=url,
-        region_name="us-west-2",
-        aws_access_key_id="lab",
-        aws_secret_access_key="lab",
+def parse(argv: Sequence[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--instance-type", default="p5.48xlarge")
+    p.add_argument("--prefixes-per-card", type=int, default=1, help="/28s pre-assigned per card")
+    p.add_argument("--pods", type=int, default=100)
+    p.add_argument("--multi-nic", type=int, default=10, help="how many of the pods are multi-NIC")
+    p.add_argument("--queries-per-pod", type=int, default=5)
+    p.add_argument("--fail-at", choices=STEP_KEYS, help="fail on purpose there (tests clean-up)")
+    args = p.parse_args(argv)
+    if not 1 <= args.pods <= 250:
+        p.error("--pods must be 1..250 (250: the EKS max-pods ceiling)")
+    if not 0 <= args.multi_nic <= args.pods:
+        p.error("--multi-nic must be 0..--pods")
+    if not 1 <= args.queries_per_pod <= 50:
+        p.error("--queries-per-pod must be 1..50")
+    if not 1 <= args.prefixes_per_card <= 8:
+        p.error("--prefixes-per-card must be 1..8")
+    return Options(
+        instance_type=args.instance_type,
+        prefixes_per_card=args.prefixes_per_card,
+        pods=args.pods,
+        multi_nic=args.multi_nic,
+        queries_per_pod=args.queries_per_pod,
+        fail_at=args.fail_at,
     )
 
 
-def instance_enis(url: str, instance_id: str) -> list[Any]:
-    pages = (
-        ec2_client(url)
-        .get_paginator("describe_network_interfaces")
-        .paginate(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
-    )
-    return [eni for page in pages for eni in page["NetworkInterfaces"]]
+def plan() -> tuple[str, int]:
+    """``ultranet-nau plan`` (no arguments: the embedded 100,000-node default), in-process."""
+    from ipam.nau.cli import main as nau_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = nau_main(["plan"])
+    return out.getvalue(), code
 
 
-def run_loopback() -> int:
-    """No root: the emulator alone, EC2 and IMDS on loopback, no namespaces."""
-    from tools.lab.ec2.server import Ec2Server, ImdsServer
-    from tools.lab.ec2.state import Cloud
-    from tools.lab.lab import DEFAULT_SUBNETS, launch_interfaces
-
-    print("demo: not root, so no network namespaces; EC2 and IMDS are served on loopback")
-    cloud = Cloud()
-    vpc = cloud.create_vpc(["100.64.0.0/16"])
-    subnets = [
-        cloud.create_subnet(vpc.vpc_id, s.cidr, s.availability_zone, dict(s.tags))
-        for s in DEFAULT_SUBNETS
-    ]
-    instance = cloud.launch_instance(
-        INSTANCE_TYPE,
-        subnets[0].subnet_id,
-        interfaces=launch_interfaces(INSTANCE_TYPE, PREFIXES_PER_CARD, "efa"),
-    )
-    ec2, imds = Ec2Server(cloud), ImdsServer(cloud, instance.instance_id)
-    try:
-        ec2_url, imds_url = ec2.start(), imds.start()
-        seen = subprocess.run(
-            [sys.executable, "-m", "ipam.imds", imds_url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        enis = instance_enis(ec2_url, instance.instance_id)
-        show_node(json.loads(seen.stdout), enis, cloud.nau_used(vpc.vpc_id), vpc.nau_quota)
-    finally:
-        ec2.close()
-        imds.close()
-    return 0
+def show_plan(text: str) -> str:
+    print("\n== NAU plan for 100,000 nodes (ultranet-nau plan: the embedded AI/ML default) ==")
+    print(text.rstrip())
+    verdict = next((line for line in text.splitlines() if line.startswith("VERDICT")), "")
+    largest = next((line for line in text.splitlines() if line.startswith("largest")), "")
+    return f"{verdict.removeprefix('VERDICT: ')}; {largest}" if verdict else "no verdict printed"
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse(argv)
     if os.geteuid() != 0:
-        return run_loopback()
-    return run_lab()
+        print(
+            "demo: not root, so no lab: the node, its pods and DNS need network namespaces "
+            "(run `sudo make demo` for all of it). Running the NAU planner alone."
+        )
+        progress = Progress(1)
+        with progress.step("plan", "planning NAU for 100,000 nodes"):
+            text, code = plan()
+        verdict = show_plan(text)
+        print(f"\ndemo: planner only, {progress.elapsed():.1f} s. Plan verdict: {verdict}")
+        return code
+    progress = Progress(NODE_STEPS + 1, fail_at=options.fail_at)
+    try:
+        report = run_node(options, progress)
+        with progress.step("plan", "planning NAU for 100,000 nodes (ultranet-nau plan)"):
+            text, code = plan()
+    except DemoError as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a product's own error: name it, the clean-up has run
+        print(f"demo: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
+    summary(report, print)
+    verdict = show_plan(text)
+    print(
+        f"\ndemo: done in {progress.elapsed():.1f} s; left behind: nothing. "
+        f"Plan verdict for 100K nodes: {verdict}"
+    )
+    return code
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class UpstreamConfig:
     max_fails: int = 2
     health_interval: float = 0.5
     payload: int = 1232
+    socket_reuse: int = 1  # queries per UDP socket; 1 = a fresh socket (and port) for each
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,12 +226,14 @@ def _upstream(doc: Mapping[str, Any]) -> UpstreamConfig:
     fails = _get(sec, "upstream", "max_fails", d.max_fails, int)
     interval = _get(sec, "upstream", "health_interval", d.health_interval, float)
     payload = _get(sec, "upstream", "payload", d.payload, int)
+    reuse = _get(sec, "upstream", "socket_reuse", d.socket_reuse, int)
     _bounded("upstream.timeout", timeout, 0.05, 30.0)
     _bounded("upstream.max_concurrent", cap, 1, 1_000_000)
     _bounded("upstream.max_fails", fails, 0, 1000)
     _bounded("upstream.health_interval", interval, 0.05, 60.0)
     _bounded("upstream.payload", payload, 512, 4096)
-    return UpstreamConfig(timeout, cap, fails, interval, payload)
+    _bounded("upstream.socket_reuse", reuse, 1, 100)
+    return UpstreamConfig(timeout, cap, fails, interval, payload, reuse)
 
 
 def _zones(doc: Mapping[str, Any]) -> tuple[Zone, ...]:

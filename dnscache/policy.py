@@ -38,6 +38,8 @@ class ZoneRoute:
     def order(self) -> list[UpstreamState]:
         """Healthy upstreams first (rotating the first one so load spreads), then the rest."""
         ups = self.upstreams
+        if len(ups) == 1:
+            return ups  # callers only read it
         start = self.next_start % len(ups)
         self.next_start += 1
         rotated = ups[start:] + ups[:start]

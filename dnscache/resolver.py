@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .cache import Cache, Entry, classify
 from .config import Config
@@ -29,23 +31,44 @@ ROOT_NS_KEY = b"\x00\x00\x02\x00\x01\x00"  # ". IN NS", no DO, no CD: the health
 
 
 class Waiter:
-    __slots__ = ("send", "data", "qend", "limit", "cap", "t0", "proto", "done", "timer")
+    """A client waiting for a resolution. UDP waiters carry their socket and address (no
+    closure per miss); others a ``send`` callable."""
+
+    __slots__ = ("send", "data", "qend", "limit", "cap", "t0", "proto", "done", "timer", "sock",
+                 "addr")  # fmt: skip
 
     def __init__(
-        self, send: Send, data: bytes, qend: int, limit: int, cap: int, t0: float, proto: str
+        self,
+        send: Send | None,
+        data: bytes,
+        qend: int,
+        limit: int,
+        cap: int,
+        t0: float,
+        proto: str,
+        sock: socket.socket | None = None,
+        addr: Any = None,
     ) -> None:
         self.send, self.data, self.qend, self.limit, self.cap = send, data, qend, limit, cap
-        self.t0, self.proto = t0, proto
+        self.t0, self.proto, self.sock, self.addr = t0, proto, sock, addr
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
 
 
 class Pending:
-    __slots__ = ("waiters", "stale")
+    """One resolution in flight: who waits for it, and where it stands (see ``_try``)."""
+
+    __slots__ = ("waiters", "stale", "key", "route", "order", "index", "edns", "errors")
 
     def __init__(self, stale: Entry | None) -> None:
         self.waiters: list[Waiter] = []
         self.stale = stale
+        self.key = b""
+        self.route: ZoneRoute | None = None
+        self.order: list[UpstreamState] = []
+        self.index = 0
+        self.edns = True
+        self.errors: list[str] = []
 
 
 def splice(e: Entry, body: bytes, data: bytes, qend: int, limit: int, cap: int) -> bytes:
@@ -62,10 +85,11 @@ class Resolver:
         self.loop = loop
         self.stats = stats
         self.cache = Cache(cfg.cache.capacity)
-        self.exchanger = Exchanger(loop, cfg.upstream.payload)
+        self.exchanger = Exchanger(loop, cfg.upstream.payload, cfg.upstream.socket_reuse)
         self.inflight: dict[bytes, Pending] = {}
         self.active = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Future[None] | None = None
         self.cfg = cfg
         self.router = Router(cfg.zones)
 
@@ -75,10 +99,8 @@ class Resolver:
         self.cfg = cfg
         self.router = Router(cfg.zones, self.router)
         self.exchanger.payload = cfg.upstream.payload
-        self.cache.capacity = cfg.cache.capacity
-        while len(self.cache.data) > cfg.cache.capacity:
-            del self.cache.data[next(iter(self.cache.data))]
-            self.cache.evictions += 1
+        self.exchanger.reuse = cfg.upstream.socket_reuse
+        self.cache.shrink(cfg.cache.capacity)
 
     # -- answering ------------------------------------------------------------------------
 
@@ -143,9 +165,12 @@ class Resolver:
                     self._error(key, w, Rcode.REFUSED)
                 return
             p = Pending(stale)
+            p.waiters.append(w)
+            if stale is not None:
+                w.timer = self.loop.call_later(sc.client_timeout, self._stale_timer, w, stale)
             self._start(key, p)
-        else:
-            self.stats.counters["coalesced"] += 1
+            return
+        self.stats.counters["coalesced"] += 1
         p.waiters.append(w)
         if stale is not None:
             w.timer = self.loop.call_later(sc.client_timeout, self._stale_timer, w, stale)
@@ -171,31 +196,102 @@ class Resolver:
         if w.timer is not None:
             w.timer.cancel()
         try:
-            w.send(reply)
+            if w.sock is not None:
+                w.sock.sendto(reply, w.addr)
+            elif w.send is not None:
+                w.send(reply)
         except OSError as exc:  # a client gone away must not stop the other waiters
             log.debug("reply to client failed: %s", exc)
         self.stats.count(w.proto, label)
         self.stats.duration[w.proto].observe(time.perf_counter() - w.t0)
 
     # -- resolving ------------------------------------------------------------------------
+    #
+    # A resolution is a small state machine on its ``Pending``, driven by callbacks from the
+    # exchanger (no task per miss): ``_try`` asks the upstream at ``p.index`` of the route's
+    # order (UDP with EDNS; then without EDNS after a FORMERR, RFC 6891 §7; then TCP after a
+    # TC), ``_on_udp`` takes the outcome, ``_failed`` moves to the next upstream, ``_finish``
+    # stores the answer and replies to every waiter. Only TCP exchanges run as tasks.
 
     def _start(self, key: bytes, p: Pending) -> None:
         self.inflight[key] = p
         self.active += 1
-        task = self.loop.create_task(self._resolve(key, p))
+        p.key = key
+        p.route = route = self.router.route(key[:-5])
+        p.order = route.order()
+        self._try(p)
+
+    def _try(self, p: Pending) -> None:
+        if p.index >= len(p.order):
+            zone = p.route.zone.text if p.route is not None else "?"
+            log.debug("resolution failed: %s", UpstreamError(zone, "; ".join(p.errors)))
+            self._finish(p, None)
+            return
+        u = p.order[p.index]
+        assert p.route is not None
+        if p.route.zone.transport == "tcp":
+            self._tcp(p, u)
+        else:
+            p.edns = True
+            self.exchanger.send_udp(u.addr, p.key, self.cfg.upstream.timeout, True, self._on_udp, p)
+
+    def _on_udp(self, p: Pending, resp: bytes | None, err: UpstreamError | None) -> None:
+        u = p.order[p.index]
+        if resp is None:
+            self._failed(p, u, err or UpstreamError(u.label, "udp: no answer"))
+            return
+        if p.edns and resp[3] & 0x0F == Rcode.FORMERR and len(resp) <= 12 + len(p.key):
+            p.edns = False  # RFC 6891 §7: retry without EDNS
+            self.exchanger.send_udp(
+                u.addr, p.key, self.cfg.upstream.timeout, False, self._on_udp, p
+            )
+            return
+        if resp[2] & 0x02:  # truncated: the whole answer over TCP
+            self._tcp(p, u)
+            return
+        self._succeeded(p, u, resp)
+
+    def _tcp(self, p: Pending, u: UpstreamState) -> None:
+        task = self.loop.create_task(self._tcp_exchange(p, u))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _resolve(self, key: bytes, p: Pending) -> None:
+    async def _tcp_exchange(self, p: Pending, u: UpstreamState) -> None:
+        try:
+            resp = await self.exchanger.tcp(u.addr, p.key, self.cfg.upstream.timeout)
+        except UpstreamError as exc:
+            self._failed(p, u, exc)
+            return
+        self._succeeded(p, u, resp)
+
+    def _succeeded(self, p: Pending, u: UpstreamState, resp: bytes) -> None:
+        self.router.succeeded(u)
+        self._count_upstream(u, rcode_name(resp[3] & 0x0F))
+        self._finish(p, resp)
+
+    def _failed(self, p: Pending, u: UpstreamState, exc: UpstreamError) -> None:
+        p.errors.append(str(exc))
+        self._count_upstream(u, exc.reason.split(":")[0] + "_error")
+        if self.router.failed(u, self.cfg.upstream.max_fails):
+            self.stats.counters["healthcheck_broken"] += 1
+            assert p.route is not None
+            self._probe(p.route, u)
+        p.index += 1
+        self._try(p)
+
+    def _finish(self, p: Pending, resp: bytes | None) -> None:
+        key = p.key
         result: Entry | None = None
         try:
-            resp, route = await self._ask(key)
-            result = self._store(key, resp, route, p.stale)
-        except UpstreamError as exc:
-            log.debug("resolution failed: %s", exc)
+            if resp is not None and p.route is not None:
+                result = self._store(key, resp, p.route, p.stale)
+        except Exception:  # never leave the waiters hanging: they get SERVFAIL
+            log.exception("storing the answer failed")
         finally:
             self.active -= 1
             del self.inflight[key]
+            if not self.inflight and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
         self._complete(key, p, result)
 
     def _complete(self, key: bytes, p: Pending, result: Entry | None) -> None:
@@ -219,33 +315,6 @@ class Resolver:
             if len(reply) < w.qend + result.body_len and w.proto == "udp":
                 self.stats.counters["truncated"] += 1
             self._send(w, reply, result.miss_label)
-
-    async def _ask(self, key: bytes) -> tuple[bytes, ZoneRoute]:
-        route = self.router.route(key[:-5])
-        cfg = self.cfg.upstream
-        ex = self.exchanger
-        errors = []
-        for u in route.order():
-            try:
-                if route.zone.transport == "tcp":
-                    resp = await ex.tcp(u.addr, key, cfg.timeout)
-                else:
-                    resp = await ex.udp(u.addr, key, cfg.timeout)
-                    if resp[3] & 0x0F == Rcode.FORMERR and len(resp) <= 12 + len(key):
-                        resp = await ex.udp(u.addr, key, cfg.timeout, edns=False)  # RFC 6891 §7
-                    if resp[2] & 0x02:  # truncated: the whole answer over TCP
-                        resp = await ex.tcp(u.addr, key, cfg.timeout)
-            except UpstreamError as exc:
-                errors.append(str(exc))
-                self._count_upstream(u, exc.reason.split(":")[0] + "_error")
-                if self.router.failed(u, cfg.max_fails):
-                    self.stats.counters["healthcheck_broken"] += 1
-                    self._probe(route, u)
-                continue
-            self.router.succeeded(u)
-            self._count_upstream(u, rcode_name(resp[3] & 0x0F))
-            return resp, route
-        raise UpstreamError(route.zone.text, "; ".join(errors) or "no upstream")
 
     def _count_upstream(self, u: UpstreamState, outcome: str) -> None:
         k = (u.label, outcome)
@@ -304,12 +373,14 @@ class Resolver:
 
     async def idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight (draining); False if ``timeout`` passed first."""
-        deadline = self.loop.time() + timeout
-        while self.inflight and self.loop.time() < deadline:
-            pending = [t for t in self.tasks if not t.done()]
-            if not pending:
-                break
-            await asyncio.wait(pending, timeout=deadline - self.loop.time())
+        if self.inflight:
+            self._idle = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+            except TimeoutError:
+                pass
+            finally:
+                self._idle = None
         return not self.inflight
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import socket
 import time
 from typing import Any
 
+from .cache import Entry
 from .config import Config
 from .errors import WireError
 from .resolver import Resolver, Send, Waiter, splice
@@ -31,6 +33,7 @@ BATCH = 256
 RECV_SIZE = 4096  # a query never needs more; recvfrom allocates this much per call
 TCP_CAP = 65535
 SWEEP_EVERY = 1.0
+HITS_MAX = 65536  # remembered queries (``_Hit``, ~400 B each); the oldest quarter goes when full
 
 
 class Worker:
@@ -49,6 +52,7 @@ class Worker:
         self.tcp = tcp
         self.servers: list[asyncio.Server] = []
         self.acl_ok: dict[str, bool] = {}
+        self.hits: dict[bytes, _Hit] = {}
         self.tcp_conns = 0
         self.draining = False
         self.conn_tasks: set[asyncio.Task[Any]] = set()
@@ -66,6 +70,7 @@ class Worker:
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.acl_ok = {}
+        self.hits.clear()  # max_udp_payload may have changed what a query's bytes mean
         self.resolver.reconfigure(cfg)
 
     def gauges(self) -> dict[str, int]:
@@ -98,6 +103,8 @@ class Worker:
     def _udp_ready(self, sock: socket.socket) -> None:
         recvfrom, sendto = sock.recvfrom, sock.sendto
         get = self.resolver.cache.data.get
+        hits = self.hits
+        hit_get = hits.get
         acl = self.acl_ok
         maxp = self.cfg.max_udp_payload
         perf = time.perf_counter
@@ -123,6 +130,27 @@ class Worker:
                     self._refuse(sock, data, addr)
                     t0 = perf()
                     continue
+                h = hit_get(data[2:])
+                if h is not None:  # a query seen before, byte for byte after its ID
+                    e = get(h.key)
+                    if e is not None and now < e.expires:
+                        e.hits += 1
+                        if now >= e.prefetch_after:
+                            self.resolver.maybe_prefetch(e, h.key)
+                        if h.entry is not e or h.second != now_s:
+                            h.refresh(e, data, now, now_s)
+                        sendto(data[:2] + h.tail, addr)
+                        label = e.label
+                        counts[label] = counts.get(label, 0) + 1
+                        t1 = perf()
+                        d = t1 - t0
+                        t0 = t1
+                        if d <= first:
+                            hist.total += d
+                            hcounts[0] += 1
+                        else:
+                            hist.observe(d)
+                        continue
                 q = fast_query(data, maxp)
                 if q is None:
                     self._udp_slow(sock, data, addr, t0)
@@ -135,7 +163,12 @@ class Worker:
                     if now >= e.prefetch_after:
                         self.resolver.maybe_prefetch(e, key)
                     body = e.rendered if e.rendered_at == now_s else e.render(now)
-                    sendto(splice(e, body, data, qend, limit, limit or 512), addr)
+                    reply = splice(e, body, data, qend, limit, limit or 512)
+                    sendto(reply, addr)
+                    if len(hits) >= HITS_MAX:
+                        for old in list(itertools.islice(hits, HITS_MAX // 4)):
+                            del hits[old]  # the oldest quarter
+                    hits[data[2:]] = _Hit(key, qend, limit, e, now_s, reply[2:])
                     label = e.label
                     counts[label] = counts.get(label, 0) + 1
                     t1 = perf()
@@ -147,7 +180,7 @@ class Worker:
                     else:
                         hist.observe(d)
                     continue
-                w = Waiter(_udp_sender(sock, addr), data, qend, limit, limit or 512, t0, "udp")
+                w = Waiter(None, data, qend, limit, limit or 512, t0, "udp", sock, addr)
                 self.resolver.miss(key, w, now, e)
             except OSError as exc:
                 log.debug("udp reply to %s: %s", addr, exc)
@@ -248,6 +281,26 @@ class Worker:
         for t in list(self.resolver.tasks):
             t.cancel()
         self.resolver.exchanger.close()
+
+
+class _Hit:
+    """A query already answered from the cache, keyed by its bytes after the ID: what
+    ``fast_query`` found in it, and the reply without its ID for ``entry`` in ``second``.
+    The same bytes always parse the same way, so a repeat skips the parse and the splice;
+    the entry is still looked up by key every time (it may have been replaced or expired)."""
+
+    __slots__ = ("key", "qend", "limit", "entry", "second", "tail")
+
+    def __init__(
+        self, key: bytes, qend: int, limit: int, entry: Entry, second: int, tail: bytes
+    ) -> None:
+        self.key, self.qend, self.limit = key, qend, limit
+        self.entry, self.second, self.tail = entry, second, tail
+
+    def refresh(self, e: Entry, data: bytes, now: float, second: int) -> None:
+        body = e.rendered if e.rendered_at == second else e.render(now)
+        self.tail = splice(e, body, data, self.qend, self.limit, self.limit or 512)[2:]
+        self.entry, self.second = e, second
 
 
 class _Conn:

@@ -10,97 +10,187 @@ TCP (RFC 7766) writes the length prefix and message in one call.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import secrets
+import logging
+import os
 import select
 import socket
+import struct
+from _socket import socket as _new_socket  # the C type: no Python wrapper, no close() hooks
+from collections import deque
+from collections.abc import Callable
+from secrets import randbits
+from typing import Any, TypeVar
 
 from .config import Address
 from .errors import UpstreamError
 from .policy import upstream_label
 from .wire import make_upstream_query, response_id_matches, response_question_matches
 
+log = logging.getLogger("ultranet.dns")
 UDP_RECV = 4096
+T = TypeVar("T")
+# ``done(arg, response, error)``: exactly one of response and error is None.
+Done = Callable[[T, bytes | None, UpstreamError | None], None]
+_NONBLOCK_DGRAM = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+_IDS = struct.Struct("=4096H")
+IDLE_MAX = 1024  # idle sockets kept per upstream when sockets are reused
 
 
 class Exchanger:
-    """Counts spoofed replies; ``udp``/``tcp`` return the raw response or raise UpstreamError.
+    """Counts spoofed replies. ``send_udp`` starts a UDP exchange and calls ``done`` back from
+    the event loop; ``udp``/``tcp`` are the awaitable forms (probes, TCP fallback).
 
-    Every UDP query has its own socket, so registering each with the event loop would cost
-    ~20 µs (``add_reader``/``remove_reader``) and a timer ~9 µs (``call_later``/``cancel``),
-    a third of a miss. Instead the sockets go into one epoll set of our own, itself one
-    reader of the loop (closing a socket removes it from the set), and the deadlines into
-    one heap served by a single timer.
+    No task or future per query on the UDP path: each query's socket goes into one epoll set
+    of our own, itself one reader of the loop (closing a socket removes it from the set), the
+    reply is matched and handed to ``done`` in the same callback, and the deadlines sit in
+    FIFO queues (one per timeout value, so each is in deadline order) served by one timer.
+    Registering every socket with the loop would cost ~20 µs (``add_reader``/
+    ``remove_reader``), a timer ~9 µs (``call_later``/``cancel``), a task and its future more.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, payload: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, payload: int, reuse: int = 1) -> None:
         self.loop = loop
         self.payload = payload
         self.spoofed = 0
         self._epoll = select.epoll()
         self._pending: dict[int, _Udp] = {}
-        self._deadlines: list[tuple[float, int, asyncio.Future[bytes], str]] = []
-        self._seq = 0
+        self._queues: dict[float, deque[_Udp]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._peers: dict[Address, _Peer] = {}
+        self._idle_fds: dict[int, tuple[Any, _Peer]] = {}
+        self.reuse = reuse
+        self._ids: list[int] = []
         loop.add_reader(self._epoll.fileno(), self._on_epoll)
 
     def close(self) -> None:
         self.loop.remove_reader(self._epoll.fileno())
+        for q in self._pending.values():
+            q.sock.close()
+        self._pending.clear()
+        for sock, _ in self._idle_fds.values():
+            sock.close()
+        self._idle_fds.clear()
+        for peer in self._peers.values():
+            peer.idle.clear()
         self._epoll.close()
         if self._timer is not None:
             self._timer.cancel()
 
-    async def udp(self, addr: Address, key: bytes, timeout: float, edns: bool = True) -> bytes:
-        host, port = addr
-        qid = secrets.randbits(16)
+    def _peer(self, addr: Address) -> _Peer:
+        peer = self._peers.get(addr)
+        if peer is None:
+            peer = self._peers[addr] = _Peer(addr)
+        return peer
+
+    def send_udp(
+        self, addr: Address, key: bytes, timeout: float, edns: bool, done: Done[T], arg: T
+    ) -> None:
+        """Ask ``addr`` for ``key``; ``done(arg, response, None)`` or ``done(arg, None,
+        error)`` follows, always from a later loop callback, never from inside this call."""
+        peer = self._peers.get(addr) or self._peer(addr)
+        ids = self._ids
+        qid = ids.pop() if ids else self._refill_ids()
         query = make_upstream_query(qid, key, self.payload if edns else 0)
-        family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        fut: asyncio.Future[bytes] = self.loop.create_future()
-        fd = sock.fileno()
+        idle = peer.idle
+        sock: Any = None
         try:
-            sock.setblocking(False)
-            sock.connect((str(host), port))
-            sock.send(query)
-            self._pending[fd] = _Udp(sock, fut, qid, key, addr)
-            self._epoll.register(fd, select.EPOLLIN)
-            self._deadline(fut, timeout, addr)
-            return await fut
-        except OSError as exc:
-            raise UpstreamError(upstream_label(addr), f"udp: {exc.strerror or exc}") from None
-        finally:
-            self._pending.pop(fd, None)
-            sock.close()
-
-    def _on_epoll(self) -> None:
-        for fd, _ in self._epoll.poll(0, 512):
-            q = self._pending.get(fd)
-            if q is not None:
-                self._on_udp(q)
-
-    def _on_udp(self, q: _Udp) -> None:
-        fut = q.fut
-        while not fut.done():
-            try:
-                data = q.sock.recv(UDP_RECV)
-            except BlockingIOError:
-                return
-            except OSError as exc:  # ICMP port unreachable arrives as ECONNREFUSED
-                fut.set_exception(UpstreamError(upstream_label(q.addr), f"udp: {exc.strerror}"))
-                return
-            if response_id_matches(data, q.qid) and response_question_matches(data, q.key):
-                fut.set_result(data)
+            if idle:  # a random one of the idle sockets (RFC 5452 §9.2: unpredictable port)
+                j = (ids.pop() if ids else self._refill_ids()) % len(idle)
+                sock, fd, uses = idle[j]
+                idle[j] = idle[-1]
+                idle.pop()
+                del self._idle_fds[fd]
+                sock.send(query)
             else:
-                self.spoofed += 1
-
-    def _deadline(self, fut: asyncio.Future[bytes], timeout: float, addr: Address) -> None:
+                sock = _new_socket(peer.family, _NONBLOCK_DGRAM)
+                sock.connect(peer.sockaddr)  # the kernel picks a random ephemeral port
+                sock.send(query)
+                fd = sock.fileno()
+                self._epoll.register(fd, select.EPOLLIN)
+                uses = 0
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            error = UpstreamError(peer.label, f"udp: {exc.strerror or exc}")
+            self.loop.call_soon(done, arg, None, error)
+            return
         at = self.loop.time() + timeout
-        self._seq += 1
-        reason = f"udp: no answer in {timeout:g} s"
-        heapq.heappush(self._deadlines, (at, self._seq, fut, upstream_label(addr) + "\0" + reason))
+        q = _Udp(sock, fd, qid, key, peer, done, arg, at, uses + 1)
+        self._pending[fd] = q
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = deque()
+        queue.append(q)
         if at < self._timer_at:
             self._arm(at)
+
+    def _refill_ids(self) -> int:
+        """Query IDs come from the OS CSPRNG (RFC 5452 §9.2), 4096 at a time."""
+        self._ids = list(_IDS.unpack(os.urandom(_IDS.size)))
+        return self._ids.pop()
+
+    async def udp(self, addr: Address, key: bytes, timeout: float, edns: bool = True) -> bytes:
+        fut: asyncio.Future[bytes] = self.loop.create_future()
+        self.send_udp(addr, key, timeout, edns, _settle, fut)
+        return await fut
+
+    def _on_epoll(self) -> None:
+        pending = self._pending
+        for fd, _ in self._epoll.poll(0, 512):
+            q = pending.get(fd)
+            if q is None:
+                self._drain_idle(fd)
+                continue
+            sock = q.sock
+            while True:
+                try:
+                    data = sock.recv(UDP_RECV)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # ICMP port unreachable arrives as ECONNREFUSED
+                    err = UpstreamError(q.peer.label, f"udp: {exc.strerror or exc}")
+                    self._finish(q, None, err)
+                    break
+                if response_id_matches(data, q.qid) and response_question_matches(data, q.key):
+                    self._finish(q, data, None)
+                    break
+                self.spoofed += 1
+
+    def _drain_idle(self, fd: int) -> None:
+        """Datagrams on an idle socket answer nothing we asked: count them, drop them."""
+        found = self._idle_fds.get(fd)
+        if found is None:
+            return
+        sock, peer = found
+        while True:
+            try:
+                sock.recv(UDP_RECV)
+            except BlockingIOError:
+                return
+            except OSError:
+                break
+            self.spoofed += 1
+        del self._idle_fds[fd]  # an error (ICMP): retire the socket
+        peer.idle[:] = [s for s in peer.idle if s[1] != fd]
+        sock.close()
+
+    def _finish(self, q: _Udp, data: bytes | None, err: UpstreamError | None) -> None:
+        fd = q.fd
+        del self._pending[fd]
+        peer = q.peer
+        if data is not None and q.uses < self.reuse and len(peer.idle) < IDLE_MAX:
+            peer.idle.append((q.sock, fd, q.uses))  # still connected and registered
+            self._idle_fds[fd] = (q.sock, peer)
+        else:  # used up, or timed out or failed (a late reply must find the port closed)
+            q.sock.close()
+        q.sock = None
+        done, arg = q.done, q.arg
+        q.done = q.arg = None  # the queue keeps q until its deadline: drop what it holds
+        try:
+            done(arg, data, err)
+        except Exception:  # a failing callback must not stop the other replies
+            log.exception("upstream reply handler failed")
 
     def _arm(self, at: float) -> None:
         if self._timer is not None:
@@ -111,19 +201,26 @@ class Exchanger:
     def _expire(self) -> None:
         self._timer, self._timer_at = None, float("inf")
         now = self.loop.time()
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, fut, what = heapq.heappop(heap)
-            if not fut.done():
-                label, _, reason = what.partition("\0")
-                fut.set_exception(UpstreamError(label, reason))
-        if heap:
-            self._arm(heap[0][0])
+        first = float("inf")
+        for timeout, queue in list(self._queues.items()):
+            while queue and queue[0].at <= now:
+                q = queue.popleft()
+                if q.done is not None:
+                    err = UpstreamError(q.peer.label, f"udp: no answer in {timeout:g} s")
+                    self._finish(q, None, err)
+            while queue and queue[0].done is None:  # answered already: nothing to time out
+                queue.popleft()
+            if queue:
+                first = min(first, queue[0].at)
+            else:
+                del self._queues[timeout]
+        if first < self._timer_at:
+            self._arm(first)
 
     async def tcp(self, addr: Address, key: bytes, timeout: float) -> bytes:
         host, port = addr
         label = upstream_label(addr)
-        qid = secrets.randbits(16)
+        qid = randbits(16)
         query = make_upstream_query(qid, key, self.payload)
         writer: asyncio.StreamWriter | None = None
         try:
@@ -147,9 +244,32 @@ class Exchanger:
                 writer.close()
 
 
-class _Udp:
-    __slots__ = ("sock", "fut", "qid", "key", "addr")
+def _settle(fut: asyncio.Future[bytes], data: bytes | None, err: UpstreamError | None) -> None:
+    if fut.done():
+        return
+    if data is not None:
+        fut.set_result(data)
+    else:
+        fut.set_exception(err or UpstreamError("?", "udp: no answer"))
 
-    def __init__(self, sock: socket.socket, fut: asyncio.Future[bytes], qid: int, key: bytes,
-                 addr: Address) -> None:  # fmt: skip
-        self.sock, self.fut, self.qid, self.key, self.addr = sock, fut, qid, key, addr
+
+class _Peer:
+    """An upstream's socket address, metric label, and idle sockets (when reused)."""
+
+    __slots__ = ("family", "sockaddr", "label", "idle")
+
+    def __init__(self, addr: Address) -> None:
+        host, port = addr
+        self.family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
+        self.sockaddr = (str(host), port)
+        self.label = upstream_label(addr)
+        self.idle: list[tuple[Any, int, int]] = []  # (socket, fd, uses)
+
+
+class _Udp:
+    __slots__ = ("sock", "fd", "qid", "key", "peer", "done", "arg", "at", "uses")
+
+    def __init__(self, sock: Any, fd: int, qid: int, key: bytes, peer: _Peer, done: Any, arg: Any,
+                 at: float, uses: int) -> None:  # fmt: skip
+        self.sock, self.fd, self.qid, self.key, self.peer = sock, fd, qid, key, peer
+        self.done, self.arg, self.at, self.uses = done, arg, at, uses

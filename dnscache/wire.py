@@ -10,6 +10,7 @@ reply once, records where its TTLs are, and strips its OPT (hop-by-hop, RFC 6891
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 from .errors import OptNotLast, WireError
@@ -208,22 +209,24 @@ def error_reply(
     return head + question + (opt_record(1232, do, ext) if edns else b"")
 
 
+_UPSTREAM_HEAD = struct.Struct(">HBBHHHH")
+_OPTS: dict[tuple[int, bool], bytes] = {}
+
+
 def make_upstream_query(qid: int, key: bytes, payload: int) -> bytes:
     """Our query upstream: fresh ``qid``, RD=1, CD as the client had it, our own OPT with DO as
     the client had it (RFC 6891: OPT is hop-by-hop; we advertise our own payload size)."""
-    flags = KEY_SUFFIX[key[-1]][0]
-    head = qid.to_bytes(2, "big") + bytes((_RD, _CD if flags & 1 else 0))
-    if payload:
-        return (
-            head
-            + b"\x00\x01\x00\x00\x00\x00\x00\x01"
-            + key[:-1]
-            + opt_record(payload, bool(flags & 2))
-        )
-    return head + b"\x00\x01\x00\x00\x00\x00\x00\x00" + key[:-1]
+    flags = key[-1]
+    head = _UPSTREAM_HEAD.pack(qid, _RD, _CD if flags & 1 else 0, 1, 0, 0, 1 if payload else 0)
+    if not payload:
+        return head + key[:-1]
+    opt = _OPTS.get((payload, flags & 2 != 0))
+    if opt is None:
+        opt = _OPTS[(payload, flags & 2 != 0)] = opt_record(payload, bool(flags & 2))
+    return head + key[:-1] + opt
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Walked:
     """An upstream response checked once: what the cache stores and how long."""
 
@@ -257,12 +260,19 @@ def response_question_matches(resp: bytes, key: bytes) -> bool:
     )
 
 
+_RR = struct.Struct(">HHIH")  # type, class, TTL, RDLENGTH after a record's owner name
+_COUNTS = struct.Struct(">HHH")
+_HEAD = struct.Struct(">BBHHHH")
+
+
 def walk_response(resp: bytes, question_len: int) -> Walked:
     """Walk every record of an upstream response (its question already matched). Raises
     ``WireError`` when it is malformed; the caller answers SERVFAIL and caches nothing."""
     n = len(resp)
+    if n < HEADER_LEN + question_len:
+        raise WireError("response shorter than its question")
     qtype = resp[HEADER_LEN + question_len - 4] << 8 | resp[HEADER_LEN + question_len - 3]
-    counts = [int.from_bytes(resp[i : i + 2], "big") for i in (6, 8, 10)]
+    counts = _COUNTS.unpack_from(resp, 6)
     i = HEADER_LEN + question_len
     qend = i
     ttl_offsets: list[int] = []
@@ -271,13 +281,18 @@ def walk_response(resp: bytes, question_len: int) -> Walked:
     has_answer = False
     opt_span: tuple[int, int] | None = None
     ext_rcode = 0
+    unpack_rr = _RR.unpack_from
     for section, count in enumerate(counts):
         for _ in range(count):
-            name_end = _skip_name(resp, i, n)
+            if i + 2 <= n and resp[i] >= 0xC0:  # the usual owner name: one pointer
+                if ((resp[i] & 0x3F) << 8 | resp[i + 1]) >= i:
+                    raise WireError("compression pointer does not point backwards")
+                name_end = i + 2
+            else:
+                name_end = _skip_name(resp, i, n)
             if name_end + 10 > n:
                 raise WireError("record header truncated")
-            rtype = resp[name_end] << 8 | resp[name_end + 1]
-            rdlen = resp[name_end + 8] << 8 | resp[name_end + 9]
+            rtype, _, ttl, rdlen = unpack_rr(resp, name_end)
             end = name_end + 10 + rdlen
             if end > n:
                 raise WireError("record data truncated")
@@ -288,45 +303,47 @@ def walk_response(resp: bytes, question_len: int) -> Walked:
                 ext_rcode = resp[name_end + 4]
                 i = end
                 continue
-            ttl = int.from_bytes(resp[name_end + 4 : name_end + 8], "big")
             if ttl & 0x80000000:
                 ttl = 0  # RFC 2181 §8: a TTL with the top bit set is read as zero
             ttl_offsets.append(name_end + 4 - qend)
-            min_ttl = ttl if min_ttl is None or ttl < min_ttl else min_ttl
-            if section == 0 and (rtype == qtype or rtype == TYPE_CNAME and qtype == TYPE_CNAME):
-                has_answer = True
-            if section == 0 and qtype == TYPE_ANY:
-                has_answer = True
-            if section == 1 and rtype == TYPE_SOA and rdlen >= 22:
+            if min_ttl is None or ttl < min_ttl:
+                min_ttl = ttl
+            if section == 0:
+                if rtype == qtype or qtype == TYPE_ANY:
+                    has_answer = True
+            elif section == 1 and rtype == TYPE_SOA and rdlen >= 22:
                 soa_min = int.from_bytes(resp[end - 4 : end], "big")
-                negative = min(ttl, soa_min)
+                negative = ttl if ttl < soa_min else soa_min
             i = end
     if opt_span is not None and opt_span[1] != i:
         raise OptNotLast("OPT is not the last record")
     body_end = opt_span[0] if opt_span is not None else i
     return Walked(
-        flags=bytes((resp[2] & ~_RD & 0xFF, resp[3])),
-        an=counts[0],
-        ns=counts[1],
-        ar=counts[2] - (1 if opt_span is not None else 0),
-        body=resp[qend:body_end],
-        ttl_offsets=tuple(ttl_offsets),
-        min_ttl=min_ttl,
-        negative_ttl=negative,
-        has_answer=has_answer,
-        rcode=resp[3] & 0x0F | ext_rcode << 4,
-        truncated=bool(resp[2] & _TC),
-        upstream_ext_rcode=ext_rcode,
+        bytes((resp[2] & ~_RD & 0xFF, resp[3])),
+        counts[0],
+        counts[1],
+        counts[2] - (1 if opt_span is not None else 0),
+        resp[qend:body_end],
+        tuple(ttl_offsets),
+        min_ttl,
+        negative,
+        has_answer,
+        resp[3] & 0x0F | ext_rcode << 4,
+        bool(resp[2] & _TC),
+        ext_rcode,
     )
 
 
 def heads(flags: bytes, an: int, ns: int, ar: int) -> tuple[bytes, bytes, bytes, bytes]:
     """The 10 header bytes after the ID, indexed by RD << 1 | EDNS (EDNS adds our OPT)."""
-    counts = b"\x00\x01" + an.to_bytes(2, "big") + ns.to_bytes(2, "big")
-    f0 = bytes((flags[0] & ~_RD & 0xFF, flags[1]))
-    f1 = bytes((f0[0] | _RD, flags[1]))
-    ar0, ar1 = ar.to_bytes(2, "big"), (ar + 1).to_bytes(2, "big")
-    return (f0 + counts + ar0, f0 + counts + ar1, f1 + counts + ar0, f1 + counts + ar1)
+    f0, f1 = flags[0] & ~_RD & 0xFF, flags[1]
+    pack = _HEAD.pack
+    return (
+        pack(f0, f1, 1, an, ns, ar),
+        pack(f0, f1, 1, an, ns, ar + 1),
+        pack(f0 | _RD, f1, 1, an, ns, ar),
+        pack(f0 | _RD, f1, 1, an, ns, ar + 1),
+    )
 
 
 def truncated_heads(flags: bytes) -> tuple[bytes, bytes, bytes, bytes]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import parse
 from .errors import ConfigError
+from .gcpolicy import GcPolicy
 from .server import Worker
 
 log = logging.getLogger("ultranet.dns")
@@ -64,6 +65,8 @@ async def _run(args: argparse.Namespace) -> int:
     cfg = parse(first["doc"], cpu_count=1)
     worker = Worker(cfg, loop, udp, tcp)
     await worker.start()
+    collector = GcPolicy(loop)
+    collector.start()
     _send(writer, {"op": "ready", "index": args.index, "pid": os.getpid()})
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -84,6 +87,7 @@ async def _run(args: argparse.Namespace) -> int:
             _send(writer, _handle(worker, msg))
     finally:
         stopper.cancel()
+        collector.stop()
         await worker.drain(cfg.drain_timeout)
         _send(writer, {"op": "drained", "index": args.index})
         try:

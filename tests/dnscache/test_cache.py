@@ -90,6 +90,25 @@ def test_capacity_evicts_the_oldest() -> None:
     assert list(cache.data) == [b"\x01", b"\x02"] and cache.evictions == 1
 
 
+def test_eviction_takes_the_oldest_insertion_and_a_reput_counts_as_new() -> None:
+    cache = Cache(capacity=3)
+    for i in range(3):
+        cache.put(bytes([i]), entry()[1])
+    cache.put(b"\x00", entry()[1])  # replaced: now the youngest
+    cache.remove(b"\x01")
+    cache.put(b"\x03", entry()[1])  # room again: nothing evicted
+    cache.put(b"\x04", entry()[1])  # full: the oldest insertion (\x02) goes
+    assert sorted(cache.data) == [b"\x00", b"\x03", b"\x04"] and cache.evictions == 1
+    cache.shrink(1)
+    assert list(cache.data) == [b"\x04"] and cache.evictions == 3
+    _, dead = entry(ttl=10, now=0.0)
+    cache.capacity = 5
+    cache.put(b"\x05", dead)
+    assert cache.sweep(now=10.0 + 86400 + 1) == 1 and list(cache.data) == [b"\x04"]
+    cache.put(b"\x06", entry()[1])  # the order stayed in step with the entries
+    assert sorted(cache.data) == [b"\x04", b"\x06"]
+
+
 def test_stale_window_then_gone() -> None:
     cache = Cache(capacity=10)
     key, e = entry(ttl=300, now=0.0)

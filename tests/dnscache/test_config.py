@@ -43,6 +43,7 @@ def test_zones_longest_first_and_transport() -> None:
         (doc(cache={"bogus": 1}), "cache.bogus"),
         (doc(serve_stale={"stale_ttl": 0}), "between 1 and 3600"),
         (doc(prefetch={"percent": 5}), "between 10 and 90"),
+        (doc(upstream={"socket_reuse": 0}), "upstream.socket_reuse"),
         (doc(acl=["10.0.0.1/8"]), "host bits set"),
         (doc(acl_action="allow"), "expected refuse or drop"),
         (doc(zones={".": {"upstreams": []}}), "expected a list of 1-15"),

@@ -182,3 +182,16 @@ def test_identical_queries_in_flight_are_coalesced(auth: AuthServer, dns: DnsPro
             s.close()
     assert all(len(r.rr) == 2 for r in replies)
     assert auth.count("www.test") == 1
+
+
+def test_reused_upstream_sockets_answer_correctly(dns_factory: Factory) -> None:
+    """``upstream.socket_reuse``: sequential misses share a socket, every answer is right."""
+    with AuthServer("test.", [], wildcard_a=True) as auth:
+        doc = base_doc(auth.address, upstream={"timeout": 1.0, "socket_reuse": 4})
+        dns = dns_factory(doc)
+        ports = []
+        for i in range(4):
+            reply = ask(dns.port, f"n{i}.test")
+            assert reply.header.rcode == 0 and str(reply.rr[0].rname) == f"n{i}.test."
+            ports.append(auth.last[1][1])
+        assert len(set(ports)) < len(ports)  # one at a time: the idle socket is taken again

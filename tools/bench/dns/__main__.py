@@ -5,14 +5,18 @@ all caching forwarders to one NSD. The server under test is pinned to CPU 0, dns
 to CPU 1. Workloads: ``hot`` (1,000 names, all hits once warm), ``zipf`` (Zipf s=1 over 100K
 names, warmed by one pass), ``miss`` (unique names never seen, every query forwarded).
 Reports QPS at saturation (median and range of ``--runs``), server CPU µs per answer, p50/p99
-at half of each server's own hot saturation rate, and ultranet's upstream queries on a Zipf
-pass with 1 and 2 workers. Results go to ``tools/bench/dns/out/`` (not committed).
+at half of each server's own hot saturation rate (median of ``--runs`` fixed-rate runs; one run
+is at the mercy of a single stall), ultranet's upstream queries on a Zipf pass with 1 and 2
+workers, and the load average (the machine may be shared). ``--servers`` also takes
+``ultranet-reuseN``: ultranet with ``upstream.socket_reuse: N``. Results go to
+``tools/bench/dns/out/`` (not committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import statistics
@@ -132,10 +136,11 @@ def bench_server(
     seconds: float,
     loop: str,
 ) -> dict[str, Any]:
-    start = STARTERS[name]
-    server = (
-        start_ultranet(work, upstream, loop=loop) if name == "ultranet" else start(work, upstream)
-    )
+    if name.startswith("ultranet"):  # "ultranet-reuseN": upstream.socket_reuse N
+        reuse = int(name.removeprefix("ultranet-reuse")) if name != "ultranet" else 1
+        server = start_ultranet(work, upstream, loop=loop, socket_reuse=reuse)
+    else:
+        server = STARTERS[name](work, upstream)
     try:
         res: dict[str, Any] = {}
         dnsperf(server.port, files["hot"], once=True)  # warm
@@ -143,12 +148,16 @@ def bench_server(
         dnsperf(server.port, files["zipf"], once=True)  # warm: one pass of the same mix
         res["zipf"] = saturate(server, files["zipf"], runs, seconds)
         half = int(res["hot"]["qps"] / 2)
-        lat = dnsperf(server.port, files["hot"], seconds=min(seconds, 5), qps=half, verbose=True)
+        lats = [
+            dnsperf(server.port, files["hot"], seconds=min(seconds, 5), qps=half, verbose=True)
+            for _ in range(runs)
+        ]
         res["latency_at_half"] = {
             "offered_qps": half,
-            "p50_ms": lat.get("p50_ms"),
-            "p99_ms": lat.get("p99_ms"),
-            "lost": lat["lost"],
+            "p50_ms": statistics.median(x.get("p50_ms", 0.0) for x in lats),
+            "p99_ms": statistics.median(x.get("p99_ms", 0.0) for x in lats),
+            "p99_ms_runs": [x.get("p99_ms") for x in lats],
+            "lost": sum(x["lost"] for x in lats),
         }
         miss = []
         for run in range(runs):
@@ -217,12 +226,14 @@ def main(argv: list[str] | None = None) -> int:
             results: dict[str, Any] = {
                 "command": " ".join(["python -m tools.bench.dns", *(argv or sys.argv[1:])]),
                 "date": time.strftime("%Y-%m-%d %H:%M"),
+                "loadavg_before": list(os.getloadavg()),
                 "servers": {},
             }
             for name in args.servers.split(","):
                 results["servers"][name] = bench_server(
                     name, work, nsd.port, files, args.runs, args.duration, args.loop
                 )
+                results["servers"][name]["loadavg_after"] = list(os.getloadavg())
                 if not args.json:
                     print(name, json.dumps(results["servers"][name]), flush=True)
             if "ultranet" in args.servers:
@@ -249,6 +260,7 @@ def _table(r: dict[str, Any]) -> str:
         )
     if "upstream_queries_zipf_300k" in r:
         rows.append(f"\nupstream queries, Zipf 300K: {r['upstream_queries_zipf_300k']}")
+    rows.append(f"\nload average before: {r['loadavg_before']}")
     return "\n".join(rows)
 
 

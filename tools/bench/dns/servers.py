@@ -138,13 +138,18 @@ zone:
 
 
 def start_ultranet(
-    work: Path, upstream: int, workers: int = 1, loop: str = "asyncio", metrics: int | None = None
+    work: Path,
+    upstream: int,
+    workers: int = 1,
+    loop: str = "asyncio",
+    metrics: int | None = None,
+    socket_reuse: int = 1,
 ) -> Running:
     port = free_port()
     conf = work / "ultranet.yaml"
     conf.write_text(
         f"cache: {{capacity: {CACHE_ENTRIES}}}\nacl: [127.0.0.0/8]\n"
-        "upstream: {max_concurrent: 10000}\n"
+        f"upstream: {{max_concurrent: 10000, socket_reuse: {socket_reuse}}}\n"
     )
     argv = [
         sys.executable,

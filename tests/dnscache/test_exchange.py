@@ -1,0 +1,258 @@
+"""In-process: the callback-driven UDP exchanger (sockets, timeouts, reuse), the hit-path
+memo of query bytes, and the GC policy. Real loopback sockets; waits are on events."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import ipaddress
+import select
+import socket
+import time
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from dnscache.cache import Entry, classify
+from dnscache.config import Address, Config, parse
+from dnscache.errors import UpstreamError
+from dnscache.gcpolicy import GcPolicy
+from dnscache.server import Worker
+from dnscache.upstream import Exchanger
+from dnscache.wire import fast_query, make_upstream_query, walk_response
+
+from .test_wire import q, upstream_reply
+
+
+@pytest.fixture
+def upstream() -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def address(s: socket.socket) -> Address:
+    host, port = s.getsockname()
+    return ipaddress.ip_address(host), port
+
+
+def key_of(name: str) -> bytes:
+    found = fast_query(q(name), 1232)
+    assert found is not None
+    return found[0]
+
+
+def answer(up: socket.socket, name: str) -> int:
+    """Answer one query waiting on ``up``; returns the source port it came from."""
+    data, peer = up.recvfrom(4096)
+    up.sendto(upstream_reply(data, [f"{name}. 300 A 198.18.0.9"]), peer)
+    return int(peer[1])
+
+
+async def exchange(ex: Exchanger, up: socket.socket, name: str) -> tuple[bytes, int]:
+    """One query through ``ex``, answered by the test: (response, our source port)."""
+    up.settimeout(5)  # the answering thread waits for the query (bounded)
+    task = asyncio.ensure_future(ex.udp(address(up), key_of(name), 5.0))
+    port = await asyncio.get_running_loop().run_in_executor(None, answer, up, name)
+    return await task, port
+
+
+def test_udp_reply_reaches_the_callback_and_the_socket_is_closed(upstream: socket.socket) -> None:
+    async def main() -> None:
+        ex = Exchanger(asyncio.get_running_loop(), 1232)
+        resp, _ = await exchange(ex, upstream, "a.test")
+        assert resp[3] & 0x0F == 0 and b"\x01a\x04test" in resp
+        assert not ex._pending and not any(p.idle for p in ex._peers.values())
+        ex.close()
+
+    asyncio.run(main())
+
+
+def test_sockets_are_reused_at_most_socket_reuse_times(upstream: socket.socket) -> None:
+    async def main() -> None:
+        ex = Exchanger(asyncio.get_running_loop(), 1232, reuse=2)
+        _, first = await exchange(ex, upstream, "a.test")
+        [peer] = ex._peers.values()
+        assert len(peer.idle) == 1  # answered: back in the pool, still connected
+        _, second = await exchange(ex, upstream, "b.test")
+        assert second == first and peer.idle == []  # used twice: closed
+        ex.close()
+
+    asyncio.run(main())
+
+
+def test_a_datagram_on_an_idle_socket_is_counted_and_dropped(upstream: socket.socket) -> None:
+    async def main() -> None:
+        ex = Exchanger(asyncio.get_running_loop(), 1232, reuse=3)
+        _, port = await exchange(ex, upstream, "a.test")
+        upstream.sendto(b"late duplicate", ("127.0.0.1", port))  # from the upstream's address
+        assert ex._epoll.poll(5)  # readable: wait for the datagram, not for a time
+        ex._on_epoll()
+        assert ex.spoofed == 1
+        resp, again = await exchange(ex, upstream, "b.test")  # the socket still works
+        assert again == port and b"\x01b\x04test" in resp
+        ex.close()
+
+    asyncio.run(main())
+
+
+def test_timeouts_fire_in_deadline_order_across_timeout_values(upstream: socket.socket) -> None:
+    async def main() -> None:
+        ex = Exchanger(asyncio.get_running_loop(), 1232)
+        slow = asyncio.ensure_future(ex.udp(address(upstream), key_of("slow.test"), 0.4))
+        fast = asyncio.ensure_future(ex.udp(address(upstream), key_of("fast.test"), 0.05))
+        done, _ = await asyncio.wait({slow, fast}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {fast}
+        with pytest.raises(UpstreamError, match="no answer in 0.05 s"):
+            fast.result()
+        with pytest.raises(UpstreamError, match="no answer in 0.4 s"):
+            await slow
+        assert not ex._pending
+        ex.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_id_is_ignored_and_the_real_reply_accepted(upstream: socket.socket) -> None:
+    async def main() -> None:
+        ex = Exchanger(asyncio.get_running_loop(), 1232)
+        upstream.settimeout(5)
+        task = asyncio.ensure_future(ex.udp(address(upstream), key_of("a.test"), 5.0))
+        loop = asyncio.get_running_loop()
+        data, peer = await loop.run_in_executor(None, upstream.recvfrom, 4096)
+        forged = bytearray(upstream_reply(data, ["a.test. 300 A 203.0.113.1"]))
+        forged[0] ^= 0xFF
+        upstream.sendto(bytes(forged), peer)
+        upstream.sendto(upstream_reply(data, ["a.test. 300 A 198.18.0.9"]), peer)
+        resp = await task
+        assert bytes([198, 18, 0, 9]) in resp and ex.spoofed == 1
+        ex.close()
+
+    asyncio.run(main())
+
+
+# -- the hit path's memo of query bytes ---------------------------------------------------------
+
+
+def config() -> Config:
+    return parse({"zones": {".": {"upstreams": ["127.0.0.1:53"]}}}, cpu_count=1)
+
+
+def entry(cfg: Config, name: str, addr: str, inserted: float) -> tuple[bytes, Entry]:
+    key = key_of(name)
+    resp = upstream_reply(make_upstream_query(1, key, 1232), [f"{name}. 3600 A {addr}"])
+    w = walk_response(resp, len(key) - 1)
+    e = Entry(w, classify(w, cfg.cache, len(resp)), inserted, ".", cfg.serve_stale, cfg.prefetch)
+    e.label = (".", "A", "success", "NOERROR")
+    return key, e
+
+
+def test_repeated_query_bytes_are_answered_from_the_memo_and_follow_the_cache() -> None:
+    cfg = config()
+    loop = asyncio.new_event_loop()
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        srv.bind(("127.0.0.1", 0))
+        srv.setblocking(False)
+        cli.settimeout(5)
+        worker = Worker(cfg, loop, [srv], [])
+        key, e = entry(cfg, "www.test", "198.18.0.1", time.monotonic() - 100)
+        worker.resolver.cache.put(key, e)
+
+        def ask(query: bytes) -> bytes:
+            cli.sendto(query, srv.getsockname())
+            select.select([srv], [], [], 5)
+            worker._udp_ready(srv)
+            return cli.recv(4096)
+
+        query = q("www.TeSt")
+        first = ask(query)
+        assert len(worker.hits) == 1  # remembered after the first hit
+        second = ask(b"\x99\x98" + query[2:])  # same bytes, another ID
+        assert second == b"\x99\x98" + first[2:]
+        assert b"\x03www\x04TeSt" in second  # the client's case, echoed
+        assert (3500).to_bytes(4, "big") in second or (3499).to_bytes(4, "big") in second
+        newer_key, newer = entry(cfg, "www.test", "198.18.0.2", time.monotonic())
+        worker.resolver.cache.put(newer_key, newer)  # a refresh replaced the entry
+        third = ask(query)
+        assert bytes([198, 18, 0, 2]) in third and (3600).to_bytes(4, "big") in third
+        assert e.hits == 2 and newer.hits == 1
+        worker.reconfigure(cfg)
+        assert worker.hits == {}
+        worker.resolver.exchanger.close()
+    finally:
+        srv.close()
+        cli.close()
+        loop.close()
+
+
+# -- GC policy ----------------------------------------------------------------------------------
+
+
+class Node:
+    me: object
+
+
+def test_gc_policy_freezes_survivors_and_runs_full_collections() -> None:
+    loop = asyncio.new_event_loop()
+    policy = GcPolicy(loop, full_every=3600)
+    before = gc.get_threshold()
+    try:
+        policy.start()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0 and gc.get_threshold()[1] == 2
+        keep = [[i] for i in range(1000)]  # tracked survivors
+        gc.collect(1)
+        assert gc.get_freeze_count() >= frozen + len(keep)
+        node = Node()
+        node.me = node  # a cycle, alive when frozen, garbage afterwards
+        gone = weakref.ref(node)
+        gc.collect(1)
+        del node
+        gc.collect()
+        assert gone() is not None  # frozen: out of the collector's sight
+        policy.full()
+        assert gone() is None and policy.full_collections == 1 and gc.get_freeze_count() > 0
+    finally:
+        policy.stop()
+        assert policy._on_gc not in gc.callbacks
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        loop.close()
+
+
+def test_the_memo_is_bounded_and_forgets_its_oldest_quarter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dnscache.server
+
+    monkeypatch.setattr(dnscache.server, "HITS_MAX", 4)
+    cfg = config()
+    loop = asyncio.new_event_loop()
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        srv.bind(("127.0.0.1", 0))
+        srv.setblocking(False)
+        cli.settimeout(5)
+        worker = Worker(cfg, loop, [srv], [])
+        names = [f"n{i}.test" for i in range(5)]
+        for name in names:
+            worker.resolver.cache.put(*entry(cfg, name, "198.18.0.1", time.monotonic()))
+        for name in names:
+            cli.sendto(q(name), srv.getsockname())
+            select.select([srv], [], [], 5)
+            worker._udp_ready(srv)
+            assert b"\x02" + name[:2].encode() in cli.recv(4096)
+        assert len(worker.hits) == 4 and q(names[0])[2:] not in worker.hits
+        assert q(names[4])[2:] in worker.hits
+        worker.resolver.exchanger.close()
+    finally:
+        srv.close()
+        cli.close()
+        loop.close()

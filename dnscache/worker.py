@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop == "uvloop":
         import uvloop
 
-        return uvloop.run(_run(args))
+        code: int = uvloop.run(_run(args))
+        return code
     return asyncio.run(_run(args))
 
 

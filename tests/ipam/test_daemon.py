@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from ipam.client import AsyncIpamClient, IpamClientError
+from ipam.client import AsyncIpamClient
 from ipam.protocol import frame
 from tests.conftest import LabFactory
-from tools.lab.daemon import IpamdProcess
+from tools.lab.daemon import IpamdProcess, allocate_then_kill
 from tools.lab.lab import Lab, LabConfig
 
 pytestmark = pytest.mark.netns
@@ -139,35 +139,6 @@ def test_only_root_may_use_the_socket(lab_factory: LabFactory) -> None:
     assert "uid 65534" in reply["error"]["message"]
 
 
-async def _burst(
-    daemon: IpamdProcess, keys: list[str], stop_after: int, acked: dict[str, str]
-) -> None:
-    """Allocate ``keys`` over 20 connections; return once ``stop_after`` are acknowledged."""
-    enough = asyncio.Event()
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for k in keys:
-        queue.put_nowait(k)
-
-    async def worker() -> None:
-        try:
-            async with AsyncIpamClient(daemon.socket) as client:
-                while not queue.empty():
-                    container = queue.get_nowait()
-                    reply = await client.allocate(container)
-                    acked[container] = reply["interfaces"][0]["address"]
-                    if len(acked) >= stop_after:
-                        enough.set()
-        except (ConnectionError, asyncio.IncompleteReadError, IpamClientError):
-            return  # the daemon was killed under us
-
-    tasks = [asyncio.create_task(worker()) for _ in range(20)]
-    waiter = asyncio.create_task(enough.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    daemon.kill()
-    await asyncio.gather(*tasks)
-    waiter.cancel()
-
-
 @pytest.mark.parametrize("trial", range(3))
 def test_kill_9_during_200_allocations_loses_and_duplicates_nothing(
     lab_factory: LabFactory, daemon_factory: Any, trial: int
@@ -183,9 +154,8 @@ def test_kill_9_during_200_allocations_loses_and_duplicates_nothing(
     daemon = daemon_factory(lab, env, name=f"t{trial}")
     daemon.wait_ready()
     keys = [f"t{trial}-pod{n:03d}" for n in range(200)]
-    acked: dict[str, str] = {}
     stop_after = random.Random(trial).randrange(1, 140)
-    asyncio.run(_burst(daemon, keys, stop_after, acked))
+    acked = asyncio.run(allocate_then_kill(daemon, keys, stop_after))
     assert len(acked) >= stop_after
 
     daemon.start()  # the same state directory: a restart after the crash

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from ipam.client import AsyncIpamClient
+from ipam.client import AsyncIpamClient, IpamClientError
 from tools.lab.lab import NODE_EC2_PORT, Lab
 
 
@@ -113,3 +113,38 @@ class IpamdProcess:
         if not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def allocate_then_kill(
+    daemon: IpamdProcess, keys: list[str], stop_after: int, *, connections: int = 20
+) -> dict[str, str]:
+    """Allocate ``keys`` over concurrent connections and SIGKILL the daemon once
+    ``stop_after`` are acknowledged; returns what was acknowledged (container -> address).
+
+    The crash the datastore must survive: a test and the benchmark's soak share it.
+    """
+    acked: dict[str, str] = {}
+    enough = asyncio.Event()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for k in keys:
+        queue.put_nowait(k)
+
+    async def worker() -> None:
+        try:
+            async with AsyncIpamClient(daemon.socket) as client:
+                while not queue.empty():
+                    container = queue.get_nowait()
+                    reply = await client.allocate(container)
+                    acked[container] = reply["interfaces"][0]["address"]
+                    if len(acked) >= stop_after:
+                        enough.set()
+        except (ConnectionError, asyncio.IncompleteReadError, IpamClientError):
+            return  # the daemon was killed under us
+
+    tasks = [asyncio.create_task(worker()) for _ in range(connections)]
+    waiter = asyncio.create_task(enough.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    daemon.kill()
+    await asyncio.gather(*tasks)
+    waiter.cancel()
+    return acked

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipam.client import AsyncIpamClient, IpamClientError
-from tools.lab.daemon import IpamdProcess
+from ipam.client import AsyncIpamClient
+from tools.lab.daemon import IpamdProcess, allocate_then_kill
 from tools.lab.lab import Lab, LabConfig
 
 STATIC_POOL = {  # nine launch prefixes on an m5.large, kept and never grown
@@ -180,31 +180,8 @@ def bench_fleet(nodes: int, prefixes_at_launch: int) -> dict[str, Any]:
 
 async def _crash_once(daemon: IpamdProcess, trial: int) -> tuple[int, int]:
     keys = [f"c{trial}-{n:03d}" for n in range(200)]
-    acked: dict[str, str] = {}
     stop_after = random.Random(trial).randrange(1, 190)
-    enough = asyncio.Event()
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for k in keys:
-        queue.put_nowait(k)
-
-    async def worker() -> None:
-        try:
-            async with AsyncIpamClient(daemon.socket) as client:
-                while not queue.empty():
-                    container = queue.get_nowait()
-                    reply = await client.allocate(container)
-                    acked[container] = reply["interfaces"][0]["address"]
-                    if len(acked) >= stop_after:
-                        enough.set()
-        except (ConnectionError, asyncio.IncompleteReadError, IpamClientError):
-            return
-
-    tasks = [asyncio.create_task(worker()) for _ in range(20)]
-    waiter = asyncio.create_task(enough.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    daemon.kill()
-    await asyncio.gather(*tasks)
-    waiter.cancel()
+    acked = await allocate_then_kill(daemon, keys, stop_after)
     daemon.start()
     await daemon._wait_ready(30)
     async with AsyncIpamClient(daemon.socket) as client:

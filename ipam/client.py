@@ -1,19 +1,20 @@
 """A client of the node daemon's socket API (``ipam.protocol``), for tools and tests.
 
-``AsyncIpamClient`` keeps one connection and sends requests one at a time on it; open
-several for concurrency. The CNI shim does not use this module: it must import almost
-nothing (``cni/``).
+``AsyncIpamClient`` keeps one connection; requests made concurrently on it are
+pipelined (the daemon answers in order). The CNI shim does not use this module: it must
+import almost nothing (``cni/``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from ipam.errors import UltranetError
-from ipam.protocol import VERSION, frame, frame_length
+from ipam.protocol import HEADER, VERSION, frame
 
 
 class IpamClientError(UltranetError):
@@ -25,37 +26,105 @@ class IpamClientError(UltranetError):
         self.detail = detail
 
 
+class _ReplyReader(asyncio.BufferedProtocol):
+    """Reads framed replies into one buffer and hands each to the oldest waiting call.
+
+    A reply with no call waiting (the daemon's ``forbidden``, said before any request)
+    is kept for the next call.
+    """
+
+    def __init__(self) -> None:
+        self.waiters: deque[asyncio.Future[dict[str, Any]]] = deque()
+        self.early: deque[dict[str, Any]] = deque()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._buffer = bytearray(1 << 16)
+        self._start = 0
+        self._end = 0
+        self._lost: Exception | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffer, start, end = self._buffer, self._start, self._end
+        if start == end:
+            self._start = self._end = end = 0
+        elif start:
+            buffer[: end - start] = buffer[start:end]
+            self._start, self._end = 0, end - start
+            end -= start
+        if end == len(buffer):
+            buffer.extend(bytes(len(buffer)))
+        return memoryview(buffer)[end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        buffer, start, end = self._buffer, self._start, self._end
+        while end - start >= 4:
+            (length,) = HEADER.unpack_from(buffer, start)
+            if end - start < 4 + length:
+                break
+            reply = json.loads(buffer[start + 4 : start + 4 + length])
+            start += 4 + length
+            if self.waiters:
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(reply)
+            else:
+                self.early.append(reply)
+        self._start = start
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc if exc is not None else ConnectionResetError("the daemon closed")
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError(f"connection lost: {self._lost}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def expect(self) -> asyncio.Future[dict[str, Any]]:
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self.early:
+            waiter.set_result(self.early.popleft())
+        elif self._lost is not None:
+            waiter.set_exception(ConnectionResetError(f"connection lost: {self._lost}"))
+        else:
+            self.waiters.append(waiter)
+        return waiter
+
+
 class AsyncIpamClient:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
+        self._reader: _ReplyReader | None = None
 
     async def __aenter__(self) -> AsyncIpamClient:
-        self._reader, self._writer = await asyncio.open_unix_connection(str(self.path))
+        loop = asyncio.get_running_loop()
+        self._transport, self._reader = await loop.create_unix_connection(
+            _ReplyReader, str(self.path)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except ConnectionError:
-                pass
-            self._writer = None
+        if self._transport is not None and self._reader is not None:
+            self._transport.close()
+            await self._reader.closed
+            self._transport = None
 
     async def raw(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one request as given and return the reply, error or not."""
-        assert self._reader is not None and self._writer is not None, "not connected"
-        self._writer.write(frame(message))
-        await self._writer.drain()
-        header = await self._reader.readexactly(4)
-        body = await self._reader.readexactly(frame_length(header))
-        reply: dict[str, Any] = json.loads(body)
-        return reply
+        return await self.raw_bytes(frame(message))
+
+    async def raw_bytes(self, data: bytes) -> dict[str, Any]:
+        """Send ``data`` as given (a malformed frame, say) and return the next reply."""
+        assert self._reader is not None and self._transport is not None, "not connected"
+        if self._transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        waiter = self._reader.expect()
+        self._transport.write(data)
+        return await waiter
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         reply = await self.raw({"version": VERSION, "op": op, **fields})

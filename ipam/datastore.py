@@ -36,6 +36,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,6 @@ def _record_to_json(record: AllocationRecord) -> dict[str, Any]:
     }
 
 
-def _key_to_json(key: IpamKey) -> dict[str, str]:
-    return {"network": key.network, "containerID": key.container_id, "ifName": key.ifname}
-
-
 def _key_from_json(raw: dict[str, Any]) -> IpamKey:
     return IpamKey(str(raw["network"]), str(raw["containerID"]), str(raw["ifName"]))
 
@@ -91,9 +88,34 @@ def _record_from_json(raw: dict[str, Any]) -> AllocationRecord:
     )
 
 
-def _line(entry: dict[str, Any]) -> bytes:
-    body = json.dumps(entry, separators=(",", ":")).encode()
+def _checksummed(body: bytes) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _add_line(record: AllocationRecord) -> bytes:
+    """The journal line of ``{"op": "add", **_record_to_json(record)}``, formatted
+    directly: one is written for every allocation, and a generic dump of the dict cost
+    four times this."""
+    key, pod = record.key, record.pod
+    addresses = ",".join(f'{{"card":{a.card},"ipv4":"{a.address}"}}' for a in record.addresses)
+    return _checksummed(
+        (
+            f'{{"op":"add","network":{_json_str(key.network)},'
+            f'"containerID":{_json_str(key.container_id)},"ifName":{_json_str(key.ifname)},'
+            f'"k8sPodNamespace":{_json_str(pod.namespace)},"k8sPodName":{_json_str(pod.name)},'
+            f'"addresses":[{addresses}],"allocatedAt":{float(record.allocated_at)!r},'
+            f'"origin":{_json_str(record.origin)}}}'
+        ).encode()
+    )
+
+
+def _del_line(key: IpamKey) -> bytes:
+    return _checksummed(
+        (
+            f'{{"op":"del","network":{_json_str(key.network)},'
+            f'"containerID":{_json_str(key.container_id)},"ifName":{_json_str(key.ifname)}}}'
+        ).encode()
+    )
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
@@ -203,10 +225,10 @@ class Journal:
     # -- writing ---------------------------------------------------------------------
 
     def stage_add(self, record: AllocationRecord) -> None:
-        self._staged.append(_line({"op": "add", **_record_to_json(record)}))
+        self._staged.append(_add_line(record))
 
     def stage_del(self, key: IpamKey) -> None:
-        self._staged.append(_line({"op": "del", **_key_to_json(key)}))
+        self._staged.append(_del_line(key))
 
     @property
     def staged(self) -> int:
@@ -401,7 +423,7 @@ class Datastore:
             for key in batch.adds:
                 self.pool.release(key, now)
             retried = [*batch.dels, *batch.adds]
-            self.journal.restage_first([_line({"op": "del", **_key_to_json(k)}) for k in retried])
+            self.journal.restage_first([_del_line(k) for k in retried])
             self._pending_dels[:0] = retried
             return
         if self.journal.lines_since_snapshot >= self.snapshot_every:

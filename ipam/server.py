@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ipam.agent import AgentError, NodeAgent
 from ipam.datastore_errors import DatastoreError, PoolExhausted
+from ipam.pool import Allocation
 from ipam.protocol import (
     AllocateRequest,
     GcRequest,
@@ -39,6 +40,7 @@ from ipam.protocol import (
     Request,
     StatusRequest,
     allocation_json,
+    allocation_reply,
     error,
     frame,
     frame_length,
@@ -66,6 +68,7 @@ class ApiServer:
         self.path = path
         self.allowed_uids = allowed_uids
         self._server: asyncio.Server | None = None
+        self._waiting: dict[asyncio.Future[None], list[_ApiConnection]] = {}
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +91,9 @@ class ApiServer:
             self._server = None
         self.path.unlink(missing_ok=True)
 
-    def dispatch(self, body: bytes) -> dict[str, Any] | asyncio.Future[dict[str, Any]]:
-        """A reply now, or a future of one. Allocations and releases take no coroutine:
-        they are applied at once and answered from the group commit's callback."""
+    def dispatch(self, body: bytes | bytearray) -> Reply:
+        """A reply now, a ``Durable`` one (allocate, release: answered once the group
+        commit covering them is on disk), or a future of one (everything else)."""
         try:
             request = parse_request(body)
             if isinstance(request, AllocateRequest):
@@ -98,42 +101,43 @@ class ApiServer:
                 allocation, durable = self.agent.allocate_staged(
                     request.key, request.pod, multi_nic=request.multi_nic
                 )
-                return self._when_durable(
-                    durable, "allocate", started, lambda: ok(allocation_json(allocation))
-                )
+                return Durable(durable, "allocate", started, allocation)
             if isinstance(request, ReleaseRequest):
                 started = self.agent._clock()
                 released, maybe = self.agent.release_staged(request.key)
                 if maybe is None:
-                    return ok({"released": False})
-                return self._when_durable(maybe, "release", started, _RELEASED)
+                    return _NOT_RELEASED
+                return Durable(maybe, "release", started, None)
         except ProtocolError as err:
-            return error(err.code, err.message)
+            return frame(error(err.code, err.message))
         except PoolExhausted as err:
-            return error("exhausted", str(err), cards=list(err.cards))
+            return frame(error("exhausted", str(err), cards=list(err.cards)))
         except (DatastoreError, AgentError) as err:
-            return error("refused", str(err))
+            return frame(error("refused", str(err)))
         return asyncio.ensure_future(self._handle_parsed(request))
 
-    def _when_durable(
-        self,
-        durable: asyncio.Future[None],
-        op: str,
-        started: float,
-        reply: Callable[[], dict[str, Any]],
-    ) -> asyncio.Future[dict[str, Any]]:
-        answer: asyncio.Future[dict[str, Any]] = durable.get_loop().create_future()
+    def answer(self, pending: Durable) -> bytes:
+        """The framed reply of an allocate or release whose commit has finished."""
+        failed = pending.durable.exception()
+        if failed is not None:
+            return frame(error("refused", f"not durable: {failed}"))
+        self.agent.observe(pending.op, pending.started)
+        if pending.allocation is None:
+            return _RELEASED
+        return allocation_reply(pending.allocation)
 
-        def done(commit: asyncio.Future[None]) -> None:
-            error_ = commit.exception()
-            if error_ is None:
-                self.agent.observe(op, started)
-                answer.set_result(reply())
-            else:
-                answer.set_result(error("refused", f"not durable: {error_}"))
+    def wait_durable(self, durable: asyncio.Future[None], connection: _ApiConnection) -> None:
+        """Flush ``connection`` once ``durable`` resolves: one callback per commit, not
+        one future and one callback per request."""
+        waiting = self._waiting.get(durable)
+        if waiting is None:
+            self._waiting[durable] = waiting = []
+            durable.add_done_callback(self._durable_done)
+        waiting.append(connection)
 
-        durable.add_done_callback(done)
-        return answer
+    def _durable_done(self, durable: asyncio.Future[None]) -> None:
+        for connection in self._waiting.pop(durable, ()):
+            connection.flush()
 
     async def _handle_parsed(self, request: Request) -> dict[str, Any]:
         try:
@@ -184,22 +188,44 @@ class ApiServer:
         )
 
 
-def _RELEASED() -> dict[str, Any]:
-    return ok({"released": True})
+class Durable:
+    """An allocate or release applied in memory, answered once its commit is durable."""
+
+    __slots__ = ("durable", "op", "started", "allocation")
+
+    def __init__(
+        self, durable: asyncio.Future[None], op: str, started: float, allocation: Allocation | None
+    ) -> None:
+        self.durable = durable
+        self.op = op
+        self.started = started
+        self.allocation = allocation
 
 
-class _ApiConnection(asyncio.Protocol):
+Reply = bytes | Durable | asyncio.Future[dict[str, Any]]
+
+_RELEASED = frame(ok({"released": True}))
+_NOT_RELEASED = frame(ok({"released": False}))
+_READ_SIZE = 1 << 16
+
+
+class _ApiConnection(asyncio.BufferedProtocol):
     """One client connection: frames in, replies out in request order.
 
-    A protocol rather than streams: at thousands of requests per second the stream
-    machinery (a future and a wake-up per ``readexactly``) was a large part of each one.
+    A buffered protocol reading into one buffer of its own: the plain protocol's
+    transport allocates a 256 KiB bytes object for every read, and streams add a future
+    and a wake-up per ``readexactly``; at thousands of requests per second both were a
+    large part of each request.
     """
 
     def __init__(self, server: ApiServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._replies: deque[dict[str, Any] | asyncio.Future[dict[str, Any]]] = deque()
+        self._buffer = bytearray(_READ_SIZE)
+        self._start = 0  # the first byte not yet taken as a frame
+        self._end = 0  # the end of what has been read
+        self._replies: deque[Reply] = deque()
+        self._waiting_on: asyncio.Future[None] | None = None  # the commit flush waits for
         self._forbidden = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,46 +238,72 @@ class _ApiConnection(asyncio.Protocol):
             self._forbidden = True
             transport.write(frame(error("forbidden", f"uid {uid} may not use the IPAM socket")))
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Compaction and growth happen here, not in buffer_updated: the transport still
+        # holds a view of the buffer while it reports a read, and a bytearray with a
+        # view cannot be resized.
+        buffer, start, end = self._buffer, self._start, self._end
+        if start == end:
+            self._start = self._end = start = end = 0
+        elif start and (end == len(buffer) or start > len(buffer) // 2):
+            buffer[: end - start] = buffer[start:end]
+            self._start, self._end = 0, end - start
+            start, end = 0, end - start
+        if end == len(buffer):
+            # A frame larger than the buffer (a GC of many pods): make room for it. Its
+            # length was checked against MAX_MESSAGE when its header arrived.
+            buffer.extend(bytes(len(buffer)))
+        return memoryview(buffer)[end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._forbidden:
             assert self._transport is not None
             self._transport.close()
             return
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 4:
+        self._end += nbytes
+        buffer, start, end = self._buffer, self._start, self._end
+        replies = self._replies
+        while end - start >= 4:
             try:
-                length = frame_length(bytes(buffer[:4]))
+                length = frame_length(buffer[start : start + 4])
             except ProtocolError as err:
                 assert self._transport is not None
                 self._transport.write(frame(error(err.code, err.message)))
                 self._transport.close()  # the stream cannot be resynchronised
-                buffer.clear()
+                self._start = self._end = 0
                 return
-            if len(buffer) < 4 + length:
+            if end - start < 4 + length:
                 break
-            reply = self._server.dispatch(bytes(buffer[4 : 4 + length]))
-            del buffer[: 4 + length]
-            self._replies.append(reply)
-            if not isinstance(reply, dict):
-                reply.add_done_callback(self._flush)
-        self._flush()
+            reply = self._server.dispatch(buffer[start + 4 : start + 4 + length])
+            if isinstance(reply, asyncio.Future):
+                reply.add_done_callback(self.flush)
+            replies.append(reply)
+            start += 4 + length
+        self._start = start
+        self.flush()
 
-    def _flush(self, _: object = None) -> None:
+    def flush(self, _: object = None) -> None:
         """Write the replies that are ready, in request order."""
         replies = self._replies
         transport = self._transport
         while replies:
             head = replies[0]
-            if isinstance(head, dict):
+            if isinstance(head, bytes):
                 reply = head
+            elif isinstance(head, Durable):
+                if not head.durable.done():
+                    if self._waiting_on is not head.durable:
+                        self._waiting_on = head.durable
+                        self._server.wait_durable(head.durable, self)
+                    return
+                reply = self._server.answer(head)
             elif head.done():
-                reply = head.result()
+                reply = frame(head.result())
             else:
-                return
+                return  # its done-callback (added in buffer_updated) flushes again
             replies.popleft()
             if transport is not None and not transport.is_closing():
-                transport.write(frame(reply))
+                transport.write(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -268,6 +320,7 @@ class HttpServer:
         self.port = port
         self.routes = routes
         self._server: asyncio.Server | None = None
+        self._waiting: dict[asyncio.Future[None], list[_ApiConnection]] = {}
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,10 +87,7 @@ def test_bad_requests_get_clear_errors_and_never_crash(
                     }
                 )
             )
-            assert client._writer is not None and client._reader is not None
-            client._writer.write(b"\x00\x00\x00\x05nope!")
-            header = await client._reader.readexactly(4)
-            replies.append(json.loads(await client._reader.readexactly(int.from_bytes(header))))
+            replies.append(await client.raw_bytes(b"\x00\x00\x00\x05nope!"))
             replies.append(await client.raw({"version": 1, "op": "status"}))
         return replies
 
@@ -105,6 +103,59 @@ def test_bad_requests_get_clear_errors_and_never_crash(
     assert "supported: [1]" in replies[0]["error"]["message"]
     assert "container_id" in replies[3]["error"]["message"]
     assert replies[5]["ok"] is True  # the same connection still works
+
+
+def _read_reply(sock: socket.socket) -> dict[str, Any]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the daemon closed the connection"
+            data += chunk
+        return data
+
+    return dict(json.loads(exactly(int.from_bytes(exactly(4)))))
+
+
+def test_frames_split_joined_or_large_are_all_answered_in_order(
+    lab_factory: LabFactory, daemon_factory: Any
+) -> None:
+    lab = lab_factory()
+    daemon = daemon_factory(lab)
+    daemon.wait_ready()
+    allocate = {
+        "version": 1,
+        "op": "allocate",
+        "network": "n",
+        "ifname": "eth0",
+        "pod_namespace": "default",
+        "pod_name": "web",
+    }
+    # A GC naming thousands of pods: one frame larger than the daemon's read buffer.
+    valid = [[f"pod-{n:05d}-{'x' * 20}", "eth0"] for n in range(3000)]
+    gc = frame({"version": 1, "op": "gc", "network": "n", "valid": [["joined-1", "eth0"], *valid]})
+    assert len(gc) > 1 << 16
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.socket))
+        # Two requests in one write: two replies, in request order.
+        sock.sendall(
+            frame({**allocate, "container_id": "joined-1"})
+            + frame({**allocate, "container_id": "joined-2"})
+        )
+        first, second = _read_reply(sock), _read_reply(sock)
+        assert first["result"]["container_id"] == "joined-1"
+        assert second["result"]["container_id"] == "joined-2"
+        # One request a byte at a time.
+        for byte in frame({**allocate, "container_id": "split-1"}):
+            sock.sendall(bytes([byte]))
+        assert _read_reply(sock)["result"]["container_id"] == "split-1"
+        sock.sendall(gc)
+        released = _read_reply(sock)["result"]["released"]
+        assert sorted(a["container_id"] for a in released) == ["joined-2", "split-1"]
+        sock.sendall(frame({"version": 1, "op": "list"}))
+        held = _read_reply(sock)["result"]["allocations"]
+        assert [a["container_id"] for a in held] == ["joined-1"]
 
 
 def test_only_root_may_use_the_socket(lab_factory: LabFactory) -> None:

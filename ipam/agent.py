@@ -60,6 +60,12 @@ FREED_PREFIX_COOLDOWN_S = 60.0  # a released prefix is not re-adopted from IMDS 
 MANAGE_INTERVAL_S = 5.0  # the pool is also re-planned at least this often
 RECONCILE_INTERVAL_S = 60.0  # IMDS is compared with the pool this often, as the VPC CNI does
 ERROR_BACKOFF_S = (1.0, 60.0)  # after a failed grow/shrink step: first and longest wait
+# A group commit runs inline on the event loop: a worker thread costs each request a GIL
+# hand-off or two (measured: a third of the daemon's CPU per request at saturation). But
+# an inline sync stalls every listener, so once one takes longer than SLOW_SYNC_S (a
+# congested EBS volume), commits move to a worker thread for THREADED_SYNC_S.
+SLOW_SYNC_S = 0.1
+THREADED_SYNC_S = 30.0
 LINK_WAIT_S = 30.0  # a hot-plugged ENI's link appears within this on EC2
 ENI_DESCRIPTION = "ultranet pod addresses"
 INSTANCE_TAG = "node.k8s.amazonaws.com/instance_id"  # the VPC CNI's tag, so its GC knows ours
@@ -150,6 +156,7 @@ class NodeAgent:
         self._wake = asyncio.Event()
         self._next_commit: asyncio.Future[None] | None = None  # the batch being filled
         self._committing: asyncio.Future[None] | None = None  # the batch being synced
+        self._threaded_sync_until = 0.0  # time.monotonic(): commit on a thread until then
         self._manager: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._busy = asyncio.Lock()  # one grow/shrink at a time
@@ -157,6 +164,9 @@ class NodeAgent:
             op: self.metrics.allocation_seconds.labels(op) for op in ("allocate", "release")
         }
         self._exhausted = self.metrics.allocation_errors.labels("exhausted")
+        self._sync_seconds = {
+            mode: self.metrics.journal_sync_seconds.labels(mode) for mode in ("inline", "thread")
+        }
         self.started_at = 0.0
         self.ready_at: float | None = None
         self._reconciled_at = 0.0
@@ -488,8 +498,9 @@ class NodeAgent:
     def _durable(self) -> asyncio.Future[None]:
         """The group commit that will cover what was just staged.
 
-        The sync runs on a worker thread while this loop keeps applying requests into the
-        next batch, so throughput is not one fsync per request but one per batch.
+        It starts once this loop pass has applied every request it read, so throughput is
+        one fsync per batch, not per request; while a commit runs on a worker thread (see
+        SLOW_SYNC_S) the loop keeps applying requests into the next batch.
         """
         if self._next_commit is None:
             loop = asyncio.get_running_loop()
@@ -505,24 +516,49 @@ class NodeAgent:
         if waiter is None:
             return
         batch = self.datastore.take_batch()
-        self._committing = asyncio.ensure_future(self._commit(batch, waiter))
+        if time.monotonic() < self._threaded_sync_until:
+            self._committing = asyncio.ensure_future(self._commit_on_thread(batch, waiter))
+            return
+        started = time.monotonic()
+        error = self._write(batch)
+        took = time.monotonic() - started
+        self._sync_seconds["inline"].observe(took)
+        if took > SLOW_SYNC_S:
+            self._threaded_sync_until = started + took + THREADED_SYNC_S
+            log.warning(
+                "journal sync took %.0f ms; committing on a worker thread for the next %.0f s",
+                took * 1000,
+                THREADED_SYNC_S,
+            )
+        self._finish_commit(batch, waiter, error)
 
-    async def _commit(self, batch: Batch, waiter: asyncio.Future[None]) -> None:
+    def _write(self, batch: Batch) -> DatastoreWriteError | None:
         assert self.datastore is not None
-        error: DatastoreWriteError | None = None
         try:
-            await asyncio.to_thread(self.datastore.write_batch, batch)
+            self.datastore.write_batch(batch)
         except DatastoreWriteError as err:
-            error = err
+            return err
+        return None
+
+    async def _commit_on_thread(self, batch: Batch, waiter: asyncio.Future[None]) -> None:
+        started = time.monotonic()
+        error = await asyncio.to_thread(self._write, batch)
+        self._sync_seconds["thread"].observe(time.monotonic() - started)
+        self._committing = None
+        self._finish_commit(batch, waiter, error)
+        if self._next_commit is not None:
+            self._start_commit()  # the batch that filled up meanwhile
+
+    def _finish_commit(
+        self, batch: Batch, waiter: asyncio.Future[None], error: DatastoreWriteError | None
+    ) -> None:
+        assert self.datastore is not None
         self.datastore.finish_batch(batch, error, self._clock())
         if error is None:
             waiter.set_result(None)
         else:
             log.error("journal write failed; %d allocation(s) refused: %s", len(batch.adds), error)
             waiter.set_exception(error)
-        self._committing = None
-        if self._next_commit is not None:
-            self._start_commit()  # the batch that filled up meanwhile
 
     # -- the warm pool ---------------------------------------------------------------
 

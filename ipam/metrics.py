@@ -13,6 +13,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ALLOCATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+JOURNAL_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
 EC2_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -45,6 +46,13 @@ class IpamdMetrics:
             "Time from request to durable answer, by operation",
             ["op"],
             buckets=ALLOCATION_BUCKETS,
+            registry=r,
+        )
+        self.journal_sync_seconds = Histogram(
+            p + "journal_sync_seconds",
+            "Journal group commits (write + fdatasync), by where they ran",
+            ["mode"],
+            buckets=JOURNAL_BUCKETS,
             registry=r,
         )
         self.allocation_errors = Counter(

@@ -3,11 +3,15 @@ multi-NIC, throttling, fragmented subnets, stale IMDS."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 
+from ipam import agent as agent_module
+from ipam.datastore import Batch
 from ipam.datastore_errors import PoolExhausted
 from tests.conftest import LabFactory
 from tests.ipam.agentenv import POD, ManualClock, agent_in, key
@@ -281,3 +285,51 @@ def test_reconcile_follows_ec2_changes_made_behind_the_agents_back(
         # And it is durable: a restart does not bring them back.
     with agent_in(lab, tmp_path, env) as again:
         assert len(again.agent.allocations()) == 32
+
+
+def _sync_count(run: object, mode: str) -> float:
+    registry = run.agent.metrics.registry  # type: ignore[attr-defined]
+    value = registry.get_sample_value("ultranet_ipamd_journal_sync_seconds_count", {"mode": mode})
+    return float(value or 0.0)
+
+
+def test_a_slow_journal_sync_moves_commits_off_the_event_loop(
+    lab_factory: LabFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    with agent_in(lab, tmp_path) as run:
+        run.run(run.agent.allocate(key(1), POD, multi_nic=False))
+        assert _sync_count(run, "inline") == 1 and _sync_count(run, "thread") == 0
+
+        # Any inline sync now counts as slow: the next one hands commits to a thread.
+        monkeypatch.setattr(agent_module, "SLOW_SYNC_S", 0.0)
+        run.run(run.agent.allocate(key(2), POD, multi_nic=False))
+        assert _sync_count(run, "inline") == 2
+
+        # A disk that hangs: the commit waits on the thread, the loop keeps answering.
+        store = run.agent.datastore
+        assert store is not None
+        disk = threading.Event()
+        entered = threading.Event()
+        write_batch = store.write_batch
+
+        def hanging_write(batch: Batch) -> None:
+            entered.set()
+            disk.wait(5)  # inline, this would stall the loop until the timeout
+            write_batch(batch)
+
+        monkeypatch.setattr(store, "write_batch", hanging_write)
+
+        async def allocate_while_the_disk_hangs() -> tuple[bool, str]:
+            allocating = asyncio.ensure_future(run.agent.allocate(key(3), POD, multi_nic=False))
+            assert await asyncio.to_thread(entered.wait, 5)
+            status = await run.agent.status()  # answered while the commit is stuck
+            pending = not allocating.done() and not disk.is_set()
+            disk.set()
+            allocation = await allocating
+            return pending and status.ready, str(allocation.leases[0].address)
+
+        answered_meanwhile, address = run.run(allocate_while_the_disk_hangs())  # type: ignore[misc]
+        assert answered_meanwhile
+        assert _sync_count(run, "thread") == 1
+        assert run.agent.lookup(key(3)) is not None and address

@@ -20,6 +20,7 @@ from typing import Any
 from .cache import Cache, Entry, classify
 from .config import Config
 from .errors import OptNotLast, UpstreamError, WireError
+from .eventloop import FastSelector
 from .policy import Router, UpstreamState, ZoneRoute
 from .stats import WorkerStats, qtype_name, rcode_name
 from .upstream import Exchanger
@@ -81,11 +82,17 @@ def splice(e: Entry, body: bytes, data: bytes, qend: int, limit: int, cap: int) 
 
 
 class Resolver:
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, stats: WorkerStats) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        loop: asyncio.AbstractEventLoop,
+        stats: WorkerStats,
+        selector: FastSelector | None = None,
+    ) -> None:
         self.loop = loop
         self.stats = stats
         self.cache = Cache(cfg.cache.capacity)
-        self.exchanger = Exchanger(loop, cfg.upstream.payload, cfg.upstream.socket_reuse)
+        self.exchanger = Exchanger(loop, cfg.upstream.payload, cfg.upstream.socket_reuse, selector)
         self.inflight: dict[bytes, Pending] = {}
         self.active = 0
         self.tasks: set[asyncio.Task[None]] = set()

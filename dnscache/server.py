@@ -24,6 +24,7 @@ from typing import Any
 from .cache import Entry
 from .config import Config
 from .errors import WireError
+from .eventloop import FastSelector
 from .resolver import Resolver, Send, Waiter, splice
 from .stats import WorkerStats
 from .wire import Rcode, error_reply, fast_query, parse_query
@@ -43,11 +44,15 @@ class Worker:
         loop: asyncio.AbstractEventLoop,
         udp: list[socket.socket],
         tcp: list[socket.socket],
+        selector: FastSelector | None = None,
     ) -> None:
+        """With ``selector`` (the loop's own, ``eventloop.py``) the UDP sockets and upstream
+        sockets are served straight from its ``epoll_wait``; without, through ``add_reader``."""
         self.cfg = cfg
         self.loop = loop
+        self.selector = selector
         self.stats = WorkerStats()
-        self.resolver = Resolver(cfg, loop, self.stats)
+        self.resolver = Resolver(cfg, loop, self.stats, selector)
         self.udp = udp
         self.tcp = tcp
         self.servers: list[asyncio.Server] = []
@@ -61,7 +66,10 @@ class Worker:
     async def start(self) -> None:
         for s in self.udp:
             s.setblocking(False)
-            self.loop.add_reader(s.fileno(), self._udp_ready, s)
+            if self.selector is not None:
+                self.selector.add_fast(s.fileno(), self._udp_ready, s)
+            else:
+                self.loop.add_reader(s.fileno(), self._udp_ready, s)
         for s in self.tcp:
             s.setblocking(False)
             self.servers.append(await asyncio.start_server(self._tcp_client, sock=s))
@@ -270,7 +278,10 @@ class Worker:
         """Stop taking queries, finish those in flight (at most ``timeout``), close."""
         self.draining = True
         for s in self.udp:
-            self.loop.remove_reader(s.fileno())
+            if self.selector is not None:
+                self.selector.remove_fast(s.fileno())
+            else:
+                self.loop.remove_reader(s.fileno())
         for srv in self.servers:
             srv.close()
         if self._sweeper is not None:

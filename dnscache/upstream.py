@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import select
 import socket
 import struct
 from _socket import socket as _new_socket  # the C type: no Python wrapper, no close() hooks
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 
 from .config import Address
 from .errors import UpstreamError
+from .eventloop import FastSelector, NestedPoller, Poller
 from .policy import upstream_label
 from .wire import make_upstream_query, response_id_matches, response_question_matches
 
@@ -40,19 +40,31 @@ class Exchanger:
     """Counts spoofed replies. ``send_udp`` starts a UDP exchange and calls ``done`` back from
     the event loop; ``udp``/``tcp`` are the awaitable forms (probes, TCP fallback).
 
-    No task or future per query on the UDP path: each query's socket goes into one epoll set
-    of our own, itself one reader of the loop (closing a socket removes it from the set), the
-    reply is matched and handed to ``done`` in the same callback, and the deadlines sit in
+    No task or future per query on the UDP path: each query's socket is watched by the
+    worker's ``FastSelector`` (``eventloop.py``: served straight from the loop's own
+    ``epoll_wait``; closing a socket removes it), or, on another loop, by a nested epoll set;
+    the reply is matched and handed to ``done`` in the same callback, and the deadlines sit in
     FIFO queues (one per timeout value, so each is in deadline order) served by one timer.
     Registering every socket with the loop would cost ~20 µs (``add_reader``/
     ``remove_reader``), a timer ~9 µs (``call_later``/``cancel``), a task and its future more.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, payload: int, reuse: int = 1) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        payload: int,
+        reuse: int = 1,
+        selector: FastSelector | None = None,
+    ) -> None:
         self.loop = loop
         self.payload = payload
         self.spoofed = 0
-        self._epoll = select.epoll()
+        self._poller: Poller = (
+            selector.poller(self._on_fd)
+            if selector is not None
+            else NestedPoller(loop, self._on_fd)
+        )
+        self._watch = self._poller.watch
         self._pending: dict[int, _Udp] = {}
         self._queues: dict[float, deque[_Udp]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -61,10 +73,9 @@ class Exchanger:
         self._idle_fds: dict[int, tuple[Any, _Peer]] = {}
         self.reuse = reuse
         self._ids: list[int] = []
-        loop.add_reader(self._epoll.fileno(), self._on_epoll)
 
     def close(self) -> None:
-        self.loop.remove_reader(self._epoll.fileno())
+        self._poller.close()
         for q in self._pending.values():
             q.sock.close()
         self._pending.clear()
@@ -73,7 +84,6 @@ class Exchanger:
         self._idle_fds.clear()
         for peer in self._peers.values():
             peer.idle.clear()
-        self._epoll.close()
         if self._timer is not None:
             self._timer.cancel()
 
@@ -107,7 +117,7 @@ class Exchanger:
                 sock.connect(peer.sockaddr)  # the kernel picks a random ephemeral port
                 sock.send(query)
                 fd = sock.fileno()
-                self._epoll.register(fd, select.EPOLLIN)
+                self._watch(fd)
                 uses = 0
         except OSError as exc:
             if sock is not None:
@@ -135,27 +145,26 @@ class Exchanger:
         self.send_udp(addr, key, timeout, edns, _settle, fut)
         return await fut
 
-    def _on_epoll(self) -> None:
-        pending = self._pending
-        for fd, _ in self._epoll.poll(0, 512):
-            q = pending.get(fd)
-            if q is None:
-                self._drain_idle(fd)
-                continue
-            sock = q.sock
-            while True:
-                try:
-                    data = sock.recv(UDP_RECV)
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # ICMP port unreachable arrives as ECONNREFUSED
-                    err = UpstreamError(q.peer.label, f"udp: {exc.strerror or exc}")
-                    self._finish(q, None, err)
-                    break
-                if response_id_matches(data, q.qid) and response_question_matches(data, q.key):
-                    self._finish(q, data, None)
-                    break
-                self.spoofed += 1
+    def _on_fd(self, fd: int) -> None:
+        """An upstream socket is readable: the reply, an error, or datagrams to ignore."""
+        q = self._pending.get(fd)
+        if q is None:
+            self._drain_idle(fd)
+            return
+        sock = q.sock
+        while True:
+            try:
+                data = sock.recv(UDP_RECV)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ICMP port unreachable arrives as ECONNREFUSED
+                err = UpstreamError(q.peer.label, f"udp: {exc.strerror or exc}")
+                self._finish(q, None, err)
+                return
+            if response_id_matches(data, q.qid) and response_question_matches(data, q.key):
+                self._finish(q, data, None)
+                return
+            self.spoofed += 1
 
     def _drain_idle(self, fd: int) -> None:
         """Datagrams on an idle socket answer nothing we asked: count them, drop them."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import parse
 from .errors import ConfigError
+from .eventloop import FastSelector, new_loop
 from .gcpolicy import GcPolicy
 from .server import Worker
 
@@ -51,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop == "uvloop":
         import uvloop
 
-        code: int = uvloop.run(_run(args))
+        code: int = uvloop.run(_run(args, None))
         return code
-    return asyncio.run(_run(args))
+    selector = FastSelector()
+    with asyncio.Runner(loop_factory=lambda: new_loop(selector)) as runner:
+        return runner.run(_run(args, selector))
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, selector: FastSelector | None) -> int:
     loop = asyncio.get_running_loop()
     udp = [socket.socket(fileno=fd) for fd in _fds(args.udp_fds)]
     tcp = [socket.socket(fileno=fd) for fd in _fds(args.tcp_fds)]
@@ -64,7 +67,7 @@ async def _run(args: argparse.Namespace) -> int:
     reader, writer = await asyncio.open_connection(sock=control, limit=1 << 24)
     first = json.loads(await reader.readline())
     cfg = parse(first["doc"], cpu_count=1)
-    worker = Worker(cfg, loop, udp, tcp)
+    worker = Worker(cfg, loop, udp, tcp, selector)
     await worker.start()
     collector = GcPolicy(loop)
     collector.start()

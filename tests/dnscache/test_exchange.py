@@ -1,5 +1,6 @@
-"""In-process: the callback-driven UDP exchanger (sockets, timeouts, reuse), the hit-path
-memo of query bytes, and the GC policy. Real loopback sockets; waits are on events."""
+"""In-process: the callback-driven UDP exchanger (sockets, timeouts, reuse) under the worker's
+``FastSelector`` loop and under a plain asyncio loop, the selector itself, the hit-path memo
+of query bytes, and the GC policy. Real loopback sockets; waits are on events."""
 
 from __future__ import annotations
 
@@ -10,19 +11,46 @@ import select
 import socket
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
 from dnscache.cache import Entry, classify
 from dnscache.config import Address, Config, parse
 from dnscache.errors import UpstreamError
+from dnscache.eventloop import FastSelector, new_loop
 from dnscache.gcpolicy import GcPolicy
 from dnscache.server import Worker
 from dnscache.upstream import Exchanger
 from dnscache.wire import fast_query, make_upstream_query, walk_response
 
 from .test_wire import q, upstream_reply
+
+
+@pytest.fixture(params=["fast", "nested"])
+def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[None]]], None]:
+    """Runs a test's coroutine on the worker's loop (``FastSelector``: the exchanger's sockets
+    served from the loop's own epoll) or on asyncio's default loop (a nested epoll set)."""
+
+    def runner(main: Callable[[], Awaitable[None]]) -> None:
+        async def wrapped() -> None:
+            await main()
+
+        if request.param == "fast":
+            selector = FastSelector()
+            with asyncio.Runner(loop_factory=lambda: new_loop(selector)) as r:
+                r.run(wrapped())
+        else:
+            asyncio.run(wrapped())
+
+    return runner
+
+
+def new_exchanger(reuse: int = 1) -> Exchanger:
+    """An exchanger on the running loop, on its ``FastSelector`` when it has one."""
+    loop = asyncio.get_running_loop()
+    selector = getattr(loop, "_selector", None)
+    return Exchanger(loop, 1232, reuse, selector if isinstance(selector, FastSelector) else None)
 
 
 @pytest.fixture
@@ -33,6 +61,9 @@ def upstream() -> Iterator[socket.socket]:
         yield s
     finally:
         s.close()
+
+
+Runner = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 def address(s: socket.socket) -> Address:
@@ -61,20 +92,24 @@ async def exchange(ex: Exchanger, up: socket.socket, name: str) -> tuple[bytes, 
     return await task, port
 
 
-def test_udp_reply_reaches_the_callback_and_the_socket_is_closed(upstream: socket.socket) -> None:
+def test_udp_reply_reaches_the_callback_and_the_socket_is_closed(
+    upstream: socket.socket, run: Runner
+) -> None:
     async def main() -> None:
-        ex = Exchanger(asyncio.get_running_loop(), 1232)
+        ex = new_exchanger()
         resp, _ = await exchange(ex, upstream, "a.test")
         assert resp[3] & 0x0F == 0 and b"\x01a\x04test" in resp
         assert not ex._pending and not any(p.idle for p in ex._peers.values())
         ex.close()
 
-    asyncio.run(main())
+    run(main)
 
 
-def test_sockets_are_reused_at_most_socket_reuse_times(upstream: socket.socket) -> None:
+def test_sockets_are_reused_at_most_socket_reuse_times(
+    upstream: socket.socket, run: Runner
+) -> None:
     async def main() -> None:
-        ex = Exchanger(asyncio.get_running_loop(), 1232, reuse=2)
+        ex = new_exchanger(reuse=2)
         _, first = await exchange(ex, upstream, "a.test")
         [peer] = ex._peers.values()
         assert len(peer.idle) == 1  # answered: back in the pool, still connected
@@ -82,27 +117,33 @@ def test_sockets_are_reused_at_most_socket_reuse_times(upstream: socket.socket) 
         assert second == first and peer.idle == []  # used twice: closed
         ex.close()
 
-    asyncio.run(main())
+    run(main)
 
 
-def test_a_datagram_on_an_idle_socket_is_counted_and_dropped(upstream: socket.socket) -> None:
+def test_a_datagram_on_an_idle_socket_is_counted_and_dropped(
+    upstream: socket.socket, run: Runner
+) -> None:
     async def main() -> None:
-        ex = Exchanger(asyncio.get_running_loop(), 1232, reuse=3)
+        ex = new_exchanger(reuse=3)
         _, port = await exchange(ex, upstream, "a.test")
+        [peer] = ex._peers.values()
+        [(_, fd, _)] = peer.idle
         upstream.sendto(b"late duplicate", ("127.0.0.1", port))  # from the upstream's address
-        assert ex._epoll.poll(5)  # readable: wait for the datagram, not for a time
-        ex._on_epoll()
+        assert select.select([fd], [], [], 5)[0]  # readable: wait for the datagram, not a time
+        ex._on_fd(fd)  # what the loop does with it
         assert ex.spoofed == 1
         resp, again = await exchange(ex, upstream, "b.test")  # the socket still works
         assert again == port and b"\x01b\x04test" in resp
         ex.close()
 
-    asyncio.run(main())
+    run(main)
 
 
-def test_timeouts_fire_in_deadline_order_across_timeout_values(upstream: socket.socket) -> None:
+def test_timeouts_fire_in_deadline_order_across_timeout_values(
+    upstream: socket.socket, run: Runner
+) -> None:
     async def main() -> None:
-        ex = Exchanger(asyncio.get_running_loop(), 1232)
+        ex = new_exchanger()
         slow = asyncio.ensure_future(ex.udp(address(upstream), key_of("slow.test"), 0.4))
         fast = asyncio.ensure_future(ex.udp(address(upstream), key_of("fast.test"), 0.05))
         done, _ = await asyncio.wait({slow, fast}, return_when=asyncio.FIRST_COMPLETED)
@@ -114,12 +155,14 @@ def test_timeouts_fire_in_deadline_order_across_timeout_values(upstream: socket.
         assert not ex._pending
         ex.close()
 
-    asyncio.run(main())
+    run(main)
 
 
-def test_wrong_id_is_ignored_and_the_real_reply_accepted(upstream: socket.socket) -> None:
+def test_wrong_id_is_ignored_and_the_real_reply_accepted(
+    upstream: socket.socket, run: Runner
+) -> None:
     async def main() -> None:
-        ex = Exchanger(asyncio.get_running_loop(), 1232)
+        ex = new_exchanger()
         upstream.settimeout(5)
         task = asyncio.ensure_future(ex.udp(address(upstream), key_of("a.test"), 5.0))
         loop = asyncio.get_running_loop()
@@ -132,7 +175,63 @@ def test_wrong_id_is_ignored_and_the_real_reply_accepted(upstream: socket.socket
         assert bytes([198, 18, 0, 9]) in resp and ex.spoofed == 1
         ex.close()
 
-    asyncio.run(main())
+    run(main)
+
+
+# -- the worker's selector ----------------------------------------------------------------------
+
+
+def test_fast_selector_serves_its_fds_from_select_beside_asyncio() -> None:
+    selector = FastSelector()
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(4)]
+    (fast, fast_peer), (bad, bad_peer), (watched, watched_peer), (plain, plain_peer) = pairs
+    got: list[tuple[str, bytes]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        three = loop.create_future()
+
+        def note(kind: str, data: bytes) -> None:
+            got.append((kind, data))
+            if len(got) == 3:
+                three.set_result(None)
+
+        def fails(sock: socket.socket) -> None:
+            sock.recv(100)
+            raise RuntimeError("a bug in a callback")
+
+        selector.add_fast(fast.fileno(), lambda s: note("fast", s.recv(100)), fast)
+        selector.add_fast(bad.fileno(), fails, bad)
+        poller = selector.poller(lambda fd: note(f"watched {fd}", watched.recv(100)))
+        poller.watch(watched.fileno())
+        loop.add_reader(plain.fileno(), lambda: note("asyncio", plain.recv(100)))
+        for peer, data in ((bad_peer, b"x"), (fast_peer, b"1"), (watched_peer, b"2")):
+            peer.send(data)
+        plain_peer.send(b"3")
+        await asyncio.wait_for(three, 5)  # the failing callback did not stop the loop
+        assert sorted(got) == [
+            ("asyncio", b"3"),
+            ("fast", b"1"),
+            (f"watched {watched.fileno()}", b"2"),
+        ]
+        selector.remove_fast(fast.fileno())
+        loop.remove_reader(plain.fileno())
+        again = loop.create_future()
+        loop.add_reader(plain.fileno(), lambda: again.set_result(plain.recv(100)))
+        fast_peer.send(b"4")  # before the next one: it would be in the same epoll_wait
+        plain_peer.send(b"5")
+        assert await asyncio.wait_for(again, 5) == b"5"
+        assert len(got) == 3 and fast.recv(100, socket.MSG_DONTWAIT) == b"4"  # left unread
+        loop.remove_reader(plain.fileno())
+        poller.close()
+
+    try:
+        with asyncio.Runner(loop_factory=lambda: new_loop(selector)) as r:
+            r.run(main())
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 # -- the hit path's memo of query bytes ---------------------------------------------------------

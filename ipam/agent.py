@@ -41,6 +41,7 @@ from ipam import warm
 from ipam.config import IpamdConfig
 from ipam.datastore import Batch, Datastore, DatastoreWriteError, Journal
 from ipam.datastore_errors import PoolExhausted
+from ipam.ec2 import Ec2Error
 from ipam.errors import SubnetSpaceError, UltranetError
 from ipam.imds import ImdsClient, ImdsInterface
 from ipam.instance_types import InstanceType, lookup
@@ -66,6 +67,11 @@ ERROR_BACKOFF_S = (1.0, 60.0)  # after a failed grow/shrink step: first and long
 # congested EBS volume), commits move to a worker thread for THREADED_SYNC_S.
 SLOW_SYNC_S = 0.1
 THREADED_SYNC_S = 30.0
+# An ENI this daemon created that has held no prefix this long is detached and deleted, as
+# the VPC CNI frees unused ENIs: it still costs one NAU, one subnet address and one of
+# the card's attachment slots. The wait keeps a pod burst's ENI from churning.
+IDLE_ENI_S = 60.0
+DELETE_AFTER_DETACH = (0.5, 8)  # first wait and tries for DeleteNetworkInterface after detach
 LINK_WAIT_S = 30.0  # a hot-plugged ENI's link appears within this on EC2
 ENI_DESCRIPTION = "ultranet pod addresses"
 INSTANCE_TAG = "node.k8s.amazonaws.com/instance_id"  # the VPC CNI's tag, so its GC knows ours
@@ -157,6 +163,8 @@ class NodeAgent:
         self._next_commit: asyncio.Future[None] | None = None  # the batch being filled
         self._committing: asyncio.Future[None] | None = None  # the batch being synced
         self._threaded_sync_until = 0.0  # time.monotonic(): commit on a thread until then
+        self._idle_since: dict[str, float] = {}  # ENI id -> when it was first seen empty
+        self._kept_enis: set[str] = set()  # empty but not ours to delete (launch template's)
         self._manager: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._busy = asyncio.Lock()  # one grow/shrink at a time
@@ -782,9 +790,105 @@ class NodeAgent:
             )
             await self._shrink(card, plan.release_prefixes)
             shrunk.add(card)
+        await self._release_idle_enis(plans)
         self._update_metrics()
         if self._plan_all_steady():
             self._mark_ready()
+
+    def _idle_enis(self, plans: dict[int, warm.Plan]) -> list[tuple[int, EniInfo]]:
+        """ENIs that have held no prefix for IDLE_ENI_S on cards that need no growth.
+
+        Never the primary ENI, never a card's last pod ENI (a multi-NIC pod needs one on
+        every card), never one seen to come from the launch template.
+        """
+        assert self.pool is not None
+        now = self._clock()
+        idle = []
+        for card in self.pool.cards:
+            pool = self.pool.card(card)
+            enis = pool.enis
+            for info in enis:
+                if pool.prefixes_of(info.eni_id) or (card, info.device) == (0, 0):
+                    self._idle_since.pop(info.eni_id, None)
+                    continue
+                since = self._idle_since.setdefault(info.eni_id, now)
+                plan = plans.get(card)
+                if (
+                    now - since >= IDLE_ENI_S
+                    and plan is not None
+                    and not plan.add_prefixes
+                    and len(enis) > 1
+                    and info.eni_id not in self._kept_enis
+                ):
+                    idle.append((card, info))
+        return idle
+
+    async def _release_idle_enis(self, plans: dict[int, warm.Plan]) -> None:
+        idle = self._idle_enis(plans)
+        if not idle:
+            return
+        assert self.node is not None and self.pool is not None
+        ec2 = await self._ec2()
+        states = {
+            s.eni_id: s
+            for s in await asyncio.to_thread(ec2.describe_instance_enis, self.node.instance_id)
+        }
+        for card, info in idle:
+            state = states.get(info.eni_id)
+            if state is None or state.attachment_id is None:
+                continue  # detached behind our back: the reconcile removes it
+            if state.tags.get(CREATED_BY_TAG) != "ultranet-ipamd":
+                self._kept_enis.add(info.eni_id)
+                log.info(
+                    "card %d: %s holds no prefix but was not created here: kept", card, info.eni_id
+                )
+                continue
+            if state.prefixes or state.secondary_ips:
+                continue  # EC2 says it holds addresses: the reconcile adopts them
+            await asyncio.to_thread(ec2.detach_eni, state.attachment_id)
+            self.pool.remove_eni(card, info.eni_id, self._clock())
+            eni = self._enis.pop(info.eni_id)
+            self._idle_since.pop(info.eni_id, None)
+            self.cards[card].devices_taken.discard(info.device)
+            await self._on_netlink(self._teardown_host_blocking, info, eni.mac)
+            await self._delete_detached(ec2, info.eni_id)
+            log.info(
+                "card %d: released %s (device %d): no prefix for %.0f s",
+                card,
+                info.eni_id,
+                info.device,
+                IDLE_ENI_S,
+            )
+
+    async def _delete_detached(self, ec2: Ec2Client, eni_id: str) -> None:
+        """DeleteNetworkInterface once EC2 has finished detaching (it answers InUse until
+        then). An ENI that cannot be deleted stays detached, tagged as ours: say so."""
+        delay, tries = DELETE_AFTER_DETACH
+        for attempt in range(tries):
+            try:
+                await asyncio.to_thread(ec2.delete_eni, eni_id)
+                return
+            except Ec2Error as err:
+                if err.code != "InvalidNetworkInterface.InUse" or attempt == tries - 1:
+                    log.error(
+                        "%s is detached but could not be deleted (%s): delete it by hand "
+                        "(tag %s=ultranet-ipamd)",
+                        eni_id,
+                        err,
+                        CREATED_BY_TAG,
+                    )
+                    return
+            await asyncio.sleep(delay)  # EC2 is still detaching; it gives no event
+            delay *= 2
+
+    def _teardown_host_blocking(self, info: EniInfo, mac: str) -> None:
+        from ipam.hostnet import EniLink
+
+        host = self._host()
+        if host is not None:
+            host.teardown_eni(
+                EniLink(info.eni_id, mac, info.card, info.device, info.primary_ip, info.subnet)
+            )
 
     async def _grow(self, card: int, need: int) -> None:
         assert self.pool is not None and self.node is not None

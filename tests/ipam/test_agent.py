@@ -14,7 +14,8 @@ from ipam import agent as agent_module
 from ipam.datastore import Batch
 from ipam.datastore_errors import PoolExhausted
 from tests.conftest import LabFactory
-from tests.ipam.agentenv import POD, ManualClock, agent_in, key
+from tests.ipam.agentenv import POD, AgentRun, ManualClock, agent_in, key
+from tests.ipam.test_hostnet import rules
 from tests.lab.helpers import ec2_client
 from tools.lab.lab import CNI_SUBNET_TAG, LabConfig, SubnetSpec
 
@@ -333,3 +334,58 @@ def test_a_slow_journal_sync_moves_commits_off_the_event_loop(
         assert answered_meanwhile
         assert _sync_count(run, "thread") == 1
         assert run.agent.lookup(key(3)) is not None and address
+
+
+def _grow_to_two_enis_then_empty(run: AgentRun) -> str:
+    """150 pods take a second ENI; once they are gone its prefixes go back first."""
+    for n in range(150):
+        try:
+            run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        except PoolExhausted:
+            run.converge()
+            run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+    run.converge()
+    pool = run.agent.pool.card(0)  # type: ignore[union-attr]
+    assert len(pool.enis) == 2
+    second = pool.enis[1].eni_id
+    for n in range(150):
+        run.run(run.agent.release(key(n)))
+    run.converge()
+    assert pool.prefixes_of(second) == []
+    return second
+
+
+def test_an_eni_left_without_prefixes_is_detached_and_deleted(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    clock = ManualClock()
+    with agent_in(lab, tmp_path, {"IP_COOLDOWN_PERIOD": "0"}, clock) as run:
+        second = _grow_to_two_enis_then_empty(run)
+        table = 1 + run.agent.pool.card(0).enis[1].device  # type: ignore[union-attr]
+        assert any(r[3] == table for r in rules(lab.node_ns))
+        run.run(run.agent.step())
+        assert second in {e.eni_id for e in lab.cloud.enis()}  # not idle for long enough
+
+        clock.advance(agent_module.IDLE_ENI_S)
+        run.run(run.agent.step())
+        assert second not in {e.eni_id for e in lab.cloud.enis()}  # detached and deleted
+        pool = run.agent.pool.card(0)  # type: ignore[union-attr]
+        assert [e.device for e in pool.enis] == [0]
+        assert not any(r[3] == table for r in rules(lab.node_ns))  # its source rule is gone
+        # The pool still works, and grows a new ENI when it must.
+        run.run(run.agent.allocate(key(1000), POD, multi_nic=False))
+
+
+def test_an_empty_eni_that_is_not_ours_is_kept(lab_factory: LabFactory, tmp_path: Path) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    clock = ManualClock()
+    with agent_in(lab, tmp_path, {"IP_COOLDOWN_PERIOD": "0"}, clock) as run:
+        second = _grow_to_two_enis_then_empty(run)
+        del lab.cloud.eni(second).tags[agent_module.CREATED_BY_TAG]  # as if a launch template's
+        clock.advance(agent_module.IDLE_ENI_S)
+        run.run(run.agent.step())
+        run.run(run.agent.step())
+        assert second in {e.eni_id for e in lab.cloud.enis()}
+        assert len(run.agent.pool.card(0).enis) == 2  # type: ignore[union-attr]
+        assert lab.cloud.requests.counts().get("DetachNetworkInterface", 0) == 0

@@ -113,3 +113,66 @@ def test_unreserve_returns_blocks_to_the_general_pool() -> None:
 def test_subnet_sizes_outside_ec2_limits_are_refused(cidr: str) -> None:
     with pytest.raises(ValueError, match="between /16 and /28"):
         SubnetSpace(cidr)
+
+
+def test_automatic_addresses_are_uniform_over_the_free_ones() -> None:
+    # /27: block 0 keeps one free address (15) once 4..14 are claimed, block 1 has 15
+    # (16..30). Uniform over addresses gives 15 one pick in 16; uniform over blocks would
+    # give it one in 2.
+    picks = []
+    for seed in range(3_200):
+        space = SubnetSpace("100.64.7.0/27", rng=random.Random(seed))
+        for last in range(4, 15):
+            space.claim_address(f"100.64.7.{last}")
+        picks.append(int(space.allocate_address()) & 31)
+    assert set(picks) == {15, *range(16, 31)}
+    assert 100 < picks.count(15) < 300  # 200 expected, sd 14
+
+
+def test_block_and_offset_calls_are_the_prefix_and_address_calls() -> None:
+    space = SubnetSpace("100.64.8.0/24", rng=random.Random(4))
+    block = space.allocate_block()
+    prefix = IPv4Network((int(IPv4Address("100.64.8.0")) + block * BLOCK, 28))
+    assert not space.is_free(prefix.network_address)
+    with pytest.raises(AddressUnavailable, match="overlaps"):
+        space.claim_prefix(prefix)
+    space.release_block(block)
+    assert space.is_free(prefix.network_address)
+    with pytest.raises(AddressUnavailable, match=f"prefix {prefix} is not assigned"):
+        space.release_prefix(prefix)
+    with pytest.raises(AddressUnavailable, match="block 16 is not in subnet 100.64.8.0/24"):
+        space.release_block(16)
+    offset = space.allocate_address_offset()
+    address = IPv4Address(int(IPv4Address("100.64.8.0")) + offset)
+    assert not space.is_free(address)
+    space.release_address_offset(offset)
+    with pytest.raises(AddressUnavailable, match=f"address {address} is not assigned"):
+        space.release_address(address)
+    with pytest.raises(AddressUnavailable, match="offset -1 is not in subnet"):
+        space.release_address_offset(-1)
+    assert space.stats().used == 0
+
+
+def test_reserving_over_an_address_in_use_frees_its_block_for_prefixes_on_release() -> None:
+    space = SubnetSpace("100.64.9.0/24", rng=random.Random(5))
+    space.claim_address("100.64.9.20")
+    space.reserve("100.64.9.16/28", ReservationKind.PREFIX)
+    space.reserve("100.64.9.64/26", ReservationKind.EXPLICIT)
+    assert space.stats().free_blocks == 16 - 2 - 1 - 4  # AWS's two, the one in use, explicit
+    space.release_address("100.64.9.20")
+    assert space.allocate_prefix() == IPv4Network("100.64.9.16/28")  # reservations first
+    for _ in range(space.stats().free - 4 * BLOCK):  # everything outside the reservations
+        assert space.allocate_address() not in IPv4Network("100.64.9.64/26")
+    with pytest.raises(InsufficientFreeAddresses):
+        space.allocate_address()
+    space.unreserve("100.64.9.64/26")
+    assert space.allocate_address() in IPv4Network("100.64.9.64/26")
+
+
+def test_counters_out_of_step_are_reported_not_looped_on() -> None:
+    space = SubnetSpace("100.64.10.0/28")
+    for _ in range(11):
+        space.allocate_address()
+    space._open_blocks.add(0)  # a block with nothing free, claimed to hold a free address
+    with pytest.raises(RuntimeError, match="out of step"):
+        space.allocate_address()

@@ -26,7 +26,6 @@ import random
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
 
 from ipam.errors import InsufficientCidrBlocks, SubnetSpaceError
 from ipam.nau.budget import Budget
@@ -116,6 +115,24 @@ class _Pool:
         return found
 
 
+def _launch_steps(budget: NodeBudget, mode: Mode) -> tuple[tuple[bool, int, int], ...]:
+    """(in the pod subnet, addresses, prefixes) a node takes at launch, interface by interface.
+
+    Card 0's pool (primary and pod ENIs) is left out in prefix and secondary-IP mode: the
+    pool grows it afterwards, ENI by ENI.
+    """
+    card0_pool = {"primary ENI", "pod ENI"}
+    steps = []
+    for iface in budget.interfaces:
+        if iface.card == 0 and iface.role in card0_pool and mode is Mode.PREFIX:
+            continue
+        if mode is Mode.SECONDARY and iface.role in card0_pool:
+            continue
+        if iface.ipv4 or iface.ipv4_prefixes:
+            steps.append((iface.pod_subnet, iface.ipv4, iface.ipv4_prefixes))
+    return tuple(steps)
+
+
 def _spaces(
     budget: Budget, reservations: bool, rng: random.Random
 ) -> list[tuple[SubnetSpace, str]]:
@@ -159,6 +176,7 @@ class _Sim:
             _Pool(b, warm_targets(budget.plan, b.max_pods), budget.plan.custom_networking)
             for b in self.groups
         ]
+        self.launch_steps = [_launch_steps(b, self.mode) for b in self.groups]
         self.total = sum(b.group.nodes for b in self.groups) + events
         self.done = 0
         self.tick = max(1, self.total // 100)
@@ -169,8 +187,8 @@ class _Sim:
         )  # where card 0's pool lives (pod subnet with custom networking)
         self.pods = array("i")
         self.prefix_count = array("i")
-        self.held: list[list[IPv4Network]] = []
-        self.singles: list[list[IPv4Address]] = []
+        self.held: list[list[int]] = []  # prefixes, as block indexes in the pool's subnet
+        self.singles: list[list[int]] = []  # the secondary-IP pool, as offsets in its subnet
         self.enis = array("i")
         self.icb = self.prefix_failed = self.addr_failed = self.prefix_ops = 0
         self.first_icb: Failure | None = None
@@ -179,18 +197,20 @@ class _Sim:
     # -- failures ------------------------------------------------------------------------
 
     def _fail(self, err: SubnetSpaceError, space: SubnetSpace, phase: str, step: int) -> None:
+        icb = isinstance(err, InsufficientCidrBlocks)
+        self.icb += icb
+        if self.first_failure is not None and (self.first_icb is not None or not icb):
+            return  # counted; only the first ones are described
         stats = space.stats()
         failure = Failure(phase, step, str(space.cidr), stats.free, stats.free_blocks, err.code)
         if self.first_failure is None:
             self.first_failure = failure
-        if isinstance(err, InsufficientCidrBlocks):
-            self.icb += 1
-            if self.first_icb is None:
-                self.first_icb = failure
+        if icb and self.first_icb is None:
+            self.first_icb = failure
 
     def _prefix(self, node: int, space: SubnetSpace, phase: str, step: int) -> bool:
         try:
-            self.held[node].append(space.allocate_prefix())
+            self.held[node].append(space.allocate_block())
         except SubnetSpaceError as err:
             self.prefix_failed += 1
             self._fail(err, space, phase, step)
@@ -203,7 +223,7 @@ class _Sim:
     ) -> None:
         """One single address; only the secondary-IP pool's are kept, to be released."""
         try:
-            address = space.allocate_address()
+            address = space.allocate_address_offset()
         except SubnetSpaceError as err:
             self.addr_failed += 1
             self._fail(err, space, phase, step)
@@ -246,16 +266,11 @@ class _Sim:
         self.pods.append(pods)
         home = self.spaces[node_subnet][0]
         pool_space = self.spaces[pool_subnet][0]
-        card0_pool = {"primary ENI", "pod ENI"}
-        for iface in budget.interfaces:
-            if iface.card == 0 and iface.role in card0_pool and self.mode is Mode.PREFIX:
-                continue  # card 0's pool is grown below, ENI by ENI
-            space = pool_space if iface.pod_subnet else home
-            if self.mode is Mode.SECONDARY and iface.role in card0_pool:
-                continue
-            for _ in range(iface.ipv4):
+        for pod_subnet, addresses, prefixes in self.launch_steps[g]:
+            space = pool_space if pod_subnet else home
+            for _ in range(addresses):
                 self._address(node, space, "launch", step)
-            for _ in range(iface.ipv4_prefixes):
+            for _ in range(prefixes):
                 self._prefix(node, space, "launch", step)
         self._address(node, home, "launch", step)  # card 0's primary ENI, in the node subnet
         self.enis.append(1)
@@ -284,7 +299,7 @@ class _Sim:
                     self.prefix_ops += phase == "churn"
             else:
                 for _ in range(-delta):
-                    space.release_prefix(self.held[node].pop())
+                    space.release_block(self.held[node].pop())
                     self.prefix_count[node] -= 1
                     self.prefix_ops += 1
 
@@ -308,7 +323,7 @@ class _Sim:
             if len(held) == before:
                 return
         while len(held) > want:
-            space.release_address(held.pop())
+            space.release_address_offset(held.pop())
 
     # -- churn ------------------------------------------------------------------------------------
 

@@ -46,6 +46,18 @@ def test_without_reservations_the_same_layout_fragments() -> None:
     assert bare.stranded > 0 and bare.blocks_lost > 0
 
 
+def test_every_refusal_is_counted_and_the_first_described() -> None:
+    budget = evaluate(tight_plan())
+    bare = simulate(budget, pod_events=0, seed=3, reservations=False)
+    # at launch a node asks until the first refusal, so each short node was refused once
+    assert bare.prefixes_failed == bare.insufficient_cidr_blocks == bare.nodes_short > 1
+    assert bare.first_failure == bare.first_icb
+    assert bare.first_icb is not None and bare.first_icb.code == "InsufficientCidrBlocks"
+    churned = simulate(budget, pod_events=5_000, seed=3, reservations=False)
+    assert churned.first_icb == bare.first_icb  # churn comes after every launch
+    assert churned.prefixes_failed > bare.prefixes_failed  # short nodes keep asking
+
+
 def test_churn_accounts_for_every_prefix() -> None:
     budget = evaluate(tight_plan(500, warm={"WARM_IP_TARGET": 1}))
     seen: list[tuple[int, int]] = []

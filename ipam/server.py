@@ -51,6 +51,7 @@ from ipam.protocol import (
 log = logging.getLogger("ultranet.ipamd.server")
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+LISTEN_BACKLOG = 1024
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -77,8 +78,11 @@ class ApiServer:
         old_umask = os.umask(0o177)
         try:
             loop = asyncio.get_running_loop()
+            # asyncio's default backlog is 100; a non-blocking connect to a Unix socket with
+            # a full backlog fails with EAGAIN, which asyncio takes for success, and the
+            # client's first read then fails with ENOTCONN (seen with 128 clients).
             self._server = await loop.create_unix_server(
-                lambda: _ApiConnection(self), path=str(self.path)
+                lambda: _ApiConnection(self), path=str(self.path), backlog=LISTEN_BACKLOG
             )
         finally:
             os.umask(old_umask)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -156,6 +158,32 @@ def test_frames_split_joined_or_large_are_all_answered_in_order(
         sock.sendall(frame({"version": 1, "op": "list"}))
         held = _read_reply(sock)["result"]["allocations"]
         assert [a["container_id"] for a in held] == ["joined-1"]
+
+
+def test_hundreds_of_clients_connecting_at_once_are_all_served(
+    lab_factory: LabFactory, daemon_factory: Any
+) -> None:
+    # Past asyncio's default listen backlog (100), a non-blocking Unix connect fails with
+    # EAGAIN, which asyncio takes for success: the client's first read then fails.
+    lab = lab_factory()
+    daemon = daemon_factory(lab)
+    daemon.wait_ready()
+
+    async def connect_all() -> list[bool]:
+        clients = [AsyncIpamClient(daemon.socket) for _ in range(400)]
+        # All connect while the daemon cannot accept (stopped): every one waits in the
+        # listen backlog, none is accepted before the others arrive.
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.gather(*(c.__aenter__() for c in clients))
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+        try:
+            return [s["ready"] for s in await asyncio.gather(*(c.status() for c in clients))]
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+    assert asyncio.run(connect_all()) == [True] * 400
 
 
 def test_only_root_may_use_the_socket(lab_factory: LabFactory) -> None:

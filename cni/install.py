@@ -23,7 +23,7 @@ from typing import Any
 from cni import shim
 from cni.spec import DEFAULT_MTU, SUPPORTED_VERSIONS
 
-__all__ = ["InstallError", "conflist", "install", "main", "shim_script"]
+__all__ = ["InstallError", "conflist", "install", "install_conflist", "main", "shim_script"]
 
 PLUGIN_TYPE = "ultranet"
 CONFLIST_NAME = "10-ultranet.conflist"
@@ -153,10 +153,19 @@ def install(
     written = [bin_dir / PLUGIN_TYPE]
     _atomic_write(written[0], script, 0o755)
     if conf_dir is not None:
-        body = json.dumps(conflist(mtu=mtu, chain=chain), indent=2).encode() + b"\n"
-        written.append(conf_dir / CONFLIST_NAME)
-        _atomic_write(written[1], body, 0o644)
+        written.append(install_conflist(conf_dir, mtu=mtu, chain=chain))
     return written
+
+
+def install_conflist(
+    conf_dir: Path, *, mtu: int = DEFAULT_MTU, chain: list[dict[str, Any]] | None = None
+) -> Path:
+    """Write ``conf_dir/10-ultranet.conflist`` atomically; returns its path. The kubelet
+    reports the node's network ready from the moment it exists."""
+    path = conf_dir / CONFLIST_NAME
+    body = json.dumps(conflist(mtu=mtu, chain=chain), indent=2).encode() + b"\n"
+    _atomic_write(path, body, 0o644)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from ipam.config import IpamdConfig, load_config
 from ipam.errors import ConfigError, UltranetError
 
 if TYPE_CHECKING:
+    from ipam.agent import NodeAgent
     from ipam.hostnet import HostNetwork
 
 
@@ -58,6 +59,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     servers: list[ApiServer | HttpServer] = []
     cni_server: asyncio.Server | None = None
     plumbing: Plumbing | None = None
+    conflist: asyncio.Task[None] | None = None
     try:
         await agent.start()
         api = ApiServer(agent, config.socket)
@@ -82,9 +84,24 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
             log.warning("%d spooled DEL(s) still fail; kept for the next start", len(still_failing))
         cni_server = await serve(config.cni_socket, handler.handle)
         log.info("serving IPAM on %s and CNI on %s", config.socket, config.cni_socket)
+        failed: list[BaseException] = []
+        if config.cni_conf_dir is not None:
+            conflist = asyncio.create_task(_conflist_when_ready(agent, config, log))
+
+            def conflist_done(task: asyncio.Task[None]) -> None:
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    failed.append(error)  # the node would never turn Ready: exit, loudly
+                    stop.set()
+
+            conflist.add_done_callback(conflist_done)
         await stop.wait()
+        if failed:
+            raise failed[0]
         return 0
     finally:
+        if conflist is not None:
+            conflist.cancel()
         if cni_server is not None:
             cni_server.close()
             await cni_server.wait_closed()
@@ -93,6 +110,24 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         for server in reversed(servers):
             await server.close()
         await agent.stop()
+
+
+async def _conflist_when_ready(agent: NodeAgent, config: IpamdConfig, log: logging.Logger) -> None:
+    """Write the CNI conflist once the warm pool is first met, as the VPC CNI's aws-node
+    copies its conflist only once ipamd answers: until then the kubelet keeps the node
+    NetworkNotReady and schedules no pod that would only get "try again later"."""
+    from cni.install import install_conflist
+
+    assert config.cni_conf_dir is not None
+    while not await agent.wait_ready(3600):
+        pass
+    try:
+        path = await asyncio.to_thread(install_conflist, config.cni_conf_dir, mtu=config.pod_mtu)
+    except OSError as err:
+        raise UltranetError(
+            f"cannot write the CNI conflist in {config.cni_conf_dir}: {err}"
+        ) from err
+    log.info("warm pool met: wrote %s", path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

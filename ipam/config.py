@@ -50,6 +50,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from cni.spec import DEFAULT_MTU, MTU_MAX, MTU_MIN
 from ipam.errors import ConfigError
 from ipam.warm import WarmTargets
 
@@ -86,6 +87,11 @@ class IpamdConfig:
     socket: Path = Path("/run/ultranet/ipamd.sock")
     cni_socket: Path = Path("/run/ultranet/cni.sock")  # where the CNI shim connects
     cni_spool: Path = Path("/var/lib/ultranet/cni-spool")  # DELs the shim kept while we were down
+    # Where the conflist goes once the warm pool is first met (None: not written here).
+    # Until a conflist exists the kubelet reports the node NetworkNotReady, so no pod is
+    # scheduled onto a node whose daemon cannot yet give it an address.
+    cni_conf_dir: Path | None = None
+    pod_mtu: int = DEFAULT_MTU  # the conflist's "mtu": the pods' veth MTU
     state_dir: Path = Path("/var/lib/ultranet")
     metrics_addr: BindAddress = BindAddress(IPv4Address("127.0.0.1"), 61678)
     introspection_addr: BindAddress = BindAddress(IPv4Address("127.0.0.1"), 61679)
@@ -205,6 +211,13 @@ def _abs_path(env: str, text: str) -> Path:
     return path
 
 
+def _mtu(env: str, text: str) -> int:
+    value = _integer(env, text)
+    if not MTU_MIN <= value <= MTU_MAX:
+        raise ConfigError(env, text, f"must be {MTU_MIN}..{MTU_MAX}, as in the VPC CNI")
+    return value
+
+
 def _socket_path(env: str, text: str) -> Path:
     path = _abs_path(env, text)
     if len(os.fsencode(path)) > UNIX_PATH_MAX:
@@ -287,6 +300,8 @@ KNOBS: Mapping[str, Knob] = MappingProxyType(
             Knob("ULTRANET_SOCKET", "socket", _socket_path, text_only=True),
             Knob("ULTRANET_CNI_SOCKET", "cni_socket", _socket_path, text_only=True),
             Knob("ULTRANET_CNI_SPOOL", "cni_spool", _abs_path, text_only=True),
+            Knob("ULTRANET_CNI_CONF_DIR", "cni_conf_dir", _abs_path, text_only=True),
+            Knob("AWS_VPC_ENI_MTU", "pod_mtu", _mtu),
             Knob("ULTRANET_STATE_DIR", "state_dir", _abs_path, text_only=True),
             Knob("ULTRANET_METRICS_ADDR", "metrics_addr", _bind_address, text_only=True),
             Knob(

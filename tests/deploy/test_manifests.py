@@ -247,7 +247,7 @@ def test_node_configmap_holds_the_defaults_under_the_vpc_cni_names(
     defaults = IpamdConfig()
     # Knobs the DaemonSet fixes: the metrics address (node IP), the introspection address
     # (the probes) and every path (the hostPath mounts and the shim's baked-in paths).
-    fixed = {"ULTRANET_METRICS_ADDR", "ULTRANET_INTROSPECTION_ADDR"} | {
+    fixed = {"ULTRANET_METRICS_ADDR", "ULTRANET_INTROSPECTION_ADDR", "ULTRANET_CNI_CONF_DIR"} | {
         env
         for env, knob in KNOBS.items()
         if knob.field and isinstance(getattr(defaults, knob.field), Path)
@@ -265,8 +265,19 @@ def test_node_init_writes_into_the_mounted_host_dirs(node: dict[str, Any]) -> No
     mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
     script = (DEPLOY / "scripts" / "ultranet-node-init").read_text()
     assert f"bin_dir=${{ULTRANET_CNI_BIN_DIR:-{mounts['cni-bin']}}}" in script
-    assert f"conf_dir=${{ULTRANET_CNI_CONF_DIR:-{mounts['cni-net']}}}" in script
+    assert "--no-conflist" in script
+    assert "cni-net" not in mounts  # the conflist is the daemon's to write
     assert env_of(init)["ULTRANET_HOST_PYTHON_ROOT"] == mounts["host-python"]
+
+
+def test_the_daemon_writes_the_conflist_into_the_hosts_cni_config_dir(
+    node: dict[str, Any],
+) -> None:
+    daemon = containers(node)["ultranet-ipamd"]
+    mounts = {m["name"]: m["mountPath"] for m in daemon["volumeMounts"]}
+    assert env_of(daemon)["ULTRANET_CNI_CONF_DIR"] == mounts["cni-net"]
+    volumes = {v["name"]: v for v in node["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cni-net"]["hostPath"]["path"] == "/etc/cni/net.d"
 
 
 # -- ultranet-dns ----------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def test_every_knob_parsed_from_the_environment() -> None:
         "ULTRANET_EC2_RATE": "0.5",
         "ULTRANET_EC2_BURST": "3",
         "ULTRANET_SUBNET_TAG": "ultranet.io/pods",
+        "ULTRANET_CNI_CONF_DIR": "/host/etc/cni/net.d",
+        "AWS_VPC_ENI_MTU": "1500",
         "PATH": "/usr/bin",  # unknown environment variables are ignored
         "WARM_PREFIX_TARGETS": "junk",
     }
@@ -84,6 +86,8 @@ def test_every_knob_parsed_from_the_environment() -> None:
         ec2_rate=0.5,
         ec2_burst=3,
         subnet_tag="ultranet.io/pods",
+        cni_conf_dir=Path("/host/etc/cni/net.d"),
+        pod_mtu=1500,
     )
     assert set(config.sources) == set(KNOBS)
     assert set(config.sources.values()) == {"env"}
@@ -138,6 +142,10 @@ def test_values(name: str, text: str, field: str, expected: object) -> None:
     ("name", "text", "reason"),
     [
         ("ENABLE_MULTI_NIC", "yes", "not a boolean"),
+        ("AWS_VPC_ENI_MTU", "575", "must be 576..9001"),
+        ("AWS_VPC_ENI_MTU", "9002", "must be 576..9001"),
+        ("AWS_VPC_ENI_MTU", "jumbo", "not a base-10 integer"),
+        ("ULTRANET_CNI_CONF_DIR", "etc/cni/net.d", "must be an absolute path"),
         ("ENABLE_MULTI_NIC", "tRUE", "not a boolean"),
         ("ENABLE_MULTI_NIC", " true", "not a boolean"),
         ("WARM_PREFIX_TARGET", "1.5", "not a base-10 integer"),

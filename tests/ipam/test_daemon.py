@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,56 @@ def test_p5_start_from_preassigned_prefixes_makes_no_ec2_call(
     assert status["ec2_used"] is False
     assert status["boto3_loaded"] is False
     assert lab.cloud.requests.count() == 0
+
+
+def test_the_conflist_appears_only_once_the_warm_pool_is_met(
+    lab_factory: LabFactory, daemon_factory: Any, tmp_path: Path
+) -> None:
+    # Nothing pre-assigned and EC2 throttling every prefix request: the daemon cannot be
+    # ready, and the node must stay NetworkNotReady (no conflist) until it is.
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=0))
+    lab.cloud.faults.throttle_next(1_000_000, "AssignPrivateIpAddresses")
+    conf_dir = tmp_path / "net.d"
+    daemon = daemon_factory(
+        lab, {"ULTRANET_CNI_CONF_DIR": str(conf_dir), "AWS_VPC_ENI_MTU": "1500"}
+    )
+
+    async def throttled_while_not_ready() -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + 30
+        while lab.cloud.requests.count("AssignPrivateIpAddresses") < 2:
+            assert asyncio.get_running_loop().time() < deadline, daemon.log_tail()
+            await asyncio.sleep(0.05)  # polling the emulator's request log, bounded
+        client = await _client(daemon)
+        try:
+            return await client.status()
+        finally:
+            await client.close()
+
+    status = asyncio.run(throttled_while_not_ready())
+    assert status["ready"] is False
+    assert not (conf_dir / "10-ultranet.conflist").exists()
+
+    lab.cloud.faults.clear()
+    daemon.wait_ready(timeout=60)
+    conflist = conf_dir / "10-ultranet.conflist"
+    deadline = time.monotonic() + 10
+    while not conflist.exists():  # written just after ready, on a worker thread
+        assert time.monotonic() < deadline, daemon.log_tail()
+        time.sleep(0.02)
+    written = json.loads(conflist.read_text())
+    assert written["plugins"][0]["type"] == "ultranet"
+    assert written["plugins"][0]["mtu"] == 1500
+
+
+def test_an_unwritable_conflist_directory_stops_the_daemon_with_a_reason(
+    lab_factory: LabFactory, daemon_factory: Any, tmp_path: Path
+) -> None:
+    lab = lab_factory()
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    daemon = daemon_factory(lab, {"ULTRANET_CNI_CONF_DIR": str(blocker / "net.d")})
+    assert daemon.process.wait(timeout=30) == 1
+    assert "cannot write the CNI conflist" in daemon.log_tail()
 
 
 async def _client(daemon: IpamdProcess) -> AsyncIpamClient:

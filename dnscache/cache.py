@@ -14,14 +14,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import CacheConfig, PrefetchConfig, StaleConfig
-from .wire import Rcode, Walked, heads, truncated_heads
+from .wire import NOERROR, NXDOMAIN, SERVFAIL, Walked, heads_for, truncated_heads
+
+Label = tuple[str, str, str, str]
+_INF = float("inf")
 
 
-@dataclass(slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """How long to keep a response (``ttl`` None: do not cache) and how to label it."""
 
     ttl: int | None
@@ -32,14 +34,17 @@ class Verdict:
 def classify(w: Walked, cfg: CacheConfig, size: int) -> Verdict:
     if w.truncated or size > cfg.max_entry_bytes:
         return Verdict(None, "uncacheable", 0)
-    if w.rcode == Rcode.SERVFAIL:
+    rcode = w.rcode
+    if rcode == SERVFAIL:
         return Verdict(cfg.servfail_ttl or None, "servfail", 0)
-    if w.rcode == Rcode.NOERROR and w.has_answer:
+    if rcode == NOERROR and w.has_answer:
         ttl = w.min_ttl or 0
         return Verdict(max(cfg.min_ttl, min(ttl, cfg.max_ttl)), "success", ttl)
-    if w.rcode in (Rcode.NXDOMAIN, Rcode.NOERROR) and w.negative_ttl is not None:
+    negative = w.negative_ttl
+    if negative is not None and (rcode == NXDOMAIN or rcode == NOERROR):
         # RFC 2308 §5: the SOA gives the negative TTL; a CNAME chain before it caps it too.
-        ttl = min(w.negative_ttl, w.min_ttl if w.min_ttl is not None else w.negative_ttl)
+        low = w.min_ttl
+        ttl = negative if low is None or negative < low else low
         return Verdict(max(cfg.min_ttl, min(ttl, cfg.max_negative_ttl)), "denial", ttl)
     return Verdict(None, "uncacheable", 0)
 
@@ -82,36 +87,48 @@ class Entry:
         zone: str,
         stale: StaleConfig,
         prefetch: PrefetchConfig,
+        labels: tuple[Label, Label] | None = None,
+        opt: bytes = b"",
     ) -> None:
-        ttl = verdict.ttl if verdict.ttl is not None else 0
-        self.heads = heads(w.flags, w.an, w.ns, w.ar)
+        """``labels``: the (hit, miss) request labels; ``opt``: our OPT for EDNS clients."""
+        ttl, kind, original_ttl = verdict
+        if ttl is None:
+            ttl = 0
+        self.heads = heads_for(w)
         self.flags = w.flags
         self._tc_heads: tuple[bytes, bytes, bytes, bytes] | None = None
         self.body = body = w.body
         self.body_len = len(body)
         self.ttl_offsets = w.ttl_offsets
         self.ttl = ttl
-        self.original_ttl = verdict.original_ttl
+        self.original_ttl = original_ttl
         self.inserted = now
         self.expires = expires = now + ttl
-        rcode = w.rcode
-        servable_stale = stale.max_stale > 0 and verdict.original_ttl > 0 and rcode in (0, 3)
-        self.stale_until = expires + stale.max_stale if servable_stale else expires
+        self.rcode = rcode = w.rcode
+        max_stale = stale.max_stale
+        if max_stale > 0 and original_ttl > 0 and (rcode == NOERROR or rcode == NXDOMAIN):
+            self.stale_until = expires + max_stale
+        else:
+            self.stale_until = expires
         if prefetch.hits:
             lead = ttl * prefetch.percent / 100
             self.prefetch_after = expires - (lead if lead > 1.0 else 1.0)
         else:
-            self.prefetch_after = float("inf")
-        self.rendered = b""
-        self.rendered_at = -1
+            self.prefetch_after = _INF
+        if w.min_ttl == ttl and w.max_ttl == ttl:  # the body shows the TTL a render would
+            self.rendered = body
+            self.rendered_at = int(now)  # the same second as ``inserted``: remaining == ttl
+        else:
+            self.rendered = b""
+            self.rendered_at = -1
         self.hits = 0
-        self.rcode = rcode
-        self.kind = verdict.kind
+        self.kind = kind
         self.zone = zone
-        self.failed_at = float("-inf")
-        self.label: tuple[str, str, str, str] = (zone, "", verdict.kind, "")
-        self.miss_label = self.label
-        self.opt = b""
+        self.failed_at = -_INF
+        if labels is None:
+            labels = ((zone, "", kind, ""), (zone, "", "miss", ""))
+        self.label, self.miss_label = labels
+        self.opt = opt
 
     @property
     def tc_heads(self) -> tuple[bytes, bytes, bytes, bytes]:
@@ -130,7 +147,11 @@ class Entry:
         return self.rendered
 
     def with_ttl(self, ttl: int) -> bytes:
-        if not self.ttl_offsets:
+        offsets = self.ttl_offsets
+        if len(offsets) == 1:  # the usual answer: one record
+            off = offsets[0]
+            return self.body[:off] + ttl.to_bytes(4, "big") + self.body[off + 4 :]
+        if not offsets:
             return self.body
         body = bytearray(self.body)
         value = ttl.to_bytes(4, "big")

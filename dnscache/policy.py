@@ -9,6 +9,7 @@ anyway rather than failing every query at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Address, Zone
 
@@ -27,6 +28,7 @@ class UpstreamState:
     probing: bool = False
     queries: int = 0
     errors: int = 0
+    peer: Any = None  # the exchanger's handle for this address, set on first use
 
 
 @dataclass(slots=True)

@@ -17,18 +17,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .cache import Cache, Entry, classify
+from .cache import Cache, Entry, Label, classify
 from .config import Config
 from .errors import OptNotLast, UpstreamError, WireError
 from .eventloop import FastSelector
 from .policy import Router, UpstreamState, ZoneRoute
-from .stats import WorkerStats, qtype_name, rcode_name
+from .stats import RCODES, WorkerStats, qtype_name, rcode_name
 from .upstream import Exchanger
-from .wire import OPT_REPLY, TYPE_AXFR, TYPE_IXFR, Rcode, error_reply, question_ok, walk_response
+from .wire import (
+    FORMERR,
+    OPT_REPLY,
+    TYPE_AXFR,
+    TYPE_IXFR,
+    Rcode,
+    error_reply,
+    question_ok,
+    walk_response,
+)
 
 log = logging.getLogger("ultranet.dns")
 Send = Callable[[bytes], None]
 ROOT_NS_KEY = b"\x00\x00\x02\x00\x01\x00"  # ". IN NS", no DO, no CD: the health probe
+ZONE_TRANSFERS = frozenset((TYPE_AXFR, TYPE_IXFR))
 
 
 class Waiter:
@@ -61,15 +71,15 @@ class Pending:
 
     __slots__ = ("waiters", "stale", "key", "route", "order", "index", "edns", "errors")
 
-    def __init__(self, stale: Entry | None) -> None:
-        self.waiters: list[Waiter] = []
+    def __init__(self, stale: Entry | None, first: Waiter | None = None) -> None:
+        self.waiters: list[Waiter] = [first] if first is not None else []
         self.stale = stale
         self.key = b""
         self.route: ZoneRoute | None = None
         self.order: list[UpstreamState] = []
         self.index = 0
         self.edns = True
-        self.errors: list[str] = []
+        self.errors: list[str] | None = None  # made on the first failure
 
 
 def splice(e: Entry, body: bytes, data: bytes, qend: int, limit: int, cap: int) -> bytes:
@@ -99,6 +109,8 @@ class Resolver:
         self._idle: asyncio.Future[None] | None = None
         self.cfg = cfg
         self.router = Router(cfg.zones)
+        self._on_udp_cb = self._on_udp  # one bound method, not one per query
+        self._labels: dict[tuple[str, int, str, int], tuple[Label, Label]] = {}
 
     def reconfigure(self, cfg: Config) -> None:
         """Swap in a new config: routes keep the health of upstreams still configured, the cache
@@ -149,8 +161,7 @@ class Resolver:
             self.stats.counters["malformed"] += 1
             self._error(key, w, Rcode.FORMERR)
             return
-        qtype = key[-5] << 8 | key[-4]
-        if qtype in (TYPE_AXFR, TYPE_IXFR):
+        if (key[-5] << 8 | key[-4]) in ZONE_TRANSFERS:
             self._error(key, w, Rcode.NOTIMP)  # a forwarder does not transfer zones
             return
         sc = self.cfg.serve_stale
@@ -171,8 +182,7 @@ class Resolver:
                 else:
                     self._error(key, w, Rcode.REFUSED)
                 return
-            p = Pending(stale)
-            p.waiters.append(w)
+            p = Pending(stale, w)
             if stale is not None:
                 w.timer = self.loop.call_later(sc.client_timeout, self._stale_timer, w, stale)
             self._start(key, p)
@@ -209,8 +219,10 @@ class Resolver:
                 w.send(reply)
         except OSError as exc:  # a client gone away must not stop the other waiters
             log.debug("reply to client failed: %s", exc)
-        self.stats.count(w.proto, label)
-        self.stats.duration[w.proto].observe(time.perf_counter() - w.t0)
+        stats = self.stats
+        counts = stats.udp if w.proto == "udp" else stats.tcp
+        counts[label] = counts.get(label, 0) + 1
+        stats.duration[w.proto].observe(time.perf_counter() - w.t0)
 
     # -- resolving ------------------------------------------------------------------------
     #
@@ -231,7 +243,7 @@ class Resolver:
     def _try(self, p: Pending) -> None:
         if p.index >= len(p.order):
             zone = p.route.zone.text if p.route is not None else "?"
-            log.debug("resolution failed: %s", UpstreamError(zone, "; ".join(p.errors)))
+            log.debug("resolution failed: %s", UpstreamError(zone, "; ".join(p.errors or ())))
             self._finish(p, None)
             return
         u = p.order[p.index]
@@ -240,23 +252,31 @@ class Resolver:
             self._tcp(p, u)
         else:
             p.edns = True
-            self.exchanger.send_udp(u.addr, p.key, self.cfg.upstream.timeout, True, self._on_udp, p)
+            peer = u.peer
+            if peer is None:
+                peer = u.peer = self.exchanger.peer(u.addr)
+            self.exchanger.send(peer, p.key, self.cfg.upstream.timeout, True, self._on_udp_cb, p)
 
     def _on_udp(self, p: Pending, resp: bytes | None, err: UpstreamError | None) -> None:
         u = p.order[p.index]
         if resp is None:
             self._failed(p, u, err or UpstreamError(u.label, "udp: no answer"))
             return
-        if p.edns and resp[3] & 0x0F == Rcode.FORMERR and len(resp) <= 12 + len(p.key):
+        if p.edns and resp[3] & 0x0F == FORMERR and len(resp) <= 12 + len(p.key):
             p.edns = False  # RFC 6891 §7: retry without EDNS
             self.exchanger.send_udp(
-                u.addr, p.key, self.cfg.upstream.timeout, False, self._on_udp, p
+                u.addr, p.key, self.cfg.upstream.timeout, False, self._on_udp_cb, p
             )
             return
         if resp[2] & 0x02:  # truncated: the whole answer over TCP
             self._tcp(p, u)
             return
-        self._succeeded(p, u, resp)
+        u.fails = 0  # ``_succeeded``, inline: this runs on every miss
+        u.healthy = True
+        k = (u.label, RCODES.get(resp[3] & 0x0F) or rcode_name(resp[3] & 0x0F))
+        upstream = self.stats.upstream
+        upstream[k] = upstream.get(k, 0) + 1
+        self._finish(p, resp)
 
     def _tcp(self, p: Pending, u: UpstreamState) -> None:
         task = self.loop.create_task(self._tcp_exchange(p, u))
@@ -277,6 +297,8 @@ class Resolver:
         self._finish(p, resp)
 
     def _failed(self, p: Pending, u: UpstreamState, exc: UpstreamError) -> None:
+        if p.errors is None:
+            p.errors = []
         p.errors.append(str(exc))
         self._count_upstream(u, exc.reason.split(":")[0] + "_error")
         if self.router.failed(u, self.cfg.upstream.max_fails):
@@ -289,9 +311,10 @@ class Resolver:
     def _finish(self, p: Pending, resp: bytes | None) -> None:
         key = p.key
         result: Entry | None = None
+        now = time.monotonic()
         try:
             if resp is not None and p.route is not None:
-                result = self._store(key, resp, p.route, p.stale)
+                result = self._store(key, resp, p.route, p.stale, now)
         except Exception:  # never leave the waiters hanging: they get SERVFAIL
             log.exception("storing the answer failed")
         finally:
@@ -299,17 +322,17 @@ class Resolver:
             del self.inflight[key]
             if not self.inflight and self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
-        self._complete(key, p, result)
+        self._complete(key, p, result, now)
 
-    def _complete(self, key: bytes, p: Pending, result: Entry | None) -> None:
-        now = time.monotonic()
-        stale = p.stale if p.stale is not None and now < p.stale.stale_until else None
-        if stale is not None and (result is None or result.rcode not in (0, 3)):
-            stale.failed_at = now  # RFC 8767 §4: recheck no sooner than failure_recheck
-            for w in p.waiters:
-                if not w.done:
-                    self._reply_stale(w, stale)
-            return
+    def _complete(self, key: bytes, p: Pending, result: Entry | None, now: float) -> None:
+        stale = p.stale
+        if stale is not None and now < stale.stale_until:
+            if result is None or result.rcode not in (0, 3):
+                stale.failed_at = now  # RFC 8767 §4: recheck no sooner than failure_recheck
+                for w in p.waiters:
+                    if not w.done:
+                        self._reply_stale(w, stale)
+                return
         for w in p.waiters:
             if w.done:
                 continue
@@ -317,18 +340,23 @@ class Resolver:
             if result is None:
                 self._error(key, w, Rcode.SERVFAIL)
                 continue
-            body = result.render(now) if result.ttl else result.body
+            if not result.ttl:
+                body = result.body
+            elif result.rendered_at == int(now):
+                body = result.rendered
+            else:
+                body = result.render(now)
             reply = splice(result, body, w.data, w.qend, w.limit, w.cap)
             if len(reply) < w.qend + result.body_len and w.proto == "udp":
                 self.stats.counters["truncated"] += 1
             self._send(w, reply, result.miss_label)
 
-    def _count_upstream(self, u: UpstreamState, outcome: str) -> None:
+    def _count_upstream(self, u: UpstreamState, outcome: str) -> None:  # failures
         k = (u.label, outcome)
         self.stats.upstream[k] = self.stats.upstream.get(k, 0) + 1
 
     def _store(
-        self, key: bytes, resp: bytes, route: ZoneRoute, stale: Entry | None
+        self, key: bytes, resp: bytes, route: ZoneRoute, stale: Entry | None, now: float
     ) -> Entry | None:
         try:
             try:
@@ -340,18 +368,28 @@ class Resolver:
             self.stats.counters["malformed"] += 1
             log.warning("malformed answer from upstream for zone %s: %s", route.zone.text, exc)
             return None
-        verdict = classify(w, self.cfg.cache, len(resp))
-        e = Entry(
-            w, verdict, time.monotonic(), route.zone.text, self.cfg.serve_stale, self.cfg.prefetch
-        )
-        qtype = qtype_name(key[-5] << 8 | key[-4])
-        e.label = (route.zone.text, qtype, verdict.kind, rcode_name(w.rcode))
-        e.miss_label = (route.zone.text, qtype, "miss", rcode_name(w.rcode))
-        e.opt = OPT_REPLY[1 if key[-1] & 2 else 0]
-        replaces_stale = stale is not None and w.rcode not in (0, 3)
-        if verdict.ttl is not None and not replaces_stale:
+        cfg = self.cfg
+        verdict = classify(w, cfg.cache, len(resp))
+        zone = route.zone.text
+        found = (zone, key[-5] << 8 | key[-4], verdict.kind, w.rcode)
+        labels = self._labels.get(found) or self._label(found)
+        opt = OPT_REPLY[1 if key[-1] & 2 else 0]
+        e = Entry(w, verdict, now, zone, cfg.serve_stale, cfg.prefetch, labels, opt)
+        if verdict.ttl is not None and (stale is None or w.rcode == 0 or w.rcode == 3):
             self.cache.put(key, e)
         return e
+
+    def _label(self, found: tuple[str, int, str, int]) -> tuple[Label, Label]:
+        """The request labels of an entry (hit and miss), made once per distinct value."""
+        zone, qtype, kind, rcode = found
+        if len(self._labels) > 4096:  # bounded: zones x types x kinds x rcodes is small
+            self._labels.clear()
+        labels = (
+            (zone, qtype_name(qtype), kind, rcode_name(rcode)),
+            (zone, qtype_name(qtype), "miss", rcode_name(rcode)),
+        )
+        self._labels[found] = labels
+        return labels
 
     def _probe(self, route: ZoneRoute, u: UpstreamState) -> None:
         if u.probing:

@@ -92,6 +92,7 @@ class Worker:
 
     def _sweep(self) -> None:
         self.resolver.cache.sweep(time.monotonic())
+        self.resolver.exchanger.sweep()
         self._sweeper = self.loop.call_later(SWEEP_EVERY, self._sweep)
 
     def _allowed(self, ip: str) -> bool:

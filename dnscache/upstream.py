@@ -1,9 +1,24 @@
 """One exchange with one upstream, over UDP or TCP (asyncio I/O).
 
-RFC 5452: every UDP query gets a fresh random ID and a fresh socket, so a fresh ephemeral
-source port chosen by the kernel; the socket is connected, so the kernel drops datagrams from
-any other address or port; a reply is accepted only with our ID and our question, and anything
-else on that socket is counted as spoofed and ignored (we keep waiting for the real one).
+RFC 5452 over UDP: every query gets a fresh random ID (OS CSPRNG) and a random source port,
+and a reply is accepted only from the upstream's address and port (the socket is connected, so
+the kernel drops anything else), with our ID and our question; anything else on the socket is
+counted as spoofed and ignored (we keep waiting for the real one).
+
+Source ports come from a pool of connected sockets per upstream (``upstream.socket_reuse``,
+default 8). Each socket gets its port from the kernel, at random over the ephemeral range
+(``ip_local_port_range``, 28,232 ports by default, ~14.8 bits), carries one query at a time,
+and is closed after ``socket_reuse`` answered queries, after any timeout or error, as soon as
+a datagram that is not its answer arrives (whoever sent it knows the port), and after
+``IDLE_MAX_AGE`` seconds idle; a query takes an idle socket picked at random (CSPRNG), or a
+new one. Against a blind, off-path attacker a query still has ~14.8 + 16 bits: the pooled ports
+are as random as fresh ones and cannot be seen from off the path. What the pool gives up is
+lifetime: an attacker who learns an open port (a side channel such as SAD DNS's ICMP rate
+limit) can aim at up to ``socket_reuse - 1`` later queries on it, or for up to
+``IDLE_MAX_AGE`` seconds, with the 16-bit ID still to guess, and one wrong guess closes the
+socket. ``socket_reuse: 1`` gives every query a fresh socket and port (as unbound does) at
+about 4 syscalls more per miss (socket, connect, epoll_ctl, close; see the README).
+
 TCP (RFC 7766) writes the length prefix and message in one call.
 """
 
@@ -13,7 +28,6 @@ import asyncio
 import logging
 import os
 import socket
-import struct
 from _socket import socket as _new_socket  # the C type: no Python wrapper, no close() hooks
 from collections import deque
 from collections.abc import Callable
@@ -24,7 +38,12 @@ from .config import Address
 from .errors import UpstreamError
 from .eventloop import FastSelector, NestedPoller, Poller
 from .policy import upstream_label
-from .wire import make_upstream_query, response_id_matches, response_question_matches
+from .wire import (
+    make_upstream_query,
+    response_id_matches,
+    response_matches,
+    response_question_matches,
+)
 
 log = logging.getLogger("ultranet.dns")
 UDP_RECV = 4096
@@ -32,8 +51,9 @@ T = TypeVar("T")
 # ``done(arg, response, error)``: exactly one of response and error is None.
 Done = Callable[[T, bytes | None, UpstreamError | None], None]
 _NONBLOCK_DGRAM = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-_IDS = struct.Struct("=4096H")
+ID_BATCH = 4096
 IDLE_MAX = 1024  # idle sockets kept per upstream when sockets are reused
+IDLE_MAX_AGE = 2.0  # seconds an idle socket may wait for its next query before it is closed
 
 
 class Exchanger:
@@ -72,7 +92,7 @@ class Exchanger:
         self._peers: dict[Address, _Peer] = {}
         self._idle_fds: dict[int, tuple[Any, _Peer]] = {}
         self.reuse = reuse
-        self._ids: list[int] = []
+        self._ids: list[bytes] = []
 
     def close(self) -> None:
         self._poller.close()
@@ -87,7 +107,9 @@ class Exchanger:
         if self._timer is not None:
             self._timer.cancel()
 
-    def _peer(self, addr: Address) -> _Peer:
+    def peer(self, addr: Address) -> _Peer:
+        """The upstream's socket address and idle sockets; callers keep it (hashing an
+        ``ipaddress`` object runs Python code, so the UDP path does not look it up)."""
         peer = self._peers.get(addr)
         if peer is None:
             peer = self._peers[addr] = _Peer(addr)
@@ -98,7 +120,12 @@ class Exchanger:
     ) -> None:
         """Ask ``addr`` for ``key``; ``done(arg, response, None)`` or ``done(arg, None,
         error)`` follows, always from a later loop callback, never from inside this call."""
-        peer = self._peers.get(addr) or self._peer(addr)
+        self.send(self.peer(addr), key, timeout, edns, done, arg)
+
+    def send(
+        self, peer: _Peer, key: bytes, timeout: float, edns: bool, done: Done[T], arg: T
+    ) -> None:
+        """``send_udp`` to a peer already looked up."""
         ids = self._ids
         qid = ids.pop() if ids else self._refill_ids()
         query = make_upstream_query(qid, key, self.payload if edns else 0)
@@ -106,8 +133,8 @@ class Exchanger:
         sock: Any = None
         try:
             if idle:  # a random one of the idle sockets (RFC 5452 §9.2: unpredictable port)
-                j = (ids.pop() if ids else self._refill_ids()) % len(idle)
-                sock, fd, uses = idle[j]
+                j = int.from_bytes(ids.pop() if ids else self._refill_ids(), "big") % len(idle)
+                sock, fd, uses, _ = idle[j]
                 idle[j] = idle[-1]
                 idle.pop()
                 del self._idle_fds[fd]
@@ -126,7 +153,7 @@ class Exchanger:
             self.loop.call_soon(done, arg, None, error)
             return
         at = self.loop.time() + timeout
-        q = _Udp(sock, fd, qid, key, peer, done, arg, at, uses + 1)
+        q = _Udp(sock, fd, qid, key[:-1], peer, done, arg, at, uses + 1)
         self._pending[fd] = q
         queue = self._queues.get(timeout)
         if queue is None:
@@ -135,9 +162,11 @@ class Exchanger:
         if at < self._timer_at:
             self._arm(at)
 
-    def _refill_ids(self) -> int:
-        """Query IDs come from the OS CSPRNG (RFC 5452 §9.2), 4096 at a time."""
-        self._ids = list(_IDS.unpack(os.urandom(_IDS.size)))
+    def _refill_ids(self) -> bytes:
+        """Query IDs come from the OS CSPRNG (RFC 5452 §9.2), 4096 at a time, as the two
+        bytes that go on the wire."""
+        raw = os.urandom(2 * ID_BATCH)
+        self._ids = [raw[i : i + 2] for i in range(0, 2 * ID_BATCH, 2)]
         return self._ids.pop()
 
     async def udp(self, addr: Address, key: bytes, timeout: float, edns: bool = True) -> bytes:
@@ -161,14 +190,16 @@ class Exchanger:
                 err = UpstreamError(q.peer.label, f"udp: {exc.strerror or exc}")
                 self._finish(q, None, err)
                 return
-            if response_id_matches(data, q.qid) and response_question_matches(data, q.key):
+            if response_matches(data, q.qid, q.question):
                 self._finish(q, data, None)
                 return
             self.spoofed += 1
+            q.uses = self.reuse  # someone else knows this port: never reuse the socket
 
     def _drain_idle(self, fd: int) -> None:
-        """Datagrams on an idle socket answer nothing we asked: count them, drop them."""
-        found = self._idle_fds.get(fd)
+        """Datagrams on an idle socket answer nothing we asked: count them, drop them, and
+        retire the socket (whoever sent them knows its port)."""
+        found = self._idle_fds.pop(fd, None)
         if found is None:
             return
         sock, peer = found
@@ -176,20 +207,40 @@ class Exchanger:
             try:
                 sock.recv(UDP_RECV)
             except BlockingIOError:
-                return
-            except OSError:
+                break
+            except OSError:  # an ICMP error
                 break
             self.spoofed += 1
-        del self._idle_fds[fd]  # an error (ICMP): retire the socket
         peer.idle[:] = [s for s in peer.idle if s[1] != fd]
         sock.close()
+
+    def sweep(self) -> int:
+        """Close the idle sockets that waited more than ``IDLE_MAX_AGE`` (so at low load a
+        port does not stay open between rare queries); returns how many. Called every
+        second by the worker."""
+        cutoff = self.loop.time() - IDLE_MAX_AGE
+        closed = 0
+        for peer in self._peers.values():
+            if not peer.idle or min(s[3] for s in peer.idle) >= cutoff:
+                continue
+            keep = []
+            for entry in peer.idle:
+                if entry[3] >= cutoff:
+                    keep.append(entry)
+                    continue
+                del self._idle_fds[entry[1]]
+                entry[0].close()
+                closed += 1
+            peer.idle[:] = keep
+        return closed
 
     def _finish(self, q: _Udp, data: bytes | None, err: UpstreamError | None) -> None:
         fd = q.fd
         del self._pending[fd]
         peer = q.peer
         if data is not None and q.uses < self.reuse and len(peer.idle) < IDLE_MAX:
-            peer.idle.append((q.sock, fd, q.uses))  # still connected and registered
+            # still connected and registered; stamped for ``sweep``
+            peer.idle.append((q.sock, fd, q.uses, self.loop.time()))
             self._idle_fds[fd] = (q.sock, peer)
         else:  # used up, or timed out or failed (a late reply must find the port closed)
             q.sock.close()
@@ -272,13 +323,13 @@ class _Peer:
         self.family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
         self.sockaddr = (str(host), port)
         self.label = upstream_label(addr)
-        self.idle: list[tuple[Any, int, int]] = []  # (socket, fd, uses)
+        self.idle: list[tuple[Any, int, int, float]] = []  # (socket, fd, uses, idle since)
 
 
 class _Udp:
-    __slots__ = ("sock", "fd", "qid", "key", "peer", "done", "arg", "at", "uses")
+    __slots__ = ("sock", "fd", "qid", "question", "peer", "done", "arg", "at", "uses")
 
-    def __init__(self, sock: Any, fd: int, qid: int, key: bytes, peer: _Peer, done: Any, arg: Any,
-                 at: float, uses: int) -> None:  # fmt: skip
-        self.sock, self.fd, self.qid, self.key, self.peer = sock, fd, qid, key, peer
+    def __init__(self, sock: Any, fd: int, qid: bytes, question: bytes, peer: _Peer, done: Any,
+                 arg: Any, at: float, uses: int) -> None:  # fmt: skip
+        self.sock, self.fd, self.qid, self.question, self.peer = sock, fd, qid, question, peer
         self.done, self.arg, self.at, self.uses = done, arg, at, uses

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import OptNotLast, WireError
 
@@ -35,6 +36,10 @@ KEY_SUFFIX = (b"\x00", b"\x01", b"\x02", b"\x03")
 MAX_POINTER_HOPS = 64
 
 
+# Plain ints for the hot paths (an IntEnum member is a slower attribute lookup).
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN = 0, 1, 2, 3
+
+
 class Rcode(enum.IntEnum):
     NOERROR = 0
     FORMERR = 1
@@ -53,6 +58,9 @@ def opt_record(payload: int, do: bool, ext_rcode: int = 0) -> bytes:
         + bytes((ext_rcode, 0, _DO if do else 0, 0))
         + b"\x00\x00"
     )
+
+
+_OPT_FIXED = struct.Struct(">BHHBBBxH")  # root, type, size, ext-rcode, version, DO..., RDLEN
 
 
 def fast_query(data: bytes, max_payload: int) -> tuple[bytes, int, int] | None:
@@ -76,31 +84,32 @@ def fast_query(data: bytes, max_payload: int) -> tuple[bytes, int, int] | None:
         return None
     qend = i + 5
     ar = data[11]
-    cd = 1 if data[3] & _CD else 0
+    cd = data[3] >> 4 & 1  # _CD
     if ar == 0:
         if qend != n:
             return None
         return data[12:qend].lower() + KEY_SUFFIX[cd], qend, 0
-    if ar != 1 or n < qend + 11 or data[qend] or data[qend + 1 : qend + 3] != b"\x00\x29":
+    if ar != 1 or n < qend + 11:
         return None
-    if data[qend + 6] or qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) != n:
+    root, rtype, size, _, version, dnssec, rdlen = _OPT_FIXED.unpack_from(data, qend)
+    if root or rtype != TYPE_OPT or version or qend + 11 + rdlen != n:
         return None  # EDNS version > 0 (BADVERS) or a malformed OPT: the slow path answers
-    size = data[qend + 3] << 8 | data[qend + 4]
     limit = MIN_PAYLOAD if size < MIN_PAYLOAD else (size if size < max_payload else max_payload)
-    do = 2 if data[qend + 7] & _DO else 0
-    return data[12:qend].lower() + KEY_SUFFIX[do | cd], qend, limit
+    return data[12:qend].lower() + KEY_SUFFIX[dnssec >> 6 & 2 | cd], qend, limit
 
 
 def question_ok(data: bytes, qend: int) -> bool:
     """Whether the labels from offset 12 really end at ``qend - 5`` (checked on misses only)."""
-    i = 12
     end = qend - 5
+    if end - 12 >= 255:
+        return False
+    i = 12
     while i < end:
         length = data[i]
-        if length == 0 or length > 63:
+        if not 0 < length < 64:
             return False
         i += length + 1
-    return i == end and end - 12 < 255
+    return i == end
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,28 +218,29 @@ def error_reply(
     return head + question + (opt_record(1232, do, ext) if edns else b"")
 
 
-_UPSTREAM_HEAD = struct.Struct(">HBBHHHH")
-_OPTS: dict[tuple[int, bool], bytes] = {}
+_QUERY_TAILS: dict[tuple[int, int], tuple[bytes, bytes]] = {}
 
 
-def make_upstream_query(qid: int, key: bytes, payload: int) -> bytes:
-    """Our query upstream: fresh ``qid``, RD=1, CD as the client had it, our own OPT with DO as
-    the client had it (RFC 6891: OPT is hop-by-hop; we advertise our own payload size)."""
+def make_upstream_query(qid: int | bytes, key: bytes, payload: int) -> bytes:
+    """Our query upstream: fresh ``qid`` (an int, or its two bytes), RD=1, CD as the client had
+    it, our own OPT with DO as the client had it (RFC 6891: OPT is hop-by-hop; we advertise our
+    own payload size). The header after the ID and the OPT depend only on the key's flag byte
+    and the payload size, so they are made once."""
     flags = key[-1]
-    head = _UPSTREAM_HEAD.pack(qid, _RD, _CD if flags & 1 else 0, 1, 0, 0, 1 if payload else 0)
-    if not payload:
-        return head + key[:-1]
-    opt = _OPTS.get((payload, flags & 2 != 0))
-    if opt is None:
-        opt = _OPTS[(payload, flags & 2 != 0)] = opt_record(payload, bool(flags & 2))
-    return head + key[:-1] + opt
+    tail = _QUERY_TAILS.get((flags, payload))
+    if tail is None:
+        head = bytes((_RD, _CD if flags & 1 else 0, 0, 1, 0, 0, 0, 0, 0, 1 if payload else 0))
+        opt = opt_record(payload, bool(flags & 2)) if payload else b""
+        tail = _QUERY_TAILS[(flags, payload)] = (head, opt)
+    qid_bytes = qid if isinstance(qid, bytes) else qid.to_bytes(2, "big")
+    return qid_bytes + tail[0] + key[:-1] + tail[1]
 
 
-@dataclass(slots=True)
-class Walked:
-    """An upstream response checked once: what the cache stores and how long."""
+class Walked(NamedTuple):
+    """An upstream response checked once: what the cache stores and how long. (A named
+    tuple: made on every miss, and cheaper to build than an object with attributes.)"""
 
-    flags: bytes  # header bytes 2-3, RD cleared
+    flags: bytes  # header bytes 2-3 as the upstream sent them (``heads`` sets RD per client)
     an: int
     ns: int
     ar: int  # without the OPT
@@ -242,6 +252,8 @@ class Walked:
     rcode: int
     truncated: bool
     upstream_ext_rcode: int
+    max_ttl: int = -1  # largest TTL (-1 without records): min == max means one TTL throughout
+    heads_key: bytes = b""  # header bytes 2-12 of the response (``heads_for`` keys on them)
 
 
 def response_id_matches(resp: bytes, qid: int) -> bool:
@@ -260,14 +272,124 @@ def response_question_matches(resp: bytes, key: bytes) -> bool:
     )
 
 
+def response_matches(resp: bytes, qid: bytes, question: bytes) -> bool:
+    """Both checks at once for the UDP path: ``qid`` our ID's two bytes, ``question`` the
+    lower-case question we sent. Upstreams echo it as sent, so the exact comparison nearly
+    always decides; a different case is compared case-insensitively."""
+    if resp[:2] != qid or len(resp) < HEADER_LEN or not resp[2] & _QR or resp[4:6] != b"\x00\x01":
+        return False
+    got = resp[HEADER_LEN : HEADER_LEN + len(question)]
+    return got == question or got.lower() == question
+
+
 _RR = struct.Struct(">HHIH")  # type, class, TTL, RDLENGTH after a record's owner name
+_PRR = struct.Struct(">HHHIH")  # the same after an owner name that is one pointer
 _COUNTS = struct.Struct(">HHH")
-_HEAD = struct.Struct(">BBHHHH")
+_NO_TTL = 1 << 32
 
 
 def walk_response(resp: bytes, question_len: int) -> Walked:
     """Walk every record of an upstream response (its question already matched). Raises
-    ``WireError`` when it is malformed; the caller answers SERVFAIL and caches nothing."""
+    ``WireError`` when it is malformed; the caller answers SERVFAIL and caches nothing.
+
+    This runs on every miss, so the usual shape has its own loop: answer and authority
+    records whose owner name is one compression pointer (read with the record's fixed
+    fields in one ``unpack_from``), then the additional section. A short buffer surfaces as
+    ``struct.error`` or ``IndexError``, caught once. Any other shape (an owner name with
+    labels, a forward pointer...) is walked again by ``_walk_general``, record by record.
+    """
+    n = len(resp)
+    qend = i = HEADER_LEN + question_len
+    if n < qend:
+        raise WireError("response shorter than its question")
+    an, ns, ar = _COUNTS.unpack_from(resp, 6)
+    qtype = resp[qend - 4] << 8 | resp[qend - 3]
+    offsets: list[int] = []
+    lo, hi = _NO_TTL, -1
+    negative: int | None = None
+    has_answer = False
+    unpack = _PRR.unpack_from
+    try:
+        for _ in range(an):
+            ptr, rtype, _c, ttl, rdlen = unpack(resp, i)
+            if ptr < 0xC000 or ptr - 0xC000 >= i or rtype == TYPE_OPT:
+                return _walk_general(resp, question_len)
+            if ttl > 0x7FFFFFFF:
+                ttl = 0  # RFC 2181 §8: a TTL with the top bit set is read as zero
+            offsets.append(i + 6 - qend)
+            if ttl < lo:
+                lo = ttl
+            if ttl > hi:
+                hi = ttl
+            if rtype == qtype or qtype == TYPE_ANY:
+                has_answer = True
+            i += 12 + rdlen
+        for _ in range(ns):
+            ptr, rtype, _c, ttl, rdlen = unpack(resp, i)
+            if ptr < 0xC000 or ptr - 0xC000 >= i or rtype == TYPE_OPT:
+                return _walk_general(resp, question_len)
+            if ttl > 0x7FFFFFFF:
+                ttl = 0
+            offsets.append(i + 6 - qend)
+            if ttl < lo:
+                lo = ttl
+            if ttl > hi:
+                hi = ttl
+            i += 12 + rdlen
+            if rtype == TYPE_SOA and rdlen >= 22:
+                soa_min = int.from_bytes(resp[i - 4 : i], "big")
+                negative = ttl if ttl < soa_min else soa_min
+        if i > n:
+            raise WireError("record data truncated")
+        opt_start = -1
+        ext_rcode = 0
+        for _ in range(ar):
+            if opt_start >= 0:
+                raise OptNotLast("OPT is not the last record")
+            b = resp[i]
+            if b == 0:  # the root: OPT's owner
+                name_end = i + 1
+            elif b >= 0xC0 and ((b & 0x3F) << 8 | resp[i + 1]) < i:
+                name_end = i + 2
+            else:
+                return _walk_general(resp, question_len)
+            rtype, _c, ttl, rdlen = _RR.unpack_from(resp, name_end)
+            if rtype == TYPE_OPT:
+                opt_start = i
+                ext_rcode = resp[name_end + 4]
+            else:
+                if ttl > 0x7FFFFFFF:
+                    ttl = 0
+                offsets.append(name_end + 4 - qend)
+                if ttl < lo:
+                    lo = ttl
+                if ttl > hi:
+                    hi = ttl
+            i = name_end + 10 + rdlen
+    except (IndexError, struct.error):
+        raise WireError("record header truncated") from None
+    if i > n:
+        raise WireError("record data truncated")
+    return Walked(
+        resp[2:4],
+        an,
+        ns,
+        ar - 1 if opt_start >= 0 else ar,
+        resp[qend : opt_start if opt_start >= 0 else i],
+        tuple(offsets),
+        lo if hi >= 0 else None,
+        negative,
+        has_answer,
+        resp[3] & 0x0F | ext_rcode << 4,
+        resp[2] & _TC != 0,
+        ext_rcode,
+        hi,
+        resp[2:12],
+    )
+
+
+def _walk_general(resp: bytes, question_len: int) -> Walked:
+    """``walk_response`` for any shape: every owner name walked (``_skip_name``)."""
     n = len(resp)
     if n < HEADER_LEN + question_len:
         raise WireError("response shorter than its question")
@@ -276,23 +398,17 @@ def walk_response(resp: bytes, question_len: int) -> Walked:
     i = HEADER_LEN + question_len
     qend = i
     ttl_offsets: list[int] = []
-    min_ttl: int | None = None
+    lo, hi = _NO_TTL, -1
     negative: int | None = None
     has_answer = False
     opt_span: tuple[int, int] | None = None
     ext_rcode = 0
-    unpack_rr = _RR.unpack_from
     for section, count in enumerate(counts):
         for _ in range(count):
-            if i + 2 <= n and resp[i] >= 0xC0:  # the usual owner name: one pointer
-                if ((resp[i] & 0x3F) << 8 | resp[i + 1]) >= i:
-                    raise WireError("compression pointer does not point backwards")
-                name_end = i + 2
-            else:
-                name_end = _skip_name(resp, i, n)
+            name_end = _skip_name(resp, i, n)
             if name_end + 10 > n:
                 raise WireError("record header truncated")
-            rtype, _, ttl, rdlen = unpack_rr(resp, name_end)
+            rtype, _, ttl, rdlen = _RR.unpack_from(resp, name_end)
             end = name_end + 10 + rdlen
             if end > n:
                 raise WireError("record data truncated")
@@ -303,11 +419,12 @@ def walk_response(resp: bytes, question_len: int) -> Walked:
                 ext_rcode = resp[name_end + 4]
                 i = end
                 continue
+            if opt_span is not None:
+                raise OptNotLast("OPT is not the last record")
             if ttl & 0x80000000:
                 ttl = 0  # RFC 2181 §8: a TTL with the top bit set is read as zero
             ttl_offsets.append(name_end + 4 - qend)
-            if min_ttl is None or ttl < min_ttl:
-                min_ttl = ttl
+            lo, hi = min(lo, ttl), max(hi, ttl)
             if section == 0:
                 if rtype == qtype or qtype == TYPE_ANY:
                     has_answer = True
@@ -315,35 +432,51 @@ def walk_response(resp: bytes, question_len: int) -> Walked:
                 soa_min = int.from_bytes(resp[end - 4 : end], "big")
                 negative = ttl if ttl < soa_min else soa_min
             i = end
-    if opt_span is not None and opt_span[1] != i:
-        raise OptNotLast("OPT is not the last record")
     body_end = opt_span[0] if opt_span is not None else i
     return Walked(
-        bytes((resp[2] & ~_RD & 0xFF, resp[3])),
+        resp[2:4],
         counts[0],
         counts[1],
         counts[2] - (1 if opt_span is not None else 0),
         resp[qend:body_end],
         tuple(ttl_offsets),
-        min_ttl,
+        lo if hi >= 0 else None,
         negative,
         has_answer,
         resp[3] & 0x0F | ext_rcode << 4,
         bool(resp[2] & _TC),
         ext_rcode,
+        hi,
+        resp[2:12],
     )
+
+
+_HEADS = struct.Struct(">" + "BBHHHH" * 4)
 
 
 def heads(flags: bytes, an: int, ns: int, ar: int) -> tuple[bytes, bytes, bytes, bytes]:
     """The 10 header bytes after the ID, indexed by RD << 1 | EDNS (EDNS adds our OPT)."""
     f0, f1 = flags[0] & ~_RD & 0xFF, flags[1]
-    pack = _HEAD.pack
-    return (
-        pack(f0, f1, 1, an, ns, ar),
-        pack(f0, f1, 1, an, ns, ar + 1),
-        pack(f0 | _RD, f1, 1, an, ns, ar),
-        pack(f0 | _RD, f1, 1, an, ns, ar + 1),
+    r0, a1 = f0 | _RD, ar + 1
+    b = _HEADS.pack(
+        f0, f1, 1, an, ns, ar, f0, f1, 1, an, ns, a1, r0, f1, 1, an, ns, ar, r0, f1, 1, an, ns, a1
     )
+    return b[:10], b[10:20], b[20:30], b[30:]
+
+
+_HEADS_SEEN: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
+
+
+def heads_for(w: Walked) -> tuple[bytes, bytes, bytes, bytes]:
+    """``heads`` of a walked response, shared by every response of the same flags and counts
+    (most answers come in a few shapes: one A record, an NXDOMAIN with its SOA...)."""
+    found = _HEADS_SEEN.get(w.heads_key)
+    if found is None or w.ar != found[0][9] | found[0][8] << 8:
+        found = heads(w.flags, w.an, w.ns, w.ar)
+        if len(_HEADS_SEEN) >= 4096:
+            _HEADS_SEEN.clear()
+        _HEADS_SEEN[w.heads_key] = found
+    return found
 
 
 def truncated_heads(flags: bytes) -> tuple[bytes, bytes, bytes, bytes]:

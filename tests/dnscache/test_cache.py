@@ -48,7 +48,7 @@ def test_classify(
 def test_truncated_and_oversized_are_not_cached() -> None:
     _, w, size = walked(["www.test. 300 A 198.18.0.1"])
     assert classify(w, CacheConfig(max_entry_bytes=512), 600).ttl is None
-    tc = type(w)(**{**{f: getattr(w, f) for f in w.__dataclass_fields__}, "truncated": True})
+    tc = w._replace(truncated=True)
     assert classify(tc, CFG, size).ttl is None
 
 

@@ -120,20 +120,62 @@ def test_sockets_are_reused_at_most_socket_reuse_times(
     run(main)
 
 
-def test_a_datagram_on_an_idle_socket_is_counted_and_dropped(
+def test_a_datagram_on_an_idle_socket_is_counted_and_retires_it(
     upstream: socket.socket, run: Runner
 ) -> None:
     async def main() -> None:
         ex = new_exchanger(reuse=3)
         _, port = await exchange(ex, upstream, "a.test")
         [peer] = ex._peers.values()
-        [(_, fd, _)] = peer.idle
+        [(sock, fd, _, _)] = peer.idle
         upstream.sendto(b"late duplicate", ("127.0.0.1", port))  # from the upstream's address
         assert select.select([fd], [], [], 5)[0]  # readable: wait for the datagram, not a time
         ex._on_fd(fd)  # what the loop does with it
         assert ex.spoofed == 1
-        resp, again = await exchange(ex, upstream, "b.test")  # the socket still works
-        assert again == port and b"\x01b\x04test" in resp
+        assert peer.idle == [] and sock.fileno() == -1  # whoever sent it knows the port
+        resp, _ = await exchange(ex, upstream, "b.test")  # a fresh socket answers
+        assert b"\x01b\x04test" in resp and len(peer.idle) == 1
+        ex.close()
+
+    run(main)
+
+
+def test_a_socket_that_saw_a_forged_reply_is_not_reused(
+    upstream: socket.socket, run: Runner
+) -> None:
+    async def main() -> None:
+        ex = new_exchanger(reuse=3)
+        upstream.settimeout(5)
+        task = asyncio.ensure_future(ex.udp(address(upstream), key_of("a.test"), 5.0))
+        loop = asyncio.get_running_loop()
+        data, peer = await loop.run_in_executor(None, upstream.recvfrom, 4096)
+        forged = bytearray(upstream_reply(data, ["a.test. 300 A 203.0.113.1"]))
+        forged[0] ^= 0xFF  # a wrong ID
+        upstream.sendto(bytes(forged), peer)
+        upstream.sendto(upstream_reply(data, ["a.test. 300 A 198.18.0.9"]), peer)
+        assert bytes([198, 18, 0, 9]) in await task and ex.spoofed == 1
+        assert all(not p.idle for p in ex._peers.values())  # closed, not pooled
+        _, port = await exchange(ex, upstream, "b.test")  # an unforged exchange is pooled
+        assert [s[1] for p in ex._peers.values() for s in p.idle] != []
+        ex.close()
+
+    run(main)
+
+
+def test_sweep_closes_sockets_idle_too_long(
+    upstream: socket.socket, run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dnscache.upstream
+
+    async def main() -> None:
+        ex = new_exchanger(reuse=3)
+        await exchange(ex, upstream, "a.test")
+        [peer] = ex._peers.values()
+        [(sock, _, _, _)] = peer.idle
+        assert ex.sweep() == 0  # just idled: kept
+        monkeypatch.setattr(dnscache.upstream, "IDLE_MAX_AGE", -1.0)  # "now" is past its age
+        assert ex.sweep() == 1 and peer.idle == [] and sock.fileno() == -1
+        assert ex._idle_fds == {}
         ex.close()
 
     run(main)

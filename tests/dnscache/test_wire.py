@@ -196,3 +196,64 @@ def test_fuzz_mutated_real_queries(noise: bytes, where: int) -> None:
         parse_query(bytes(data), 1232)
     except WireError:
         pass
+
+
+_RECORDS = [
+    "{n} 300 A 198.18.0.1",
+    "{n} 60 AAAA 2001:db8::1",
+    "{n} 30 CNAME other.example.org.",
+    '{n} 120 TXT "some text"',
+    "other.example.org. 90 A 198.18.0.2",
+    "example.com. 900 SOA ns.example.com. h.example.com. 1 2 3 4 120",
+    "example.com. 100 NS ns.example.com.",
+    "example.com. 60 SOA ns.example.com. h.example.com. 1 2 3 4 3600",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, len(_RECORDS) - 1), max_size=4),
+    st.lists(st.integers(0, len(_RECORDS) - 1), max_size=3),
+    st.lists(st.integers(0, len(_RECORDS) - 1), max_size=2),
+    st.booleans(),
+    st.integers(0, 5),
+    st.binary(max_size=3),
+)
+def test_the_fast_walk_agrees_with_the_general_one(
+    answer: list[int], auth: list[int], extra: list[int], opt: bool, rcode: int, trail: bytes
+) -> None:
+    """``walk_response`` has its own loop for the usual shapes (pointer owner names) and
+    falls back to ``_walk_general`` otherwise: on any response both give the same result, or
+    both reject it."""
+    from dnscache.wire import _walk_general
+
+    key = fast_query(q(), 1232)[0]  # type: ignore[index]
+    req = dnslib.DNSRecord.parse(make_upstream_query(7, key, 1232))
+    rep = req.reply()
+    rep.ar = []
+    name = "www.example.com."
+    for group, add in ((answer, rep.add_answer), (auth, rep.add_auth), (extra, rep.add_ar)):
+        for i in group:
+            add(*dnslib.RR.fromZone(_RECORDS[i].format(n=name)))
+    if opt:
+        rep.add_ar(dnslib.EDNS0(udp_len=4096))
+    rep.header.rcode = rcode
+    resp = bytes(rep.pack()) + trail
+    results = []
+    for walk in (walk_response, _walk_general):
+        try:
+            results.append(walk(resp, len(key) - 1))
+        except OptNotLast:
+            results.append("OptNotLast")
+        except WireError:
+            results.append("WireError")
+    assert results[0] == results[1]
+    # and cut short anywhere, both reject it (or both still read a shorter valid message)
+    cut = resp[: len(resp) // 2 + len(trail)]
+    outcomes = []
+    for walk in (walk_response, _walk_general):
+        try:
+            outcomes.append(walk(cut, len(key) - 1))
+        except (WireError, OptNotLast) as exc:
+            outcomes.append(type(exc).__name__)
+    assert outcomes[0] == outcomes[1]

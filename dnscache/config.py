@@ -76,7 +76,7 @@ class UpstreamConfig:
     max_fails: int = 2
     health_interval: float = 0.5
     payload: int = 1232
-    socket_reuse: int = 1  # queries per UDP socket; 1 = a fresh socket (and port) for each
+    socket_reuse: int = 8  # queries per UDP socket (one at a time); 1 = a fresh socket each
 
 
 @dataclass(frozen=True, slots=True)

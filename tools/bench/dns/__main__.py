@@ -8,8 +8,9 @@ Reports QPS at saturation (median and range of ``--runs``), server CPU µs per a
 at half of each server's own hot saturation rate (median of ``--runs`` fixed-rate runs; one run
 is at the mercy of a single stall), ultranet's upstream queries on a Zipf pass with 1 and 2
 workers, and the load average (the machine may be shared). ``--servers`` also takes
-``ultranet-reuseN``: ultranet with ``upstream.socket_reuse: N``. Results go to
-``tools/bench/dns/out/`` (not committed).
+``ultranet-reuseN``: ultranet with ``upstream.socket_reuse: N`` (``ultranet`` alone: the
+default, 8; ``ultranet-reuse1``: a fresh socket and port for every upstream query). Results
+go to ``tools/bench/dns/out/`` (not committed).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def bench_server(
     loop: str,
 ) -> dict[str, Any]:
     if name.startswith("ultranet"):  # "ultranet-reuseN": upstream.socket_reuse N
-        reuse = int(name.removeprefix("ultranet-reuse")) if name != "ultranet" else 1
+        reuse = int(name.removeprefix("ultranet-reuse")) if name != "ultranet" else None
         server = start_ultranet(work, upstream, loop=loop, socket_reuse=reuse)
     else:
         server = STARTERS[name](work, upstream)

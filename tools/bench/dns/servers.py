@@ -143,13 +143,15 @@ def start_ultranet(
     workers: int = 1,
     loop: str = "asyncio",
     metrics: int | None = None,
-    socket_reuse: int = 1,
+    socket_reuse: int | None = None,
 ) -> Running:
+    """``socket_reuse`` None: the default (``dnscache/config.py``)."""
     port = free_port()
     conf = work / "ultranet.yaml"
+    reuse = "" if socket_reuse is None else f", socket_reuse: {socket_reuse}"
     conf.write_text(
         f"cache: {{capacity: {CACHE_ENTRIES}}}\nacl: [127.0.0.0/8]\n"
-        f"upstream: {{max_concurrent: 10000, socket_reuse: {socket_reuse}}}\n"
+        f"upstream: {{max_concurrent: 10000{reuse}}}\n"
     )
     argv = [
         sys.executable,

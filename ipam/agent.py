@@ -59,6 +59,10 @@ T = TypeVar("T")
 SUBNET_COOLDOWN_S = 120.0  # after InsufficientCidrBlocks, as the VPC CNI waits
 FREED_PREFIX_COOLDOWN_S = 60.0  # a released prefix is not re-adopted from IMDS sooner
 MANAGE_INTERVAL_S = 5.0  # the pool is also re-planned at least this often
+# After an allocation or release wakes the manager, it waits this long before re-planning,
+# so a burst is judged once, not once per loop pass (re-planning every card that often
+# cost 5-10% of the daemon's CPU at saturation). A pool that ran dry skips the wait.
+MANAGE_DEBOUNCE_S = 0.02
 RECONCILE_INTERVAL_S = 60.0  # IMDS is compared with the pool this often, as the VPC CNI does
 ERROR_BACKOFF_S = (1.0, 60.0)  # after a failed grow/shrink step: first and longest wait
 # A group commit runs inline on the event loop: a worker thread costs each request a GIL
@@ -160,6 +164,7 @@ class NodeAgent:
         self._subnet_cooling: dict[str, float] = {}  # subnet id -> usable again at
         self._freed: dict[IPv4Network, float] = {}  # prefix -> wall time it was released
         self._wake = asyncio.Event()
+        self._urgent = False  # a pool ran dry, or the node just started: no debounce
         self._next_commit: asyncio.Future[None] | None = None  # the batch being filled
         self._committing: asyncio.Future[None] | None = None  # the batch being synced
         self._threaded_sync_until = 0.0  # time.monotonic(): commit on a thread until then
@@ -201,7 +206,8 @@ class NodeAgent:
         if self._plan_all_steady():
             self._mark_ready()
         else:
-            self._wake.set()  # grow at once: pods are waiting for this node
+            self._urgent = True  # grow at once: pods are waiting for this node
+            self._wake.set()
         if manage:
             self._manager = asyncio.create_task(self._manage(), name="pool-manager")
 
@@ -447,6 +453,7 @@ class NodeAgent:
             allocation = store.allocate(key, pod, self._clock(), cards=cards, origin=origin)
         except PoolExhausted:
             self._exhausted.inc()
+            self._urgent = True
             self._wake.set()
             raise
         self._wake.set()
@@ -632,9 +639,12 @@ class NodeAgent:
                 # cancellation that lands as the event fires, and stop() would wait forever.
                 async with asyncio.timeout(MANAGE_INTERVAL_S):
                     await self._wake.wait()
+                    if not self._urgent:
+                        await asyncio.sleep(MANAGE_DEBOUNCE_S)  # let the burst finish
             except TimeoutError:
                 pass
             self._wake.clear()
+            self._urgent = False
             try:
                 async with self._busy:
                     if self._clock() - self._reconciled_at >= RECONCILE_INTERVAL_S:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ipam.agent import NodeAgent, NodeIdentity
 from ipam.config import IpamdConfig, load_config
+from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Client, boto3_client
 from ipam.hostnet import HostNetwork
 from ipam.imds import ImdsClient
@@ -87,6 +88,16 @@ class AgentRun:
                 return n
             self.run(self.agent.step())
         raise AssertionError(f"no steady plan after {steps} steps: {plans}")
+
+    def allocate_pods(self, count: int) -> None:
+        """Allocate pods 0..count-1 as a runtime would, retrying an ADD that found the pool
+        empty after letting the pool grow (as the runtime retries code 11)."""
+        for n in range(count):
+            try:
+                self.run(self.agent.allocate(key(n), POD, multi_nic=False))
+            except PoolExhausted:
+                self.converge()
+                self.run(self.agent.allocate(key(n), POD, multi_nic=False))
 
     def close(self) -> None:
         self.run(self.agent.stop())

@@ -67,12 +67,7 @@ def test_warm_targets(
     lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=launch))
     with agent_in(lab, tmp_path, {"IP_COOLDOWN_PERIOD": "0", **env}) as run:
         run.converge()
-        for n in range(pods):
-            try:
-                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
-            except PoolExhausted:
-                run.converge()
-                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        run.allocate_pods(pods)
         run.converge()
         usage = run.agent.pool.card(0).usage(run.clock())  # type: ignore[union-attr]
         assert (usage.prefixes, usage.enis) == (prefixes, enis)
@@ -88,12 +83,7 @@ def test_prefixes_beyond_the_target_go_back_after_cooldown(
     lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
     clock = ManualClock()
     with agent_in(lab, tmp_path, {"IP_COOLDOWN_PERIOD": "30"}, clock) as run:
-        for n in range(40):
-            try:
-                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
-            except PoolExhausted:
-                run.converge()
-                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        run.allocate_pods(40)
         run.converge()
         assert run.agent.pool.card(0).usage(clock()).prefixes == 4  # type: ignore[union-attr]
         for n in range(40):
@@ -225,12 +215,7 @@ def test_allocations_on_a_prefix_imds_does_not_show_yet_are_checked_with_ec2(
     env = {"IP_COOLDOWN_PERIOD": "0"}
     lab.cloud.set_imds_lag(3600.0)
     with agent_in(lab, tmp_path, env) as run:
-        for n in range(20):  # the second prefix comes from EC2; IMDS will not show it
-            try:
-                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
-            except PoolExhausted:
-                run.converge()
-                run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+        run.allocate_pods(20)  # the second prefix comes from EC2; IMDS will not show it
         held = {n: run.agent.lookup(key(n)).leases[0].address for n in range(20)}  # type: ignore[union-attr]
     with agent_in(lab, tmp_path, env) as again:
         assert again.agent.ec2_used  # IMDS and the journal disagreed: EC2 decided
@@ -338,12 +323,7 @@ def test_a_slow_journal_sync_moves_commits_off_the_event_loop(
 
 def _grow_to_two_enis_then_empty(run: AgentRun) -> str:
     """150 pods take a second ENI; once they are gone its prefixes go back first."""
-    for n in range(150):
-        try:
-            run.run(run.agent.allocate(key(n), POD, multi_nic=False))
-        except PoolExhausted:
-            run.converge()
-            run.run(run.agent.allocate(key(n), POD, multi_nic=False))
+    run.allocate_pods(150)
     run.converge()
     pool = run.agent.pool.card(0)  # type: ignore[union-attr]
     assert len(pool.enis) == 2

@@ -1,0 +1,106 @@
+"""cni.netlink.socket_in: sockets made in other namespaces by one long-lived thread that
+always comes back, and is replaced when it cannot."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from cni import netlink
+from tools.lab import netns
+
+pytestmark = pytest.mark.netns
+
+_RTM_GETLINK, _NLM_F_DUMP, _NLMSG_DONE = 18, 0x300 | 0x1, 3
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    name = f"{netns.PREFIX}t-{uuid.uuid4().hex[:8]}"
+    netns.create(name)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        netns.delete(name)
+
+
+def _link_names(sock: socket.socket) -> set[str]:
+    """Every link name an RTM_GETLINK dump on ``sock`` returns."""
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+    sock.sendto(
+        struct.pack("=IHHII", 16 + len(body), _RTM_GETLINK, _NLM_F_DUMP, 1, 0) + body, (0, 0)
+    )
+    names: set[str] = set()
+    while True:
+        data = sock.recv(65536)
+        offset = 0
+        while offset < len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind == _NLMSG_DONE:
+                return names
+            attr = offset + 16 + 16
+            while attr < offset + length:
+                size, code = struct.unpack_from("=HH", data, attr)
+                if code == 3:  # IFLA_IFNAME
+                    names.add(data[attr + 4 : attr + size].rstrip(b"\0").decode())
+                attr += (size + 3) & ~3
+            offset += (length + 3) & ~3
+
+
+def _namespace_of_thread(name: str) -> tuple[int, int]:
+    (thread,) = [t for t in threading.enumerate() if t.name == name]
+    stat = os.stat(f"/proc/self/task/{thread.native_id}/ns/net")
+    return stat.st_dev, stat.st_ino
+
+
+def _here() -> tuple[int, int]:
+    stat = os.stat("/proc/thread-self/ns/net")
+    return stat.st_dev, stat.st_ino
+
+
+def test_sockets_are_made_in_the_namespace_and_the_thread_comes_back(namespace: str) -> None:
+    for _ in range(3):
+        with netlink.socket_in(namespace) as sock:
+            assert _link_names(sock) == {"lo"}  # a fresh namespace: loopback only
+    assert _namespace_of_thread("netns-enter") == _here()
+
+
+def test_a_thread_stranded_in_a_pod_namespace_is_replaced(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with netlink.socket_in(namespace):
+        pass  # the worker exists
+    real_setns = netlink._setns
+    calls: list[int] = []
+
+    def setns_that_cannot_go_home(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the way back
+            raise OSError(1, "Operation not permitted")
+        real_setns(fd)
+
+    monkeypatch.setattr(netlink, "_setns", setns_that_cannot_go_home)
+    with netlink.socket_in(namespace) as sock:
+        assert _link_names(sock) == {"lo"}  # the socket made is still good
+    monkeypatch.setattr(netlink, "_setns", real_setns)
+    for stranded in [t for t in threading.enumerate() if t.name == "netns-enter"]:
+        stranded.join(5)
+        assert not stranded.is_alive()  # it exited: it never serves from the pod's namespace
+    with netlink.socket_in(namespace) as sock:
+        assert _link_names(sock) == {"lo"}
+    assert _namespace_of_thread("netns-enter") == _here()  # a new thread, at home
+
+
+def test_a_path_that_is_not_a_namespace_is_a_clear_error() -> None:
+    with pytest.raises(netlink.NamespaceError, match="not a network namespace"):
+        netlink.socket_in("/proc/self/ns/uts")
+    with pytest.raises(netlink.NamespaceError, match="cannot open network namespace"):
+        netlink.socket_in("/run/netns/ul-no-such-namespace")

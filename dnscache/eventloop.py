@@ -45,10 +45,10 @@ class FastSelector(selectors.EpollSelector):
         self._epoll: select.epoll = self._selector  # type: ignore[attr-defined]
         # The base class's fd -> key dict (updated in place by register/unregister).
         self._keys: dict[int, selectors.SelectorKey] = self._fd_to_key  # type: ignore[attr-defined]
-        self._fast: dict[int, tuple[Callable[[Any], None], Any]] = {}
+        self._fast: dict[int, tuple[Callable[[Any], object], Any]] = {}
         self._watched: FdCallback | None = None
 
-    def add_fast(self, fd: int, callback: Callable[[Any], None], arg: Any) -> None:
+    def add_fast(self, fd: int, callback: Callable[[Any], object], arg: Any) -> None:
         """Serve ``fd`` from ``select``: ``callback(arg)`` whenever it is readable."""
         self._fast[fd] = (callback, arg)
         self._epoll.register(fd, select.EPOLLIN)

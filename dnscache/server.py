@@ -19,6 +19,7 @@ import itertools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .cache import Entry
@@ -109,7 +110,8 @@ class Worker:
 
     # -- UDP --------------------------------------------------------------------------------
 
-    def _udp_ready(self, sock: socket.socket) -> None:
+    def _udp_ready(self, sock: socket.socket) -> bool:
+        """Serve what ``sock`` holds, at most ``BATCH`` queries; True when it is empty."""
         recvfrom, sendto = sock.recvfrom, sock.sendto
         get = self.resolver.cache.data.get
         hits = self.hits
@@ -130,7 +132,7 @@ class Worker:
             try:
                 data, addr = recvfrom(RECV_SIZE)
             except BlockingIOError:
-                return
+                return True
             except OSError as exc:
                 log.debug("recvfrom: %s", exc)
                 continue
@@ -197,6 +199,7 @@ class Worker:
                 self.stats.counters["malformed"] += 1
                 log.exception("internal error on a query from %s (dropped)", addr)
             t0 = perf()
+        return False
 
     def _refuse(self, sock: socket.socket, data: bytes, addr: Any) -> None:
         """Never an open resolver: clients outside the ACL get REFUSED (or nothing)."""
@@ -275,16 +278,36 @@ class Worker:
 
     # -- drain ------------------------------------------------------------------------------
 
-    async def drain(self, timeout: float) -> None:
-        """Stop taking queries, finish those in flight (at most ``timeout``), close."""
+    async def drain(self, timeout: float, on_closed: Callable[[], None] | None = None) -> None:
+        """Stop taking queries and close the listening sockets at once (``on_closed`` is called
+        then), finish the queries already read (at most ``timeout``), close the rest.
+
+        A UDP socket closed while its queries wait on an upstream can no longer answer them,
+        so what it holds is served first, and the waiters get a sender of their own
+        (``_AfterClose``) that answers from the same address and port."""
         self.draining = True
         for s in self.udp:
             if self.selector is not None:
                 self.selector.remove_fast(s.fileno())
             else:
                 self.loop.remove_reader(s.fileno())
+            try:
+                while not self._udp_ready(s):
+                    pass
+            except OSError as exc:
+                log.debug("last read of %s: %s", s, exc)
+            late = _AfterClose(s)
+            for p in self.resolver.inflight.values():
+                for w in p.waiters:
+                    if w.sock is s:
+                        w.sock = late  # type: ignore[assignment]
+            s.close()
         for srv in self.servers:
             srv.close()
+        for s in self.tcp:
+            s.close()
+        if on_closed is not None:
+            on_closed()
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.resolver.idle(timeout)
@@ -346,6 +369,24 @@ class _Conn:
                 await self.writer.drain()
         except (TimeoutError, ConnectionError):
             return
+
+
+class _AfterClose:
+    """Answers a client whose query was read before its listening socket closed: from a
+    short-lived socket bound to the same address and port (SO_REUSEPORT) and connected to
+    the client, so the reply has the source the client expects. A connected member of a
+    reuseport group receives only its peer's datagrams, so it takes no one else's queries."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.family = listener.family
+        self.local = listener.getsockname()
+
+    def sendto(self, reply: bytes, addr: Any) -> None:
+        with socket.socket(self.family, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(self.local)
+            s.connect(addr)
+            s.send(reply)
 
 
 def _udp_sender(sock: socket.socket, addr: Any) -> Send:

@@ -11,8 +11,13 @@ HTTP (``metrics`` address): ``/metrics`` (sum of the workers' counters), ``/heal
 the supervisor runs and a worker is up), ``/ready`` (200 when every worker is up and we are
 not draining). SIGHUP re-reads the config file, validates it, and sends it to the workers
 (sockets stay, so no query is dropped); an invalid file is logged and the old config kept.
-SIGTERM/SIGINT: /ready turns 503, ``lameduck`` seconds pass, workers drain in-flight queries
-(``drain_timeout``), node-local rules are torn down, exit 0.
+SIGTERM/SIGINT: /ready turns 503, ``lameduck`` seconds pass, then every listening socket is
+closed at once, the supervisor's copies and the workers' (``{"event": "draining"}`` is
+printed when they all are), so the sockets leave their SO_REUSEPORT groups and the kernel
+hands new queries to whoever else listens on the same ports (the new pod of a surge
+upgrade); the workers then finish the queries already read (``drain_timeout``), node-local
+rules are torn down (unless another process still serves the address, see ``nodelocal``),
+exit 0. The HTTP listener has SO_REUSEPORT too, so the new pod can bind it meanwhile.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ class WorkerHandle:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.ready = False
+        self.draining = False  # told to drain: its control channel carries no more requests
         self.lock = asyncio.Lock()
 
     async def request(self, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         async with self.lock:
-            if not self.ready or self.writer is None or self.reader is None:
+            if not self.ready or self.draining or self.writer is None or self.reader is None:
                 raise DnscacheError(f"worker {self.index} is not running")
             self.writer.write(json.dumps(msg).encode() + b"\n")
             async with asyncio.timeout(timeout):
@@ -129,8 +135,12 @@ class Supervisor:
                 for s in group:
                     s.close()
             if nl is not None:
-                for err in nodelocal.teardown(nl):
+                ports = [p for a, p in cfg.listen if a in nl.addresses]
+                skipped, errors = nodelocal.finish(nl, ports)
+                for err in errors:
                     log.error("%s", err)
+                if skipped is not None:
+                    log.info("node-local interface and rules left in place: %s", skipped)
 
     async def _run(self) -> int:
         cfg = self.cfg
@@ -142,7 +152,8 @@ class Supervisor:
         metrics = ""
         if cfg.metrics is not None:
             host, port = cfg.metrics
-            self.http = await asyncio.start_server(self._http, str(host), port)
+            # SO_REUSEPORT: in a surge upgrade the new pod binds this port beside the old one.
+            self.http = await asyncio.start_server(self._http, str(host), port, reuse_port=True)
             metrics = upstream_label((host, self.http.sockets[0].getsockname()[1]))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
@@ -244,9 +255,18 @@ class Supervisor:
         if self.cfg.lameduck:
             await asyncio.sleep(self.cfg.lameduck)  # lameduck: /ready is 503 meanwhile
         self.stopping = True
+        told = []
         for w in self.workers:
             if w.ready and w.writer is not None:
-                w.writer.write(b'{"op": "drain"}\n')
+                async with w.lock:  # not in the middle of a scrape's exchange
+                    w.draining = True
+                    w.writer.write(b'{"op": "drain"}\n')
+                told.append(w)
+        for group in self.udp + self.tcp:  # our copies: the workers close theirs
+            for s in group:
+                s.close()
+        await asyncio.gather(*(self._closed(w) for w in told))
+        print(json.dumps({"event": "draining", "listen": self.bound}), flush=True)
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
                 try:
@@ -260,6 +280,17 @@ class Supervisor:
             t.cancel()
         if self.http is not None:
             self.http.close()
+
+    async def _closed(self, w: WorkerHandle) -> None:
+        """Until worker ``w`` says its listening sockets are closed (or exits, or time is up)."""
+        assert w.reader is not None
+        try:
+            async with asyncio.timeout(self.cfg.drain_timeout + 5):
+                while line := await w.reader.readline():
+                    if json.loads(line).get("op") == "closed":
+                        return
+        except (TimeoutError, ConnectionError, json.JSONDecodeError) as exc:
+            log.warning("worker %d: no word of its sockets closing: %s", w.index, exc)
 
     # -- HTTP -------------------------------------------------------------------------------
 

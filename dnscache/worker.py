@@ -92,7 +92,7 @@ async def _run(args: argparse.Namespace, selector: FastSelector | None) -> int:
     finally:
         stopper.cancel()
         collector.stop()
-        await worker.drain(cfg.drain_timeout)
+        await worker.drain(cfg.drain_timeout, lambda: _send(writer, {"op": "closed"}))
         _send(writer, {"op": "drained", "index": args.index})
         try:
             await writer.drain()

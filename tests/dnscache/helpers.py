@@ -71,8 +71,25 @@ class DnsProcess:
                     return event
             if self.proc.poll() is not None:
                 break
+        err = self.stderr()
         self.close()
-        raise AssertionError(f"ultranet-dns did not start:\n{self.stderr()}")
+        raise AssertionError(f"ultranet-dns did not start:\n{err}")
+
+    def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        """The next JSON line on stdout with ``"event": name`` (bounded; not a timed wait)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            r, _, _ = select.select([self.proc.stdout], [], [], left)
+            if not r:
+                break
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            event: dict[str, Any] = json.loads(line)
+            if event.get("event") == name:
+                return event
+        raise AssertionError(f"no {name!r} event from ultranet-dns:\n{self.stderr()}")
 
     def stderr(self) -> str:
         self.log.flush()

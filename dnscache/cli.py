@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="asyncio",
         help="event loop of the workers (default asyncio; see README, Benchmarks)",
     )
+    p.add_argument(
+        "--nodelocal-teardown",
+        choices=("auto", "always", "never"),
+        help="node_local.teardown: remove the interface and rules on exit (default auto: "
+        "unless another process still serves the address; ignored without node_local)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -65,6 +71,8 @@ def merged_doc(args: argparse.Namespace) -> dict[str, Any]:
         doc["workers"] = args.workers
     if args.metrics is not None:
         doc["metrics"] = args.metrics
+    if args.nodelocal_teardown is not None and isinstance(doc.get("node_local"), dict):
+        doc["node_local"] = {**doc["node_local"], "teardown": args.nodelocal_teardown}
     return doc
 
 

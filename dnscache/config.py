@@ -85,6 +85,7 @@ class NodeLocalConfig:
     addresses: tuple[ipaddress.IPv4Address, ...] = (ipaddress.IPv4Address("169.254.20.10"),)
     link_kind: str = "dummy"
     notrack: bool = True
+    teardown: str = "auto"  # auto (unless another process serves the address) | always | never
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +265,7 @@ def _node_local(doc: Mapping[str, Any]) -> NodeLocalConfig | None:
     if doc.get("node_local") is None:
         return None
     sec = _section(doc, "node_local")
-    _known(sec, "node_local", {"interface", "addresses", "link_kind", "notrack"})
+    _known(sec, "node_local", {"interface", "addresses", "link_kind", "notrack", "teardown"})
     d = NodeLocalConfig()
     iface = _get(sec, "node_local", "interface", d.interface, str)
     if not 1 <= len(iface) <= 15 or "/" in iface or " " in iface:
@@ -279,7 +280,11 @@ def _node_local(doc: Mapping[str, Any]) -> NodeLocalConfig | None:
     kind = _get(sec, "node_local", "link_kind", d.link_kind, str)
     if kind not in ("dummy", "bridge"):
         raise ConfigError("node_local.link_kind", kind, "expected dummy or bridge")
-    return NodeLocalConfig(iface, addrs, kind, _get(sec, "node_local", "notrack", True, bool))
+    teardown = _get(sec, "node_local", "teardown", d.teardown, str)
+    if teardown not in ("auto", "always", "never"):
+        raise ConfigError("node_local.teardown", teardown, "expected auto, always or never")
+    notrack = _get(sec, "node_local", "notrack", True, bool)
+    return NodeLocalConfig(iface, addrs, kind, notrack, teardown)
 
 
 TOP_KEYS = {

@@ -3,13 +3,23 @@ and NOTRACK rules so queries to it skip conntrack (no DNAT races, no table exhau
 
 ``setup`` creates the interface (``dummy`` in production, as node-cache does), adds the
 addresses, and puts the rules in our own chains (``ULTRANET-DNS-*``) jumped to from the built-in
-ones, so ``teardown`` removes exactly what we added. ``teardown`` is idempotent: whatever is
-already gone counts as removed, and every step runs even when an earlier one failed.
+ones, so ``teardown`` removes exactly what we added. ``setup`` is idempotent and never takes
+anything away: each chain, jump and rule is added only when ``iptables -C`` does not find it,
+so a second instance starting beside a first (a surge upgrade) changes nothing under it.
+``teardown`` is idempotent too: whatever is already gone counts as removed, and every step
+runs even when an earlier one failed.
+
+Whether to tear down on exit is ``node_local.teardown``: ``always``, ``never``, or ``auto``
+(the default): tear down unless another process still listens on one of the node-local
+addresses and ports, found by binding it without SO_REUSEPORT after our own sockets closed
+(``in_use``): the replacement pod of a surge upgrade keeps its address and rules.
 Both act on the network namespace of the calling process (tests run us in their own).
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 import subprocess
 from collections.abc import Iterable
 
@@ -93,17 +103,54 @@ def setup(cfg: NodeLocalConfig, ports: Iterable[int]) -> None:
             _run(
                 "address",
                 ["ip", "addr", "add", f"{addr}/32", "dev", cfg.interface],
-                ok_if=("File exists",),
+                ok_if=("File exists", "already assigned"),
             )
         for table, builtin, chain in CHAINS:
             _run("iptables", ["iptables", "-w", "-t", table, "-N", chain], ok_if=("exists",))
-            _run("iptables", ["iptables", "-w", "-t", table, "-F", chain])
-            _run("iptables", ["iptables", "-w", "-t", table, "-I", builtin, "1", "-j", chain])
+            if not _present(table, builtin, ["-j", chain]):
+                _run("iptables", ["iptables", "-w", "-t", table, "-I", builtin, "1", "-j", chain])
         for table, chain, rule in rules(cfg, ports):
-            _run("iptables", ["iptables", "-w", "-t", table, "-A", chain, *rule])
+            if not _present(table, chain, rule):
+                _run("iptables", ["iptables", "-w", "-t", table, "-A", chain, *rule])
     except NodeLocalError:
         teardown(cfg)
         raise
+
+
+def _present(table: str, chain: str, rule: list[str]) -> bool:
+    """``iptables -C``: whether ``chain`` already holds ``rule``."""
+    argv = ["iptables", "-w", "-t", table, "-C", chain, *rule]
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NodeLocalError("iptables", f"{' '.join(argv)}: {exc}") from None
+
+
+def in_use(cfg: NodeLocalConfig, ports: Iterable[int]) -> str | None:
+    """``ADDR:PORT`` of a node-local address still bound by another process, or None. Our own
+    sockets must be closed already: a UDP bind without SO_REUSEPORT fails with EADDRINUSE
+    exactly when some socket holds the address and port."""
+    for addr in cfg.addresses:
+        for port in sorted(set(ports)):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    s.bind((str(addr), port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        return f"{addr}:{port}"
+    return None
+
+
+def finish(cfg: NodeLocalConfig, ports: Iterable[int]) -> tuple[str | None, list[str]]:
+    """At exit: tear down as ``cfg.teardown`` says. Returns (why it was skipped, or None when
+    it ran; the teardown's errors)."""
+    if cfg.teardown == "never":
+        return "teardown: never", []
+    if cfg.teardown == "auto":
+        other = in_use(cfg, ports)
+        if other is not None:
+            return f"{other} is still served by another process", []
+    return None, teardown(cfg)
 
 
 def teardown(cfg: NodeLocalConfig) -> list[str]:

@@ -53,6 +53,7 @@ def test_zones_longest_first_and_transport() -> None:
         ),
         (doc(node_local={"addresses": ["fe80::1"]}), "node_local.addresses"),
         (doc(node_local={"link_kind": "veth"}), "expected dummy or bridge"),
+        (doc(node_local={"teardown": "sometimes"}), "expected auto, always or never"),
         (doc(surprise=True), "unknown key"),
     ],
 )

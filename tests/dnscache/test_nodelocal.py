@@ -1,6 +1,7 @@
 """Node-local mode inside a namespace we create: 169.254.20.10 on our own interface, NOTRACK
-rules for it, all removed on exit. The ``dummy`` link type is missing on this kernel, so the
-test runs with ``link_kind: bridge`` (a port-less bridge holds a local address the same way)."""
+rules for it, all removed on exit, except while another instance (the new pod of a surge
+upgrade) still serves the address. The ``dummy`` link type is missing on this kernel, so the
+tests run with ``link_kind: bridge`` (a port-less bridge holds a local address the same way)."""
 
 from __future__ import annotations
 
@@ -62,10 +63,8 @@ def upstream(netns: str) -> Iterator[int]:
             proc.stdout.close()
 
 
-def test_node_local_address_rules_and_teardown(
-    netns: str, upstream: int, dns_factory: Factory
-) -> None:
-    doc = {
+def node_local_doc(upstream: int) -> dict[str, object]:
+    return {
         "listen": ["169.254.20.10:53"],
         "workers": 2,
         "metrics": "127.0.0.1:0",
@@ -76,17 +75,26 @@ def test_node_local_address_rules_and_teardown(
             "link_kind": "bridge",
         },
     }
-    dns = dns_factory(doc, netns=netns)
-    assert "169.254.20.10/32" in sh("ip", "-n", netns, "addr", "show", "dev", "nodelocaldns")
-    raw = sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
-    assert "-A ULTRANET-DNS-PRE -d 169.254.20.10/32 -p udp -m udp --dport 53 -j NOTRACK" in raw
-    assert "-A PREROUTING -j ULTRANET-DNS-PRE" in raw
-    out = subprocess.run(
+
+
+def dig_local(netns: str) -> str:
+    return subprocess.run(
         ["ip", "netns", "exec", netns, "dig", "@169.254.20.10", "+tries=1", "+time=3", "www.test"],
         capture_output=True,
         text=True,
         timeout=20,
     ).stdout
+
+
+def test_node_local_address_rules_and_teardown(
+    netns: str, upstream: int, dns_factory: Factory
+) -> None:
+    dns = dns_factory(node_local_doc(upstream), netns=netns)
+    assert "169.254.20.10/32" in sh("ip", "-n", netns, "addr", "show", "dev", "nodelocaldns")
+    raw = sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
+    assert "-A ULTRANET-DNS-PRE -d 169.254.20.10/32 -p udp -m udp --dport 53 -j NOTRACK" in raw
+    assert "-A PREROUTING -j ULTRANET-DNS-PRE" in raw
+    out = dig_local(netns)
     assert "198.18.0.5" in out and "status: NOERROR" in out
     dns.signal(signal.SIGTERM)
     assert dns.proc.wait(30) == 0
@@ -94,3 +102,38 @@ def test_node_local_address_rules_and_teardown(
     assert "nodelocaldns" not in links
     assert "ULTRANET" not in sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
     assert "ULTRANET" not in sh("ip", "netns", "exec", netns, "iptables", "-w", "-S")
+
+
+def test_a_surge_keeps_the_address_and_rules_for_the_instance_still_serving(
+    netns: str, upstream: int, dns_factory: Factory
+) -> None:
+    old = dns_factory(node_local_doc(upstream), netns=netns)
+    new = dns_factory(node_local_doc(upstream), netns=netns)  # set up again beside it
+    raw = sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
+    assert raw.count("-A PREROUTING -j ULTRANET-DNS-PRE") == 1  # added once, not per start
+    notrack = "-A ULTRANET-DNS-PRE -d 169.254.20.10/32 -p udp -m udp --dport 53 -j NOTRACK"
+    assert raw.count(notrack) == 1
+    old.signal(signal.SIGTERM)
+    assert old.proc.wait(30) == 0
+    assert "169.254.20.10/32" in sh("ip", "-n", netns, "addr", "show", "dev", "nodelocaldns")
+    assert notrack in sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
+    out = dig_local(netns)
+    assert "198.18.0.5" in out and "status: NOERROR" in out  # the new one serves on
+    new.signal(signal.SIGTERM)
+    assert new.proc.wait(30) == 0  # the last one out tears down
+    assert "nodelocaldns" not in sh("ip", "-n", netns, "link", "show")
+    assert "ULTRANET" not in sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
+
+
+def test_teardown_never_leaves_everything_in_place(
+    netns: str, upstream: int, dns_factory: Factory
+) -> None:
+    dns = dns_factory(
+        node_local_doc(upstream), netns=netns, extra=["--nodelocal-teardown", "never"]
+    )
+    dns.signal(signal.SIGTERM)
+    assert dns.proc.wait(30) == 0
+    assert "169.254.20.10/32" in sh("ip", "-n", netns, "addr", "show", "dev", "nodelocaldns")
+    assert "ULTRANET-DNS-PRE" in sh(
+        "ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S"
+    )

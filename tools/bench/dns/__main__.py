@@ -4,13 +4,15 @@ dnsperf against ultranet-dns and, in the same run, dnsmasq, unbound (1 thread) a
 all caching forwarders to one NSD. The server under test is pinned to CPU 0, dnsperf and NSD
 to CPU 1. Workloads: ``hot`` (1,000 names, all hits once warm), ``zipf`` (Zipf s=1 over 100K
 names, warmed by one pass), ``miss`` (unique names never seen, every query forwarded).
-Reports QPS at saturation (median and range of ``--runs``), server CPU µs per answer, p50/p99
-at half of each server's own hot saturation rate (median of ``--runs`` fixed-rate runs; one run
-is at the mercy of a single stall), ultranet's upstream queries on a Zipf pass with 1 and 2
-workers, and the load average (the machine may be shared). ``--servers`` also takes
-``ultranet-reuseN``: ultranet with ``upstream.socket_reuse: N`` (``ultranet`` alone: the
-default, 8; ``ultranet-reuse1``: a fresh socket and port for every upstream query). Results
-go to ``tools/bench/dns/out/`` (not committed).
+All the servers run at once and every phase goes round them run by run (see
+``bench_servers``). Reports QPS at saturation (median and range of ``--runs``), server CPU
+µs per answer, p50/p99 at half of each server's own hot saturation rate (median of
+``--runs`` fixed-rate runs; one run is at the mercy of a single stall), ultranet's upstream
+queries on a Zipf pass with 1 and 2 workers, and the load average (the machine may be
+shared). ``--servers`` also takes ``ultranet-reuseN``: ultranet with
+``upstream.socket_reuse: N`` (``ultranet`` alone: the default, 8; ``ultranet-reuse1``: a
+fresh socket and port for every upstream query). Results go to ``tools/bench/dns/out/``
+(not committed).
 """
 
 from __future__ import annotations
@@ -105,18 +107,21 @@ def dnsperf(
     return res
 
 
-def saturate(server: Running, data: Path, runs: int, seconds: float) -> dict[str, Any]:
-    qps, cpu_us = [], []
-    for _ in range(runs):
-        before = server.cpu_seconds()
-        r = dnsperf(server.port, data, seconds=seconds)
-        used = server.cpu_seconds() - before
-        qps.append(r["qps"])
-        cpu_us.append(used / max(1, r["completed"]) * 1e6)
+def timed_run(server: Running, data: Path, seconds: float) -> dict[str, Any]:
+    """One saturation run: dnsperf's figures plus the server's CPU µs per answer."""
+    before = server.cpu_seconds()
+    r = dnsperf(server.port, data, seconds=seconds)
+    r["cpu_us_per_answer"] = (server.cpu_seconds() - before) / max(1, r["completed"]) * 1e6
+    return r
+
+
+def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    qps = [r["qps"] for r in results]
     return {
         "qps": statistics.median(qps),
         "qps_range": [min(qps), max(qps)],
-        "cpu_us_per_answer": round(statistics.median(cpu_us), 2),
+        "lost": sum(r["lost"] for r in results),
+        "cpu_us_per_answer": round(statistics.median(r["cpu_us_per_answer"] for r in results), 2),
     }
 
 
@@ -128,55 +133,68 @@ def miss_file(work: Path, seconds: float, tag: str) -> Path:
     return write_queries(work / f"miss-{tag}.txt", names)
 
 
-def bench_server(
-    name: str,
+def start(name: str, work: Path, upstream: int, loop: str) -> Running:
+    if name.startswith("ultranet"):  # "ultranet-reuseN": upstream.socket_reuse N
+        reuse = int(name.removeprefix("ultranet-reuse")) if name != "ultranet" else None
+        return start_ultranet(work, upstream, loop=loop, socket_reuse=reuse, tag=name)
+    return STARTERS[name](work, upstream)
+
+
+def bench_servers(
+    names: list[str],
     work: Path,
     upstream: int,
     files: dict[str, Path],
     runs: int,
     seconds: float,
     loop: str,
-) -> dict[str, Any]:
-    if name.startswith("ultranet"):  # "ultranet-reuseN": upstream.socket_reuse N
-        reuse = int(name.removeprefix("ultranet-reuse")) if name != "ultranet" else None
-        server = start_ultranet(work, upstream, loop=loop, socket_reuse=reuse)
-    else:
-        server = STARTERS[name](work, upstream)
+) -> dict[str, dict[str, Any]]:
+    """Every server runs at once (idle but for its own runs), and each phase goes round the
+    servers run by run: on a shared machine the load drifts over minutes, and interleaving
+    gives every server the same drift, so their ratios hold better than when each server's
+    runs come in one block."""
+    servers: dict[str, Running] = {}
     try:
-        res: dict[str, Any] = {}
-        dnsperf(server.port, files["hot"], once=True)  # warm
-        res["hot"] = saturate(server, files["hot"], runs, seconds)
-        dnsperf(server.port, files["zipf"], once=True)  # warm: one pass of the same mix
-        res["zipf"] = saturate(server, files["zipf"], runs, seconds)
-        half = int(res["hot"]["qps"] / 2)
-        lats = [
-            dnsperf(server.port, files["hot"], seconds=min(seconds, 5), qps=half, verbose=True)
-            for _ in range(runs)
-        ]
-        res["latency_at_half"] = {
-            "offered_qps": half,
-            "p50_ms": statistics.median(x.get("p50_ms", 0.0) for x in lats),
-            "p99_ms": statistics.median(x.get("p99_ms", 0.0) for x in lats),
-            "p99_ms_runs": [x.get("p99_ms") for x in lats],
-            "lost": sum(x["lost"] for x in lats),
-        }
-        miss = []
-        for run in range(runs):
-            f = miss_file(work, seconds, f"{name}{run}")
-            before = server.cpu_seconds()
-            r = dnsperf(server.port, f, seconds=seconds)
-            f.unlink()
-            r["cpu_us_per_answer"] = (server.cpu_seconds() - before) / max(1, r["completed"]) * 1e6
-            miss.append(r)
-        res["miss"] = {
-            "qps": statistics.median(m["qps"] for m in miss),
-            "qps_range": [min(m["qps"] for m in miss), max(m["qps"] for m in miss)],
-            "lost": sum(m["lost"] for m in miss),
-            "cpu_us_per_answer": round(statistics.median(m["cpu_us_per_answer"] for m in miss), 2),
-        }
+        for name in names:
+            servers[name] = start(name, work, upstream, loop)
+        res: dict[str, dict[str, Any]] = {name: {} for name in names}
+        for phase in ("hot", "zipf"):
+            for server in servers.values():
+                dnsperf(server.port, files[phase], once=True)  # warm: one pass of the mix
+            got: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for _ in range(runs):
+                for name, server in servers.items():
+                    got[name].append(timed_run(server, files[phase], seconds))
+            for name in names:
+                res[name][phase] = summary(got[name])
+        lats: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for _ in range(runs):
+            for name, server in servers.items():
+                half = int(res[name]["hot"]["qps"] / 2)
+                hot = files["hot"]
+                lats[name].append(
+                    dnsperf(server.port, hot, seconds=min(seconds, 5), qps=half, verbose=True)
+                )
+        for name in names:
+            res[name]["latency_at_half"] = {
+                "offered_qps": int(res[name]["hot"]["qps"] / 2),
+                "p50_ms": statistics.median(x.get("p50_ms", 0.0) for x in lats[name]),
+                "p99_ms": statistics.median(x.get("p99_ms", 0.0) for x in lats[name]),
+                "p99_ms_runs": [x.get("p99_ms") for x in lats[name]],
+                "lost": sum(x["lost"] for x in lats[name]),
+            }
+        misses: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for run in range(runs):  # last: dnsmasq wedges on misses and does not recover
+            for name, server in servers.items():
+                f = miss_file(work, seconds, f"{name}{run}")
+                misses[name].append(timed_run(server, f, seconds))
+                f.unlink()
+        for name in names:
+            res[name]["miss"] = summary(misses[name])
         return res
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 def upstream_counts(work: Path, upstream: int, data: Path) -> dict[str, int]:
@@ -230,13 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_before": list(os.getloadavg()),
                 "servers": {},
             }
-            for name in args.servers.split(","):
-                results["servers"][name] = bench_server(
-                    name, work, nsd.port, files, args.runs, args.duration, args.loop
-                )
-                results["servers"][name]["loadavg_after"] = list(os.getloadavg())
-                if not args.json:
-                    print(name, json.dumps(results["servers"][name]), flush=True)
+            names = args.servers.split(",")
+            results["servers"] = bench_servers(
+                names, work, nsd.port, files, args.runs, args.duration, args.loop
+            )
+            results["loadavg_after"] = list(os.getloadavg())
             if "ultranet" in args.servers:
                 results["upstream_queries_zipf_300k"] = upstream_counts(work, nsd.port, up_file)
         finally:
@@ -261,7 +277,7 @@ def _table(r: dict[str, Any]) -> str:
         )
     if "upstream_queries_zipf_300k" in r:
         rows.append(f"\nupstream queries, Zipf 300K: {r['upstream_queries_zipf_300k']}")
-    rows.append(f"\nload average before: {r['loadavg_before']}")
+    rows.append(f"\nload average before: {r['loadavg_before']}, after: {r['loadavg_after']}")
     return "\n".join(rows)
 
 

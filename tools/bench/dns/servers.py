@@ -144,10 +144,11 @@ def start_ultranet(
     loop: str = "asyncio",
     metrics: int | None = None,
     socket_reuse: int | None = None,
+    tag: str = "ultranet",
 ) -> Running:
-    """``socket_reuse`` None: the default (``dnscache/config.py``)."""
+    """``socket_reuse`` None: the default (``dnscache/config.py``); ``tag`` names its files."""
     port = free_port()
-    conf = work / "ultranet.yaml"
+    conf = work / f"{tag}-{workers}.yaml"
     reuse = "" if socket_reuse is None else f", socket_reuse: {socket_reuse}"
     conf.write_text(
         f"cache: {{capacity: {CACHE_ENTRIES}}}\nacl: [127.0.0.0/8]\n"
@@ -173,9 +174,7 @@ def start_ultranet(
     if metrics is not None:
         argv += ["--metrics", f"127.0.0.1:{metrics}"]
     cpu = SERVER_CPU if workers == 1 else f"{SERVER_CPU},{LOAD_CPU}"
-    proc = _spawn(
-        argv, cpu, work / f"ultranet-{workers}.out", dict(os.environ, PYTHONPATH=str(REPO))
-    )
+    proc = _spawn(argv, cpu, work / f"{tag}-{workers}.out", dict(os.environ, PYTHONPATH=str(REPO)))
     wait_answering(port)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     pids = [int(p) for p in children.read_text().split()] if children.exists() else []

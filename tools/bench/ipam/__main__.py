@@ -11,7 +11,9 @@
 4. ``--crash-trials N``: the soak behind the crash-safety bar: kill -9 at a random point
    of a 200-allocation burst, restart, count duplicates and leaks.
 
-``--json`` prints ``{"pairs_per_s", "ready_s", "ready_ec2_calls", ...}``.
+``--json`` prints ``{"pairs_per_s", "ready_s", "ready_ec2_calls", ...}``, with the CPU each
+side spent per pair and the load average: on a shared machine the rate moves with the load,
+the CPU per pair much less. ``--only pairs|ready|fleet`` runs one part.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import functools
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -60,14 +63,32 @@ async def _pairs(daemon: IpamdProcess, clients: int, seconds: float) -> tuple[in
     return sum(counts), time.monotonic() - started
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bench_pairs(work: Path, clients: int, seconds: float) -> dict[str, Any]:
+    """Pairs per second, and the CPU each side spent per pair: on a shared machine the
+    rate moves with the load, the CPU per pair much less (it bounds the rate one core
+    can sustain: 1e6 / daemon_cpu_us_per_pair)."""
     with Lab(LabConfig(instance_type="m5.large", prefixes_per_card=9)) as lab:
         daemon = IpamdProcess(lab, work / "pairs", STATIC_POOL)
         daemon.start()
         try:
             daemon.wait_ready()
+            assert daemon.process is not None
             asyncio.run(_pairs(daemon, clients, 0.5))  # warm-up: connections, caches
+            daemon_cpu, own_cpu = _process_cpu_s(daemon.process.pid), _own_cpu_s()
             pairs, elapsed = asyncio.run(_pairs(daemon, clients, seconds))
+            daemon_cpu = _process_cpu_s(daemon.process.pid) - daemon_cpu
+            own_cpu = _own_cpu_s() - own_cpu
         finally:
             daemon.stop()
     return {
@@ -75,6 +96,9 @@ def bench_pairs(work: Path, clients: int, seconds: float) -> dict[str, Any]:
         "seconds": round(elapsed, 3),
         "clients": clients,
         "pairs_per_s": round(pairs / elapsed),
+        "daemon_cpu_us_per_pair": round(1e6 * daemon_cpu / pairs),
+        "client_cpu_us_per_pair": round(1e6 * own_cpu / pairs),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -211,13 +235,19 @@ def bench_crash(work: Path, trials: int) -> dict[str, Any]:
     return {"crash_trials": trials, "lost_or_duplicated": bad, "leaked": leaks}
 
 
+PARTS = ("pairs", "ready", "fleet")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.ipam", description=__doc__)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=128, help="at most 144 (the pool)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--ready-runs", type=int, default=5)
     parser.add_argument("--fleet", type=int, default=50, help="nodes starting at once")
     parser.add_argument("--crash-trials", type=int, default=0)
+    parser.add_argument(
+        "--only", action="append", choices=PARTS, help="run only this part (repeatable)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -226,24 +256,34 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ultranet-bench-") as tmp:
         work = Path(tmp)
         result: dict[str, Any] = {}
-        result.update(bench_pairs(work, args.clients, args.seconds))
-        result.update(bench_ready(work, args.ready_runs))
-        result["fleet_preassigned"] = bench_fleet(args.fleet, prefixes_at_launch=1)
-        result["fleet_empty"] = bench_fleet(args.fleet, prefixes_at_launch=0)
+        parts = set(args.only or PARTS)
+        if "pairs" in parts:
+            result.update(bench_pairs(work, args.clients, args.seconds))
+        if "ready" in parts:
+            result.update(bench_ready(work, args.ready_runs))
+        if "fleet" in parts:
+            result["fleet_preassigned"] = bench_fleet(args.fleet, prefixes_at_launch=1)
+            result["fleet_empty"] = bench_fleet(args.fleet, prefixes_at_launch=0)
         if args.crash_trials:
             result.update(bench_crash(work, args.crash_trials))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(
-            f"allocate+release pairs/s through the socket: {result['pairs_per_s']:,} "
-            f"({result['clients']} clients)"
-        )
-        print(
-            f"exec -> ready, p5.48xlarge with pre-assigned prefixes: {result['ready_s']} s "
-            f"(median of {len(result['ready_s_runs'])}), EC2 calls: {result['ready_ec2_calls']}"
-        )
+        if "pairs_per_s" in result:
+            print(
+                f"allocate+release pairs/s through the socket: {result['pairs_per_s']:,} "
+                f"({result['clients']} clients; CPU per pair: daemon "
+                f"{result['daemon_cpu_us_per_pair']} us, load generator "
+                f"{result['client_cpu_us_per_pair']} us; load {result['load_average']})"
+            )
+        if "ready_s" in result:
+            print(
+                f"exec -> ready, p5.48xlarge with pre-assigned prefixes: {result['ready_s']} s "
+                f"(median of {len(result['ready_s_runs'])}), EC2 calls: {result['ready_ec2_calls']}"
+            )
         for name in ("fleet_preassigned", "fleet_empty"):
+            if name not in result:
+                continue
             fleet = result[name]
             print(
                 f"{fleet['nodes']} nodes at once, {fleet['prefixes_at_launch']} prefix(es) at "

@@ -9,7 +9,8 @@ All the servers run at once and every phase goes round them run by run (see
 µs per answer, p50/p99 at half of each server's own hot saturation rate (median of
 ``--runs`` fixed-rate runs; one run is at the mercy of a single stall), ultranet's upstream
 queries on a Zipf pass with 1 and 2 workers, and the load average (the machine may be
-shared). ``--servers`` also takes ``ultranet-reuseN``: ultranet with
+shared). ``--servers`` also takes ``baseline`` (ultranet from the checkout given by
+``--baseline DIR``, for before/after ratios in one run) and ``ultranet-reuseN``: ultranet with
 ``upstream.socket_reuse: N`` (``ultranet`` alone: the default, 8; ``ultranet-reuse1``: a
 fresh socket and port for every upstream query). Results go to ``tools/bench/dns/out/``
 (not committed).
@@ -133,7 +134,11 @@ def miss_file(work: Path, seconds: float, tag: str) -> Path:
     return write_queries(work / f"miss-{tag}.txt", names)
 
 
-def start(name: str, work: Path, upstream: int, loop: str) -> Running:
+def start(name: str, work: Path, upstream: int, loop: str, baseline: Path | None = None) -> Running:
+    if name == "baseline":  # ultranet from another checkout, its own defaults
+        if baseline is None:
+            raise SystemExit("--servers baseline needs --baseline DIR")
+        return start_ultranet(work, upstream, loop=loop, tag=name, repo=baseline.resolve())
     if name.startswith("ultranet"):  # "ultranet-reuseN": upstream.socket_reuse N
         reuse = int(name.removeprefix("ultranet-reuse")) if name != "ultranet" else None
         return start_ultranet(work, upstream, loop=loop, socket_reuse=reuse, tag=name)
@@ -148,6 +153,7 @@ def bench_servers(
     runs: int,
     seconds: float,
     loop: str,
+    baseline: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every server runs at once (idle but for its own runs), and each phase goes round the
     servers run by run: on a shared machine the load drifts over minutes, and interleaving
@@ -156,7 +162,7 @@ def bench_servers(
     servers: dict[str, Running] = {}
     try:
         for name in names:
-            servers[name] = start(name, work, upstream, loop)
+            servers[name] = start(name, work, upstream, loop, baseline)
         res: dict[str, dict[str, Any]] = {name: {} for name in names}
         for phase in ("hot", "zipf"):
             for server in servers.values():
@@ -223,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per dnsperf run")
     p.add_argument("--servers", default="ultranet,dnsmasq,unbound,dnsdist")
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a checkout (e.g. a git worktree of an older commit) run as server 'baseline'",
+    )
     args = p.parse_args(argv)
     missing = check_tools()
     if missing:
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             names = args.servers.split(",")
             results["servers"] = bench_servers(
-                names, work, nsd.port, files, args.runs, args.duration, args.loop
+                names, work, nsd.port, files, args.runs, args.duration, args.loop, args.baseline
             )
             results["loadavg_after"] = list(os.getloadavg())
             if "ultranet" in args.servers:

@@ -80,14 +80,14 @@ class Running:
 
 
 def _spawn(
-    argv: list[str], cpu: str, log: Path, env: dict[str, str] | None = None
+    argv: list[str], cpu: str, log: Path, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["taskset", "-c", cpu, *argv],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,
-        cwd=REPO,
+        cwd=cwd,
     )
 
 
@@ -145,8 +145,10 @@ def start_ultranet(
     metrics: int | None = None,
     socket_reuse: int | None = None,
     tag: str = "ultranet",
+    repo: Path = REPO,
 ) -> Running:
-    """``socket_reuse`` None: the default (``dnscache/config.py``); ``tag`` names its files."""
+    """``socket_reuse`` None: the default (``dnscache/config.py``); ``tag`` names its files;
+    ``repo``: the checkout whose ``dnscache`` runs (another one: a baseline in the same run)."""
     port = free_port()
     conf = work / f"{tag}-{workers}.yaml"
     reuse = "" if socket_reuse is None else f", socket_reuse: {socket_reuse}"

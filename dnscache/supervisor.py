@@ -23,6 +23,7 @@ exit 0. The HTTP listener has SO_REUSEPORT too, so the new pod can bind it meanw
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -69,6 +70,30 @@ class WorkerHandle:
 def _listen_sockets(
     addr: Address, n: int, steer: bool
 ) -> tuple[list[socket.socket], list[socket.socket]]:
+    """N UDP and N TCP sockets on ``addr``. With port 0 the first UDP bind picks a port
+    free for UDP, which a TCP socket (an outgoing connection's local port, say) may hold:
+    then the whole set is tried again on another port."""
+    for attempt in range(PORT_ZERO_ATTEMPTS):
+        try:
+            return _bind_sockets(addr, n, steer)
+        except _PortTaken:
+            if addr[1] != 0 or attempt == PORT_ZERO_ATTEMPTS - 1:
+                raise DnscacheError(
+                    f"cannot listen on {upstream_label(addr)}: Address already in use"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(Exception):
+    pass
+
+
+PORT_ZERO_ATTEMPTS = 20
+
+
+def _bind_sockets(
+    addr: Address, n: int, steer: bool
+) -> tuple[list[socket.socket], list[socket.socket]]:
     host, port = addr
     family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
     udp: list[socket.socket] = []
@@ -94,6 +119,8 @@ def _listen_sockets(
     except OSError as exc:
         for s in udp + tcp:
             s.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _PortTaken() from exc
         raise DnscacheError(f"cannot listen on {upstream_label(addr)}: {exc.strerror}") from exc
     return udp, tcp
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ipam.errors import UltranetError
-from ipam.protocol import HEADER, VERSION, frame
+from ipam.protocol import VERSION, FrameBuffer, frame
 
 
 class IpamClientError(UltranetError):
@@ -37,39 +37,21 @@ class _ReplyReader(asyncio.BufferedProtocol):
         self.waiters: deque[asyncio.Future[dict[str, Any]]] = deque()
         self.early: deque[dict[str, Any]] = deque()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._buffer = bytearray(1 << 16)
-        self._start = 0
-        self._end = 0
+        self._frames = FrameBuffer()
         self._lost: Exception | None = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buffer, start, end = self._buffer, self._start, self._end
-        if start == end:
-            self._start = self._end = end = 0
-        elif start:
-            buffer[: end - start] = buffer[start:end]
-            self._start, self._end = 0, end - start
-            end -= start
-        if end == len(buffer):
-            buffer.extend(bytes(len(buffer)))
-        return memoryview(buffer)[end:]
+        return self._frames.view()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._end += nbytes
-        buffer, start, end = self._buffer, self._start, self._end
-        while end - start >= 4:
-            (length,) = HEADER.unpack_from(buffer, start)
-            if end - start < 4 + length:
-                break
-            reply = json.loads(buffer[start + 4 : start + 4 + length])
-            start += 4 + length
+        for body in self._frames.frames(nbytes):
+            reply = json.loads(body)
             if self.waiters:
                 waiter = self.waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(reply)
             else:
                 self.early.append(reply)
-        self._start = start
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc if exc is not None else ConnectionResetError("the daemon closed")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
@@ -85,6 +86,51 @@ def frame(message: dict[str, Any]) -> bytes:
     if len(body) > MAX_MESSAGE:
         raise ProtocolError("too-large", f"message of {len(body)} bytes over {MAX_MESSAGE}")
     return HEADER.pack(len(body)) + body
+
+
+class FrameBuffer:
+    """Frames read into one reusable buffer, for an ``asyncio.BufferedProtocol``: the
+    plain transport allocates a 256 KiB bytes object for every read.
+
+    ``view()`` answers ``get_buffer``; ``frames(nbytes)`` answers ``buffer_updated`` and
+    yields each whole frame's body (a copy), raising ``ProtocolError`` on a header over
+    MAX_MESSAGE. Compaction and growth happen in ``view()``: the transport still holds a
+    view of the buffer while it reports a read, and a bytearray with a view cannot be
+    resized.
+    """
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self._buffer = bytearray(size)
+        self._start = 0  # the first byte not yet taken as a frame
+        self._end = 0  # the end of what has been read
+
+    def view(self) -> memoryview:
+        buffer, start, end = self._buffer, self._start, self._end
+        if start == end:
+            self._start = self._end = end = 0
+        elif start and (end == len(buffer) or start > len(buffer) // 2):
+            buffer[: end - start] = buffer[start:end]
+            self._start, self._end = 0, end - start
+            end -= start
+        if end == len(buffer):
+            # A frame larger than the buffer (a GC of many pods): make room for it. Its
+            # length was checked against MAX_MESSAGE when its header arrived.
+            buffer.extend(bytes(len(buffer)))
+        return memoryview(buffer)[end:]
+
+    def frames(self, nbytes: int) -> Iterator[bytearray]:
+        self._end += nbytes
+        buffer = self._buffer
+        while self._end - self._start >= 4:
+            length = frame_length(buffer[self._start : self._start + 4])
+            body = self._start + 4
+            if self._end < body + length:
+                return
+            self._start = body + length
+            yield buffer[body : body + length]
+
+    def clear(self) -> None:
+        self._start = self._end = 0
 
 
 def frame_length(header: bytes | bytearray) -> int:

@@ -33,6 +33,7 @@ from ipam.datastore_errors import DatastoreError, PoolExhausted
 from ipam.pool import Allocation
 from ipam.protocol import (
     AllocateRequest,
+    FrameBuffer,
     GcRequest,
     ListRequest,
     ProtocolError,
@@ -43,7 +44,6 @@ from ipam.protocol import (
     allocation_reply,
     error,
     frame,
-    frame_length,
     ok,
     parse_request,
 )
@@ -210,24 +210,19 @@ Reply = bytes | Durable | asyncio.Future[dict[str, Any]]
 
 _RELEASED = frame(ok({"released": True}))
 _NOT_RELEASED = frame(ok({"released": False}))
-_READ_SIZE = 1 << 16
 
 
 class _ApiConnection(asyncio.BufferedProtocol):
-    """One client connection: frames in, replies out in request order.
+    """One client connection: frames in (``FrameBuffer``), replies out in request order.
 
-    A buffered protocol reading into one buffer of its own: the plain protocol's
-    transport allocates a 256 KiB bytes object for every read, and streams add a future
-    and a wake-up per ``readexactly``; at thousands of requests per second both were a
-    large part of each request.
+    A buffered protocol, not streams: streams add a future and a wake-up per
+    ``readexactly``, and at thousands of requests per second that was a large part of each.
     """
 
     def __init__(self, server: ApiServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray(_READ_SIZE)
-        self._start = 0  # the first byte not yet taken as a frame
-        self._end = 0  # the end of what has been read
+        self._frames = FrameBuffer()
         self._replies: deque[Reply] = deque()
         self._waiting_on: asyncio.Future[None] | None = None  # the commit flush waits for
         self._forbidden = False
@@ -243,47 +238,26 @@ class _ApiConnection(asyncio.BufferedProtocol):
             transport.write(frame(error("forbidden", f"uid {uid} may not use the IPAM socket")))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # Compaction and growth happen here, not in buffer_updated: the transport still
-        # holds a view of the buffer while it reports a read, and a bytearray with a
-        # view cannot be resized.
-        buffer, start, end = self._buffer, self._start, self._end
-        if start == end:
-            self._start = self._end = start = end = 0
-        elif start and (end == len(buffer) or start > len(buffer) // 2):
-            buffer[: end - start] = buffer[start:end]
-            self._start, self._end = 0, end - start
-            start, end = 0, end - start
-        if end == len(buffer):
-            # A frame larger than the buffer (a GC of many pods): make room for it. Its
-            # length was checked against MAX_MESSAGE when its header arrived.
-            buffer.extend(bytes(len(buffer)))
-        return memoryview(buffer)[end:]
+        return self._frames.view()
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._forbidden:
             assert self._transport is not None
             self._transport.close()
             return
-        self._end += nbytes
-        buffer, start, end = self._buffer, self._start, self._end
         replies = self._replies
-        while end - start >= 4:
-            try:
-                length = frame_length(buffer[start : start + 4])
-            except ProtocolError as err:
-                assert self._transport is not None
-                self._transport.write(frame(error(err.code, err.message)))
-                self._transport.close()  # the stream cannot be resynchronised
-                self._start = self._end = 0
-                return
-            if end - start < 4 + length:
-                break
-            reply = self._server.dispatch(buffer[start + 4 : start + 4 + length])
-            if isinstance(reply, asyncio.Future):
-                reply.add_done_callback(self.flush)
-            replies.append(reply)
-            start += 4 + length
-        self._start = start
+        try:
+            for body in self._frames.frames(nbytes):
+                reply = self._server.dispatch(body)
+                if isinstance(reply, asyncio.Future):
+                    reply.add_done_callback(self.flush)
+                replies.append(reply)
+        except ProtocolError as err:
+            assert self._transport is not None
+            self._transport.write(frame(error(err.code, err.message)))
+            self._transport.close()  # the stream cannot be resynchronised
+            self._frames.clear()
+            return
         self.flush()
 
     def flush(self, _: object = None) -> None:

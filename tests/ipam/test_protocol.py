@@ -6,12 +6,22 @@ from __future__ import annotations
 import json
 from ipaddress import IPv4Address, IPv4Network
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ipam.keys import IpamKey, PodRef
 from ipam.pool import Allocation, Lease
-from ipam.protocol import HEADER, allocation_json, allocation_reply, frame, ok
+from ipam.protocol import (
+    HEADER,
+    MAX_MESSAGE,
+    FrameBuffer,
+    ProtocolError,
+    allocation_json,
+    allocation_reply,
+    frame,
+    ok,
+)
 
 # Names as the validation admits them: any text for the network (no '/' or whitespace)
 # and the pod, including quotes, backslashes, control and non-ASCII characters.
@@ -52,3 +62,30 @@ def test_the_allocate_reply_matches_the_generic_encoding(allocation: Allocation)
     assert length == len(fast) - 4
     assert json.loads(fast[4:]) == ok(allocation_json(allocation))
     assert json.loads(frame(ok(allocation_json(allocation)))[4:]) == json.loads(fast[4:])
+
+
+def _read(buffer: FrameBuffer, data: bytes, chunk: int) -> list[bytes]:
+    """Feed ``data`` as a transport would, ``chunk`` bytes per read."""
+    bodies: list[bytes] = []
+    while data:
+        view = buffer.view()
+        n = min(chunk, len(view), len(data))
+        view[:n] = data[:n]
+        del view
+        data = data[n:]
+        bodies.extend(bytes(b) for b in buffer.frames(n))
+    return bodies
+
+
+def test_frame_buffer_splits_joins_and_grows() -> None:
+    messages = [{"op": "status"}, {"op": "list", "pad": "x" * 200_000}, {"op": "status", "n": 2}]
+    data = b"".join(frame(m) for m in messages)
+    for chunk in (1, 7, 4096, len(data)):
+        bodies = _read(FrameBuffer(size=64), data, chunk)
+        assert [json.loads(b) for b in bodies] == messages
+
+
+def test_frame_buffer_refuses_a_header_over_the_limit() -> None:
+    buffer = FrameBuffer()
+    with pytest.raises(ProtocolError, match="too-large"):
+        _read(buffer, (MAX_MESSAGE + 1).to_bytes(4, "big") + b"x", 64)

@@ -51,7 +51,7 @@ from ipam.pool import AddressPool, Allocation, CardPool, EniInfo
 
 if TYPE_CHECKING:
     from ipam.ec2 import Ec2Client, EniState
-    from ipam.hostnet import HostNetwork
+    from ipam.hostnet import EniLink, HostNetwork
 
 log = logging.getLogger("ultranet.ipamd")
 T = TypeVar("T")
@@ -336,28 +336,28 @@ class NodeAgent:
             self._hostnet = self._hostnet_factory()
         return self._hostnet
 
-    def _setup_host_blocking(self, info: EniInfo, mac: str) -> None:
-        from ipam.hostnet import EniLink
+    @staticmethod
+    def _link(info: EniInfo, mac: str) -> EniLink:
+        from ipam.hostnet import EniLink  # on the netlink thread: hostnet imports pyroute2
 
+        return EniLink(info.eni_id, mac, info.card, info.device, info.primary_ip, info.subnet)
+
+    def _setup_host_blocking(self, info: EniInfo, mac: str) -> None:
         host = self._host()
         if host is None or (info.card, info.device) == (0, 0):
             return  # the OS configured the primary ENI
-        host.setup_eni(
-            EniLink(info.eni_id, mac, info.card, info.device, info.primary_ip, info.subnet)
-        )
+        host.setup_eni(self._link(info, mac))
 
     async def _setup_host(self, info: EniInfo, mac: str) -> None:
         await self._on_netlink(self._setup_host_blocking, info, mac)
 
     def _setup_hosts_blocking(self, pending: list[tuple[EniInfo, str]]) -> None:
-        from ipam.hostnet import EniLink
-
         host = self._host()
         if host is None:
             return
         host.setup_enis(
             [
-                EniLink(info.eni_id, mac, info.card, info.device, info.primary_ip, info.subnet)
+                self._link(info, mac)
                 for info, mac in pending
                 if (info.card, info.device) != (0, 0)  # the OS configured the primary ENI
             ]
@@ -892,13 +892,9 @@ class NodeAgent:
             delay *= 2
 
     def _teardown_host_blocking(self, info: EniInfo, mac: str) -> None:
-        from ipam.hostnet import EniLink
-
         host = self._host()
         if host is not None:
-            host.teardown_eni(
-                EniLink(info.eni_id, mac, info.card, info.device, info.primary_ip, info.subnet)
-            )
+            host.teardown_eni(self._link(info, mac))
 
     async def _grow(self, card: int, need: int) -> None:
         assert self.pool is not None and self.node is not None

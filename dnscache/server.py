@@ -1,10 +1,10 @@
 """One worker's sockets: the UDP hit loop and the TCP server (RFC 7766).
 
-UDP sockets are read with ``add_reader`` and drained with non-blocking ``recvfrom`` until
-empty (at most ``BATCH`` per wake-up), not through an asyncio datagram transport: one wake-up
-serves many packets, a hit costs one ``recvfrom`` and one ``sendto`` and no allocation beyond
-the reply, and the loop is the same speed under the default asyncio loop and uvloop (measured,
-see the README). Misses and everything unusual go to ``Resolver``.
+UDP sockets are served from the loop's epoll (``eventloop.py``, or ``add_reader``) and drained
+with non-blocking ``recvmmsg`` until empty (at most ``BATCH`` per wake-up), not through an
+asyncio datagram transport: one wake-up serves many packets, one system call reads up to
+``UDP_SLOTS`` queries and one sends their hits' replies (``udpbatch.py``), and a hit allocates
+nothing beyond its key. Misses and everything unusual go to ``Resolver``.
 
 TCP: each connection reads length-prefixed queries and hands each one on at once, so pipelined
 queries are answered concurrently and out of order (RFC 7766 §6.2.1.1); a reply is written with
@@ -28,11 +28,13 @@ from .errors import WireError
 from .eventloop import FastSelector
 from .resolver import Resolver, Send, Waiter, splice
 from .stats import WorkerStats
+from .udpbatch import UdpBatch
 from .wire import Rcode, error_reply, fast_query, parse_query
 
 log = logging.getLogger("ultranet.dns")
-BATCH = 256
-RECV_SIZE = 4096  # a query never needs more; recvfrom allocates this much per call
+BATCH = 256  # queries served per wake-up of one socket, at most
+UDP_SLOTS = 64  # datagrams per recvmmsg / sendmmsg
+RECV_SIZE = 4096  # a query never needs more, nor a UDP reply (max_udp_payload <= 4096)
 TCP_CAP = 65535
 SWEEP_EVERY = 1.0
 HITS_MAX = 65536  # remembered queries (``_Hit``, ~400 B each); the oldest quarter goes when full
@@ -58,6 +60,8 @@ class Worker:
         self.tcp = tcp
         self.servers: list[asyncio.Server] = []
         self.acl_ok: dict[str, bool] = {}
+        self.acl_packed: dict[bytes, bool] = {}
+        self.batches = {s.fileno(): UdpBatch(s, UDP_SLOTS, RECV_SIZE) for s in udp}
         self.hits: dict[bytes, _Hit] = {}
         self.tcp_conns = 0
         self.draining = False
@@ -79,6 +83,7 @@ class Worker:
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.acl_ok = {}
+        self.acl_packed = {}
         self.hits.clear()  # max_udp_payload may have changed what a query's bytes mean
         self.resolver.reconfigure(cfg)
 
@@ -99,106 +104,140 @@ class Worker:
     def _allowed(self, ip: str) -> bool:
         ok = self.acl_ok.get(ip)
         if ok is None:
-            addr = ipaddress.ip_address(ip.partition("%")[0])
-            if addr.version == 6 and addr.ipv4_mapped is not None:
-                addr = addr.ipv4_mapped
-            ok = any(addr in net for net in self.cfg.acl)
+            ok = self._permitted(ipaddress.ip_address(ip.partition("%")[0]))
             if len(self.acl_ok) > 65536:
                 self.acl_ok.clear()
             self.acl_ok[ip] = ok
         return ok
 
+    def _allowed_packed(self, ip: bytes) -> bool:
+        """``_allowed`` for a packed address as a sockaddr holds it (4 or 16 bytes)."""
+        ok = self._permitted(ipaddress.ip_address(ip))
+        if len(self.acl_packed) > 65536:
+            self.acl_packed.clear()
+        self.acl_packed[ip] = ok
+        return ok
+
+    def _permitted(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.cfg.acl)
+
     # -- UDP --------------------------------------------------------------------------------
 
     def _udp_ready(self, sock: socket.socket) -> bool:
-        """Serve what ``sock`` holds, at most ``BATCH`` queries; True when it is empty."""
-        recvfrom, sendto = sock.recvfrom, sock.sendto
+        """Serve what ``sock`` holds, at most ``BATCH`` queries; True when it is empty.
+
+        Queries come in and hits go out ``UdpBatch.slots`` at a time (``udpbatch.py``); a hit's
+        reply is written over its query and sent from the same slot. Misses and unusual
+        queries leave the batch: they are answered later with ``sendto``."""
+        batch = self.batches[sock.fileno()]
+        receive, send, move = batch.receive, batch.send, batch.move
+        buf, view, names, lengths, send_lengths = (
+            batch.buf,
+            batch.view,
+            batch.names,
+            batch.lengths,
+            batch.send_lengths,
+        )
+        size, msg_words, len_word, name_size = (
+            batch.size,
+            batch.MSG_WORDS,
+            batch.LEN_WORD,
+            batch.NAME,
+        )
+        ip_start, ip_end = batch.ip_start, batch.ip_end
         get = self.resolver.cache.data.get
         hits = self.hits
         hit_get = hits.get
-        acl = self.acl_ok
+        acl = self.acl_packed
         maxp = self.cfg.max_udp_payload
         perf = time.perf_counter
         now = time.monotonic()
         now_s = int(now)
         counts = self.stats.udp
         hist = self.stats.duration["udp"]
-        first, hcounts = hist.first, hist.counts
         self.stats.counters["udp_wakeups"] += 1
-        # One clock read per packet: a packet's time runs from the end of the previous one
-        # (so it includes its own recvfrom) to the end of its sendto.
-        t0 = perf()
-        for _ in range(BATCH):
-            try:
-                data, addr = recvfrom(RECV_SIZE)
-            except BlockingIOError:
+        for _ in range(BATCH // batch.slots):
+            # Every query of a batch is timed from before the read to after the send.
+            t0 = perf()
+            got = receive()
+            if not got:
                 return True
-            except OSError as exc:
-                log.debug("recvfrom: %s", exc)
-                continue
-            try:
-                if not acl.get(addr[0]) and not self._allowed(addr[0]):
-                    self._refuse(sock, data, addr)
-                    t0 = perf()
-                    continue
-                h = hit_get(data[2:])
-                if h is not None:  # a query seen before, byte for byte after its ID
-                    e = get(h.key)
+            staged = 0
+            for i in range(got):
+                at = i * size
+                end = at + lengths[i * msg_words + len_word]
+                try:
+                    name_at = i * name_size
+                    ip = names[name_at + ip_start : name_at + ip_end]
+                    if not acl.get(ip) and not self._allowed_packed(ip):
+                        self._refuse(sock, buf[at:end], batch.address(i))
+                        continue
+                    after_id = buf[at + 2 : end]
+                    h = hit_get(after_id)
+                    if h is not None:  # a query seen before, byte for byte after its ID
+                        e = get(h.key)
+                        if e is not None and now < e.expires:
+                            e.hits += 1
+                            if now >= e.prefetch_after:
+                                self.resolver.maybe_prefetch(e, h.key)
+                            if h.entry is not e or h.second != now_s:
+                                h.refresh(e, buf[at:end], now, now_s)
+                            tail = h.tail
+                            reply_end = at + 2 + len(tail)
+                            if reply_end - at > size:  # cannot happen with max_udp_payload
+                                sock.sendto(buf[at : at + 2] + tail, batch.address(i))
+                            else:
+                                view[at + 2 : reply_end] = tail
+                                send_lengths[2 * staged + 1] = reply_end - at
+                                if staged != i:
+                                    move(staged, i)
+                                staged += 1
+                            label = e.label
+                            counts[label] = counts.get(label, 0) + 1
+                            continue
+                    data = buf[at:end]
+                    q = fast_query(data, maxp)
+                    if q is None:
+                        self._udp_slow(sock, data, batch.address(i), t0)
+                        continue
+                    key, qend, limit = q
+                    e = get(key)
                     if e is not None and now < e.expires:
                         e.hits += 1
                         if now >= e.prefetch_after:
-                            self.resolver.maybe_prefetch(e, h.key)
-                        if h.entry is not e or h.second != now_s:
-                            h.refresh(e, data, now, now_s)
-                        sendto(data[:2] + h.tail, addr)
+                            self.resolver.maybe_prefetch(e, key)
+                        body = e.rendered if e.rendered_at == now_s else e.render(now)
+                        reply = splice(e, body, data, qend, limit, limit or 512)
+                        if len(reply) > size:
+                            sock.sendto(reply, batch.address(i))
+                        else:
+                            view[at : at + len(reply)] = reply
+                            send_lengths[2 * staged + 1] = len(reply)
+                            if staged != i:
+                                move(staged, i)
+                            staged += 1
+                        if len(hits) >= HITS_MAX:
+                            for old in list(itertools.islice(hits, HITS_MAX // 4)):
+                                del hits[old]  # the oldest quarter
+                        hits[after_id] = _Hit(key, qend, limit, e, now_s, reply[2:])
                         label = e.label
                         counts[label] = counts.get(label, 0) + 1
-                        t1 = perf()
-                        d = t1 - t0
-                        t0 = t1
-                        if d <= first:
-                            hist.total += d
-                            hcounts[0] += 1
-                        else:
-                            hist.observe(d)
                         continue
-                q = fast_query(data, maxp)
-                if q is None:
-                    self._udp_slow(sock, data, addr, t0)
-                    t0 = perf()
-                    continue
-                key, qend, limit = q
-                e = get(key)
-                if e is not None and now < e.expires:
-                    e.hits += 1
-                    if now >= e.prefetch_after:
-                        self.resolver.maybe_prefetch(e, key)
-                    body = e.rendered if e.rendered_at == now_s else e.render(now)
-                    reply = splice(e, body, data, qend, limit, limit or 512)
-                    sendto(reply, addr)
-                    if len(hits) >= HITS_MAX:
-                        for old in list(itertools.islice(hits, HITS_MAX // 4)):
-                            del hits[old]  # the oldest quarter
-                    hits[data[2:]] = _Hit(key, qend, limit, e, now_s, reply[2:])
-                    label = e.label
-                    counts[label] = counts.get(label, 0) + 1
-                    t1 = perf()
-                    d = t1 - t0
-                    t0 = t1
-                    if d <= first:
-                        hist.total += d
-                        hcounts[0] += 1
-                    else:
-                        hist.observe(d)
-                    continue
-                w = Waiter(None, data, qend, limit, limit or 512, t0, "udp", sock, addr)
-                self.resolver.miss(key, w, now, e)
-            except OSError as exc:
-                log.debug("udp reply to %s: %s", addr, exc)
-            except Exception:  # one bad packet must never stop the worker: log it, go on
-                self.stats.counters["malformed"] += 1
-                log.exception("internal error on a query from %s (dropped)", addr)
-            t0 = perf()
+                    addr = batch.address(i)
+                    w = Waiter(None, data, qend, limit, limit or 512, t0, "udp", sock, addr)
+                    self.resolver.miss(key, w, now, e)
+                except OSError as exc:
+                    log.debug("udp reply to %s: %s", batch.address(i), exc)
+                except Exception:  # one bad packet must never stop the worker: log it, go on
+                    self.stats.counters["malformed"] += 1
+                    log.exception("internal error on a query from %s (dropped)", batch.address(i))
+            if staged:
+                send(staged)
+                hist.observe_many(perf() - t0, staged)
+            if got < batch.slots:
+                return True
         return False
 
     def _refuse(self, sock: socket.socket, data: bytes, addr: Any) -> None:

@@ -44,6 +44,11 @@ class Histogram:
         self.total += seconds
         self.counts[bisect_left(BUCKETS, seconds) if seconds > self.first else 0] += 1
 
+    def observe_many(self, seconds: float, count: int) -> None:
+        """``count`` observations of ``seconds`` each (the queries of one batch)."""
+        self.total += seconds * count
+        self.counts[bisect_left(BUCKETS, seconds) if seconds > self.first else 0] += count
+
 
 class WorkerStats:
     def __init__(self) -> None:

@@ -176,12 +176,29 @@ def start_ultranet(
     if metrics is not None:
         argv += ["--metrics", f"127.0.0.1:{metrics}"]
     cpu = SERVER_CPU if workers == 1 else f"{SERVER_CPU},{LOAD_CPU}"
-    proc = _spawn(argv, cpu, work / f"{tag}-{workers}.out", dict(os.environ, PYTHONPATH=str(REPO)))
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    _check_imports_from(repo, env)
+    proc = _spawn(argv, cpu, work / f"{tag}-{workers}.out", env, cwd=repo)
     wait_answering(port)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     pids = [int(p) for p in children.read_text().split()] if children.exists() else []
     # taskset execs the supervisor in place, so proc.pid is the supervisor; count it too.
     return Running("ultranet", port, proc, [proc.pid, *pids])
+
+
+def _check_imports_from(repo: Path, env: dict[str, str]) -> None:
+    """A baseline is only a baseline if it runs its own code: the venv's editable install of
+    this checkout must not win over ``repo`` (it did, unnoticed, before this check)."""
+    where = subprocess.run(
+        [sys.executable, "-c", "import dnscache; print(dnscache.__file__)"],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(repo.resolve()):
+        raise SystemExit(f"ultranet from {repo} would import {where}, not its own dnscache")
 
 
 def start_dnsmasq(work: Path, upstream: int) -> Running:

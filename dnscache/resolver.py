@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .cache import Cache, Entry, Label, classify
 from .config import Config
@@ -41,6 +40,13 @@ ROOT_NS_KEY = b"\x00\x00\x02\x00\x01\x00"  # ". IN NS", no DO, no CD: the health
 ZONE_TRANSFERS = frozenset((TYPE_AXFR, TYPE_IXFR))
 
 
+class DatagramSender(Protocol):
+    """Where a UDP waiter's reply goes: ``sendto(reply, address)``, as on a socket (the
+    listener's ``ReplyQueue``, with the client's raw sockaddr as the address)."""
+
+    def sendto(self, data: bytes, address: Any, /) -> object: ...
+
+
 class Waiter:
     """A client waiting for a resolution. UDP waiters carry their socket and address (no
     closure per miss); others a ``send`` callable."""
@@ -57,7 +63,7 @@ class Waiter:
         cap: int,
         t0: float,
         proto: str,
-        sock: socket.socket | None = None,
+        sock: DatagramSender | None = None,
         addr: Any = None,
     ) -> None:
         self.send, self.data, self.qend, self.limit, self.cap = send, data, qend, limit, cap

@@ -26,9 +26,9 @@ from .cache import Entry
 from .config import Config
 from .errors import WireError
 from .eventloop import FastSelector
-from .resolver import Resolver, Send, Waiter, splice
+from .resolver import DatagramSender, Resolver, Send, Waiter, splice
 from .stats import WorkerStats
-from .udpbatch import UdpBatch
+from .udpbatch import ReplyQueue, UdpBatch, sockaddr_tuple
 from .wire import Rcode, error_reply, fast_query, parse_query
 
 log = logging.getLogger("ultranet.dns")
@@ -62,6 +62,7 @@ class Worker:
         self.acl_ok: dict[str, bool] = {}
         self.acl_packed: dict[bytes, bool] = {}
         self.batches = {s.fileno(): UdpBatch(s, UDP_SLOTS, RECV_SIZE) for s in udp}
+        self.replies = {s.fileno(): ReplyQueue(s, loop, UDP_SLOTS, RECV_SIZE) for s in udp}
         self.hits: dict[bytes, _Hit] = {}
         self.tcp_conns = 0
         self.draining = False
@@ -132,13 +133,14 @@ class Worker:
         reply is written over its query and sent from the same slot. Misses and unusual
         queries leave the batch: they are answered later with ``sendto``."""
         batch = self.batches[sock.fileno()]
+        queue = self.replies[sock.fileno()]
         receive, send, move = batch.receive, batch.send, batch.move
-        buf, view, names, lengths, send_lengths = (
+        buf, view, names, lengths, send_iov = (
             batch.buf,
             batch.view,
             batch.names,
             batch.lengths,
-            batch.send_lengths,
+            batch.send_iov,
         )
         size, msg_words, len_word, name_size = (
             batch.size,
@@ -172,7 +174,7 @@ class Worker:
                     name_at = i * name_size
                     ip = names[name_at + ip_start : name_at + ip_end]
                     if not acl.get(ip) and not self._allowed_packed(ip):
-                        self._refuse(sock, buf[at:end], batch.address(i))
+                        self._refuse(queue, buf[at:end], batch.sockaddr(i))
                         continue
                     after_id = buf[at + 2 : end]
                     h = hit_get(after_id)
@@ -187,10 +189,10 @@ class Worker:
                             tail = h.tail
                             reply_end = at + 2 + len(tail)
                             if reply_end - at > size:  # cannot happen with max_udp_payload
-                                sock.sendto(buf[at : at + 2] + tail, batch.address(i))
+                                queue.sendto(buf[at : at + 2] + tail, batch.sockaddr(i))
                             else:
                                 view[at + 2 : reply_end] = tail
-                                send_lengths[2 * staged + 1] = reply_end - at
+                                send_iov[2 * staged + 1] = reply_end - at
                                 if staged != i:
                                     move(staged, i)
                                 staged += 1
@@ -200,7 +202,7 @@ class Worker:
                     data = buf[at:end]
                     q = fast_query(data, maxp)
                     if q is None:
-                        self._udp_slow(sock, data, batch.address(i), t0)
+                        self._udp_slow(queue, data, batch.sockaddr(i), t0)
                         continue
                     key, qend, limit = q
                     e = get(key)
@@ -211,10 +213,10 @@ class Worker:
                         body = e.rendered if e.rendered_at == now_s else e.render(now)
                         reply = splice(e, body, data, qend, limit, limit or 512)
                         if len(reply) > size:
-                            sock.sendto(reply, batch.address(i))
+                            queue.sendto(reply, batch.sockaddr(i))
                         else:
                             view[at : at + len(reply)] = reply
-                            send_lengths[2 * staged + 1] = len(reply)
+                            send_iov[2 * staged + 1] = len(reply)
                             if staged != i:
                                 move(staged, i)
                             staged += 1
@@ -225,8 +227,8 @@ class Worker:
                         label = e.label
                         counts[label] = counts.get(label, 0) + 1
                         continue
-                    addr = batch.address(i)
-                    w = Waiter(None, data, qend, limit, limit or 512, t0, "udp", sock, addr)
+                    addr = batch.sockaddr(i)
+                    w = Waiter(None, data, qend, limit, limit or 512, t0, "udp", queue, addr)
                     self.resolver.miss(key, w, now, e)
                 except OSError as exc:
                     log.debug("udp reply to %s: %s", batch.address(i), exc)
@@ -240,13 +242,13 @@ class Worker:
                 return True
         return False
 
-    def _refuse(self, sock: socket.socket, data: bytes, addr: Any) -> None:
+    def _refuse(self, sock: DatagramSender, data: bytes, addr: Any) -> None:
         """Never an open resolver: clients outside the ACL get REFUSED (or nothing)."""
         self.stats.counters["acl_rejected"] += 1
         if self.cfg.acl_action == "refuse" and len(data) >= 12 and not data[2] & 0x80:
             sock.sendto(error_reply(data, Rcode.REFUSED), addr)
 
-    def _udp_slow(self, sock: socket.socket, data: bytes, addr: Any, t0: float) -> None:
+    def _udp_slow(self, sock: DatagramSender, data: bytes, addr: Any, t0: float) -> None:
         send = _udp_sender(sock, addr)
         self._slow(data, send, t0, "udp", 0)
 
@@ -335,11 +337,13 @@ class Worker:
                     pass
             except OSError as exc:
                 log.debug("last read of %s: %s", s, exc)
+            queue = self.replies[s.fileno()]
+            queue.flush()
             late = _AfterClose(s)
             for p in self.resolver.inflight.values():
                 for w in p.waiters:
-                    if w.sock is s:
-                        w.sock = late  # type: ignore[assignment]
+                    if w.sock is queue:
+                        w.sock = late
             s.close()
         for srv in self.servers:
             srv.close()
@@ -420,15 +424,16 @@ class _AfterClose:
         self.family = listener.family
         self.local = listener.getsockname()
 
-    def sendto(self, reply: bytes, addr: Any) -> None:
+    def sendto(self, reply: bytes, sockaddr: bytes) -> None:
+        """``sockaddr``: the client's raw sockaddr, as ``ReplyQueue.sendto`` takes it."""
         with socket.socket(self.family, socket.SOCK_DGRAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             s.bind(self.local)
-            s.connect(addr)
+            s.connect(sockaddr_tuple(self.family, sockaddr))
             s.send(reply)
 
 
-def _udp_sender(sock: socket.socket, addr: Any) -> Send:
+def _udp_sender(sock: DatagramSender, addr: Any) -> Send:
     def send(reply: bytes) -> None:
         sock.sendto(reply, addr)
 

@@ -400,8 +400,9 @@ def test_the_memo_is_bounded_and_forgets_its_oldest_quarter(
 
 
 def test_one_read_of_hits_around_a_bad_query_answers_every_client() -> None:
-    """Three queries in one recvmmsg: the middle one leaves the batch (FORMERR, sent on its
-    own), and the hit after it is sent from its own slot to its own client."""
+    """Three queries in one recvmmsg: the middle one leaves the batch (its FORMERR waits in
+    the socket's ReplyQueue for the end of the loop's turn), and the hit after it is sent
+    from its own slot to its own client."""
     cfg = config()
     loop = asyncio.new_event_loop()
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -418,6 +419,9 @@ def test_one_read_of_hits_around_a_bad_query_answers_every_client() -> None:
             c.settimeout(5)
             c.sendto(query, srv.getsockname())
         assert worker._udp_ready(srv)  # all three read at once, and the socket left empty
+        assert worker.replies[srv.fileno()].waiting == 1
+        loop.run_until_complete(asyncio.sleep(0))  # one turn: the queue is flushed
+        assert worker.replies[srv.fileno()].waiting == 0
         first, middle, last = (c.recv(4096) for c in clients)
         assert first[:2] == queries[0][:2] and bytes([198, 18, 0, 1]) in first
         assert middle[:2] == b"\x77\x77" and middle[3] & 0x0F == 1  # FORMERR

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from collections.abc import Iterator
 
 import pytest
 
-from dnscache.udpbatch import UdpBatch
+from dnscache.udpbatch import ReplyQueue, UdpBatch
 
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
 
@@ -39,7 +40,7 @@ def slot_bytes(batch: UdpBatch, slot: int) -> bytes:
 def reply(batch: UdpBatch, message: int, slot: int, payload: bytes) -> None:
     at = slot * batch.size
     batch.view[at : at + len(payload)] = payload
-    batch.send_lengths[2 * message + 1] = len(payload)
+    batch.send_iov[2 * message + 1] = len(payload)
     if message != slot:
         batch.move(message, slot)
 
@@ -141,3 +142,77 @@ def test_only_ip_sockets() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         with pytest.raises(ValueError, match="IPv4 or IPv6"):
             UdpBatch(s)
+
+
+def test_replies_queued_with_raw_sockaddrs_go_out_at_the_end_of_the_loops_turn(
+    pair: tuple[socket.socket, list[socket.socket]],
+) -> None:
+    server, clients = pair
+    loop = asyncio.new_event_loop()
+    try:
+        batch = UdpBatch(server, slots=4, size=512)
+        queue = ReplyQueue(server, loop, slots=4, size=512)
+        for i, c in enumerate(clients):
+            c.sendto(b"q%d" % i, server.getsockname())
+        assert batch.receive() == 3
+        addrs = [batch.sockaddr(i) for i in range(3)]
+        batch.receive()  # the batch's slots are reused: the queue keeps its own copies
+        for i in (2, 0, 1):
+            queue.sendto(b"answer %d" % i, addrs[i])
+        assert queue.waiting == 3
+        clients[0].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            clients[0].recv(100)  # nothing sent before the turn ends
+        clients[0].settimeout(5)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert queue.waiting == 0
+        assert [c.recv(100) for c in clients] == [b"answer 0", b"answer 1", b"answer 2"]
+    finally:
+        loop.close()
+
+
+def test_a_full_queue_is_sent_at_once_and_an_oversized_reply_alone() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    loop = asyncio.new_event_loop()
+    try:
+        server.bind(("127.0.0.1", 0))
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        client.sendto(b"q", server.getsockname())
+        batch = UdpBatch(server, slots=2, size=64)
+        assert batch.receive() == 1
+        addr = batch.sockaddr(0)
+        queue = ReplyQueue(server, loop, slots=2, size=64)
+        queue.sendto(b"big" * 30, addr)  # 90 bytes > 64: sent by itself, not queued
+        assert queue.waiting == 0 and client.recv(200) == b"big" * 30
+        queue.sendto(b"one", addr)
+        queue.sendto(b"two", addr)  # the second of two slots: sent without waiting
+        assert queue.waiting == 0
+        assert client.recv(100) == b"one" and client.recv(100) == b"two"
+    finally:
+        server.close()
+        client.close()
+        loop.close()
+
+
+def test_a_queued_reply_that_cannot_be_sent_is_counted() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    loop = asyncio.new_event_loop()
+    try:
+        server.bind(("127.0.0.1", 0))
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        client.sendto(b"q", server.getsockname())
+        batch = UdpBatch(server, slots=1, size=64)
+        assert batch.receive() == 1
+        queue = ReplyQueue(server, loop, slots=4, size=70_000)
+        queue.sendto(b"x" * 66_000, batch.sockaddr(0))  # EMSGSIZE
+        queue.sendto(b"fine", batch.sockaddr(0))
+        assert queue.flush() == 1
+        assert client.recv(100) == b"fine"
+    finally:
+        server.close()
+        client.close()
+        loop.close()

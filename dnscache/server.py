@@ -37,7 +37,10 @@ UDP_SLOTS = 64  # datagrams per recvmmsg / sendmmsg
 RECV_SIZE = 4096  # a query never needs more, nor a UDP reply (max_udp_payload <= 4096)
 TCP_CAP = 65535
 SWEEP_EVERY = 1.0
-HITS_MAX = 65536  # remembered queries (``_Hit``, ~400 B each); the oldest quarter goes when full
+# Remembered queries (``_Hit``, ~400 B each): at least this many, or as many as the cache
+# holds entries (a Zipf load over more names than this thrashed the memo); when full, the
+# quarter least recently refreshed goes.
+HITS_MAX = 65536
 
 
 class Worker:
@@ -64,6 +67,7 @@ class Worker:
         self.batches = {s.fileno(): UdpBatch(s, UDP_SLOTS, RECV_SIZE) for s in udp}
         self.replies = {s.fileno(): ReplyQueue(s, loop, UDP_SLOTS, RECV_SIZE) for s in udp}
         self.hits: dict[bytes, _Hit] = {}
+        self.hits_max = max(HITS_MAX, cfg.cache.capacity)
         self.tcp_conns = 0
         self.draining = False
         self.conn_tasks: set[asyncio.Task[Any]] = set()
@@ -86,6 +90,7 @@ class Worker:
         self.acl_ok = {}
         self.acl_packed = {}
         self.hits.clear()  # max_udp_payload may have changed what a query's bytes mean
+        self.hits_max = max(HITS_MAX, cfg.cache.capacity)
         self.resolver.reconfigure(cfg)
 
     def gauges(self) -> dict[str, int]:
@@ -186,6 +191,8 @@ class Worker:
                                 self.resolver.maybe_prefetch(e, h.key)
                             if h.entry is not e or h.second != now_s:
                                 h.refresh(e, buf[at:end], now, now_s)
+                                del hits[after_id]  # to the end: the eviction order
+                                hits[after_id] = h
                             tail = h.tail
                             reply_end = at + 2 + len(tail)
                             if reply_end - at > size:  # cannot happen with max_udp_payload
@@ -220,8 +227,8 @@ class Worker:
                             if staged != i:
                                 move(staged, i)
                             staged += 1
-                        if len(hits) >= HITS_MAX:
-                            for old in list(itertools.islice(hits, HITS_MAX // 4)):
+                        if len(hits) >= self.hits_max:
+                            for old in list(itertools.islice(hits, self.hits_max // 4)):
                                 del hits[old]  # the oldest quarter
                         hits[after_id] = _Hit(key, qend, limit, e, now_s, reply[2:])
                         label = e.label

@@ -367,12 +367,7 @@ def test_gc_policy_freezes_survivors_and_runs_full_collections() -> None:
         loop.close()
 
 
-def test_the_memo_is_bounded_and_forgets_its_oldest_quarter(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import dnscache.server
-
-    monkeypatch.setattr(dnscache.server, "HITS_MAX", 4)
+def test_the_memo_is_bounded_and_forgets_the_quarter_least_recently_refreshed() -> None:
     cfg = config()
     loop = asyncio.new_event_loop()
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -382,20 +377,45 @@ def test_the_memo_is_bounded_and_forgets_its_oldest_quarter(
         srv.setblocking(False)
         cli.settimeout(5)
         worker = Worker(cfg, loop, [srv], [])
+        assert worker.hits_max == max(65536, cfg.cache.capacity)
+        worker.hits_max = 4
         names = [f"n{i}.test" for i in range(5)]
         for name in names:
             worker.resolver.cache.put(*entry(cfg, name, "198.18.0.1", time.monotonic()))
-        for name in names:
+
+        def ask(name: str) -> None:
             cli.sendto(q(name), srv.getsockname())
             select.select([srv], [], [], 5)
             worker._udp_ready(srv)
             assert b"\x02" + name[:2].encode() in cli.recv(4096)
-        assert len(worker.hits) == 4 and q(names[0])[2:] not in worker.hits
-        assert q(names[4])[2:] in worker.hits
+
+        for name in names[:4]:
+            ask(name)
+        # n0's entry is replaced: its next hit refreshes the memo, which moves it to the end
+        worker.resolver.cache.put(*entry(cfg, names[0], "198.18.0.9", time.monotonic()))
+        ask(names[0])
+        ask(names[4])  # full: the least recently refreshed quarter (n1) goes
+        assert len(worker.hits) == 4
+        assert q(names[1])[2:] not in worker.hits
+        assert q(names[0])[2:] in worker.hits and q(names[4])[2:] in worker.hits
         worker.resolver.exchanger.close()
     finally:
         srv.close()
         cli.close()
+        loop.close()
+
+
+def test_the_memo_bound_follows_the_cache_capacity() -> None:
+    cfg = parse(
+        {"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "cache": {"capacity": 200_000}},
+        cpu_count=1,
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        worker = Worker(cfg, loop, [], [])
+        assert worker.hits_max == 200_000
+        worker.resolver.exchanger.close()
+    finally:
         loop.close()
 
 

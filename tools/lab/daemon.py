@@ -40,6 +40,8 @@ class IpamdProcess:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "ULTRANET_SOCKET": str(self.socket),
+            # Never the host's /run/ultranet/cni.sock: a real node's daemon may be serving it.
+            "ULTRANET_CNI_SOCKET": str(self.state_dir / "cni.sock"),
             "ULTRANET_STATE_DIR": str(self.state_dir / "state"),
             "ULTRANET_EC2_ENDPOINT": f"http://127.0.0.1:{NODE_EC2_PORT}",
             "ULTRANET_METRICS_ADDR": "127.0.0.1:0",

@@ -171,32 +171,9 @@ def test_replies_queued_with_raw_sockaddrs_go_out_at_the_end_of_the_loops_turn(
         loop.close()
 
 
-def test_a_full_queue_is_sent_at_once_and_an_oversized_reply_alone() -> None:
-    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    loop = asyncio.new_event_loop()
-    try:
-        server.bind(("127.0.0.1", 0))
-        client.bind(("127.0.0.1", 0))
-        client.settimeout(5)
-        client.sendto(b"q", server.getsockname())
-        batch = UdpBatch(server, slots=2, size=64)
-        assert batch.receive() == 1
-        addr = batch.sockaddr(0)
-        queue = ReplyQueue(server, loop, slots=2, size=64)
-        queue.sendto(b"big" * 30, addr)  # 90 bytes > 64: sent by itself, not queued
-        assert queue.waiting == 0 and client.recv(200) == b"big" * 30
-        queue.sendto(b"one", addr)
-        queue.sendto(b"two", addr)  # the second of two slots: sent without waiting
-        assert queue.waiting == 0
-        assert client.recv(100) == b"one" and client.recv(100) == b"two"
-    finally:
-        server.close()
-        client.close()
-        loop.close()
-
-
-def test_a_queued_reply_that_cannot_be_sent_is_counted() -> None:
+@pytest.fixture
+def asked() -> Iterator[tuple[socket.socket, socket.socket, asyncio.AbstractEventLoop, bytes]]:
+    """A server that has read one query of a client: (server, client, loop, its sockaddr)."""
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     loop = asyncio.new_event_loop()
@@ -207,12 +184,32 @@ def test_a_queued_reply_that_cannot_be_sent_is_counted() -> None:
         client.sendto(b"q", server.getsockname())
         batch = UdpBatch(server, slots=1, size=64)
         assert batch.receive() == 1
-        queue = ReplyQueue(server, loop, slots=4, size=70_000)
-        queue.sendto(b"x" * 66_000, batch.sockaddr(0))  # EMSGSIZE
-        queue.sendto(b"fine", batch.sockaddr(0))
-        assert queue.flush() == 1
-        assert client.recv(100) == b"fine"
+        yield server, client, loop, batch.sockaddr(0)
     finally:
         server.close()
         client.close()
         loop.close()
+
+
+def test_a_full_queue_is_sent_at_once_and_an_oversized_reply_alone(
+    asked: tuple[socket.socket, socket.socket, asyncio.AbstractEventLoop, bytes],
+) -> None:
+    server, client, loop, addr = asked
+    queue = ReplyQueue(server, loop, slots=2, size=64)
+    queue.sendto(b"big" * 30, addr)  # 90 bytes > 64: sent by itself, not queued
+    assert queue.waiting == 0 and client.recv(200) == b"big" * 30
+    queue.sendto(b"one", addr)
+    queue.sendto(b"two", addr)  # the second of two slots: sent without waiting
+    assert queue.waiting == 0
+    assert client.recv(100) == b"one" and client.recv(100) == b"two"
+
+
+def test_a_queued_reply_that_cannot_be_sent_is_counted(
+    asked: tuple[socket.socket, socket.socket, asyncio.AbstractEventLoop, bytes],
+) -> None:
+    server, client, loop, addr = asked
+    queue = ReplyQueue(server, loop, slots=4, size=70_000)
+    queue.sendto(b"x" * 66_000, addr)  # EMSGSIZE
+    queue.sendto(b"fine", addr)
+    assert queue.flush() == 1
+    assert client.recv(100) == b"fine"

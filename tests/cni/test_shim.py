@@ -65,6 +65,43 @@ def test_shebang_names_the_real_interpreter_with_isolation(installed: Path) -> N
     assert os.access(installed, os.X_OK)
 
 
+def code_files(bin_dir: Path) -> set[str]:
+    return {p.name for p in bin_dir.glob(".ultranet-shim-*.marshal")}
+
+
+def test_the_shim_runs_code_beside_it_and_reinstalls_keep_only_the_previous_code(
+    tmp_path: Path,
+) -> None:
+    bin_dir = tmp_path / "bin"
+    names = []
+    for sock in ("a.sock", "b.sock", "c.sock"):  # each a different code file
+        (shim_path,) = install(bin_dir, None, python=sys.executable, socket_path=sock)
+        (line,) = [x for x in shim_path.read_text().splitlines() if x.startswith("CODE = ")]
+        names.append(Path(line.split("'")[1]).name)
+        code, out = exec_shim(shim_path, {"CNI_COMMAND": "VERSION"}, conf("1.0.0"), tmp_path)
+        assert code == 0 and out["supportedVersions"] == list(SUPPORTED_VERSIONS)
+    assert len(set(names)) == 3
+    # the running shim's code and the one before it (an exec of it may be starting)
+    assert code_files(bin_dir) == {names[1], names[2]}
+    install(bin_dir, None, python=sys.executable, socket_path="c.sock")  # same code again
+    assert code_files(bin_dir) == {names[2]}
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_shim_whose_code_cannot_be_loaded_answers_an_io_error(
+    installed: Path, tmp_path: Path, damage: str
+) -> None:
+    (code_file,) = installed.parent.glob(".ultranet-shim-*.marshal")
+    if damage == "missing":
+        code_file.unlink()
+    else:
+        code_file.write_bytes(code_file.read_bytes()[:100])
+    code, out = exec_shim(installed, {"CNI_COMMAND": "VERSION"}, conf("1.0.0"), tmp_path)
+    assert code == 1 and out["code"] == 5
+    assert str(code_file) in str(out["msg"])
+    assert ("No such file" if damage == "missing" else "100 bytes") in str(out["msg"])
+
+
 def test_installer_refuses_a_version_manager_shim(tmp_path: Path) -> None:
     fake = tmp_path / "shims" / "python3"
     fake.parent.mkdir()

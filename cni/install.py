@@ -93,7 +93,7 @@ def shim_code(python: Path, socket_path: str, spool_dir: str) -> bytes:
 
 def shim_script(python: Path, code_path: Path, code_size: int) -> bytes:
     """The exec'd shim: the shebang, then a few lines that run the marshalled code in
-    ``code_path`` (``shim_code``).
+    ``code_path`` (``shim_code``), found by its name in the shim's own directory.
 
     Scripts get no ``.pyc``: compiling the ~300-line source cost ~5 ms per exec, and
     embedding the marshalled code as a bytes literal (the previous layout) still had the
@@ -104,7 +104,7 @@ def shim_script(python: Path, code_path: Path, code_size: int) -> bytes:
     """
     # Linux passes everything after the interpreter as ONE argument, so "-I -S" would
     # reach Python as "-I -S" and fail; "-IS" is the same two flags in one word.
-    text = _STUB.format(python=python, code=repr(str(code_path).encode()), size=code_size)
+    text = _STUB.format(python=python, code=repr(code_path.name), size=code_size)
     return text.encode()
 
 
@@ -114,7 +114,10 @@ _STUB = """#!{python} -IS
 import marshal
 import posix
 
-CODE = {code}
+# Beside this file as the runtime execs it: the installer may see the directory under
+# another path (the init container writes /host/opt/cni/bin for the host's /opt/cni/bin).
+NAME = {code}
+CODE = __file__.rpartition("/")[0] + "/" + NAME if "/" in __file__ else NAME
 try:
     fd = posix.open(CODE, posix.O_RDONLY | posix.O_CLOEXEC)
     try:
@@ -125,7 +128,7 @@ try:
         raise ValueError(f"{{len(blob)}} bytes, not {size}")
     code = marshal.loads(blob)
 except (OSError, ValueError, EOFError, TypeError) as err:
-    msg = f"ultranet CNI shim: cannot load {{CODE.decode()}}: {{err}}"
+    msg = f"ultranet CNI shim: cannot load {{CODE}}: {{err}}"
     msg = "".join(c if " " <= c and c not in "\\\\\\"" else "?" for c in msg)
     posix.write(1, b'{{"cniVersion": "1.0.0", "code": 5, "msg": "' + msg.encode() + b'"}}\\n')
     raise SystemExit(1) from None
@@ -140,8 +143,8 @@ def _code_path_in(script: Path) -> Path | None:
     except FileNotFoundError:
         return None
     for line in text.splitlines():
-        if line.startswith(b"CODE = b"):
-            return Path(line.removeprefix(b"CODE = b").strip(b"'\"").decode())
+        if line.startswith(b"NAME = "):
+            return script.parent / line.removeprefix(b"NAME = ").strip(b"'\"").decode()
     return None
 
 

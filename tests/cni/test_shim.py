@@ -76,8 +76,8 @@ def test_the_shim_runs_code_beside_it_and_reinstalls_keep_only_the_previous_code
     names = []
     for sock in ("a.sock", "b.sock", "c.sock"):  # each a different code file
         (shim_path,) = install(bin_dir, None, python=sys.executable, socket_path=sock)
-        (line,) = [x for x in shim_path.read_text().splitlines() if x.startswith("CODE = ")]
-        names.append(Path(line.split("'")[1]).name)
+        (line,) = [x for x in shim_path.read_text().splitlines() if x.startswith("NAME = ")]
+        names.append(line.split("'")[1])
         code, out = exec_shim(shim_path, {"CNI_COMMAND": "VERSION"}, conf("1.0.0"), tmp_path)
         assert code == 0 and out["supportedVersions"] == list(SUPPORTED_VERSIONS)
     assert len(set(names)) == 3
@@ -85,6 +85,15 @@ def test_the_shim_runs_code_beside_it_and_reinstalls_keep_only_the_previous_code
     assert code_files(bin_dir) == {names[1], names[2]}
     install(bin_dir, None, python=sys.executable, socket_path="c.sock")  # same code again
     assert code_files(bin_dir) == {names[2]}
+
+
+def test_the_shim_finds_its_code_where_the_runtime_sees_it(tmp_path: Path) -> None:
+    """The init container installs into /host/opt/cni/bin; the host execs /opt/cni/bin."""
+    (shim_path,) = install(tmp_path / "host" / "bin", None, python=sys.executable)
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "host" / "bin").rename(moved)
+    code, out = exec_shim(moved / shim_path.name, {"CNI_COMMAND": "VERSION"}, conf(), tmp_path)
+    assert code == 0 and out["supportedVersions"] == list(SUPPORTED_VERSIONS)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import ipaddress
+import math
 import select
 import socket
 import time
@@ -20,7 +21,8 @@ from dnscache.config import Address, Config, parse
 from dnscache.errors import UpstreamError
 from dnscache.eventloop import FastSelector, new_loop
 from dnscache.gcpolicy import GcPolicy
-from dnscache.server import Worker
+from dnscache.resolver import splice
+from dnscache.server import Worker, _Hit
 from dnscache.upstream import Exchanger
 from dnscache.wire import fast_query, make_upstream_query, walk_response
 
@@ -452,3 +454,32 @@ def test_one_read_of_hits_around_a_bad_query_answers_every_client() -> None:
         for c in clients:
             c.close()
         loop.close()
+
+
+@pytest.mark.parametrize(
+    ("records", "payload"),
+    [(1, 1232), (3, 1232), (3, None), (40, None)],  # the last one truncates (TC, no records)
+)
+def test_a_new_second_ages_the_memo_reply_exactly_as_a_fresh_splice(
+    records: int, payload: int | None
+) -> None:
+    cfg = config()
+    name = "www.TeSt"
+    query = q(name, payload=payload)
+    found = fast_query(query, cfg.max_udp_payload)
+    assert found is not None
+    key, qend, limit = found
+    lines = [f"www.test. 3600 A 198.18.0.{i + 1}" for i in range(records)]
+    resp = upstream_reply(make_upstream_query(1, key, 1232), lines)
+    w = walk_response(resp, len(key) - 1)
+    start = time.monotonic()
+    e = Entry(w, classify(w, cfg.cache, len(resp)), start, ".", cfg.serve_stale, cfg.prefetch)
+    cap = limit or 512
+    tail = splice(e, e.render(start), query, qend, limit, cap)[2:]
+    hit = _Hit(key, qend, limit, e, int(start), tail)
+    for later in (1.2, 7.9, 3599.5, 4000.0):  # the last one past expiry: TTL 0
+        now = start + later
+        hit.refresh(e, query, now, int(now))
+        remaining = max(0, math.ceil(e.expires - now))
+        assert hit.tail == splice(e, e.with_ttl(remaining), query, qend, limit, cap)[2:]
+    assert bool(hit.ttl_at) == (records < 40 or payload is not None)

@@ -141,23 +141,31 @@ class Entry:
         second = int(now)
         if second == self.rendered_at:
             return self.rendered
-        remaining = math.ceil(self.expires - now)  # a fresh answer shows its whole TTL
-        self.rendered = self.with_ttl(remaining if remaining > 0 else 0)
+        self.rendered = self.with_ttl(self.shown_ttl(now))
         self.rendered_at = second
         return self.rendered
 
+    def shown_ttl(self, now: float) -> int:
+        """The TTL every record shows at ``now``: the whole TTL when fresh, 0 once expired."""
+        remaining = math.ceil(self.expires - now)
+        return remaining if remaining > 0 else 0
+
     def with_ttl(self, ttl: int) -> bytes:
-        offsets = self.ttl_offsets
-        if len(offsets) == 1:  # the usual answer: one record
-            off = offsets[0]
-            return self.body[:off] + ttl.to_bytes(4, "big") + self.body[off + 4 :]
-        if not offsets:
+        if not self.ttl_offsets:
             return self.body
-        body = bytearray(self.body)
-        value = ttl.to_bytes(4, "big")
-        for off in self.ttl_offsets:
-            body[off : off + 4] = value
-        return bytes(body)
+        return set_ttls(self.body, self.ttl_offsets, ttl)
+
+
+def set_ttls(data: bytes, offsets: tuple[int, ...] | list[int], ttl: int) -> bytes:
+    """``data`` with the 4-byte TTL at each of ``offsets`` set to ``ttl`` (one copy)."""
+    value = ttl.to_bytes(4, "big")
+    if len(offsets) == 1:  # the usual answer: one record
+        off = offsets[0]
+        return data[:off] + value + data[off + 4 :]
+    patched = bytearray(data)
+    for off in offsets:
+        patched[off : off + 4] = value
+    return bytes(patched)
 
 
 class Cache:

@@ -17,13 +17,12 @@ import asyncio
 import ipaddress
 import itertools
 import logging
-import math
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .cache import Entry
+from .cache import Entry, set_ttls
 from .config import Config
 from .errors import WireError
 from .eventloop import FastSelector
@@ -391,18 +390,8 @@ class _Hit:
     def refresh(self, e: Entry, data: bytes, now: float, second: int) -> None:
         self.second = second
         if e is self.entry:
-            at = self.ttl_at
-            if at:  # as Entry.render: every record shows the remaining lifetime
-                remaining = math.ceil(e.expires - now)
-                value = (remaining if remaining > 0 else 0).to_bytes(4, "big")
-                tail = self.tail
-                if len(at) == 1:
-                    self.tail = tail[: at[0]] + value + tail[at[0] + 4 :]
-                else:
-                    patched = bytearray(tail)
-                    for off in at:
-                        patched[off : off + 4] = value
-                    self.tail = bytes(patched)
+            if self.ttl_at:
+                self.tail = set_ttls(self.tail, self.ttl_at, e.shown_ttl(now))
             return
         body = e.rendered if e.rendered_at == second else e.render(now)
         self.tail = splice(e, body, data, self.qend, self.limit, self.limit or 512)[2:]

@@ -211,6 +211,12 @@ def spool_name(env: dict[bytes, bytes]) -> bytes:
     return cid + b":" + ifname + b".del"
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[posix.write(fd, view) :]
+
+
 def spool(directory: bytes, env: dict[bytes, bytes], stdin: bytes) -> bytes:
     """Write the request atomically (tmp + fsync + rename); returns the file's path."""
     try:
@@ -221,9 +227,7 @@ def spool(directory: bytes, env: dict[bytes, bytes], stdin: bytes) -> bytes:
     tmp = final + b".tmp" + str(posix.getpid()).encode()
     fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC, 0o600)
     try:
-        data = memoryview(encode_request(env, stdin))
-        while data:
-            data = data[posix.write(fd, data) :]
+        write_all(fd, encode_request(env, stdin))
         posix.fsync(fd)
     finally:
         posix.close(fd)
@@ -272,12 +276,13 @@ def main() -> int:
     else:
         code, stdout, stderr = run(posix.environ, stdin)
     if stderr:
-        sys.stderr.buffer.write(stderr)
-        sys.stderr.buffer.flush()
-    sys.stdout.buffer.write(stdout)
-    sys.stdout.buffer.flush()
+        write_all(2, stderr)
+    write_all(1, stdout)
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Everything went out through posix.write, unbuffered, and nothing else needs
+    # finalising: skipping the interpreter's teardown saves a quarter of an exec's
+    # instructions (valgrind: 20.9M for `-IS -c pass`, 15.7M ending in posix._exit).
+    posix._exit(main())

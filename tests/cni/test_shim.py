@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,38 @@ def test_del_that_cannot_be_spooled_is_code_11(installed: Path, tmp_path: Path) 
         installed, {**env("DEL", "c1"), "ULTRANET_CNI_SPOOL": str(blocker)}, conf(), tmp_path
     )
     assert code == 1 and out["code"] == 11 and "cannot spool" in str(out["msg"])
+
+
+def test_the_daemons_whole_answer_reaches_the_runtime(installed: Path, tmp_path: Path) -> None:
+    # The shim ends in posix._exit, which flushes nothing: its exit code and both streams
+    # must all be out by then, here each larger than a pipe's 64 KiB.
+    stdout, stderr = b"o" * 300_000 + b"\n", b"e" * 70_000
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "daemon.sock"))
+    listener.listen(1)
+    received: list[bytes] = []
+
+    def answer_once() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            kind, size = shim.parse_header(conn.recv(9, socket.MSG_WAITALL))
+            received.append(kind + conn.recv(size, socket.MSG_WAITALL))
+            conn.sendall(shim.encode_answer(7, stdout, stderr))
+
+    daemon = threading.Thread(target=answer_once)
+    daemon.start()
+    try:
+        done = subprocess.run(
+            [str(installed)],
+            input=conf(),
+            env={**env("ADD", "c1", "/run/netns/x"), "ULTRANET_CNI_SOCKET": listener.getsockname()},
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        daemon.join(timeout=30)
+        listener.close()
+    assert (done.returncode, done.stdout, done.stderr) == (7, stdout, stderr)
+    sent, body = shim.decode_request(received[0][1:])
+    assert received[0][:1] == shim.REQUEST and body == conf()
+    assert sent[b"CNI_COMMAND"] == b"ADD"

@@ -45,7 +45,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import rtnl
 from cni.errors import CheckFailed, CniError, ErrorCode
-from cni.netlink import LinkReaper, NamespaceError, iproute_in, same_namespace, socket_in
+from cni.netlink import (
+    LinkReaper,
+    NamespaceError,
+    PendingSocket,
+    iproute_in,
+    same_namespace,
+    socket_in,
+)
 from cni.rtnl import Rtnl, RtnlError
 from ipam.keys import IpamKey
 from ipam.pool import MAIN_TABLE, Lease
@@ -122,6 +129,43 @@ def _plumbing_error(step: str, err: BaseException) -> CniError:
     return CniError(ErrorCode.PLUMBING_FAILED, f"{step} failed", str(err))
 
 
+def _namespace_error(netns: str, err: NamespaceError) -> CniError:
+    if err.errno == errno.ENOENT:
+        return CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone")
+    if err.errno == errno.EAGAIN:  # the namespace thread was being replaced
+        return CniError(ErrorCode.TRY_AGAIN_LATER, f"CNI_NETNS={netns!r}: {err.strerror}")
+    return CniError(ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r}: {err.strerror}")
+
+
+class _PodSocket:
+    """The pod namespace's socket, made by the namespace thread while the caller works."""
+
+    def __init__(self, pending: PendingSocket) -> None:
+        self._pending: PendingSocket | None = pending
+        self._rtnl: Rtnl | None = None
+
+    def take(self) -> socket.socket:
+        """The socket itself, now the caller's to close; CniError if it could not be made."""
+        if self._pending is None:
+            raise RuntimeError("the pod socket was already taken")
+        pending, self._pending = self._pending, None
+        try:
+            return pending.result()
+        except NamespaceError as err:
+            raise _namespace_error(pending.path, err) from err
+
+    def rtnl(self) -> Rtnl:
+        if self._rtnl is None:
+            self._rtnl = Rtnl(self.take())
+        return self._rtnl
+
+    def close(self) -> None:
+        if self._rtnl is not None:
+            self._rtnl.close()
+        elif self._pending is not None:
+            self._pending.discard()
+
+
 class Plumbing:
     """Netlink work for pods, from the host namespace (``host_netns``, None: ours)."""
 
@@ -155,20 +199,23 @@ class Plumbing:
 
     # -- ADD ------------------------------------------------------------------------------
 
-    def _enter_pod(self, netns: str) -> socket.socket:
-        """A netlink socket in the pod's namespace; CniError 3 if it is gone."""
+    def _begin_pod_socket(self, netns: str) -> _PodSocket:
+        """Start making a netlink socket in the pod's namespace; CniError 3 if it is gone,
+        7 if it is the host's own."""
         try:
             if same_namespace(netns, self._host_netns):
                 raise CniError(
                     ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r} is the host's own namespace"
                 )
-            return socket_in(netns)
+            return _PodSocket(PendingSocket(netns))
         except NamespaceError as err:
-            if err.errno == errno.ENOENT:
-                raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone") from err
-            raise CniError(ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r}: {err.strerror}") from err
+            raise _namespace_error(netns, err) from err
         except FileNotFoundError as err:
             raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone") from err
+
+    def _enter_pod(self, netns: str) -> socket.socket:
+        """A netlink socket in the pod's namespace; CniError 3 if it is gone."""
+        return self._begin_pod_socket(netns).take()
 
     @contextlib.contextmanager
     def _pod(self, netns: str) -> Iterator[Rtnl]:
@@ -193,7 +240,8 @@ class Plumbing:
 
     async def setup(self, net: PodNetwork) -> list[PlumbedInterface]:
         """Plumb every interface; on any failure undo every step taken, then raise."""
-        with self._pod(net.netns) as pod:
+        pod = self._begin_pod_socket(net.netns)
+        try:
             async with contextlib.AsyncExitStack() as undo:
                 fd = os.open(net.netns, os.O_RDONLY | os.O_CLOEXEC)
                 undo.callback(os.close, fd)
@@ -203,13 +251,15 @@ class Plumbing:
                 undo.pop_all()
                 os.close(fd)
                 return done
+        finally:
+            pod.close()
 
     async def _setup_one(
         self,
         net: PodNetwork,
         index: int,
         lease: Lease,
-        pod: Rtnl,
+        pod_socket: _PodSocket,
         fd: int,
         undo: contextlib.AsyncExitStack,
     ) -> PlumbedInterface:
@@ -222,6 +272,7 @@ class Plumbing:
         try:
             self._rtnl.batch([rtnl.veth(host_name, host_mac, pod_name, pod_mac, fd, net.mtu)])
         except RtnlError as err:
+            pod = pod_socket.rtnl()  # a namespace that cannot be entered is the real cause
             if err.errno == errno.EEXIST and pod.link_index(pod_name) is not None:
                 raise CniError(
                     ErrorCode.INTERFACE_EXISTS,
@@ -230,6 +281,7 @@ class Plumbing:
             raise _plumbing_error(err.what, err) from err
         undo.push_async_callback(self._delete_link_now, host_name)
         gw = gateway(index)
+        pod = pod_socket.rtnl()
         self._run(pod, self._pod_side(pod, pod_name, index, lease.address, gw, host_mac, undo))
         self._run(self._rtnl, self._host_side(host_name, lease, undo))
         return PlumbedInterface(

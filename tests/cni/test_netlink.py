@@ -3,6 +3,7 @@ always comes back, and is replaced when it cannot."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -104,3 +105,57 @@ def test_a_path_that_is_not_a_namespace_is_a_clear_error() -> None:
         netlink.socket_in("/proc/self/ns/uts")
     with pytest.raises(netlink.NamespaceError, match="cannot open network namespace"):
         netlink.socket_in("/run/netns/ul-no-such-namespace")
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_pending_socket_that_is_discarded_is_closed_once_made(namespace: str) -> None:
+    netlink.socket_in(namespace).close()  # the thread exists, and holds its own fds
+    before = _open_fds()
+    pending = netlink.PendingSocket(namespace)
+    pending.discard()
+    pending._made.result(timeout=5)  # made, then closed by the discard
+    assert _open_fds() == before
+    taken = netlink.PendingSocket(namespace).result()
+    with taken:
+        assert _link_names(taken) == {"lo"}
+    assert _open_fds() == before
+
+
+def test_requests_queued_behind_a_stranded_thread_are_answered(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netlink.socket_in(namespace).close()
+    real_setns = netlink._setns
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def setns_held_then_stranded(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(5)  # keep the thread busy while a second request queues
+        if len(calls) == 2:  # the first request's way back
+            raise OSError(1, "Operation not permitted")
+        real_setns(fd)
+
+    monkeypatch.setattr(netlink, "_setns", setns_held_then_stranded)
+    first = netlink.PendingSocket(namespace)
+    assert entered.wait(5)
+    second = netlink.PendingSocket(namespace)  # queued behind the first
+    release.set()
+    with first.result() as sock:
+        assert _link_names(sock) == {"lo"}
+    assert second._made.exception(timeout=5) is not None  # answered, not left waiting
+    with pytest.raises(netlink.NamespaceError) as raised:
+        second.result()
+    assert raised.value.errno == errno.EAGAIN
+    monkeypatch.setattr(netlink, "_setns", real_setns)
+    for stranded in [t for t in threading.enumerate() if t.name == "netns-enter"]:
+        stranded.join(5)
+        assert not stranded.is_alive()
+    with netlink.socket_in(namespace) as sock:  # a new thread serves
+        assert _link_names(sock) == {"lo"}
+    assert _namespace_of_thread("netns-enter") == _here()

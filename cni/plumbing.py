@@ -201,7 +201,7 @@ class Plumbing:
 
     def _begin_pod_socket(self, netns: str) -> _PodSocket:
         """Start making a netlink socket in the pod's namespace; CniError 3 if it is gone,
-        7 if it is the host's own."""
+        4 if it is the host's own (a path that is no network namespace: when it is used)."""
         try:
             if same_namespace(netns, self._host_netns):
                 raise CniError(

@@ -113,6 +113,23 @@ def test_add_into_the_host_namespace_is_refused(lab: Lab) -> None:
     assert backend.held() == set()
 
 
+def test_add_into_a_path_that_is_no_network_namespace_is_code_4_and_leaves_nothing(
+    lab: Lab,
+) -> None:
+    # The veth is created while the pod's socket is being made: the namespace's error, not
+    # the veth's, is what the runtime must see.
+    backend = backend_of(lab)
+    before = host_state(lab)
+
+    async def scenario() -> dict[str, Any]:
+        async with node(lab, backend) as n:
+            return await error(n, env("ADD", "c1", "/proc/self/ns/uts"), conf())
+
+    out = run(scenario())
+    assert out["code"] == 4 and "not a network namespace" in out["msg"], out
+    assert backend.held() == set() and host_state(lab) == before
+
+
 def test_pool_exhausted_and_backend_down_are_code_11(lab: Lab) -> None:
     pods = [lab.create_pod_namespace(f"x{i}") for i in range(17)]
     backend = backend_of(lab)  # one /28: 16 addresses

@@ -243,7 +243,12 @@ class Plumbing:
         pod = self._begin_pod_socket(net.netns)
         try:
             async with contextlib.AsyncExitStack() as undo:
-                fd = os.open(net.netns, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(net.netns, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError as err:  # removed since _begin_pod_socket saw it
+                    raise CniError(
+                        ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={net.netns!r}: gone"
+                    ) from err
                 undo.callback(os.close, fd)
                 done = []
                 for index, lease in enumerate(net.leases):

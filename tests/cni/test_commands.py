@@ -130,6 +130,30 @@ def test_add_into_a_path_that_is_no_network_namespace_is_code_4_and_leaves_nothi
     assert backend.held() == set() and host_state(lab) == before
 
 
+def test_a_namespace_removed_while_the_add_starts_is_code_3_and_leaves_nothing(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod_ns = lab.create_pod_namespace("racing")
+    backend = backend_of(lab)
+    before = host_state(lab)
+    begin = Plumbing._begin_pod_socket
+
+    def begin_then_the_pod_goes(self: Plumbing, path: str) -> Any:
+        started = begin(self, path)
+        netns.delete(pod_ns)
+        return started
+
+    monkeypatch.setattr(Plumbing, "_begin_pod_socket", begin_then_the_pod_goes)
+
+    async def scenario() -> dict[str, Any]:
+        async with node(lab, backend) as n:
+            return await error(n, env("ADD", "c1", ns_path(pod_ns)), conf())
+
+    out = run(scenario())
+    assert out["code"] == 3 and "gone" in out["msg"], out
+    assert backend.held() == set() and host_state(lab) == before
+
+
 def test_pool_exhausted_and_backend_down_are_code_11(lab: Lab) -> None:
     pods = [lab.create_pod_namespace(f"x{i}") for i in range(17)]
     backend = backend_of(lab)  # one /28: 16 addresses

@@ -77,6 +77,9 @@ class UpstreamConfig:
     health_interval: float = 0.5
     payload: int = 1232
     socket_reuse: int = 8  # queries per UDP socket (one at a time); 1 = a fresh socket each
+    tcp_connections: int = 4  # open TCP connections per upstream (and worker), at most
+    tcp_pipeline: int = 100  # queries in flight on one TCP connection, at most
+    tcp_idle: float = 10.0  # seconds an idle TCP connection is kept (CoreDNS forward's expire)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +237,13 @@ def _upstream(doc: Mapping[str, Any]) -> UpstreamConfig:
     _bounded("upstream.health_interval", interval, 0.05, 60.0)
     _bounded("upstream.payload", payload, 512, 4096)
     _bounded("upstream.socket_reuse", reuse, 1, 100)
-    return UpstreamConfig(timeout, cap, fails, interval, payload, reuse)
+    conns = _get(sec, "upstream", "tcp_connections", d.tcp_connections, int)
+    pipeline = _get(sec, "upstream", "tcp_pipeline", d.tcp_pipeline, int)
+    idle = _get(sec, "upstream", "tcp_idle", d.tcp_idle, float)
+    _bounded("upstream.tcp_connections", conns, 1, 64)
+    _bounded("upstream.tcp_pipeline", pipeline, 1, 1000)
+    _bounded("upstream.tcp_idle", idle, 0.1, 3600.0)
+    return UpstreamConfig(timeout, cap, fails, interval, payload, reuse, conns, pipeline, idle)
 
 
 def _zones(doc: Mapping[str, Any]) -> tuple[Zone, ...]:

@@ -155,6 +155,15 @@ class _Snapshots(Collector):
         )
         spoofed.add_metric([self.server], sum(sn["gauges"]["spoofed"] for sn in self.snaps))
         yield spoofed
+        opened = CounterMetricFamily(
+            "ultranet_dns_upstream_tcp_connections",
+            "TCP connections opened to upstreams (pooled and reused: upstream.tcp_*).",
+            labels=["server"],
+        )
+        opened.add_metric(
+            [self.server], sum(sn["gauges"]["upstream_tcp_opened"] for sn in self.snaps)
+        )
+        yield opened
         ev = CounterMetricFamily(
             "coredns_cache_evictions", "Entries evicted when full.", labels=["server"]
         )
@@ -180,6 +189,11 @@ class _Snapshots(Collector):
             ("cache_entries", "coredns_cache_entries", "Entries in the cache (all workers)."),
             ("inflight", "ultranet_dns_inflight", "Resolutions waiting on an upstream."),
             ("tcp_open", "ultranet_dns_tcp_open", "Open TCP client connections."),
+            (
+                "upstream_tcp_open",
+                "ultranet_dns_upstream_tcp_open",
+                "Open TCP connections to upstreams.",
+            ),
         ):
             g = GaugeMetricFamily(name, doc, labels=["server"])
             g.add_metric([self.server], sum(sn["gauges"][key] for sn in self.snaps))

@@ -109,6 +109,8 @@ class Resolver:
         self.stats = stats
         self.cache = Cache(cfg.cache.capacity)
         self.exchanger = Exchanger(loop, cfg.upstream.payload, cfg.upstream.socket_reuse, selector)
+        up = cfg.upstream
+        self.exchanger.configure_tcp(up.tcp_connections, up.tcp_pipeline, up.tcp_idle)
         self.inflight: dict[bytes, Pending] = {}
         self.active = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -125,6 +127,8 @@ class Resolver:
         self.router = Router(cfg.zones, self.router)
         self.exchanger.payload = cfg.upstream.payload
         self.exchanger.reuse = cfg.upstream.socket_reuse
+        up = cfg.upstream
+        self.exchanger.configure_tcp(up.tcp_connections, up.tcp_pipeline, up.tcp_idle)
         self.cache.shrink(cfg.cache.capacity)
 
     # -- answering ------------------------------------------------------------------------

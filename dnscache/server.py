@@ -100,6 +100,8 @@ class Worker:
             "inflight": len(self.resolver.inflight),
             "tcp_open": self.tcp_conns,
             "spoofed": self.resolver.exchanger.spoofed,
+            "upstream_tcp_opened": self.resolver.exchanger.tcp_connections_opened(),
+            "upstream_tcp_open": self.resolver.exchanger.tcp_connections_open(),
         }
 
     def _sweep(self) -> None:

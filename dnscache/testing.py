@@ -4,7 +4,9 @@
 and event loop, and counts every query. Knobs that tests turn: ``down`` (drop everything),
 ``delay`` (seconds before answering), ``truncate`` (names answered TC=1 over UDP),
 ``servfail`` (names answered SERVFAIL), ``spoof`` (send a wrong-ID and a wrong-question reply
-before the real one), ``ttl``.
+before the real one), ``ttl``. Over TCP it answers pipelined queries as each is ready
+(``slow`` names later: out of order), counts connections (``tcp_accepted``, ``tcp_open``)
+and can close every open one (``close_tcp``), as a server's idle timer would.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class AuthServer:
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._lock = threading.Lock()
+        self.tcp_accepted = 0
+        self._tcp_writers: set[asyncio.StreamWriter] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -149,7 +153,31 @@ class AuthServer:
             self._udp.sendto(other.pack(), addr)
         self._udp.sendto(reply, addr)
 
+    @property
+    def tcp_open(self) -> int:
+        with self._lock:
+            return len(self._tcp_writers)
+
+    def close_tcp(self) -> None:
+        """Close every open TCP connection from the server's side (returns once each is told)."""
+        assert self._loop is not None
+        done = threading.Event()
+
+        def close_all() -> None:
+            with self._lock:
+                writers = list(self._tcp_writers)
+            for writer in writers:
+                writer.close()
+            done.set()
+
+        self._loop.call_soon_threadsafe(close_all)
+        if not done.wait(10):
+            raise RuntimeError("auth server did not close its connections")
+
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self.tcp_accepted += 1
+            self._tcp_writers.add(writer)
         try:
             while True:
                 size = int.from_bytes(await reader.readexactly(2), "big")
@@ -162,6 +190,8 @@ class AuthServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            with self._lock:
+                self._tcp_writers.discard(writer)
             writer.close()
 
     def _answer_tcp(self, data: bytes, writer: asyncio.StreamWriter) -> None:

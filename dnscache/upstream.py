@@ -19,7 +19,7 @@ limit) can aim at up to ``socket_reuse - 1`` later queries on it, or for up to
 socket. ``socket_reuse: 1`` gives every query a fresh socket and port (as unbound does) at
 about 4 syscalls more per miss (socket, connect, epoll_ctl, close; see the README).
 
-TCP (RFC 7766) writes the length prefix and message in one call.
+TCP (RFC 7766) goes through a pool of pipelined connections per upstream (``tcpupstream.py``).
 """
 
 from __future__ import annotations
@@ -28,21 +28,20 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from _socket import socket as _new_socket  # the C type: no Python wrapper, no close() hooks
 from collections import deque
 from collections.abc import Callable
-from secrets import randbits
 from typing import Any, TypeVar
 
 from .config import Address
 from .errors import UpstreamError
 from .eventloop import FastSelector, NestedPoller, Poller
 from .policy import upstream_label
+from .tcpupstream import TcpPool
 from .wire import (
     make_upstream_query,
-    response_id_matches,
     response_matches,
-    response_question_matches,
 )
 
 log = logging.getLogger("ultranet.dns")
@@ -54,6 +53,7 @@ _NONBLOCK_DGRAM = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 ID_BATCH = 4096
 IDLE_MAX = 1024  # idle sockets kept per upstream when sockets are reused
 IDLE_MAX_AGE = 2.0  # seconds an idle socket may wait for its next query before it is closed
+TCP_CONNECTIONS, TCP_PIPELINE, TCP_IDLE = 4, 100, 10.0  # UpstreamConfig's defaults
 
 
 class Exchanger:
@@ -93,6 +93,8 @@ class Exchanger:
         self._idle_fds: dict[int, tuple[Any, _Peer]] = {}
         self.reuse = reuse
         self._ids: list[bytes] = []
+        self.tcp_sizes = (TCP_CONNECTIONS, TCP_PIPELINE, TCP_IDLE)
+        self._tcp_pools: dict[Address, TcpPool] = {}
 
     def close(self) -> None:
         self._poller.close()
@@ -106,6 +108,8 @@ class Exchanger:
             peer.idle.clear()
         if self._timer is not None:
             self._timer.cancel()
+        for pool in self._tcp_pools.values():
+            pool.close()
 
     def peer(self, addr: Address) -> _Peer:
         """The upstream's socket address and idle sockets; callers keep it (hashing an
@@ -216,8 +220,8 @@ class Exchanger:
 
     def sweep(self) -> int:
         """Close the idle sockets that waited more than ``IDLE_MAX_AGE`` (so at low load a
-        port does not stay open between rare queries); returns how many. Called every
-        second by the worker."""
+        port does not stay open between rare queries); returns how many. Idle TCP
+        connections past ``upstream.tcp_idle`` go too. Called every second by the worker."""
         cutoff = self.loop.time() - IDLE_MAX_AGE
         closed = 0
         for peer in self._peers.values():
@@ -232,6 +236,9 @@ class Exchanger:
                 entry[0].close()
                 closed += 1
             peer.idle[:] = keep
+        now = time.monotonic()
+        for pool in self._tcp_pools.values():
+            pool.sweep(now)
         return closed
 
     def _finish(self, q: _Udp, data: bytes | None, err: UpstreamError | None) -> None:
@@ -278,30 +285,31 @@ class Exchanger:
             self._arm(first)
 
     async def tcp(self, addr: Address, key: bytes, timeout: float) -> bytes:
-        host, port = addr
-        label = upstream_label(addr)
-        qid = randbits(16)
-        query = make_upstream_query(qid, key, self.payload)
-        writer: asyncio.StreamWriter | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(str(host), port)
-                writer.write(len(query).to_bytes(2, "big") + query)
-                while True:
-                    size = int.from_bytes(await reader.readexactly(2), "big")
-                    data = await reader.readexactly(size)
-                    if response_id_matches(data, qid) and response_question_matches(data, key):
-                        return data
-                    self.spoofed += 1
-        except TimeoutError:
-            raise UpstreamError(label, f"tcp: no answer in {timeout:g} s") from None
-        except asyncio.IncompleteReadError:
-            raise UpstreamError(label, "tcp: connection closed before the answer") from None
-        except OSError as exc:
-            raise UpstreamError(label, f"tcp: {exc.strerror or exc}") from None
-        finally:
-            if writer is not None:
-                writer.close()
+        """The answer of ``addr`` over a pooled TCP connection (``tcpupstream.py``)."""
+        pool = self._tcp_pools.get(addr)
+        if pool is None:
+            pool = self._tcp_pools[addr] = TcpPool(
+                addr, self._current_payload, self._count_spoofed, *self.tcp_sizes
+            )
+        return await pool.query(key, timeout)
+
+    def configure_tcp(self, connections: int, pipeline: int, idle: float) -> None:
+        """Pool sizes for TCP upstreams (reload: open pools take them too)."""
+        self.tcp_sizes = (connections, pipeline, idle)
+        for pool in self._tcp_pools.values():
+            pool.connections, pool.pipeline, pool.idle = connections, pipeline, idle
+
+    def tcp_connections_opened(self) -> int:
+        return sum(pool.opened for pool in self._tcp_pools.values())
+
+    def tcp_connections_open(self) -> int:
+        return sum(len(pool) for pool in self._tcp_pools.values())
+
+    def _current_payload(self) -> int:
+        return self.payload
+
+    def _count_spoofed(self) -> None:
+        self.spoofed += 1
 
 
 def _settle(fut: asyncio.Future[bytes], data: bytes | None, err: UpstreamError | None) -> None:

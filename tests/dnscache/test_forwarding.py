@@ -156,6 +156,33 @@ def test_per_zone_upstreams_and_tcp_transport(auth: AuthServer, dns_factory: Fac
         assert ask(dns.port, "www.test").rr and auth.count("www.test", proto="udp") == 1
 
 
+def test_a_tcp_zone_reuses_its_upstream_connections(auth: AuthServer, dns_factory: Factory) -> None:
+    # NodeLocal DNSCache's shape: cluster.local over TCP. Forty misses at once and forty
+    # after them must not cost eighty connections on the cluster DNS.
+    with AuthServer("cluster.local.", wildcard_a=True) as cl:
+        doc = base_doc(auth.address, upstream={"timeout": 2.0, "tcp_connections": 2})
+        doc["zones"]["cluster.local"] = {"upstreams": [cl.address], "transport": "tcp"}
+        dns = dns_factory(doc)
+        socks = []
+        try:
+            for i in range(40):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.settimeout(5.0)
+                socks.append(s)
+                s.sendto(make_query(f"p{i}.ns.svc.cluster.local").pack(), ("127.0.0.1", dns.port))
+            names = {str(dnslib.DNSRecord.parse(s.recv(4096)).q.qname) for s in socks}
+        finally:
+            for s in socks:
+                s.close()
+        assert names == {f"p{i}.ns.svc.cluster.local." for i in range(40)}
+        for i in range(40):
+            assert ask(dns.port, f"q{i}.ns.svc.cluster.local").rr
+        assert cl.count("p3.ns.svc.cluster.local", proto="tcp") == 1
+        assert 1 <= cl.tcp_accepted <= 2
+        assert dns.metric("ultranet_dns_upstream_tcp_connections_total") == cl.tcp_accepted
+        assert dns.metric("ultranet_dns_upstream_tcp_open") == cl.tcp_open
+
+
 def test_failover_to_the_next_upstream(auth: AuthServer, dns_factory: Factory) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
         dead.bind(("127.0.0.1", 0))  # bound, never answers

@@ -139,7 +139,7 @@ class TcpPool:
             reader, writer = await asyncio.open_connection(str(host), port)
         finally:
             self._opening -= 1
-            self._wake()  # a slot to open another is free again, or the new one has room
+            self._wake(self.pipeline)  # the new connection's room, or the slot it failed to use
         conn = _Connection(writer)
         self._open.append(conn)
         self.opened += 1
@@ -206,11 +206,12 @@ class TcpPool:
         conn.closed = True
         self._open.remove(conn)
         conn.writer.close()
-        self._wake()
+        self._wake(self.pipeline)
 
-    def _wake(self) -> None:
-        while self._room:
+    def _wake(self, count: int = 1) -> None:
+        """Let up to ``count`` queries waiting for room look again."""
+        while self._room and count:
             waiter = self._room.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                count -= 1

@@ -91,6 +91,24 @@ def test_answers_that_come_out_of_order_reach_their_queries(auth: AuthServer) ->
     assert auth.tcp_accepted == 1
 
 
+def test_queries_are_pipelined_not_sent_one_after_another(auth: AuthServer) -> None:
+    for i in range(20):
+        auth.slow[f"p{i}.test."] = 0.3
+
+    async def main() -> list[str]:
+        pool = pool_for(auth, connections=1)
+        try:
+            answers = await asyncio.gather(*(pool.query(q(f"p{i}.test."), 5.0) for i in range(20)))
+            return [name_of(a) for a in answers]
+        finally:
+            pool.close()
+
+    started = time.monotonic()
+    assert asyncio.run(main()) == [f"p{i}.test." for i in range(20)]
+    assert time.monotonic() - started < 3.0  # one after another: 6 s
+    assert auth.tcp_accepted == 1
+
+
 def test_a_full_pipeline_makes_queries_wait_for_room(auth: AuthServer) -> None:
     for i in range(3):
         auth.slow[f"w{i}.test."] = 0.2

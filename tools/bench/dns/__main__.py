@@ -12,8 +12,10 @@ queries on a Zipf pass with 1 and 2 workers, and the load average (the machine m
 shared). ``--servers`` also takes ``baseline`` (ultranet from the checkout given by
 ``--baseline DIR``, for before/after ratios in one run) and ``ultranet-reuseN``: ultranet with
 ``upstream.socket_reuse: N`` (``ultranet`` alone: the default, 8; ``ultranet-reuse1``: a
-fresh socket and port for every upstream query). Results go to ``tools/bench/dns/out/``
-(not committed).
+fresh socket and port for every upstream query). ``--phases`` picks phases;
+``--upstream-transport tcp`` has every server send every upstream query over TCP (ultranet:
+zone ``.`` with ``transport: tcp``; unbound ``forward-tcp-upstream``; dnsdist ``tcpOnly``;
+dnsmasq cannot). Results go to ``tools/bench/dns/out/`` (not committed).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .servers import (
 )
 
 OUT = Path(__file__).resolve().parent / "out"
+PHASES = ("hot", "zipf", "latency", "miss")  # latency runs at half of the hot phase's rate
 
 
 def write_queries(path: Path, names: list[str]) -> Path:
@@ -134,15 +137,23 @@ def miss_file(work: Path, seconds: float, tag: str) -> Path:
     return write_queries(work / f"miss-{tag}.txt", names)
 
 
-def start(name: str, work: Path, upstream: int, loop: str, baseline: Path | None = None) -> Running:
+def start(
+    name: str,
+    work: Path,
+    upstream: int,
+    loop: str,
+    baseline: Path | None = None,
+    tcp: bool = False,
+) -> Running:
     if name == "baseline":  # ultranet from another checkout, its own defaults
         if baseline is None:
             raise SystemExit("--servers baseline needs --baseline DIR")
-        return start_ultranet(work, upstream, loop=loop, tag=name, repo=baseline.resolve())
+        repo = baseline.resolve()
+        return start_ultranet(work, upstream, loop=loop, tag=name, repo=repo, tcp=tcp)
     if name.startswith("ultranet"):  # "ultranet-reuseN": upstream.socket_reuse N
         reuse = int(name.removeprefix("ultranet-reuse")) if name != "ultranet" else None
-        return start_ultranet(work, upstream, loop=loop, socket_reuse=reuse, tag=name)
-    return STARTERS[name](work, upstream)
+        return start_ultranet(work, upstream, loop=loop, socket_reuse=reuse, tag=name, tcp=tcp)
+    return STARTERS[name](work, upstream, tcp)
 
 
 def bench_servers(
@@ -154,17 +165,19 @@ def bench_servers(
     seconds: float,
     loop: str,
     baseline: Path | None = None,
+    phases: tuple[str, ...] = PHASES,
+    tcp: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Every server runs at once (idle but for its own runs), and each phase goes round the
     servers run by run: on a shared machine the load drifts over minutes, and interleaving
     gives every server the same drift, so their ratios hold better than when each server's
-    runs come in one block."""
+    runs come in one block. ``tcp``: every server sends every upstream query over TCP."""
     servers: dict[str, Running] = {}
     try:
         for name in names:
-            servers[name] = start(name, work, upstream, loop, baseline)
+            servers[name] = start(name, work, upstream, loop, baseline, tcp)
         res: dict[str, dict[str, Any]] = {name: {} for name in names}
-        for phase in ("hot", "zipf"):
+        for phase in [ph for ph in ("hot", "zipf") if ph in phases]:
             for server in servers.values():
                 dnsperf(server.port, files[phase], once=True)  # warm: one pass of the mix
             got: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -174,14 +187,14 @@ def bench_servers(
             for name in names:
                 res[name][phase] = summary(got[name])
         lats: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-        for _ in range(runs):
+        for _ in range(runs if "latency" in phases else 0):
             for name, server in servers.items():
                 half = int(res[name]["hot"]["qps"] / 2)
                 hot = files["hot"]
                 lats[name].append(
                     dnsperf(server.port, hot, seconds=min(seconds, 5), qps=half, verbose=True)
                 )
-        for name in names:
+        for name in names if "latency" in phases else ():
             res[name]["latency_at_half"] = {
                 "offered_qps": int(res[name]["hot"]["qps"] / 2),
                 "p50_ms": statistics.median(x.get("p50_ms", 0.0) for x in lats[name]),
@@ -190,12 +203,12 @@ def bench_servers(
                 "lost": sum(x["lost"] for x in lats[name]),
             }
         misses: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-        for run in range(runs):  # last: dnsmasq wedges on misses and does not recover
+        for run in range(runs if "miss" in phases else 0):  # last: dnsmasq wedges on misses
             for name, server in servers.items():
                 f = miss_file(work, seconds, f"{name}{run}")
                 misses[name].append(timed_run(server, f, seconds))
                 f.unlink()
-        for name in names:
+        for name in names if "miss" in phases else ():
             res[name]["miss"] = summary(misses[name])
         return res
     finally:
@@ -235,7 +248,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a checkout (e.g. a git worktree of an older commit) run as server 'baseline'",
     )
+    p.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="which of hot,zipf,latency,miss to run (latency needs hot)",
+    )
+    p.add_argument(
+        "--upstream-transport",
+        choices=("udp", "tcp"),
+        default="udp",
+        help="tcp: every server sends every upstream query over TCP (dnsmasq cannot)",
+    )
     args = p.parse_args(argv)
+    phases = tuple(args.phases.split(","))
+    if not set(phases) <= set(PHASES) or ("latency" in phases and "hot" not in phases):
+        p.error(f"--phases: a subset of {','.join(PHASES)}, with hot for latency")
+    if args.upstream_transport == "tcp" and "dnsmasq" in args.servers.split(","):
+        p.error("--upstream-transport tcp: dnsmasq cannot send every query over TCP")
     missing = check_tools()
     if missing:
         print(
@@ -261,11 +290,22 @@ def main(argv: list[str] | None = None) -> int:
                 "servers": {},
             }
             names = args.servers.split(",")
+            tcp = args.upstream_transport == "tcp"
+            results["upstream_transport"] = args.upstream_transport
             results["servers"] = bench_servers(
-                names, work, nsd.port, files, args.runs, args.duration, args.loop, args.baseline
+                names,
+                work,
+                nsd.port,
+                files,
+                args.runs,
+                args.duration,
+                args.loop,
+                args.baseline,
+                phases,
+                tcp,
             )
             results["loadavg_after"] = list(os.getloadavg())
-            if "ultranet" in args.servers:
+            if "ultranet" in args.servers and "zipf" in phases and not tcp:
                 results["upstream_queries_zipf_300k"] = upstream_counts(work, nsd.port, up_file)
         finally:
             nsd.stop()
@@ -281,12 +321,15 @@ def _table(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in r["servers"].items():
-        lat = s["latency_at_half"]
+        none = {"qps": float("nan"), "cpu_us_per_answer": "–"}
+        hot, zipf, miss = (s.get(ph, none) for ph in ("hot", "zipf", "miss"))
+        lat = s.get("latency_at_half", {"p50_ms": float("nan"), "p99_ms": float("nan")})
         rows.append(
-            f"| {name} | {s['hot']['qps']:,.0f} | {s['zipf']['qps']:,.0f} | "
-            f"{s['miss']['qps']:,.0f} | {s['hot']['cpu_us_per_answer']} | "
-            f"{s['miss']['cpu_us_per_answer']} | {lat['p50_ms']:.3f} / {lat['p99_ms']:.3f} |"
+            f"| {name} | {hot['qps']:,.0f} | {zipf['qps']:,.0f} | "
+            f"{miss['qps']:,.0f} | {hot['cpu_us_per_answer']} | "
+            f"{miss['cpu_us_per_answer']} | {lat['p50_ms']:.3f} / {lat['p99_ms']:.3f} |"
         )
+    rows.append(f"\nupstream transport: {r.get('upstream_transport', 'udp')}")
     if "upstream_queries_zipf_300k" in r:
         rows.append(f"\nupstream queries, Zipf 300K: {r['upstream_queries_zipf_300k']}")
     rows.append(f"\nload average before: {r['loadavg_before']}, after: {r['loadavg_after']}")

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,15 +147,18 @@ def start_ultranet(
     socket_reuse: int | None = None,
     tag: str = "ultranet",
     repo: Path = REPO,
+    tcp: bool = False,
 ) -> Running:
     """``socket_reuse`` None: the default (``dnscache/config.py``); ``tag`` names its files;
-    ``repo``: the checkout whose ``dnscache`` runs (another one: a baseline in the same run)."""
+    ``repo``: the checkout whose ``dnscache`` runs (another one: a baseline in the same run);
+    ``tcp``: zone ``.`` always over TCP."""
     port = free_port()
     conf = work / f"{tag}-{workers}.yaml"
     reuse = "" if socket_reuse is None else f", socket_reuse: {socket_reuse}"
+    zones = f"zones: {{'.': {{upstreams: ['127.0.0.1:{upstream}'], transport: tcp}}}}\n"
     conf.write_text(
         f"cache: {{capacity: {CACHE_ENTRIES}}}\nacl: [127.0.0.0/8]\n"
-        f"upstream: {{max_concurrent: 10000{reuse}}}\n"
+        f"upstream: {{max_concurrent: 10000{reuse}}}\n" + (zones if tcp else "")
     )
     argv = [
         sys.executable,
@@ -201,7 +205,9 @@ def _check_imports_from(repo: Path, env: dict[str, str]) -> None:
         raise SystemExit(f"ultranet from {repo} would import {where}, not its own dnscache")
 
 
-def start_dnsmasq(work: Path, upstream: int) -> Running:
+def start_dnsmasq(work: Path, upstream: int, tcp: bool = False) -> Running:
+    if tcp:
+        raise ValueError("dnsmasq cannot send every upstream query over TCP")
     port = free_port()
     argv = [
         "dnsmasq",
@@ -222,7 +228,7 @@ def start_dnsmasq(work: Path, upstream: int) -> Running:
     return Running("dnsmasq", port, proc)
 
 
-def start_unbound(work: Path, upstream: int) -> Running:
+def start_unbound(work: Path, upstream: int, tcp: bool = False) -> Running:
     port = free_port()
     conf = work / "unbound.conf"
     conf.write_text(f"""server:
@@ -251,6 +257,7 @@ def start_unbound(work: Path, upstream: int) -> Running:
 forward-zone:
   name: "."
   forward-addr: 127.0.0.1@{upstream}
+  forward-tcp-upstream: {"yes" if tcp else "no"}
 remote-control:
   control-enable: no
 """)
@@ -259,13 +266,14 @@ remote-control:
     return Running("unbound", port, proc)
 
 
-def start_dnsdist(work: Path, upstream: int) -> Running:
+def start_dnsdist(work: Path, upstream: int, tcp: bool = False) -> Running:
     port = free_port()
     conf = work / "dnsdist.conf"
+    tcp_only = ", tcpOnly=true" if tcp else ""
     conf.write_text(f"""setSecurityPollSuffix("")
 setLocal("127.0.0.1:{port}")
 addACL("127.0.0.0/8")
-newServer({{address="127.0.0.1:{upstream}", checkName="ready.{ZONE}"}})
+newServer({{address="127.0.0.1:{upstream}", checkName="ready.{ZONE}"{tcp_only}}})
 pc = newPacketCache({CACHE_ENTRIES}, {{maxTTL=86400}})
 getPool(""):setCache(pc)
 """)
@@ -275,8 +283,8 @@ getPool(""):setCache(pc)
     return Running("dnsdist", port, proc)
 
 
-STARTERS = {
-    "ultranet": start_ultranet,
+# The C peers: (work, upstream port, every upstream query over TCP) -> Running.
+STARTERS: dict[str, Callable[[Path, int, bool], Running]] = {
     "dnsmasq": start_dnsmasq,
     "unbound": start_unbound,
     "dnsdist": start_dnsdist,

@@ -10,17 +10,21 @@ spoofed and ignored). A connection is closed after ``idle`` seconds without a qu
 flight (``sweep``), when the upstream closes it, on any error, and when a query on it times
 out with nothing answered on it since that query was sent (a connection that went silent).
 
-Where a query goes: the least busy open connection, unless every open one is busy and the
-pool may open another; when all are full, the query waits for room (the caller's deadline
-still runs). A query that was in flight on a connection the upstream closed, where that
-connection had already answered before (so it had been idle: servers close idle connections
-when they like, RFC 7766 §6.2.3), is sent once more on another connection; any other
-failure is the caller's to handle (the resolver moves to the next upstream).
+Where a query goes: the least busy open connection with room (while it is busy and the pool
+may open another, one is opened in the background for the queries after it); with none open,
+a new one; when all are full, the query waits for room (the caller's deadline still runs).
+A query that gave up on a connection that stays open keeps its ID reserved there until its
+late answer comes, so that answer can never pass for a newer query's (whose question may
+differ only in CD). A query that was in flight on a connection the upstream closed, where
+that connection had already answered before (so it had been idle: servers close idle
+connections when they like, RFC 7766 §6.2.3), is sent once more on another connection; any
+other failure is the caller's to handle (the resolver moves to the next upstream).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections import deque
@@ -32,6 +36,9 @@ from .errors import UpstreamError
 from .policy import upstream_label
 from .wire import make_upstream_query, response_question_matches
 
+log = logging.getLogger("ultranet.dns")
+CONNECT_TIMEOUT = 5.0  # seconds for a connection opened in the background
+
 
 class _Closed(Exception):
     """The connection went away before the answer; ``reused``: it had answered before."""
@@ -42,15 +49,29 @@ class _Closed(Exception):
 
 
 class _Connection:
-    __slots__ = ("writer", "waiting", "answered", "idle_since", "closed", "reader_task")
+    __slots__ = (
+        "writer",
+        "waiting",
+        "abandoned",
+        "answered",
+        "idle_since",
+        "closed",
+        "reader_task",
+    )
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.waiting: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}  # ID -> (key, answer)
+        # IDs of queries that gave up (timeout) while the upstream may still answer them:
+        # not reused until that late answer comes, so it cannot pass for a newer query's.
+        self.abandoned: set[int] = set()
         self.answered = 0
         self.idle_since = time.monotonic()
         self.closed = False
         self.reader_task: asyncio.Task[None] | None = None
+
+    def load(self) -> int:
+        return len(self.waiting) + len(self.abandoned)
 
 
 class TcpPool:
@@ -74,6 +95,8 @@ class TcpPool:
         self._open: list[_Connection] = []
         self._opening = 0
         self._room: deque[asyncio.Future[None]] = deque()  # queries waiting for a free slot
+        self._background: set[asyncio.Task[_Connection]] = set()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -96,6 +119,10 @@ class TcpPool:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise UpstreamError(self.label, f"tcp: {why}") from None
 
+    def resized(self) -> None:
+        """``connections`` or ``pipeline`` changed (reload): queued queries look again."""
+        self._wake(len(self._room))
+
     def sweep(self, now: float) -> None:
         """Close connections idle for ``idle`` seconds or more."""
         for conn in list(self._open):
@@ -103,6 +130,9 @@ class TcpPool:
                 self._close(conn)
 
     def close(self) -> None:
+        self._closed = True
+        for task in list(self._background):
+            task.cancel()
         for conn in list(self._open):
             self._close(conn)
             if conn.reader_task is not None:
@@ -115,31 +145,65 @@ class TcpPool:
     # -- inside ---------------------------------------------------------------------------
 
     async def _connection(self) -> _Connection:
+        """The least busy connection with room; a new one only when none is open or being
+        opened. Other new connections are opened in the background (beside a busy one, or
+        during a burst), so no query waits on a connect that an upstream at its connection
+        limit may never complete while another connection could carry it."""
+        queued_before = False
         while True:
+            if self._closed:
+                raise _Closed("pool closed", reused=False)
             best: _Connection | None = None
             for conn in self._open:
-                if len(conn.waiting) < self.pipeline and (
-                    best is None or len(conn.waiting) < len(best.waiting)
-                ):
+                if conn.load() < self.pipeline and (best is None or conn.load() < best.load()):
                     best = conn
-            if best is not None and not best.waiting:
-                return best
-            if len(self._open) + self._opening < self.connections:
-                return await self._connect()
+            can_open = len(self._open) + self._opening < self.connections
             if best is not None:
+                if best.load() and can_open:
+                    self._open_in_background()
                 return best
+            if can_open and not self._opening:
+                self._opening += 1
+                return await self._connect()
+            if can_open:  # a burst while the first connection opens: more, beside it
+                self._open_in_background()
             waiter = asyncio.get_running_loop().create_future()
-            self._room.append(waiter)
-            await waiter
+            if queued_before:
+                self._room.appendleft(waiter)  # woken but beaten to the room: keep its place
+            else:
+                self._room.append(waiter)
+            queued_before = True
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled before it ran: pass the turn on
+                raise
 
-    async def _connect(self) -> _Connection:
+    def _open_in_background(self) -> None:
+        self._opening += 1  # now: the task starts later, and the next query must see it
+        task = asyncio.get_running_loop().create_task(self._connect(CONNECT_TIMEOUT))
+        self._background.add(task)
+        task.add_done_callback(self._opened_in_background)
+
+    def _opened_in_background(self, task: asyncio.Task[_Connection]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("tcp upstream %s: connect failed: %s", self.label, task.exception())
+
+    async def _connect(self, timeout: float | None = None) -> _Connection:
+        """A new connection, counted in ``_opening`` by the caller; ``timeout`` bounds a
+        connect no query waits on (one a query waits on has that query's deadline)."""
         host, port = self.addr
-        self._opening += 1
         try:
-            reader, writer = await asyncio.open_connection(str(host), port)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(str(host), port)
         finally:
             self._opening -= 1
             self._wake(self.pipeline)  # the new connection's room, or the slot it failed to use
+        if self._closed:
+            writer.close()
+            raise _Closed("pool closed", reused=False)
         conn = _Connection(writer)
         self._open.append(conn)
         self.opened += 1
@@ -150,7 +214,7 @@ class TcpPool:
         if conn.closed:
             raise _Closed("connection closed before the query", reused=True)
         qid = randbits(16)
-        while qid in conn.waiting:
+        while qid in conn.waiting or qid in conn.abandoned:
             qid = randbits(16)
         query = make_upstream_query(qid, key, self._payload())
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -159,13 +223,14 @@ class TcpPool:
         try:
             conn.writer.write(len(query).to_bytes(2, "big") + query)
             return await answer
-        except asyncio.CancelledError:
-            if conn.answered == answered:  # nothing came back on it since: treat it as dead
-                self._close(conn)
+        except asyncio.CancelledError:  # gave up (timeout): its answer may still come
+            if conn.waiting.pop(qid, None) is not None and not conn.closed:
+                if conn.answered == answered or len(conn.abandoned) >= self.pipeline:
+                    self._close(conn)  # nothing came back since it was sent: gone silent
+                else:
+                    conn.abandoned.add(qid)
             raise
         finally:
-            if conn.waiting.get(qid, (None, None))[1] is answer:
-                del conn.waiting[qid]  # gave up (timeout): a late answer is dropped
             if not conn.waiting:
                 conn.idle_since = time.monotonic()
             self._wake()
@@ -179,7 +244,12 @@ class TcpPool:
                 qid = data[0] << 8 | data[1] if len(data) >= 2 else -1
                 waiting = conn.waiting.get(qid)
                 if waiting is None:
-                    continue  # its query gave up already
+                    if qid in conn.abandoned:
+                        conn.abandoned.discard(qid)  # the late answer: its ID is free again
+                        self._wake()
+                    else:
+                        self._on_spoofed()
+                    continue
                 key, answer = waiting
                 if not response_question_matches(data, key):
                     self._on_spoofed()

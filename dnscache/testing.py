@@ -12,6 +12,7 @@ and can close every open one (``close_tcp``), as a server's idle timer would.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 from collections import Counter
@@ -73,12 +74,26 @@ class AuthServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._udp.bind(("127.0.0.1", 0))
-        self.port = self._udp.getsockname()[1]
-        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._tcp.bind(("127.0.0.1", self.port))
+        # UDP picks the port, TCP must get the same number: another socket (a TIME-WAIT one
+        # left by earlier connections, say) may hold it for TCP, so try a few.
+        for _ in range(50):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+            except OSError as err:
+                udp.close()
+                tcp.close()
+                if err.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            break
+        else:
+            raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
+        self._udp, self._tcp = udp, tcp
+        self.port = udp.getsockname()[1]
         self._tcp.listen(128)
         self._thread = threading.Thread(target=self._serve, name="auth-server", daemon=True)
         self._thread.start()

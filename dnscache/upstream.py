@@ -298,6 +298,7 @@ class Exchanger:
         self.tcp_sizes = (connections, pipeline, idle)
         for pool in self._tcp_pools.values():
             pool.connections, pool.pipeline, pool.idle = connections, pipeline, idle
+            pool.resized()
 
     def tcp_connections_opened(self) -> int:
         return sum(pool.opened for pool in self._tcp_pools.values())

@@ -7,11 +7,12 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dnslib
 import pytest
 
+from dnscache import tcpupstream
 from dnscache.config import Address
 from dnscache.errors import UpstreamError
 from dnscache.tcpupstream import TcpPool
@@ -247,3 +248,168 @@ def test_the_exchanger_keeps_one_pool_per_upstream_and_reload_resizes_it(
 
     assert asyncio.run(main()) == (1, (3, 50, 1.0))
     assert auth.tcp_accepted == 1
+
+
+# -- regressions from review: an in-loop upstream on a port of its own ------------------------
+
+
+async def fake_upstream(
+    delay: Callable[[dnslib.DNSRecord], float] = lambda rec: 0.0,
+) -> tuple[asyncio.Server, Address]:
+    """Answers A 6.6.6.6 to CD=1 queries and 1.1.1.1 to others, each after ``delay(rec)``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def answer(rec: dnslib.DNSRecord) -> None:
+            await asyncio.sleep(delay(rec))
+            reply = rec.reply()
+            ip = "6.6.6.6" if rec.header.cd else "1.1.1.1"
+            reply.add_answer(dnslib.RR(rec.q.qname, rdata=dnslib.A(ip)))
+            data = reply.pack()
+            writer.write(len(data).to_bytes(2, "big") + data)
+
+        pending = set()
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                task = asyncio.create_task(
+                    answer(dnslib.DNSRecord.parse(await reader.readexactly(size)))
+                )
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            for task in pending:
+                task.cancel()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, (ipaddress.ip_address("127.0.0.1"), server.sockets[0].getsockname()[1])
+
+
+def cd_key(name: str, cd: bool) -> bytes:
+    rec = dnslib.DNSRecord.question(name)
+    rec.header.cd = int(cd)
+    found = fast_query(bytes(rec.pack()), 1232)
+    assert found is not None
+    return found[0]
+
+
+def ip_of(answer: bytes) -> str:
+    return str(dnslib.DNSRecord.parse(answer).rr[0].rdata)
+
+
+def test_a_waiter_cancelled_after_its_wake_up_passes_the_turn_on() -> None:
+    async def main() -> float:
+        server, addr = await fake_upstream(lambda rec: 0.2 if str(rec.q.qname) == "a.test." else 0)
+        pool = TcpPool(addr, lambda: 1232, lambda: None, connections=1, pipeline=1)
+        try:
+            second: asyncio.Task[bytes] | None = None
+
+            async def first() -> bytes:
+                answer = await pool.query(q("a.test."), 5.0)
+                assert second is not None
+                second.cancel()  # as its own deadline would, in the loop turn it was woken in
+                return answer
+
+            one = asyncio.create_task(first())
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(pool.query(q("b.test."), 5.0))
+            await asyncio.sleep(0)
+            third = asyncio.create_task(pool.query(q("c.test."), 2.0))
+            await asyncio.sleep(0)
+            await one
+            started = time.monotonic()
+            assert name_of(await third) == "c.test."
+            return time.monotonic() - started
+        finally:
+            pool.close()
+            server.close()
+
+    assert asyncio.run(main()) < 1.0  # not left waiting for its 2 s deadline
+
+
+def test_the_id_of_a_query_that_gave_up_is_not_reused_before_its_late_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The late answer to a CD=1 query must not reach a CD=0 query for the same name that
+    # drew the same ID: the draw is forced to repeat it, the pool must draw again.
+    draws = iter([0x1234, 0x2222, 0x1234, 0x3333])
+    monkeypatch.setattr(tcpupstream, "randbits", lambda bits: next(draws))
+
+    def delay(rec: dnslib.DNSRecord) -> float:
+        return (0.5 if rec.header.cd else 1.0) if str(rec.q.qname) == "x.test." else 0.0
+
+    async def main() -> tuple[int, str]:
+        server, addr = await fake_upstream(delay)
+        pool = TcpPool(addr, lambda: 1232, lambda: None, connections=1)
+        try:
+            gave_up = asyncio.create_task(pool.query(cd_key("x.test.", True), 0.3))
+            await asyncio.sleep(0.01)
+            await pool.query(q("k.test."), 1.0)  # the connection answers, so it stays open
+            with pytest.raises(UpstreamError, match="no answer"):
+                await gave_up
+            return len(pool), ip_of(await pool.query(cd_key("x.test.", False), 2.0))
+        finally:
+            pool.close()
+            server.close()
+
+    assert asyncio.run(main()) == (1, "1.1.1.1")
+
+
+def test_an_upstream_that_accepts_one_connection_still_answers_every_query() -> None:
+    # At its connection limit an upstream refuses further connections: queries must go on
+    # the open connection, not wait on (and fail with) a connect of their own.
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        addr = (ipaddress.ip_address("127.0.0.1"), listener.getsockname()[1])
+
+        async def one_connection() -> None:
+            conn, _ = await loop.sock_accept(listener)
+            listener.close()  # no more: later connects are refused
+            reader, writer = await asyncio.open_connection(sock=conn)
+            try:
+                while True:
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    data = dnslib.DNSRecord.parse(await reader.readexactly(size)).reply().pack()
+                    writer.write(len(data).to_bytes(2, "big") + data)
+            except asyncio.IncompleteReadError:
+                pass
+            finally:
+                writer.close()
+
+        upstream = asyncio.create_task(one_connection())
+        pool = TcpPool(addr, lambda: 1232, lambda: None, connections=4)
+        try:
+            answers = await asyncio.gather(*(pool.query(q(f"n{i}.test."), 1.0) for i in range(8)))
+            return [name_of(a) for a in answers]
+        finally:
+            pool.close()
+            await asyncio.wait_for(upstream, 5.0)
+            listener.close()
+
+    assert asyncio.run(main()) == [f"n{i}.test." for i in range(8)]
+
+
+def test_a_closed_pool_opens_nothing_more() -> None:
+    async def main() -> tuple[str, int, int]:
+        server, addr = await fake_upstream(lambda rec: 1.0 if str(rec.q.qname) == "s.test." else 0)
+        pool = TcpPool(addr, lambda: 1232, lambda: None)
+        try:
+            await pool.query(q("first.test."), 2.0)
+            in_flight = asyncio.create_task(pool.query(q("s.test."), 5.0))
+            await asyncio.sleep(0.05)
+            pool.close()
+            with pytest.raises(UpstreamError) as closed:
+                await in_flight
+            return str(closed.value), len(pool), pool.opened
+        finally:
+            server.close()
+
+    error, left, opened = asyncio.run(main())
+    assert "pool closed" in error or "closed before the answer" in error
+    assert (left, opened) == (0, 1)

@@ -40,6 +40,10 @@ log = logging.getLogger("ultranet.dns")
 CONNECT_TIMEOUT = 5.0  # seconds for a connection opened in the background
 
 
+def _random_id() -> int:
+    return randbits(16)
+
+
 class _Closed(Exception):
     """The connection went away before the answer; ``reused``: it had answered before."""
 
@@ -85,8 +89,16 @@ class TcpPool:
         connections: int = 4,
         pipeline: int = 100,
         idle: float = 10.0,
+        *,
+        next_id: Callable[[], int] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """``next_id``: a fresh random 16-bit ID (default ``secrets.randbits``); ``loop``:
+        the worker's (default: the running one at first use; looking it up costs a
+        ``getpid`` system call each time, so it is looked up once)."""
         self.addr = addr
+        self._next_id = next_id if next_id is not None else _random_id
+        self._loop = loop
         self.label = upstream_label(addr)
         self.connections, self.pipeline, self.idle = connections, pipeline, idle
         self.opened = 0  # connections opened over the pool's life (a metric)
@@ -100,6 +112,11 @@ class TcpPool:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def query(self, key: bytes, timeout: float) -> bytes:
         """The upstream's answer to ``key``; UpstreamError on timeout, refusal or loss."""
@@ -167,7 +184,7 @@ class TcpPool:
                 return await self._connect()
             if can_open:  # a burst while the first connection opens: more, beside it
                 self._open_in_background()
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._running().create_future()
             if queued_before:
                 self._room.appendleft(waiter)  # woken but beaten to the room: keep its place
             else:
@@ -182,7 +199,7 @@ class TcpPool:
 
     def _open_in_background(self) -> None:
         self._opening += 1  # now: the task starts later, and the next query must see it
-        task = asyncio.get_running_loop().create_task(self._connect(CONNECT_TIMEOUT))
+        task = self._running().create_task(self._connect(CONNECT_TIMEOUT))
         self._background.add(task)
         task.add_done_callback(self._opened_in_background)
 
@@ -207,17 +224,17 @@ class TcpPool:
         conn = _Connection(writer)
         self._open.append(conn)
         self.opened += 1
-        conn.reader_task = asyncio.get_running_loop().create_task(self._read(conn, reader))
+        conn.reader_task = self._running().create_task(self._read(conn, reader))
         return conn
 
     async def _ask(self, conn: _Connection, key: bytes) -> bytes:
         if conn.closed:
             raise _Closed("connection closed before the query", reused=True)
-        qid = randbits(16)
+        qid = self._next_id()
         while qid in conn.waiting or qid in conn.abandoned:
-            qid = randbits(16)
+            qid = self._next_id()
         query = make_upstream_query(qid, key, self._payload())
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[bytes] = self._running().create_future()
         conn.waiting[qid] = (key, answer)
         answered = conn.answered
         try:

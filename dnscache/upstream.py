@@ -289,7 +289,12 @@ class Exchanger:
         pool = self._tcp_pools.get(addr)
         if pool is None:
             pool = self._tcp_pools[addr] = TcpPool(
-                addr, self._current_payload, self._count_spoofed, *self.tcp_sizes
+                addr,
+                self._current_payload,
+                self._count_spoofed,
+                *self.tcp_sizes,
+                next_id=self._next_tcp_id,
+                loop=self.loop,
             )
         return await pool.query(key, timeout)
 
@@ -305,6 +310,10 @@ class Exchanger:
 
     def tcp_connections_open(self) -> int:
         return sum(len(pool) for pool in self._tcp_pools.values())
+
+    def _next_tcp_id(self) -> int:
+        ids = self._ids
+        return int.from_bytes(ids.pop() if ids else self._refill_ids(), "big")
 
     def _current_payload(self) -> int:
         return self.payload

@@ -85,11 +85,16 @@ class _Worker:
         try:
             while True:
                 fd, made = self.requests.get()
+                if not made.set_running_or_notify_cancel():  # nobody waits for it any more
+                    os.close(fd)
+                    continue
                 try:
                     _setns(fd)
                 except OSError as err:
                     made.set_exception(err)
                     continue
+                finally:
+                    os.close(fd)  # before the answer: the caller sees it closed
                 try:
                     sock: socket.socket | OSError = socket.socket(
                         socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE
@@ -112,13 +117,17 @@ class _Worker:
             os.close(home)
 
     def _strand(self) -> None:
-        with self._lock:
+        queued = []
+        with self._lock:  # no begin() can queue behind this thread once the flag is set
             self.stranded.set()
             while True:
                 try:
-                    _, made = self.requests.get_nowait()
+                    queued.append(self.requests.get_nowait())
                 except queue.Empty:
-                    return
+                    break
+        for fd, made in queued:  # outside the lock: their callbacks may call begin()
+            os.close(fd)
+            if made.set_running_or_notify_cancel():
                 made.set_exception(OSError(errno.EAGAIN, "namespace thread replaced; try again"))
 
 
@@ -130,8 +139,8 @@ class _NamespaceEntry:
         self._worker: _Worker | None = None
 
     def begin(self, fd: int) -> Future[socket.socket]:
-        """Start making a NETLINK_ROUTE socket in the namespace ``fd`` refers to; ``fd``
-        must stay open until the future is done."""
+        """Start making a NETLINK_ROUTE socket in the namespace ``fd`` refers to. The thread
+        owns ``fd`` once this returns, and closes it before it answers."""
         with self._lock:
             if self._worker is None or self._worker.stranded.is_set():
                 self._worker = _Worker(self._lock)  # a stranded one has exited or will
@@ -160,7 +169,6 @@ class PendingSocket:
         except BaseException:
             os.close(fd)
             raise
-        self._made.add_done_callback(lambda _: os.close(fd))
 
     def result(self) -> socket.socket:
         """Wait for the socket; NamespaceError if the namespace could not be entered."""

@@ -129,10 +129,14 @@ def _plumbing_error(step: str, err: BaseException) -> CniError:
     return CniError(ErrorCode.PLUMBING_FAILED, f"{step} failed", str(err))
 
 
+# Entering a namespace failed for a reason of the daemon's, not of CNI_NETNS: try again.
+_OURS_TO_RETRY = frozenset((errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+
+
 def _namespace_error(netns: str, err: NamespaceError) -> CniError:
     if err.errno == errno.ENOENT:
         return CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone")
-    if err.errno == errno.EAGAIN:  # the namespace thread was being replaced
+    if err.errno in _OURS_TO_RETRY:  # the daemon's trouble (its thread, fds, memory)
         return CniError(ErrorCode.TRY_AGAIN_LATER, f"CNI_NETNS={netns!r}: {err.strerror}")
     return CniError(ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r}: {err.strerror}")
 
@@ -471,8 +475,10 @@ class Plumbing:
                 pod.batch(
                     [rtnl.rule("src", a, RULE_POD_TABLE, None, delete=True) for a in addresses]
                 )
-        except CniError:
-            return []  # the namespace is gone, and its rules with it
+        except CniError as err:
+            if err.code == ErrorCode.UNKNOWN_CONTAINER:
+                return []  # the namespace is gone, and its rules with it
+            return [f"pod rules in {netns}: {err.msg}"]
         except RtnlError as err:
             return [f"pod rules in {netns}: {err}"]
         return []

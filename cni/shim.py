@@ -214,7 +214,10 @@ def spool_name(env: dict[bytes, bytes]) -> bytes:
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[posix.write(fd, view) :]
+        try:
+            view = view[posix.write(fd, view) :]
+        except BlockingIOError:  # a runtime's non-blocking pipe, full: wait for room
+            posix.set_blocking(fd, True)
 
 
 def spool(directory: bytes, env: dict[bytes, bytes], stdin: bytes) -> bytes:
@@ -275,9 +278,12 @@ def main() -> int:
         code, stdout, stderr = 1, error_json(LATEST, 5, "cannot read stdin", str(err)), b""
     else:
         code, stdout, stderr = run(posix.environ, stdin)
+    write_all(1, stdout)  # first: the answer must not depend on stderr being writable
     if stderr:
-        write_all(2, stderr)
-    write_all(1, stdout)
+        try:
+            write_all(2, stderr)
+        except OSError:  # diagnostics only; the answer is out
+            pass
     return code
 
 

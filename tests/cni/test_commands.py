@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cni import shim
+from cni import netlink, shim
 from cni.errors import CniError, ErrorCode
 from cni.handler import CniHandler
 from cni.plumbing import Plumbing, host_ifname
@@ -152,6 +154,37 @@ def test_a_namespace_removed_while_the_add_starts_is_code_3_and_leaves_nothing(
     out = run(scenario())
     assert out["code"] == 3 and "gone" in out["msg"], out
     assert backend.held() == set() and host_state(lab) == before
+
+
+@pytest.mark.parametrize("failure", [errno.EAGAIN, errno.EMFILE])
+def test_a_pod_socket_failing_after_the_veth_is_code_11_and_leaves_nothing(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, failure: int
+) -> None:
+    # The daemon's own trouble entering the namespace (its thread replaced, out of
+    # descriptors) is worth a retry, not "invalid environment"; the veth made meanwhile goes.
+    pod_ns = lab.create_pod_namespace("late")
+    backend = backend_of(lab)
+    before, before_pod = host_state(lab), pod_state(pod_ns)
+
+    class NoSockets:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(socket, name)
+
+        def socket(self, *args: Any) -> socket.socket:
+            raise OSError(failure, os.strerror(failure))
+
+    async def scenario() -> dict[str, Any]:
+        async with node(lab, backend) as n:
+            with monkeypatch.context() as patched:
+                patched.setattr(netlink, "socket", NoSockets())
+                out = await error(n, env("ADD", "c1", ns_path(pod_ns)), conf())
+            await n.plumbing.settle()
+            return out
+
+    out = run(scenario())
+    assert out["code"] == 11, out
+    assert host_state(lab) == before and pod_state(pod_ns) == before_pod
+    assert backend.held() == set()
 
 
 def test_pool_exhausted_and_backend_down_are_code_11(lab: Lab) -> None:

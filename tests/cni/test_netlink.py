@@ -171,3 +171,31 @@ def test_requests_queued_behind_a_stranded_thread_are_answered(
     with netlink.socket_in(namespace) as sock:  # a new thread serves
         assert _link_names(sock) == {"lo"}
     assert _namespace_of_thread("netns-enter") == _here()
+
+
+def test_a_cancelled_request_is_skipped_and_the_thread_serves_on(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netlink.socket_in(namespace).close()
+    real_setns = netlink._setns
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def setns_held_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(5)
+        real_setns(fd)
+
+    monkeypatch.setattr(netlink, "_setns", setns_held_once)
+    first = netlink.PendingSocket(namespace)
+    assert entered.wait(5)
+    second = netlink.PendingSocket(namespace)
+    assert second._made.cancel()  # as asyncio.wrap_future's cancel would
+    release.set()
+    first.result().close()
+    third = netlink.PendingSocket(namespace)
+    with third._made.result(timeout=5) as sock:  # answered: the thread did not die
+        assert _link_names(sock) == {"lo"}
+    assert _fds_on_namespace(namespace) == 0  # the cancelled request's descriptor too

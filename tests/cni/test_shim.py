@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,10 +224,10 @@ def test_del_that_cannot_be_spooled_is_code_11(installed: Path, tmp_path: Path) 
     assert code == 1 and out["code"] == 11 and "cannot spool" in str(out["msg"])
 
 
-def test_the_daemons_whole_answer_reaches_the_runtime(installed: Path, tmp_path: Path) -> None:
-    # The shim ends in posix._exit, which flushes nothing: its exit code and both streams
-    # must all be out by then, here each larger than a pipe's 64 KiB.
-    stdout, stderr = b"o" * 300_000 + b"\n", b"e" * 70_000
+def answered_by_a_daemon(
+    installed: Path, tmp_path: Path, answer: bytes, **run: Any
+) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """Exec the shim against a one-shot daemon that sends ``answer``; (the run, what it got)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp_path / "daemon.sock"))
     listener.listen(1)
@@ -237,7 +238,7 @@ def test_the_daemons_whole_answer_reaches_the_runtime(installed: Path, tmp_path:
         with conn:
             kind, size = shim.parse_header(conn.recv(9, socket.MSG_WAITALL))
             received.append(kind + conn.recv(size, socket.MSG_WAITALL))
-            conn.sendall(shim.encode_answer(7, stdout, stderr))
+            conn.sendall(answer)
 
     daemon = threading.Thread(target=answer_once)
     daemon.start()
@@ -246,13 +247,33 @@ def test_the_daemons_whole_answer_reaches_the_runtime(installed: Path, tmp_path:
             [str(installed)],
             input=conf(),
             env={**env("ADD", "c1", "/run/netns/x"), "ULTRANET_CNI_SOCKET": listener.getsockname()},
-            capture_output=True,
             timeout=30,
+            **run,
         )
     finally:
         daemon.join(timeout=30)
         listener.close()
+    return done, received[0]
+
+
+def test_the_daemons_whole_answer_reaches_the_runtime(installed: Path, tmp_path: Path) -> None:
+    # The shim ends in posix._exit, which flushes nothing: its exit code and both streams
+    # must all be out by then, here each larger than a pipe's 64 KiB.
+    stdout, stderr = b"o" * 300_000 + b"\n", b"e" * 70_000
+    done, received = answered_by_a_daemon(
+        installed, tmp_path, shim.encode_answer(7, stdout, stderr), capture_output=True
+    )
     assert (done.returncode, done.stdout, done.stderr) == (7, stdout, stderr)
-    sent, body = shim.decode_request(received[0][1:])
-    assert received[0][:1] == shim.REQUEST and body == conf()
+    sent, body = shim.decode_request(received[1:])
+    assert received[:1] == shim.REQUEST and body == conf()
     assert sent[b"CNI_COMMAND"] == b"ADD"
+
+
+def test_a_closed_stderr_costs_the_runtime_nothing_of_the_answer(
+    installed: Path, tmp_path: Path
+) -> None:
+    answer = shim.encode_answer(0, b'{"cniVersion": "1.1.0"}\n', b"a warning")
+    done, _ = answered_by_a_daemon(
+        installed, tmp_path, answer, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2)
+    )
+    assert (done.returncode, done.stdout) == (0, b'{"cniVersion": "1.1.0"}\n')

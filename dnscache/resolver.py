@@ -129,6 +129,7 @@ class Resolver:
         self.exchanger.reuse = cfg.upstream.socket_reuse
         up = cfg.upstream
         self.exchanger.configure_tcp(up.tcp_connections, up.tcp_pipeline, up.tcp_idle)
+        self.exchanger.keep_tcp_pools({a for zone in cfg.zones for a in zone.upstreams})
         self.cache.shrink(cfg.cache.capacity)
 
     # -- answering ------------------------------------------------------------------------

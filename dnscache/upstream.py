@@ -305,6 +305,12 @@ class Exchanger:
             pool.connections, pool.pipeline, pool.idle = connections, pipeline, idle
             pool.resized()
 
+    def keep_tcp_pools(self, upstreams: set[Address]) -> None:
+        """Close the pools of upstreams no longer configured (reload): their connections
+        would otherwise stay open until idle, and the pools for good."""
+        for addr in [a for a in self._tcp_pools if a not in upstreams]:
+            self._tcp_pools.pop(addr).close()
+
     def tcp_connections_opened(self) -> int:
         return sum(pool.opened for pool in self._tcp_pools.values())
 

@@ -413,3 +413,23 @@ def test_a_closed_pool_opens_nothing_more() -> None:
     error, left, opened = asyncio.run(main())
     assert "pool closed" in error or "closed before the answer" in error
     assert (left, opened) == (0, 1)
+
+
+def test_a_reload_closes_the_pools_of_upstreams_it_dropped(auth: AuthServer) -> None:
+    async def main() -> tuple[int, int, int]:
+        other, other_addr = await fake_upstream()
+        exchanger = Exchanger(asyncio.get_running_loop(), 1232)
+        try:
+            await exchanger.tcp(address_of(auth), q("a.test."), 2.0)
+            await exchanger.tcp(other_addr, q("b.test."), 2.0)
+            both = exchanger.tcp_connections_open()
+            exchanger.keep_tcp_pools({address_of(auth)})  # the reload dropped the other
+            kept = exchanger.tcp_connections_open()
+            await exchanger.tcp(address_of(auth), q("c.test."), 2.0)
+            return both, kept, len(exchanger._tcp_pools)
+        finally:
+            exchanger.close()
+            other.close()
+
+    assert asyncio.run(main()) == (2, 1, 1)
+    assert auth.tcp_accepted == 1

@@ -186,7 +186,7 @@ class PendingSocket:
 
 
 def _close_made(made: Future[socket.socket]) -> None:
-    if made.exception() is None:
+    if not made.cancelled() and made.exception() is None:
         made.result().close()
 
 

@@ -57,7 +57,7 @@ def test_p5_start_from_preassigned_prefixes_makes_no_ec2_call(
     assert status["boto3_loaded"] is False
     assert lab.cloud.requests.count() == 0
     # The lab's daemon serves the CNI shim from its own directory, never the host's path.
-    assert (daemon.state_dir / "cni.sock").is_socket()
+    assert daemon.wait_cni_socket() == daemon.state_dir / "cni.sock"
 
 
 def test_the_conflist_appears_only_once_the_warm_pool_is_met(

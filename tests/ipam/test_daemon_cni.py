@@ -47,6 +47,7 @@ def node(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab, IpamdPr
     (shim,) = install(tmp_path / "bin", None, python=sys.executable)
     try:
         daemon.wait_ready()
+        daemon.wait_cni_socket()  # bound after ready: the shim's first exec needs it
         yield lab, daemon, shim
     finally:
         daemon.stop()
@@ -60,7 +61,7 @@ def exec_shim(
         ["ip", "netns", "exec", lab.node_ns, str(shim)],
         env={
             "PATH": "/usr/bin:/bin",
-            "ULTRANET_CNI_SOCKET": str(daemon.state_dir / "cni.sock"),
+            "ULTRANET_CNI_SOCKET": str(daemon.cni_socket),
             "ULTRANET_CNI_SPOOL": str(daemon.state_dir / "spool"),
             **variables,
         },
@@ -114,6 +115,7 @@ def test_a_restart_keeps_live_pods_and_drops_those_whose_veth_is_gone(
     netns.delete(lose)  # the pod goes away while the daemon is down: its veth goes too
     daemon.start()
     daemon.wait_ready()
+    daemon.wait_cni_socket()
 
     async def held() -> list[str]:
         async with AsyncIpamClient(daemon.socket) as client:

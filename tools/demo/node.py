@@ -290,6 +290,7 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
             f"ready in {float(str(status.get('ready_after_s', 0))):.2f} s {source}; "
             f"managing {count} network cards"
         )
+        daemon.wait_cni_socket()  # as on a node: no conflist before the CNI socket answers
         bin_dir, conf_dir = tmp / "cni" / "bin", tmp / "cni" / "net.d"
         (shim,) = install(bin_dir, None, python=sys.executable)
         conf_dir.mkdir(parents=True)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from cni.transport import call
 from ipam.client import AsyncIpamClient, IpamClientError
 from tools.lab.lab import NODE_EC2_PORT, Lab
 
@@ -41,7 +42,7 @@ class IpamdProcess:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "ULTRANET_SOCKET": str(self.socket),
             # Never the host's /run/ultranet/cni.sock: a real node's daemon may be serving it.
-            "ULTRANET_CNI_SOCKET": str(self.state_dir / "cni.sock"),
+            "ULTRANET_CNI_SOCKET": str(self.cni_socket),
             "ULTRANET_STATE_DIR": str(self.state_dir / "state"),
             "ULTRANET_EC2_ENDPOINT": f"http://127.0.0.1:{NODE_EC2_PORT}",
             "ULTRANET_METRICS_ADDR": "127.0.0.1:0",
@@ -64,6 +65,36 @@ class IpamdProcess:
             stderr=self._log,
             start_new_session=True,
         )
+
+    @property
+    def cni_socket(self) -> Path:
+        return self.state_dir / "cni.sock"
+
+    def wait_cni_socket(self, timeout: float = 30.0) -> Path:
+        """Block until the CNI socket answers (ipamd serves it after ``ready``, once its
+        plumbing is open and spooled DELs are replayed; a killed daemon's socket file may
+        still be there, so only an answer counts); returns its path."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while not self._cni_answers():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ultranet-ipamd exited {self.process.returncode}: {self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no CNI socket in {timeout} s: {self.log_tail()}")
+            time.sleep(delay)  # polling the daemon's own bind, bounded
+            delay = min(0.1, delay * 2)
+        return self.cni_socket
+
+    def _cni_answers(self) -> bool:
+        probe = b'{"cniVersion": "1.1.0", "name": "lab-probe", "type": "ultranet"}'
+        try:
+            asyncio.run(call(self.cni_socket, {"CNI_COMMAND": "STATUS"}, probe))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        return True
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, object]:
         """Block until the daemon answers status with ready; returns that status."""

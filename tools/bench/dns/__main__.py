@@ -121,12 +121,38 @@ def timed_run(server: Running, data: Path, seconds: float) -> dict[str, Any]:
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     qps = [r["qps"] for r in results]
+    cpu = [r["cpu_us_per_answer"] for r in results]
     return {
         "qps": statistics.median(qps),
         "qps_range": [min(qps), max(qps)],
+        "qps_runs": qps,  # in round order: each round runs every server once, back to back
         "lost": sum(r["lost"] for r in results),
-        "cpu_us_per_answer": round(statistics.median(r["cpu_us_per_answer"] for r in results), 2),
+        "cpu_us_per_answer": round(statistics.median(cpu), 2),
+        "cpu_us_runs": [round(c, 2) for c in cpu],
     }
+
+
+def paired_ratios(servers: dict[str, dict[str, Any]], ours: str = "ultranet") -> dict[str, Any]:
+    """Ours against each other server, round by round (the two ran seconds apart, so a load
+    that drifts over minutes cancels out of each round's ratio): the median over rounds of
+    QPS ours / theirs and of CPU per answer theirs / ours, per phase (above 1: ours better)."""
+    out: dict[str, Any] = {}
+    mine = servers.get(ours, {})
+    for name, theirs in servers.items():
+        if name == ours:
+            continue
+        for phase in ("hot", "zipf", "miss"):
+            if phase not in mine or phase not in theirs:
+                continue
+            a, b = mine[phase], theirs[phase]
+            qps = [x / y for x, y in zip(a["qps_runs"], b["qps_runs"], strict=True) if y]
+            cpu = [y / x for x, y in zip(a["cpu_us_runs"], b["cpu_us_runs"], strict=True) if x]
+            out[f"{phase} vs {name}"] = {
+                "qps_ratio": round(statistics.median(qps), 3) if qps else None,
+                "cpu_ratio": round(statistics.median(cpu), 3) if cpu else None,
+                "qps_ratio_runs": [round(r, 3) for r in qps],
+            }
+    return out
 
 
 def miss_file(work: Path, seconds: float, tag: str) -> Path:
@@ -305,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 tcp,
             )
             results["loadavg_after"] = list(os.getloadavg())
+            results["paired"] = paired_ratios(results["servers"])
             if "ultranet" in args.servers and "zipf" in phases and not tcp:
                 results["upstream_queries_zipf_300k"] = upstream_counts(work, nsd.port, up_file)
         finally:
@@ -330,6 +357,10 @@ def _table(r: dict[str, Any]) -> str:
             f"{miss['cpu_us_per_answer']} | {lat['p50_ms']:.3f} / {lat['p99_ms']:.3f} |"
         )
     rows.append(f"\nupstream transport: {r.get('upstream_transport', 'udp')}")
+    if r.get("paired"):
+        rows.append("\nround by round, median (QPS ours/theirs; CPU per answer theirs/ours):")
+        for what, pr in r["paired"].items():
+            rows.append(f"  {what}: QPS {pr['qps_ratio']}x, CPU {pr['cpu_ratio']}x")
     if "upstream_queries_zipf_300k" in r:
         rows.append(f"\nupstream queries, Zipf 300K: {r['upstream_queries_zipf_300k']}")
     rows.append(f"\nload average before: {r['loadavg_before']}, after: {r['loadavg_after']}")

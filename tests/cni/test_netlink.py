@@ -136,24 +136,34 @@ def test_a_pending_socket_that_is_discarded_is_closed_once_made(namespace: str) 
     assert _fds_on_namespace(namespace) == 0
 
 
+def _hold_first_entry(
+    monkeypatch: pytest.MonkeyPatch, *, strand: bool
+) -> tuple[threading.Event, threading.Event]:
+    """Patch setns so the thread's next entry waits for ``release`` (set ``entered`` first),
+    keeping it busy while more requests queue; with ``strand`` its way back then fails."""
+    real_setns = netlink._setns
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def setns(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(5)
+        if strand and len(calls) == 2:  # the first request's way back
+            raise OSError(1, "Operation not permitted")
+        real_setns(fd)
+
+    monkeypatch.setattr(netlink, "_setns", setns)
+    return entered, release
+
+
 def test_requests_queued_behind_a_stranded_thread_are_answered(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     netlink.socket_in(namespace).close()
     real_setns = netlink._setns
-    entered, release = threading.Event(), threading.Event()
-    calls: list[int] = []
-
-    def setns_held_then_stranded(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 1:
-            entered.set()
-            release.wait(5)  # keep the thread busy while a second request queues
-        if len(calls) == 2:  # the first request's way back
-            raise OSError(1, "Operation not permitted")
-        real_setns(fd)
-
-    monkeypatch.setattr(netlink, "_setns", setns_held_then_stranded)
+    entered, release = _hold_first_entry(monkeypatch, strand=True)
     first = netlink.PendingSocket(namespace)
     assert entered.wait(5)
     second = netlink.PendingSocket(namespace)  # queued behind the first
@@ -177,18 +187,7 @@ def test_a_cancelled_request_is_skipped_and_the_thread_serves_on(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     netlink.socket_in(namespace).close()
-    real_setns = netlink._setns
-    entered, release = threading.Event(), threading.Event()
-    calls: list[int] = []
-
-    def setns_held_once(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 1:
-            entered.set()
-            release.wait(5)
-        real_setns(fd)
-
-    monkeypatch.setattr(netlink, "_setns", setns_held_once)
+    entered, release = _hold_first_entry(monkeypatch, strand=False)
     first = netlink.PendingSocket(namespace)
     assert entered.wait(5)
     second = netlink.PendingSocket(namespace)

@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 
 import dnslib
 import pytest
@@ -51,14 +52,11 @@ def name_of(answer: bytes) -> str:
 
 def test_concurrent_queries_share_a_bounded_number_of_connections(auth: AuthServer) -> None:
     async def main() -> list[str]:
-        pool = pool_for(auth, connections=2)
-        try:
+        with closing(pool_for(auth, connections=2)) as pool:
             names = [f"n{i}.test." for i in range(60)]
             burst = await asyncio.gather(*(pool.query(q(n), 2.0) for n in names))
             after = [await pool.query(q(f"s{i}.test."), 2.0) for i in range(20)]
             return [name_of(a) for a in burst + after]
-        finally:
-            pool.close()
 
     got = asyncio.run(main())
     assert got == [f"n{i}.test." for i in range(60)] + [f"s{i}.test." for i in range(20)]
@@ -70,8 +68,7 @@ def test_answers_that_come_out_of_order_reach_their_queries(auth: AuthServer) ->
     auth.slow["slow.test."] = 0.3
 
     async def main() -> tuple[list[str], str]:
-        pool = pool_for(auth, connections=1)
-        try:
+        with closing(pool_for(auth, connections=1)) as pool:
             finished: list[str] = []
 
             async def ask(name: str) -> str:
@@ -83,8 +80,6 @@ def test_answers_that_come_out_of_order_reach_their_queries(auth: AuthServer) ->
             await asyncio.sleep(0)  # the slow query goes first on the one connection
             fast = await ask("fast.test.")
             return finished + [await slow], fast
-        finally:
-            pool.close()
 
     finished, fast = asyncio.run(main())
     assert fast == "fast.test."
@@ -97,12 +92,9 @@ def test_queries_are_pipelined_not_sent_one_after_another(auth: AuthServer) -> N
         auth.slow[f"p{i}.test."] = 0.3
 
     async def main() -> list[str]:
-        pool = pool_for(auth, connections=1)
-        try:
+        with closing(pool_for(auth, connections=1)) as pool:
             answers = await asyncio.gather(*(pool.query(q(f"p{i}.test."), 5.0) for i in range(20)))
             return [name_of(a) for a in answers]
-        finally:
-            pool.close()
 
     started = time.monotonic()
     assert asyncio.run(main()) == [f"p{i}.test." for i in range(20)]
@@ -115,12 +107,9 @@ def test_a_full_pipeline_makes_queries_wait_for_room(auth: AuthServer) -> None:
         auth.slow[f"w{i}.test."] = 0.2
 
     async def main() -> list[str]:
-        pool = pool_for(auth, connections=1, pipeline=2)
-        try:
+        with closing(pool_for(auth, connections=1, pipeline=2)) as pool:
             answers = await asyncio.gather(*(pool.query(q(f"w{i}.test."), 3.0) for i in range(3)))
             return [name_of(a) for a in answers]
-        finally:
-            pool.close()
 
     started = time.monotonic()
     assert asyncio.run(main()) == ["w0.test.", "w1.test.", "w2.test."]
@@ -130,13 +119,10 @@ def test_a_full_pipeline_makes_queries_wait_for_room(auth: AuthServer) -> None:
 
 def test_an_upstream_closing_an_idle_connection_costs_no_query(auth: AuthServer) -> None:
     async def main() -> str:
-        pool = pool_for(auth, connections=1)
-        try:
+        with closing(pool_for(auth, connections=1)) as pool:
             await pool.query(q("first.test."), 2.0)
             auth.close_tcp()  # the server's idle timer fires
             return name_of(await pool.query(q("second.test."), 2.0))
-        finally:
-            pool.close()
 
     assert asyncio.run(main()) == "second.test."
     assert auth.tcp_accepted == 2
@@ -144,8 +130,7 @@ def test_an_upstream_closing_an_idle_connection_costs_no_query(auth: AuthServer)
 
 def test_idle_connections_are_closed_by_the_sweep(auth: AuthServer) -> None:
     async def main() -> tuple[int, int, int]:
-        pool = pool_for(auth, idle=5.0)
-        try:
+        with closing(pool_for(auth, idle=5.0)) as pool:
             await pool.query(q("a.test."), 2.0)
             pool.sweep(time.monotonic() + 1.0)  # not idle long enough
             kept = len(pool)
@@ -153,8 +138,6 @@ def test_idle_connections_are_closed_by_the_sweep(auth: AuthServer) -> None:
             swept = len(pool)
             await pool.query(q("b.test."), 2.0)
             return kept, swept, len(pool)
-        finally:
-            pool.close()
 
     assert asyncio.run(main()) == (1, 0, 1)
     assert auth.tcp_accepted == 2
@@ -162,8 +145,7 @@ def test_idle_connections_are_closed_by_the_sweep(auth: AuthServer) -> None:
 
 def test_a_connection_that_goes_silent_is_dropped_after_a_timeout(auth: AuthServer) -> None:
     async def main() -> tuple[str, int, str]:
-        pool = pool_for(auth, connections=1)
-        try:
+        with closing(pool_for(auth, connections=1)) as pool:
             await pool.query(q("up.test."), 2.0)
             auth.down = True  # reads, never answers
             with pytest.raises(UpstreamError) as timed_out:
@@ -171,8 +153,6 @@ def test_a_connection_that_goes_silent_is_dropped_after_a_timeout(auth: AuthServ
             left = len(pool)
             auth.down = False
             return str(timed_out.value), left, name_of(await pool.query(q("back.test."), 2.0))
-        finally:
-            pool.close()
 
     error, left, back = asyncio.run(main())
     assert "no answer in 0.2 s" in error

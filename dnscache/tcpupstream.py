@@ -31,12 +31,13 @@ from collections import deque
 from collections.abc import Callable
 from secrets import randbits
 
-from .config import Address
+from .config import Address, UpstreamConfig
 from .errors import UpstreamError
 from .policy import upstream_label
 from .wire import make_upstream_query, response_question_matches
 
 log = logging.getLogger("ultranet.dns")
+_DEFAULTS = UpstreamConfig()
 CONNECT_TIMEOUT = 5.0  # seconds for a connection opened in the background
 
 
@@ -86,9 +87,9 @@ class TcpPool:
         addr: Address,
         payload: Callable[[], int],
         on_spoofed: Callable[[], None],
-        connections: int = 4,
-        pipeline: int = 100,
-        idle: float = 10.0,
+        connections: int = _DEFAULTS.tcp_connections,
+        pipeline: int = _DEFAULTS.tcp_pipeline,
+        idle: float = _DEFAULTS.tcp_idle,
         *,
         next_id: Callable[[], int] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
@@ -136,8 +137,9 @@ class TcpPool:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise UpstreamError(self.label, f"tcp: {why}") from None
 
-    def resized(self) -> None:
-        """``connections`` or ``pipeline`` changed (reload): queued queries look again."""
+    def resize(self, connections: int, pipeline: int, idle: float) -> None:
+        """New sizes (reload); queued queries look again, there may be room now."""
+        self.connections, self.pipeline, self.idle = connections, pipeline, idle
         self._wake(len(self._room))
 
     def sweep(self, now: float) -> None:

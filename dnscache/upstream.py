@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .config import Address
+from .config import Address, UpstreamConfig
 from .errors import UpstreamError
 from .eventloop import FastSelector, NestedPoller, Poller
 from .policy import upstream_label
@@ -53,7 +53,6 @@ _NONBLOCK_DGRAM = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 ID_BATCH = 4096
 IDLE_MAX = 1024  # idle sockets kept per upstream when sockets are reused
 IDLE_MAX_AGE = 2.0  # seconds an idle socket may wait for its next query before it is closed
-TCP_CONNECTIONS, TCP_PIPELINE, TCP_IDLE = 4, 100, 10.0  # UpstreamConfig's defaults
 
 
 class Exchanger:
@@ -93,7 +92,8 @@ class Exchanger:
         self._idle_fds: dict[int, tuple[Any, _Peer]] = {}
         self.reuse = reuse
         self._ids: list[bytes] = []
-        self.tcp_sizes = (TCP_CONNECTIONS, TCP_PIPELINE, TCP_IDLE)
+        defaults = UpstreamConfig()
+        self.tcp_sizes = (defaults.tcp_connections, defaults.tcp_pipeline, defaults.tcp_idle)
         self._tcp_pools: dict[Address, TcpPool] = {}
 
     def close(self) -> None:
@@ -302,8 +302,7 @@ class Exchanger:
         """Pool sizes for TCP upstreams (reload: open pools take them too)."""
         self.tcp_sizes = (connections, pipeline, idle)
         for pool in self._tcp_pools.values():
-            pool.connections, pool.pipeline, pool.idle = connections, pipeline, idle
-            pool.resized()
+            pool.resize(connections, pipeline, idle)
 
     def keep_tcp_pools(self, upstreams: set[Address]) -> None:
         """Close the pools of upstreams no longer configured (reload): their connections

@@ -77,6 +77,7 @@ class Entry:
         "label",
         "miss_label",
         "opt",
+        "cached",
     )
 
     def __init__(
@@ -129,6 +130,7 @@ class Entry:
             labels = ((zone, "", kind, ""), (zone, "", "miss", ""))
         self.label, self.miss_label = labels
         self.opt = opt
+        self.cached = False  # True while the cache holds it under its key (the hit memo asks)
 
     @property
     def tc_heads(self) -> tuple[bytes, bytes, bytes, bytes]:
@@ -192,32 +194,36 @@ class Cache:
         """A fresh or stale-servable entry; callers compare ``now`` with ``expires``."""
         e = self.data.get(key)
         if e is not None and now >= e.stale_until and now >= e.expires:
-            del self.data[key]
-            del self._order[key]
+            self.remove(key)
             return None
         return e
 
     def put(self, key: bytes, entry: Entry) -> None:
         data, order = self.data, self._order
-        if key in data:
+        old = data.get(key)
+        if old is not None:
             order.move_to_end(key)
+            old.cached = False
         else:
             while len(data) >= self.capacity:
-                del data[order.popitem(last=False)[0]]
+                data.pop(order.popitem(last=False)[0]).cached = False
                 self.evictions += 1
             order[key] = None
         data[key] = entry
+        entry.cached = True
 
     def shrink(self, capacity: int) -> None:
         """A smaller capacity (reload): evict the oldest entries down to it."""
         self.capacity = capacity
         while len(self.data) > capacity:
-            del self.data[self._order.popitem(last=False)[0]]
+            self.data.pop(self._order.popitem(last=False)[0]).cached = False
             self.evictions += 1
 
     def remove(self, key: bytes) -> None:
-        if self.data.pop(key, None) is not None:
+        e = self.data.pop(key, None)
+        if e is not None:
             del self._order[key]
+            e.cached = False
 
     def sweep(self, now: float, budget: int = 1000) -> int:
         """Drop dead entries among the ``budget`` oldest; returns how many went. Small and
@@ -229,10 +235,11 @@ class Cache:
             if now >= data[key].stale_until and now >= data[key].expires
         ]
         for key in dead:
-            del data[key]
-            del self._order[key]
+            self.remove(key)
         return len(dead)
 
     def clear(self) -> None:
+        for e in self.data.values():
+            e.cached = False
         self.data.clear()
         self._order.clear()

@@ -109,6 +109,38 @@ def test_eviction_takes_the_oldest_insertion_and_a_reput_counts_as_new() -> None
     assert sorted(cache.data) == [b"\x04", b"\x06"]
 
 
+def test_an_entry_is_marked_cached_exactly_while_the_cache_holds_it() -> None:
+    """The hit memo serves an entry without a lookup while ``cached`` holds, so every way
+    out of the cache must clear it: replacement, eviction, expiry met by ``get``, shrink,
+    remove, sweep and clear."""
+    cache = Cache(capacity=2)
+    first, second, newer = entry()[1], entry()[1], entry()[1]
+    assert not first.cached
+    cache.put(b"a", first)
+    cache.put(b"a", first)  # put again as it is: still the cache's
+    assert first.cached
+    cache.put(b"a", newer)
+    assert newer.cached and not first.cached  # replaced
+    cache.put(b"b", second)
+    evicting = entry()[1]
+    cache.put(b"c", evicting)
+    assert not newer.cached and second.cached and evicting.cached  # the oldest evicted
+    cache.shrink(1)
+    assert not second.cached and evicting.cached
+    cache.remove(b"c")
+    assert not evicting.cached
+    _, dying = entry(ttl=10, now=0.0)
+    cache.put(b"d", dying)
+    assert cache.get(b"d", 10.0 + 86400 + 1) is None and not dying.cached  # past stale
+    _, swept = entry(ttl=10, now=0.0)
+    cache.put(b"e", swept)
+    assert cache.sweep(now=10.0 + 86400 + 1) == 1 and not swept.cached
+    kept = entry()[1]
+    cache.put(b"f", kept)
+    cache.clear()
+    assert not kept.cached
+
+
 def test_stale_window_then_gone() -> None:
     cache = Cache(capacity=10)
     key, e = entry(ttl=300, now=0.0)

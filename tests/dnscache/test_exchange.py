@@ -407,6 +407,46 @@ def test_the_memo_is_bounded_and_forgets_the_quarter_least_recently_refreshed() 
         loop.close()
 
 
+def test_a_memo_hit_whose_entry_left_the_cache_is_not_answered_from_the_memo() -> None:
+    """The memo skips the cache lookup while its entry is cached; an evicted entry must
+    send the query on as a miss (here to an upstream socket the test reads), not answer."""
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.bind(("127.0.0.1", 0))
+    upstream.settimeout(5)
+    at = f"127.0.0.1:{upstream.getsockname()[1]}"
+    cfg = parse({"zones": {".": {"upstreams": [at]}}, "cache": {"capacity": 1}}, cpu_count=1)
+    loop = asyncio.new_event_loop()
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        srv.bind(("127.0.0.1", 0))
+        srv.setblocking(False)
+        cli.settimeout(5)
+        worker = Worker(cfg, loop, [srv], [])
+        key, e = entry(cfg, "www.test", "198.18.0.1", time.monotonic())
+        worker.resolver.cache.put(key, e)
+        cli.sendto(q("www.test"), srv.getsockname())
+        select.select([srv], [], [], 5)
+        worker._udp_ready(srv)
+        assert bytes([198, 18, 0, 1]) in cli.recv(4096) and len(worker.hits) == 1
+        worker.resolver.cache.put(*entry(cfg, "other.test", "198.18.0.2", time.monotonic()))
+        assert not e.cached  # evicted: the cache holds one entry
+        cli.sendto(q("www.test"), srv.getsockname())
+        select.select([srv], [], [], 5)
+        worker._udp_ready(srv)
+        forwarded = upstream.recv(4096)
+        assert b"\x03www\x04test\x00" in forwarded and e.hits == 1
+        cli.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing answered the client from the memo
+            cli.recv(4096)
+        worker.resolver.exchanger.close()
+    finally:
+        srv.close()
+        cli.close()
+        upstream.close()
+        loop.close()
+
+
 def test_the_memo_bound_follows_the_cache_capacity() -> None:
     cfg = parse(
         {"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "cache": {"capacity": 200_000}},
@@ -479,7 +519,7 @@ def test_a_new_second_ages_the_memo_reply_exactly_as_a_fresh_splice(
     hit = _Hit(key, qend, limit, e, int(start), tail)
     for later in (1.2, 7.9, 3599.5, 4000.0):  # the last one past expiry: TTL 0
         now = start + later
-        hit.refresh(e, query, now, int(now))
+        hit.age(now, int(now))
         remaining = max(0, math.ceil(e.expires - now))
         assert hit.tail == splice(e, e.with_ttl(remaining), query, qend, limit, cap)[2:]
     assert bool(hit.ttl_at) == (records < 40 or payload is not None)

@@ -78,6 +78,7 @@ class Entry:
         "miss_label",
         "opt",
         "cached",
+        "memo_until",
     )
 
     def __init__(
@@ -131,6 +132,7 @@ class Entry:
         self.label, self.miss_label = labels
         self.opt = opt
         self.cached = False  # True while the cache holds it under its key (the hit memo asks)
+        self.memo_until = -_INF  # while cached: until expiry or the prefetch clock, if sooner
 
     @property
     def tc_heads(self) -> tuple[bytes, bytes, bytes, bytes]:
@@ -170,6 +172,16 @@ def set_ttls(data: bytes, offsets: tuple[int, ...] | list[int], ttl: int) -> byt
     return bytes(patched)
 
 
+def _held(entry: Entry) -> None:
+    entry.cached = True
+    entry.memo_until = min(entry.expires, entry.prefetch_after)
+
+
+def _released(entry: Entry) -> None:
+    entry.cached = False
+    entry.memo_until = -_INF
+
+
 class Cache:
     """Entries by key; ``capacity`` bounds the count. Expired entries past their stale window
     are dropped when met and by ``sweep``.
@@ -203,27 +215,27 @@ class Cache:
         old = data.get(key)
         if old is not None:
             order.move_to_end(key)
-            old.cached = False
+            _released(old)
         else:
             while len(data) >= self.capacity:
-                data.pop(order.popitem(last=False)[0]).cached = False
+                _released(data.pop(order.popitem(last=False)[0]))
                 self.evictions += 1
             order[key] = None
         data[key] = entry
-        entry.cached = True
+        _held(entry)
 
     def shrink(self, capacity: int) -> None:
         """A smaller capacity (reload): evict the oldest entries down to it."""
         self.capacity = capacity
         while len(self.data) > capacity:
-            self.data.pop(self._order.popitem(last=False)[0]).cached = False
+            _released(self.data.pop(self._order.popitem(last=False)[0]))
             self.evictions += 1
 
     def remove(self, key: bytes) -> None:
         e = self.data.pop(key, None)
         if e is not None:
             del self._order[key]
-            e.cached = False
+            _released(e)
 
     def sweep(self, now: float, budget: int = 1000) -> int:
         """Drop dead entries among the ``budget`` oldest; returns how many went. Small and
@@ -240,6 +252,6 @@ class Cache:
 
     def clear(self) -> None:
         for e in self.data.values():
-            e.cached = False
+            _released(e)
         self.data.clear()
         self._order.clear()

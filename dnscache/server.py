@@ -187,25 +187,16 @@ class Worker:
                     h = hit_get(after_id)
                     if h is not None:  # a query seen before, byte for byte after its ID
                         entry = h.entry
-                        # Not cached: replaced or gone; the general path below looks it up.
-                        if entry.cached and now < entry.expires:
-                            entry.hits += 1
-                            if now >= entry.prefetch_after:
-                                self.resolver.maybe_prefetch(entry, h.key)
-                            if h.second != now_s:
-                                h.age(now, now_s)
-                                del hits[after_id]  # to the end: the eviction order
-                                hits[after_id] = h
+                        entry.hits += 1
+                        if (now < entry.memo_until and h.second == now_s) or self._memo_recheck(
+                            h, after_id, now, now_s
+                        ):
                             tail = h.tail
-                            reply_end = at + 2 + len(tail)
-                            if reply_end - at > size:  # cannot happen with max_udp_payload
-                                queue.sendto(buf[at : at + 2] + tail, batch.sockaddr(i))
-                            else:
-                                view[at + 2 : reply_end] = tail
-                                send_iov[2 * staged + 1] = reply_end - at
-                                if staged != i:
-                                    move(staged, i)
-                                staged += 1
+                            view[at + 2 : at + 2 + len(tail)] = tail  # _Hit tails always fit
+                            send_iov[2 * staged + 1] = 2 + len(tail)
+                            if staged != i:
+                                move(staged, i)
+                            staged += 1
                             label = entry.label
                             counts[label] = counts.get(label, 0) + 1
                             continue
@@ -230,10 +221,10 @@ class Worker:
                             if staged != i:
                                 move(staged, i)
                             staged += 1
-                        if hits.pop(after_id, None) is None and len(hits) >= self.hits_max:
-                            for old in list(itertools.islice(hits, self.hits_max // 4)):
-                                del hits[old]  # the oldest quarter
-                        hits[after_id] = _Hit(key, qend, limit, e, now_s, reply[2:])
+                            if hits.pop(after_id, None) is None and len(hits) >= self.hits_max:
+                                for old in list(itertools.islice(hits, self.hits_max // 4)):
+                                    del hits[old]  # the oldest quarter
+                            hits[after_id] = _Hit(key, qend, limit, e, now_s, reply[2:])
                         label = e.label
                         counts[label] = counts.get(label, 0) + 1
                         continue
@@ -251,6 +242,22 @@ class Worker:
             if got < batch.slots:
                 return True
         return False
+
+    def _memo_recheck(self, h: _Hit, after_id: bytes, now: float, now_s: int) -> bool:
+        """A memo hit past its entry's ``memo_until`` or in a new second: True when the
+        entry may still answer (prefetched when due, the reply's TTLs aged), False when it
+        left the cache or expired, for the general path to look the query up."""
+        entry = h.entry
+        if not entry.cached or now >= entry.expires:
+            entry.hits -= 1  # counted before the check: not a hit after all
+            return False
+        if now >= entry.prefetch_after:
+            self.resolver.maybe_prefetch(entry, h.key)
+        if h.second != now_s:
+            h.age(now, now_s)
+            del self.hits[after_id]  # to the end: the eviction order
+            self.hits[after_id] = h
+        return True
 
     def _refuse(self, sock: DatagramSender, data: bytes, addr: Any) -> None:
         """Never an open resolver: clients outside the ACL get REFUSED (or nothing)."""

@@ -447,6 +447,45 @@ def test_a_memo_hit_whose_entry_left_the_cache_is_not_answered_from_the_memo() -
         loop.close()
 
 
+def test_memo_hits_past_the_prefetch_clock_start_a_prefetch_once_popular_enough() -> None:
+    """A memo hit answers without a lookup only until its entry's prefetch clock: after it,
+    every hit asks for a prefetch, which starts at the third hit (``prefetch.hits``)."""
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.bind(("127.0.0.1", 0))
+    upstream.settimeout(5)
+    doc = {
+        "zones": {".": {"upstreams": [f"127.0.0.1:{upstream.getsockname()[1]}"]}},
+        "prefetch": {"hits": 3, "percent": 10},
+    }
+    cfg = parse(doc, cpu_count=1)
+    loop = asyncio.new_event_loop()
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        srv.bind(("127.0.0.1", 0))
+        srv.setblocking(False)
+        cli.settimeout(5)
+        worker = Worker(cfg, loop, [srv], [])
+        # TTL 3600, 3300 s old: 300 s left, inside the last tenth, so the clock is past.
+        key, e = entry(cfg, "www.test", "198.18.0.1", time.monotonic() - 3300)
+        assert e.prefetch_after < time.monotonic() < e.expires
+        worker.resolver.cache.put(key, e)
+        for hit in (1, 2, 3):
+            cli.sendto(q("www.test"), srv.getsockname())
+            select.select([srv], [], [], 5)
+            worker._udp_ready(srv)
+            assert bytes([198, 18, 0, 1]) in cli.recv(4096) and e.hits == hit
+            assert len(worker.hits) == 1  # the second and third came from the memo
+            assert worker.stats.counters["prefetch"] == (1 if hit == 3 else 0)
+        assert b"\x03www\x04test\x00" in upstream.recv(4096)  # the prefetch's query
+        worker.resolver.exchanger.close()
+    finally:
+        srv.close()
+        cli.close()
+        upstream.close()
+        loop.close()
+
+
 def test_the_memo_bound_follows_the_cache_capacity() -> None:
     cfg = parse(
         {"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "cache": {"capacity": 200_000}},

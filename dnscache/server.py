@@ -18,6 +18,7 @@ import ipaddress
 import itertools
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +64,8 @@ class Worker:
         self.tcp = tcp
         self.servers: list[asyncio.Server] = []
         self.acl_ok: dict[str, bool] = {}
-        self.acl_packed: dict[bytes, bool] = {}
+        # Packed IPv6 addresses, and IPv4 ones as ``UdpBatch.ipv4_words`` reads them.
+        self.acl_packed: dict[int | bytes, bool] = {}
         self.batches = {s.fileno(): UdpBatch(s, UDP_SLOTS, RECV_SIZE) for s in udp}
         self.replies = {s.fileno(): ReplyQueue(s, loop, UDP_SLOTS, RECV_SIZE) for s in udp}
         self.hits: dict[bytes, _Hit] = {}
@@ -118,9 +120,11 @@ class Worker:
             self.acl_ok[ip] = ok
         return ok
 
-    def _allowed_packed(self, ip: bytes) -> bool:
-        """``_allowed`` for a packed address as a sockaddr holds it (4 or 16 bytes)."""
-        ok = self._permitted(ipaddress.ip_address(ip))
+    def _allowed_packed(self, ip: int | bytes) -> bool:
+        """``_allowed`` for an address as a sockaddr holds it: 16 bytes, or 4 read as one
+        native-order integer."""
+        packed = ip.to_bytes(4, sys.byteorder) if isinstance(ip, int) else ip
+        ok = self._permitted(ipaddress.ip_address(packed))
         if len(self.acl_packed) > 65536:
             self.acl_packed.clear()
         self.acl_packed[ip] = ok
@@ -156,6 +160,8 @@ class Worker:
             batch.NAME,
         )
         ip_start, ip_end = batch.ip_start, batch.ip_end
+        v4 = ip_end - ip_start == 4
+        ipv4_words, name_words, ipv4_word = batch.ipv4_words, batch.NAME_WORDS, batch.IPV4_WORD
         get = self.resolver.cache.data.get
         hits = self.hits
         hit_get = hits.get
@@ -165,6 +171,7 @@ class Worker:
         now = time.monotonic()
         now_s = int(now)
         counts = self.stats.udp
+        slots = self.stats.udp_slots
         hist = self.stats.duration["udp"]
         self.stats.counters["udp_wakeups"] += 1
         for _ in range(BATCH // batch.slots):
@@ -178,8 +185,11 @@ class Worker:
                 at = i * size
                 end = at + lengths[i * msg_words + len_word]
                 try:
-                    name_at = i * name_size
-                    ip = names[name_at + ip_start : name_at + ip_end]
+                    ip: int | bytes
+                    if v4:
+                        ip = ipv4_words[i * name_words + ipv4_word]
+                    else:
+                        ip = names[i * name_size + ip_start : i * name_size + ip_end]
                     if not acl.get(ip) and not self._allowed_packed(ip):
                         self._refuse(queue, buf[at:end], batch.sockaddr(i))
                         continue
@@ -197,8 +207,7 @@ class Worker:
                             if staged != i:
                                 move(staged, i)
                             staged += 1
-                            label = entry.label
-                            counts[label] = counts.get(label, 0) + 1
+                            slots[h.slot] += 1
                             continue
                     data = buf[at:end]
                     q = fast_query(data, maxp)
@@ -224,7 +233,8 @@ class Worker:
                             if hits.pop(after_id, None) is None and len(hits) >= self.hits_max:
                                 for old in list(itertools.islice(hits, self.hits_max // 4)):
                                     del hits[old]  # the oldest quarter
-                            hits[after_id] = _Hit(key, qend, limit, e, now_s, reply[2:])
+                            slot = self.stats.slot_of(e.label)
+                            hits[after_id] = _Hit(key, qend, limit, e, now_s, reply[2:], slot)
                         label = e.label
                         counts[label] = counts.get(label, 0) + 1
                         continue
@@ -390,12 +400,20 @@ class _Hit:
     rewritten in place, not the whole reply spliced again (a render and a splice: 10.7% of
     a Zipf-loaded worker, where many names turn over every second)."""
 
-    __slots__ = ("key", "entry", "second", "tail", "ttl_at")
+    __slots__ = ("key", "entry", "second", "tail", "ttl_at", "slot")
 
     def __init__(
-        self, key: bytes, qend: int, limit: int, entry: Entry, second: int, tail: bytes
+        self,
+        key: bytes,
+        qend: int,
+        limit: int,
+        entry: Entry,
+        second: int,
+        tail: bytes,
+        slot: int,
     ) -> None:
-        self.key, self.entry, self.second = key, entry, second
+        """``slot``: where ``WorkerStats.udp_slots`` counts the entry's label."""
+        self.key, self.entry, self.second, self.slot = key, entry, second, slot
         self.tail = bytearray(tail)
         self.ttl_at = _ttl_offsets_in_tail(entry, qend, limit)
 

@@ -5,7 +5,9 @@ its lock, a tenth of our budget per answer); it sends ``snapshot()`` to the supe
 sums the workers and renders Prometheus text (``metrics.py``).
 
 Request labels are precomputed per cache entry as ``(zone, qtype, kind, rcode)``, so counting
-a hit is one dict update; requests, hits and responses by rcode are all sums of these.
+a hit is one dict update; requests, hits and responses by rcode are all sums of these. The
+UDP hit memo counts cheaper still: each memo entry holds its label's slot in ``udp_slots``
+(an index into a list: no tuple to hash), and ``snapshot`` adds the slots to ``udp``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Histogram:
 class WorkerStats:
     def __init__(self) -> None:
         self.udp: dict[Label, int] = {}
+        self.udp_slots: list[int] = []  # UDP requests by ``slot_of(label)``, beside ``udp``
+        self._slot: dict[Label, int] = {}
         self.tcp: dict[Label, int] = {}
         self.duration = {"udp": Histogram(), "tcp": Histogram()}
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -62,10 +66,27 @@ class WorkerStats:
         d = self.udp if proto == "udp" else self.tcp
         d[label] = d.get(label, 0) + 1
 
+    def slot_of(self, label: Label) -> int:
+        """The index in ``udp_slots`` that counts UDP requests of ``label`` (labels are
+        bounded: zones x query types x kinds x rcodes, so the list is too)."""
+        slot = self._slot.get(label)
+        if slot is None:
+            slot = self._slot[label] = len(self.udp_slots)
+            self.udp_slots.append(0)
+        return slot
+
+    def udp_requests(self) -> dict[Label, int]:
+        total = dict(self.udp)
+        for label, slot in self._slot.items():
+            if self.udp_slots[slot]:
+                total[label] = total.get(label, 0) + self.udp_slots[slot]
+        return total
+
     def snapshot(self, gauges: dict[str, int]) -> dict[str, Any]:
+        udp = self.udp_requests()
         return {
             "requests": [
-                [p, *k, v] for p, d in (("udp", self.udp), ("tcp", self.tcp)) for k, v in d.items()
+                [p, *k, v] for p, d in (("udp", udp), ("tcp", self.tcp)) for k, v in d.items()
             ],
             "duration": {p: [h.counts, h.total] for p, h in self.duration.items()},
             "counters": dict(self.counters),

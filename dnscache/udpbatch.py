@@ -80,12 +80,16 @@ class UdpBatch:
     - ``buf[i * size : ...]``: its bytes (slicing a ctypes char array gives ``bytes``);
       ``view``: the same buffer, writable;
     - ``names[i * NAME + ip_start : i * NAME + ip_end]``: the sender's packed IP address;
+      on an IPv4 socket also ``ipv4_words[i * NAME_WORDS + IPV4_WORD]``, the same 4 bytes
+      as one native-order integer (cheaper to read and hash than a slice);
     - ``send_iov[2 * j + 1] = n``: message ``j`` carries ``n`` bytes (``[2 * j]``: from where).
     """
 
     MSG_WORDS = _MSG_WORDS
     LEN_WORD = _LEN_WORD
     NAME = _NAME
+    NAME_WORDS = _NAME // 4
+    IPV4_WORD = 1  # sockaddr_in: family and port, then the address
 
     def __init__(self, sock: socket.socket, slots: int = 64, size: int = 4096) -> None:
         self.sock = sock
@@ -98,6 +102,7 @@ class UdpBatch:
         self.buf: Any = (ctypes.c_char * (slots * size))()
         self.view = memoryview(self.buf).cast("B")
         self.names: Any = (ctypes.c_char * (slots * _NAME))()
+        self.ipv4_words = memoryview(self.names).cast("B").cast("I")
         self._buf_at = ctypes.addressof(self.buf)
         self._names_at = ctypes.addressof(self.names)
         self._recv_iov = (_Iovec * slots)()

@@ -325,6 +325,8 @@ def test_repeated_query_bytes_are_answered_from_the_memo_and_follow_the_cache() 
         third = ask(query)
         assert bytes([198, 18, 0, 2]) in third and (3600).to_bytes(4, "big") in third
         assert e.hits == 2 and newer.hits == 1
+        # the first and third through the general path, the second through the memo's slot
+        assert worker.stats.udp == {e.label: 2} and worker.stats.udp_requests() == {e.label: 3}
         worker.reconfigure(cfg)
         assert worker.hits == {}
         worker.resolver.exchanger.close()
@@ -486,6 +488,54 @@ def test_memo_hits_past_the_prefetch_clock_start_a_prefetch_once_popular_enough(
         loop.close()
 
 
+@pytest.mark.parametrize(
+    ("family", "server", "allowed", "refused"),
+    [
+        (socket.AF_INET, "127.0.0.1", "127.0.0.2", "127.0.0.3"),
+        (socket.AF_INET6, "::1", "::1", None),
+    ],
+)
+def test_the_hit_path_checks_each_sender_against_the_acl(
+    family: int, server: str, allowed: str, refused: str | None
+) -> None:
+    """IPv4 senders are looked up as integers, IPv6 ones as bytes: each allowed sender is
+    answered and each other one refused, the first time and again from the ACL memo."""
+    acl = [f"{allowed}/{32 if family == socket.AF_INET else 128}"]
+    cfg = parse({"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "acl": acl}, cpu_count=1)
+    loop = asyncio.new_event_loop()
+    srv = socket.socket(family, socket.SOCK_DGRAM)
+    clients: list[socket.socket] = []
+    try:
+        srv.bind((server, 0))
+        srv.setblocking(False)
+        worker = Worker(cfg, loop, [srv], [])
+        worker.resolver.cache.put(*entry(cfg, "www.test", "198.18.0.1", time.monotonic()))
+        for source in [allowed, refused] if refused else [allowed]:
+            c = socket.socket(family, socket.SOCK_DGRAM)
+            clients.append(c)
+            c.bind((source, 0))
+            c.settimeout(5)
+        for _ in range(2):
+            for c in clients:
+                c.sendto(q("www.test"), srv.getsockname()[:2])
+                select.select([srv], [], [], 5)
+                worker._udp_ready(srv)
+                loop.run_until_complete(asyncio.sleep(0))  # a refusal leaves by the queue
+                reply = c.recv(4096)
+                rcode = reply[3] & 0x0F
+                if c.getsockname()[0] == allowed:
+                    assert rcode == 0 and bytes([198, 18, 0, 1]) in reply
+                else:
+                    assert rcode == 5  # REFUSED
+        assert worker.stats.counters["acl_rejected"] == (2 if refused else 0)
+        worker.resolver.exchanger.close()
+    finally:
+        srv.close()
+        for c in clients:
+            c.close()
+        loop.close()
+
+
 def test_the_memo_bound_follows_the_cache_capacity() -> None:
     cfg = parse(
         {"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "cache": {"capacity": 200_000}},
@@ -555,7 +605,7 @@ def test_a_new_second_ages_the_memo_reply_exactly_as_a_fresh_splice(
     e = Entry(w, classify(w, cfg.cache, len(resp)), start, ".", cfg.serve_stale, cfg.prefetch)
     cap = limit or 512
     tail = splice(e, e.render(start), query, qend, limit, cap)[2:]
-    hit = _Hit(key, qend, limit, e, int(start), tail)
+    hit = _Hit(key, qend, limit, e, int(start), tail, 0)
     for later in (1.2, 7.9, 3599.5, 4000.0):  # the last one past expiry: TTL 0
         now = start + later
         hit.age(now, int(now))

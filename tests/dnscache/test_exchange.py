@@ -5,6 +5,7 @@ of query bytes, and the GC policy. Real loopback sockets; waits are on events.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import math
@@ -294,25 +295,58 @@ def entry(cfg: Config, name: str, addr: str, inserted: float) -> tuple[bytes, En
     return key, e
 
 
+class UdpWorker:
+    """A ``Worker`` on one loopback UDP socket, and a client that asks it one query at a time
+    (``_udp_ready`` called directly, so whatever it sends has been sent when ``ask`` reads)."""
+
+    def __init__(self, cfg: Config, family: int = socket.AF_INET, host: str = "127.0.0.1"):
+        self.loop = asyncio.new_event_loop()
+        self.srv = socket.socket(family, socket.SOCK_DGRAM)
+        self.srv.bind((host, 0))
+        self.srv.setblocking(False)
+        self.worker = Worker(cfg, self.loop, [self.srv], [])
+
+    def ask(self, query: bytes, client: socket.socket) -> None:
+        client.sendto(query, self.srv.getsockname()[:2])
+        select.select([self.srv], [], [], 5)
+        self.worker._udp_ready(self.srv)
+
+    def close(self) -> None:
+        self.worker.resolver.exchanger.close()
+        self.srv.close()
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def udp_worker(cfg: Config) -> Iterator[tuple[UdpWorker, Callable[[bytes], bytes]]]:
+    """``UdpWorker`` and an ``ask(query) -> reply`` from one IPv4 client; all closed after."""
+    w = UdpWorker(cfg)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli.settimeout(5)
+
+    def ask(query: bytes) -> bytes:
+        w.ask(query, cli)
+        return cli.recv(4096)
+
+    try:
+        yield w, ask
+    finally:
+        cli.close()
+        w.close()
+
+
+def upstream_config(upstream: socket.socket, **doc: object) -> Config:
+    """Zone ``.`` forwarded to the test's ``upstream`` socket, which reads what is sent."""
+    host, port = upstream.getsockname()
+    return parse({"zones": {".": {"upstreams": [f"{host}:{port}"]}}, **doc}, cpu_count=1)
+
+
 def test_repeated_query_bytes_are_answered_from_the_memo_and_follow_the_cache() -> None:
     cfg = config()
-    loop = asyncio.new_event_loop()
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        srv.bind(("127.0.0.1", 0))
-        srv.setblocking(False)
-        cli.settimeout(5)
-        worker = Worker(cfg, loop, [srv], [])
+    with udp_worker(cfg) as (w, ask):
+        worker = w.worker
         key, e = entry(cfg, "www.test", "198.18.0.1", time.monotonic() - 100)
         worker.resolver.cache.put(key, e)
-
-        def ask(query: bytes) -> bytes:
-            cli.sendto(query, srv.getsockname())
-            select.select([srv], [], [], 5)
-            worker._udp_ready(srv)
-            return cli.recv(4096)
-
         query = q("www.TeSt")
         first = ask(query)
         assert len(worker.hits) == 1  # remembered after the first hit
@@ -329,14 +363,6 @@ def test_repeated_query_bytes_are_answered_from_the_memo_and_follow_the_cache() 
         assert worker.stats.udp == {e.label: 2} and worker.stats.udp_requests() == {e.label: 3}
         worker.reconfigure(cfg)
         assert worker.hits == {}
-        worker.resolver.exchanger.close()
-    finally:
-        srv.close()
-        cli.close()
-        loop.close()
-
-
-# -- GC policy ----------------------------------------------------------------------------------
 
 
 class Node:
@@ -373,119 +399,63 @@ def test_gc_policy_freezes_survivors_and_runs_full_collections() -> None:
 
 def test_the_memo_is_bounded_and_forgets_the_quarter_least_recently_refreshed() -> None:
     cfg = config()
-    loop = asyncio.new_event_loop()
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        srv.bind(("127.0.0.1", 0))
-        srv.setblocking(False)
-        cli.settimeout(5)
-        worker = Worker(cfg, loop, [srv], [])
+    with udp_worker(cfg) as (w, ask):
+        worker = w.worker
         assert worker.hits_max == max(65536, cfg.cache.capacity)
         worker.hits_max = 4
         names = [f"n{i}.test" for i in range(5)]
         for name in names:
             worker.resolver.cache.put(*entry(cfg, name, "198.18.0.1", time.monotonic()))
-
-        def ask(name: str) -> None:
-            cli.sendto(q(name), srv.getsockname())
-            select.select([srv], [], [], 5)
-            worker._udp_ready(srv)
-            assert b"\x02" + name[:2].encode() in cli.recv(4096)
-
         for name in names[:4]:
-            ask(name)
+            assert b"\x02" + name[:2].encode() in ask(q(name))
         # n0's entry is replaced: its next hit refreshes the memo, which moves it to the end
         worker.resolver.cache.put(*entry(cfg, names[0], "198.18.0.9", time.monotonic()))
-        ask(names[0])
-        ask(names[4])  # full: the least recently refreshed quarter (n1) goes
+        assert bytes([198, 18, 0, 9]) in ask(q(names[0]))
+        assert b"\x02n4" in ask(q(names[4]))  # full: the least recently refreshed quarter goes
         assert len(worker.hits) == 4
         assert q(names[1])[2:] not in worker.hits
         assert q(names[0])[2:] in worker.hits and q(names[4])[2:] in worker.hits
-        worker.resolver.exchanger.close()
-    finally:
-        srv.close()
-        cli.close()
-        loop.close()
 
 
-def test_a_memo_hit_whose_entry_left_the_cache_is_not_answered_from_the_memo() -> None:
+def test_a_memo_hit_whose_entry_left_the_cache_is_not_answered_from_the_memo(
+    upstream: socket.socket,
+) -> None:
     """The memo skips the cache lookup while its entry is cached; an evicted entry must
     send the query on as a miss (here to an upstream socket the test reads), not answer."""
-    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    upstream.bind(("127.0.0.1", 0))
     upstream.settimeout(5)
-    at = f"127.0.0.1:{upstream.getsockname()[1]}"
-    cfg = parse({"zones": {".": {"upstreams": [at]}}, "cache": {"capacity": 1}}, cpu_count=1)
-    loop = asyncio.new_event_loop()
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        srv.bind(("127.0.0.1", 0))
-        srv.setblocking(False)
-        cli.settimeout(5)
-        worker = Worker(cfg, loop, [srv], [])
+    cfg = upstream_config(upstream, cache={"capacity": 1})
+    with udp_worker(cfg) as (w, ask):
         key, e = entry(cfg, "www.test", "198.18.0.1", time.monotonic())
-        worker.resolver.cache.put(key, e)
-        cli.sendto(q("www.test"), srv.getsockname())
-        select.select([srv], [], [], 5)
-        worker._udp_ready(srv)
-        assert bytes([198, 18, 0, 1]) in cli.recv(4096) and len(worker.hits) == 1
-        worker.resolver.cache.put(*entry(cfg, "other.test", "198.18.0.2", time.monotonic()))
+        w.worker.resolver.cache.put(key, e)
+        assert bytes([198, 18, 0, 1]) in ask(q("www.test")) and len(w.worker.hits) == 1
+        w.worker.resolver.cache.put(*entry(cfg, "other.test", "198.18.0.2", time.monotonic()))
         assert not e.cached  # evicted: the cache holds one entry
-        cli.sendto(q("www.test"), srv.getsockname())
-        select.select([srv], [], [], 5)
-        worker._udp_ready(srv)
-        forwarded = upstream.recv(4096)
-        assert b"\x03www\x04test\x00" in forwarded and e.hits == 1
-        cli.setblocking(False)
-        with pytest.raises(BlockingIOError):  # nothing answered the client from the memo
-            cli.recv(4096)
-        worker.resolver.exchanger.close()
-    finally:
-        srv.close()
-        cli.close()
-        upstream.close()
-        loop.close()
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with contextlib.closing(client):
+            w.ask(q("www.test"), client)
+            assert b"\x03www\x04test\x00" in upstream.recv(4096) and e.hits == 1
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):  # nothing answered the client from the memo
+                client.recv(4096)
 
 
-def test_memo_hits_past_the_prefetch_clock_start_a_prefetch_once_popular_enough() -> None:
+def test_memo_hits_past_the_prefetch_clock_start_a_prefetch_once_popular_enough(
+    upstream: socket.socket,
+) -> None:
     """A memo hit answers without a lookup only until its entry's prefetch clock: after it,
     every hit asks for a prefetch, which starts at the third hit (``prefetch.hits``)."""
-    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    upstream.bind(("127.0.0.1", 0))
     upstream.settimeout(5)
-    doc = {
-        "zones": {".": {"upstreams": [f"127.0.0.1:{upstream.getsockname()[1]}"]}},
-        "prefetch": {"hits": 3, "percent": 10},
-    }
-    cfg = parse(doc, cpu_count=1)
-    loop = asyncio.new_event_loop()
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        srv.bind(("127.0.0.1", 0))
-        srv.setblocking(False)
-        cli.settimeout(5)
-        worker = Worker(cfg, loop, [srv], [])
+    cfg = upstream_config(upstream, prefetch={"hits": 3, "percent": 10})
+    with udp_worker(cfg) as (w, ask):
         # TTL 3600, 3300 s old: 300 s left, inside the last tenth, so the clock is past.
         key, e = entry(cfg, "www.test", "198.18.0.1", time.monotonic() - 3300)
         assert e.prefetch_after < time.monotonic() < e.expires
-        worker.resolver.cache.put(key, e)
+        w.worker.resolver.cache.put(key, e)
         for hit in (1, 2, 3):
-            cli.sendto(q("www.test"), srv.getsockname())
-            select.select([srv], [], [], 5)
-            worker._udp_ready(srv)
-            assert bytes([198, 18, 0, 1]) in cli.recv(4096) and e.hits == hit
-            assert len(worker.hits) == 1  # the second and third came from the memo
-            assert worker.stats.counters["prefetch"] == (1 if hit == 3 else 0)
+            assert bytes([198, 18, 0, 1]) in ask(q("www.test")) and e.hits == hit
+            assert len(w.worker.hits) == 1  # the second and third came from the memo
+            assert w.worker.stats.counters["prefetch"] == (1 if hit == 3 else 0)
         assert b"\x03www\x04test\x00" in upstream.recv(4096)  # the prefetch's query
-        worker.resolver.exchanger.close()
-    finally:
-        srv.close()
-        cli.close()
-        upstream.close()
-        loop.close()
 
 
 @pytest.mark.parametrize(
@@ -502,14 +472,10 @@ def test_the_hit_path_checks_each_sender_against_the_acl(
     answered and each other one refused, the first time and again from the ACL memo."""
     acl = [f"{allowed}/{32 if family == socket.AF_INET else 128}"]
     cfg = parse({"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "acl": acl}, cpu_count=1)
-    loop = asyncio.new_event_loop()
-    srv = socket.socket(family, socket.SOCK_DGRAM)
+    w = UdpWorker(cfg, family, server)
     clients: list[socket.socket] = []
     try:
-        srv.bind((server, 0))
-        srv.setblocking(False)
-        worker = Worker(cfg, loop, [srv], [])
-        worker.resolver.cache.put(*entry(cfg, "www.test", "198.18.0.1", time.monotonic()))
+        w.worker.resolver.cache.put(*entry(cfg, "www.test", "198.18.0.1", time.monotonic()))
         for source in [allowed, refused] if refused else [allowed]:
             c = socket.socket(family, socket.SOCK_DGRAM)
             clients.append(c)
@@ -517,23 +483,19 @@ def test_the_hit_path_checks_each_sender_against_the_acl(
             c.settimeout(5)
         for _ in range(2):
             for c in clients:
-                c.sendto(q("www.test"), srv.getsockname()[:2])
-                select.select([srv], [], [], 5)
-                worker._udp_ready(srv)
-                loop.run_until_complete(asyncio.sleep(0))  # a refusal leaves by the queue
+                w.ask(q("www.test"), c)
+                w.loop.run_until_complete(asyncio.sleep(0))  # a refusal leaves by the queue
                 reply = c.recv(4096)
                 rcode = reply[3] & 0x0F
                 if c.getsockname()[0] == allowed:
                     assert rcode == 0 and bytes([198, 18, 0, 1]) in reply
                 else:
                     assert rcode == 5  # REFUSED
-        assert worker.stats.counters["acl_rejected"] == (2 if refused else 0)
-        worker.resolver.exchanger.close()
+        assert w.worker.stats.counters["acl_rejected"] == (2 if refused else 0)
     finally:
-        srv.close()
         for c in clients:
             c.close()
-        loop.close()
+        w.close()
 
 
 def test_the_memo_bound_follows_the_cache_capacity() -> None:

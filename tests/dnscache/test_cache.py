@@ -137,8 +137,12 @@ def test_an_entry_is_marked_cached_exactly_while_the_cache_holds_it() -> None:
     assert cache.sweep(now=10.0 + 86400 + 1) == 1 and not swept.cached
     kept = entry()[1]
     cache.put(b"f", kept)
+    assert kept.memo_until == min(kept.expires, kept.prefetch_after)
     cache.clear()
     assert not kept.cached
+    # the hit memo reads memo_until alone: every released entry must show -inf there too
+    released = (first, second, newer, evicting, dying, swept, kept)
+    assert all(e.memo_until == float("-inf") for e in released)
 
 
 def test_stale_window_then_gone() -> None:

@@ -459,24 +459,24 @@ def test_memo_hits_past_the_prefetch_clock_start_a_prefetch_once_popular_enough(
 
 
 @pytest.mark.parametrize(
-    ("family", "server", "allowed", "refused"),
+    ("family", "server", "acl", "answered", "refused"),
     [
-        (socket.AF_INET, "127.0.0.1", "127.0.0.2", "127.0.0.3"),
-        (socket.AF_INET6, "::1", "::1", None),
+        (socket.AF_INET, "127.0.0.1", "127.0.0.2/32", ["127.0.0.2"], ["127.0.0.3"]),
+        (socket.AF_INET6, "::1", "::1/128", ["::1"], []),
+        (socket.AF_INET6, "::1", "::2/128", [], ["::1"]),
     ],
 )
 def test_the_hit_path_checks_each_sender_against_the_acl(
-    family: int, server: str, allowed: str, refused: str | None
+    family: int, server: str, acl: str, answered: list[str], refused: list[str]
 ) -> None:
     """IPv4 senders are looked up as integers, IPv6 ones as bytes: each allowed sender is
     answered and each other one refused, the first time and again from the ACL memo."""
-    acl = [f"{allowed}/{32 if family == socket.AF_INET else 128}"]
-    cfg = parse({"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "acl": acl}, cpu_count=1)
+    cfg = parse({"zones": {".": {"upstreams": ["127.0.0.1:53"]}}, "acl": [acl]}, cpu_count=1)
     w = UdpWorker(cfg, family, server)
     clients: list[socket.socket] = []
     try:
         w.worker.resolver.cache.put(*entry(cfg, "www.test", "198.18.0.1", time.monotonic()))
-        for source in [allowed, refused] if refused else [allowed]:
+        for source in answered + refused:
             c = socket.socket(family, socket.SOCK_DGRAM)
             clients.append(c)
             c.bind((source, 0))
@@ -487,15 +487,76 @@ def test_the_hit_path_checks_each_sender_against_the_acl(
                 w.loop.run_until_complete(asyncio.sleep(0))  # a refusal leaves by the queue
                 reply = c.recv(4096)
                 rcode = reply[3] & 0x0F
-                if c.getsockname()[0] == allowed:
+                if c.getsockname()[0] in answered:
                     assert rcode == 0 and bytes([198, 18, 0, 1]) in reply
                 else:
                     assert rcode == 5  # REFUSED
-        assert w.worker.stats.counters["acl_rejected"] == (2 if refused else 0)
+        assert w.worker.stats.counters["acl_rejected"] == 2 * len(refused)
     finally:
         for c in clients:
             c.close()
         w.close()
+
+
+START = 1_000_000.25  # a fixed clock for the worker, with seconds and expiry not aligned
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """``time.monotonic`` as the test sets it: ``clock[0] = ...``."""
+    now = [START]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    return now
+
+
+def last_ttl(reply: bytes) -> int:
+    return int.from_bytes(reply[-10:-6], "big")  # the last record: TTL, RDLENGTH, an A
+
+
+def test_memo_replies_age_like_a_fresh_splice_from_second_to_second(
+    upstream: socket.socket, clock: list[float]
+) -> None:
+    """Through the worker's own hit path: the memo's reply in a new second, in the same
+    second and near expiry is the general path's splice, byte for byte."""
+    cfg = upstream_config(upstream)
+    with udp_worker(cfg) as (w, ask):
+        key, e = entry(cfg, "www.test", "198.18.0.1", START)
+        w.worker.resolver.cache.put(key, e)
+        query = q("www.test")
+        found = fast_query(query, cfg.max_udp_payload)
+        assert found is not None
+        _, qend, limit = found
+        clock[0] = START + 10.5
+        assert last_ttl(ask(query)) == 3590 and len(w.worker.hits) == 1
+        for later in (10.6, 20.5, 21.9, 3599.0):
+            clock[0] = START + later
+            fresh = splice(e, e.with_ttl(e.shown_ttl(clock[0])), query, qend, limit, limit or 512)
+            assert ask(query)[2:] == fresh[2:], later
+        assert e.hits == 5
+
+
+def test_an_expired_entry_still_cached_is_not_answered_from_the_memo(
+    upstream: socket.socket, clock: list[float]
+) -> None:
+    """Past expiry, inside its stale window, the entry is still cached: the memo must hand
+    the query to the resolver (here: a refresh upstream), not answer it with TTL 0."""
+    upstream.settimeout(5)
+    cfg = upstream_config(upstream)
+    with udp_worker(cfg) as (w, ask):
+        key, e = entry(cfg, "www.test", "198.18.0.1", START)
+        w.worker.resolver.cache.put(key, e)
+        clock[0] = START + 3599.5
+        assert last_ttl(ask(q("www.test"))) == 1 and len(w.worker.hits) == 1
+        clock[0] = START + 3600.5
+        assert e.cached
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with contextlib.closing(client):
+            w.ask(q("www.test"), client)
+            assert b"\x03www\x04test\x00" in upstream.recv(4096)  # a refresh, not an answer
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.recv(4096)
+        assert e.hits == 1
 
 
 def test_the_memo_bound_follows_the_cache_capacity() -> None:

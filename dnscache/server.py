@@ -3,8 +3,9 @@
 UDP sockets are served from the loop's epoll (``eventloop.py``, or ``add_reader``) and drained
 with non-blocking ``recvmmsg`` until empty (at most ``BATCH`` per wake-up), not through an
 asyncio datagram transport: one wake-up serves many packets, one system call reads up to
-``UDP_SLOTS`` queries and one sends their hits' replies (``udpbatch.py``), and a hit allocates
-nothing beyond its key. Misses and everything unusual go to ``Resolver``.
+``UDP_SLOTS`` queries and one sends their hits' replies (``udpbatch.py``), and a memo hit
+allocates only its key and its sender's address. Misses and everything unusual go to
+``Resolver``.
 
 TCP: each connection reads length-prefixed queries and hands each one on at once, so pipelined
 queries are answered concurrently and out of order (RFC 7766 §6.2.1.1); a reply is written with

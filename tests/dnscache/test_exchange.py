@@ -578,13 +578,10 @@ def test_one_read_of_hits_around_a_bad_query_answers_every_client() -> None:
     the socket's ReplyQueue for the end of the loop's turn), and the hit after it is sent
     from its own slot to its own client."""
     cfg = config()
-    loop = asyncio.new_event_loop()
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    w = UdpWorker(cfg)
+    worker, srv = w.worker, w.srv
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
     try:
-        srv.bind(("127.0.0.1", 0))
-        srv.setblocking(False)
-        worker = Worker(cfg, loop, [srv], [])
         for name, addr in (("a.test", "198.18.0.1"), ("b.test", "198.18.0.2")):
             worker.resolver.cache.put(*entry(cfg, name, addr, time.monotonic()))
         bad = b"\x77\x77\x01\x00\x00\x02" + bytes(6) + b"\x01a\x00\x00\x01\x00\x01"  # 2 questions
@@ -594,18 +591,16 @@ def test_one_read_of_hits_around_a_bad_query_answers_every_client() -> None:
             c.sendto(query, srv.getsockname())
         assert worker._udp_ready(srv)  # all three read at once, and the socket left empty
         assert worker.replies[srv.fileno()].waiting == 1
-        loop.run_until_complete(asyncio.sleep(0))  # one turn: the queue is flushed
+        w.loop.run_until_complete(asyncio.sleep(0))  # one turn: the queue is flushed
         assert worker.replies[srv.fileno()].waiting == 0
         first, middle, last = (c.recv(4096) for c in clients)
         assert first[:2] == queries[0][:2] and bytes([198, 18, 0, 1]) in first
         assert middle[:2] == b"\x77\x77" and middle[3] & 0x0F == 1  # FORMERR
         assert last[:2] == b"\x55\x66" and bytes([198, 18, 0, 2]) in last
-        worker.resolver.exchanger.close()
     finally:
-        srv.close()
         for c in clients:
             c.close()
-        loop.close()
+        w.close()
 
 
 @pytest.mark.parametrize(

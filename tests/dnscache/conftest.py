@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dnscache.testing import AuthServer
+from tools.bench.dns.authserver import AuthServer
 
 from .helpers import DnsProcess
 

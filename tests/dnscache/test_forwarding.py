@@ -10,7 +10,7 @@ from typing import Any
 import dnslib
 import pytest
 
-from dnscache.testing import AuthServer
+from tools.bench.dns.authserver import AuthServer
 
 from .helpers import DnsProcess, ask, base_doc, dig, make_query, tcp_exchange, udp, wait_for
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import dnslib
 import pytest
 
-from dnscache.testing import AuthServer
+from tools.bench.dns.authserver import AuthServer
 
 from .helpers import DnsProcess, base_doc
 

@@ -45,7 +45,7 @@ def upstream(netns: str) -> Iterator[int]:
             netns,
             sys.executable,
             "-m",
-            "dnscache.testing",
+            "tools.bench.dns.authserver",
             "--record",
             "www.test. A 198.18.0.5",
         ],

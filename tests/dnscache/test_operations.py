@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dnslib
 
-from dnscache.testing import AuthServer
+from tools.bench.dns.authserver import AuthServer
 
 from .helpers import DnsProcess, ask, base_doc, make_query, wait_for
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import dnslib
 
-from dnscache.testing import AuthServer
+from tools.bench.dns.authserver import AuthServer
 
 from .helpers import DnsProcess, ask, base_doc, wait_for
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import dnslib
 
-from dnscache.testing import AuthServer
+from tools.bench.dns.authserver import AuthServer
 
 from .helpers import DnsProcess, ask, base_doc, make_query
 from .test_wire import upstream_reply

@@ -17,9 +17,9 @@ from dnscache import tcpupstream
 from dnscache.config import Address
 from dnscache.errors import UpstreamError
 from dnscache.tcpupstream import TcpPool
-from dnscache.testing import AuthServer
 from dnscache.upstream import Exchanger
 from dnscache.wire import fast_query
+from tools.bench.dns.authserver import AuthServer
 
 from .test_wire import q as query_bytes
 

@@ -1,4 +1,7 @@
-"""A small authoritative server on loopback for tests: the fake upstream (dnslib).
+"""A small authoritative server on loopback: the upstream of the DNS tests and of the lab (dnslib).
+
+A repo tool, never shipped: the product (``dnscache``) holds no test doubles. The tests import
+it from here, and the demo runs it as ``python -m tools.bench.dns.authserver``.
 
 ``AuthServer`` answers one zone over UDP and TCP on one port of 127.0.0.1, from its own thread
 and event loop, and counts every query. Knobs that tests turn: ``down`` (drop everything),
@@ -280,13 +283,14 @@ class AuthServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dnscache.testing --origin test. --record 'www.test. A 198.18.0.5' ...``:
-    serve until SIGTERM, printing ``{"port": N}`` once listening (for tests in a namespace)."""
+    """Serve until SIGTERM, printing ``{"port": N}`` once listening (for tests in a namespace
+    and the lab): ``python -m tools.bench.dns.authserver --origin test. --record
+    'www.test. A 198.18.0.5' ...``."""
     import argparse
     import json
     import signal
 
-    p = argparse.ArgumentParser(prog="dnscache.testing")
+    p = argparse.ArgumentParser(prog="python -m tools.bench.dns.authserver")
     p.add_argument("--origin", default="test.")
     p.add_argument("--record", action="append", default=[])
     args = p.parse_args(argv)

@@ -85,7 +85,7 @@ $(STAMP): pyproject.toml $(if $(VENV_STALE),FORCE) | deps
 	fi
 	@test -x $(VPY) || "$(PYTHON)" -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q -e '.[dev,chart]'
 	@touch $(STAMP)
 
 demo: deps venv

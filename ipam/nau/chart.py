@@ -1,7 +1,8 @@
 """``--chart FILE``: NAU against node count for each IPAM mode, with the quota lines.
 
 I/O shell over :mod:`ipam.nau.budget`; matplotlib is imported only here, and only when a
-chart is asked for, so ``plan`` stays fast.
+chart is asked for, so ``plan`` stays fast. It is the ``chart`` extra (``pip install
+'ultranet[chart]'``), not a dependency: nothing else in the products needs it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ipam.nau.rules import (
 )
 
 FORMATS = {".png": "png", ".svg": "svg"}
+MATPLOTLIB_EXTRA = "ultranet[chart]"
 
 
 def mode_variants(plan: Plan) -> list[tuple[str, Plan]]:
@@ -56,7 +58,14 @@ def write_chart(plan: Plan, path: Path) -> None:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ConfigError("--chart", str(path), "must end in .png or .svg")
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise  # matplotlib is there but broken: its own traceback says why
+        raise ConfigError(
+            "--chart", str(path), f"needs matplotlib: pip install '{MATPLOTLIB_EXTRA}'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -70,7 +70,10 @@ debian-install:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml $(if $(VENV_STALE),FORCE) | deps
+# Two editable installs in one pip call: the products (with the test and chart extras) and the
+# repo tools, a distribution of their own (tools/pyproject.toml) so that the product's wheel
+# ships without them; it puts `ultranet-lab` on PATH and makes `tools` importable anywhere.
+$(STAMP): pyproject.toml tools/pyproject.toml $(if $(VENV_STALE),FORCE) | deps
 	@if [ -z "$(PYTHON)" ] || ! "$(PYTHON)" -c '$(PY_MIN_OK)' 2>/dev/null; then \
 	  echo "error: $(VENV) needs Python >= 3.11:" \
 	    "/usr/bin/python3 is $$(/usr/bin/python3 -V 2>/dev/null || echo absent)," \
@@ -85,7 +88,7 @@ $(STAMP): pyproject.toml $(if $(VENV_STALE),FORCE) | deps
 	fi
 	@test -x $(VPY) || "$(PYTHON)" -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[dev,chart]'
+	$(VPY) -m pip install -q -e '.[dev,chart]' -e ./tools
 	@touch $(STAMP)
 
 demo: deps venv

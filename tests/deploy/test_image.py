@@ -18,23 +18,19 @@ import pytest
 
 from dnscache.config import NodeLocalConfig
 from dnscache.nodelocal import CHAINS, rules
-from tests.deploy.conftest import DEPLOY, REPO
+from tests.deploy.conftest import (
+    DEPLOY,
+    DOCKERIGNORE,
+    REPO,
+    context_files,
+    copied_from_context,
+    in_build_context,
+    instructions,
+)
 
 SCRIPTS = DEPLOY / "scripts"
 CONTAINERFILE = (DEPLOY / "Containerfile").read_text()
-IGNORE = (DEPLOY / "Containerfile.dockerignore").read_text()
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", CONTAINERFILE)
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+PRODUCTS = ("cni", "ipam", "dnscache")
 
 
 def build_args() -> dict[str, str]:
@@ -69,16 +65,60 @@ def test_stages_copied_from_exist() -> None:
 
 
 def test_copied_sources_exist_and_are_in_the_build_context() -> None:
-    allowed = [
-        line[1:].rstrip("*").rstrip("/") for line in IGNORE.splitlines() if line.startswith("!")
-    ]
-    for word, rest in instructions():
-        if word != "COPY" or "--from=" in rest:
-            continue
-        *sources, _dest = [a for a in rest.split() if not a.startswith("--")]
+    for sources in copied_from_context().values():
         for source in sources:
             assert (REPO / source).exists(), source
-            assert any(source.rstrip("/").startswith(a) for a in allowed), source
+            assert context_files([source]), f"{source}: the dockerignore keeps all of it out"
+
+
+def test_the_context_is_what_the_stages_copy() -> None:
+    """Every path the dockerignore lets in is copied by some stage: no stale re-include."""
+    copied = {s.rstrip("/") for sources in copied_from_context().values() for s in sources}
+    let_in = [
+        line.strip()[1:].removesuffix("/**")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip().startswith("!")
+    ]
+    assert let_in
+    for path in let_in:
+        assert any(c == path or c.startswith(f"{path}/") for c in copied), path
+
+
+def test_the_ignore_rules_follow_docker() -> None:
+    # Docker's semantics (last matching rule wins; a rule on a directory covers its files);
+    # the cases the product-only tests below rely on.
+    assert in_build_context("cni/plugin.py")
+    assert in_build_context("ipam/data/instance-network-limits.json")
+    assert in_build_context("deploy/scripts/ultranet-node-init")
+    assert not in_build_context("cni/__pycache__/plugin.cpython-311.pyc")
+    assert not in_build_context("tools/lab/cli.py")
+    assert not in_build_context("tests/cni/test_plugin.py")
+    assert not in_build_context("deploy/kustomize/kustomization.yaml")
+    assert not in_build_context(".git/HEAD")
+
+
+def test_the_wheel_stage_copies_the_products_only() -> None:
+    files = context_files(copied_from_context()["wheel"])
+    assert {f.split("/")[0] for f in files} == {"pyproject.toml", "README.md", *PRODUCTS}
+    # Every product module and data file is there: the dockerignore drops none of them.
+    for product in PRODUCTS:
+        shipped = {
+            p.relative_to(REPO).as_posix()
+            for p in (REPO / product).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        }
+        assert shipped <= set(files), sorted(shipped - set(files))
+    assert "ipam/data/instance-network-limits.json" in files
+
+
+def test_the_image_holds_no_repo_tools_tests_or_test_doubles() -> None:
+    files = [f for sources in copied_from_context().values() for f in context_files(sources)]
+    assert files
+    for path in files:
+        parts = path.split("/")
+        assert parts[0] not in ("tools", "tests"), path
+        assert "testing" not in parts and "testing.py" not in parts, path
+        assert "__pycache__" not in parts and not path.endswith(".pyc"), path
 
 
 def test_pins_and_runtime_environment() -> None:

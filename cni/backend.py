@@ -1,12 +1,14 @@
 """The port between the CNI handler and the node daemon's address management.
 
-``ultranet-ipamd`` implements :class:`IpamBackend` over its datastore and hands it to
-:class:`cni.handler.CniHandler`; the tests use an in-process one over
-``ipam.pool.AddressPool`` (``tests/cni/backend.py``). Errors a backend raises:
+``ultranet-ipamd`` implements :class:`IpamBackend` over its datastore
+(``ipam.cni_backend``) and hands it to :class:`cni.handler.CniHandler`; the tests and the
+lab use an in-process one over the address pool (``tools.lab.pool_backend``). The port's
+types live here, in ``cni``, and ``ipam`` imports them: the package graph is one-way,
+``ipam`` -> ``cni``. Errors a backend raises:
 
-* ``ipam.datastore_errors.PoolExhausted``: no address now (ADD answers code 11, STATUS 50);
-* another ``ipam.datastore_errors.DatastoreError``: the request contradicts the store
-  (ADD answers code 101);
+* :class:`NoFreeAddress`: no address now (ADD answers code 11, STATUS 50);
+* another :class:`BackendError`: the request contradicts the store, or the store
+  failed (ADD answers code 101, DEL reports it, GC answers code 11);
 * :class:`BackendUnavailable`: the backend cannot answer at all yet (not synced with
   EC2, store failing). ADD answers code 11; DEL tears down from ``prevResult`` and spools
   the release (``cni.spool``) so it happens once the backend is back.
@@ -16,13 +18,60 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
-from ipam.errors import UltranetError
-from ipam.keys import IpamKey, PodRef
-from ipam.pool import Allocation
+from cni.errors import UltranetError
+from cni.keys import IpamKey, PodRef
 
-__all__ = ["BackendStatus", "BackendUnavailable", "IpamBackend"]
+__all__ = [
+    "MAIN_TABLE",
+    "Allocation",
+    "BackendError",
+    "BackendStatus",
+    "BackendUnavailable",
+    "IpamBackend",
+    "Lease",
+    "NoFreeAddress",
+]
+
+# Linux's main routing table (RT_TABLE_MAIN): the primary ENI's routes live there.
+MAIN_TABLE = 254
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One interface's address of an allocation, with what the plumbing needs."""
+
+    card: int
+    address: IPv4Address
+    prefix: IPv4Network
+    eni_id: str
+    device: int
+    route_table: int
+    gateway: IPv4Address
+    subnet: IPv4Network
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """What an attachment holds: one lease per network card, index 0 first."""
+
+    key: IpamKey
+    pod: PodRef
+    leases: tuple[Lease, ...]
+    allocated_at: float
+    # "cni": made by the CNI handler, which plumbs a host veth for it, so a restart may
+    # drop it when that veth is gone; "api": made through the daemon's socket API.
+    origin: str = "api"
+
+
+class BackendError(UltranetError):
+    """The backend refused the request (it contradicts the address state) or failed it."""
+
+
+class NoFreeAddress(BackendError):
+    """No address can be handed out now (ADD answers code 11: the runtime retries)."""
 
 
 class BackendUnavailable(UltranetError):

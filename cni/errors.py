@@ -2,9 +2,12 @@
 
 ::
 
-    UltranetError                       (ipam.errors)
+    UltranetError                       the root of every error ultranet raises on purpose
     └── CniError(code, msg, details)    answered as the spec's error JSON, exit code 1
         └── CheckFailed                 CHECK found state that differs from the ADD result
+
+``UltranetError`` is defined here, in the lowest package, so that ``ipam`` (which imports
+``cni``) and ``cni`` share one root without an import cycle.
 
 Codes 1-99 are the spec's ("Error codes", CNI spec 1.1.0 §"Error"); 100+ are ours.
 Every message names the environment variable, config key or object at fault, so the
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from ipam.errors import UltranetError
+__all__ = ["CheckFailed", "CniError", "ErrorCode", "UltranetError"]
 
-__all__ = ["CheckFailed", "CniError", "ErrorCode"]
+
+class UltranetError(Exception):
+    """Root of every error ultranet raises on purpose."""
 
 
 class ErrorCode(IntEnum):

@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Protocol
 
 from cni import shim
-from cni.backend import BackendUnavailable, IpamBackend
+from cni.backend import (
+    Allocation,
+    BackendError,
+    BackendUnavailable,
+    IpamBackend,
+    NoFreeAddress,
+)
 from cni.errors import CheckFailed, CniError, ErrorCode
+from cni.keys import InvalidKey, IpamKey, PodRef
 from cni.plumbing import PlumbedInterface, PodNetwork, pod_ifname
 from cni.result import IpConfig, PodInterface, Result, Route, chain, render_result
 from cni.spec import (
@@ -43,9 +50,6 @@ from cni.spec import (
     render,
     version_json,
 )
-from ipam.datastore_errors import DatastoreError, PoolExhausted
-from ipam.keys import InvalidKey, IpamKey, PodRef
-from ipam.pool import Allocation
 
 __all__ = ["CniHandler", "HandlerConfig", "PlumbingPort"]
 
@@ -133,11 +137,11 @@ class CniHandler:
     async def _allocate(self, key: IpamKey, pod: PodRef, multi_nic: bool) -> Allocation:
         try:
             return await self.backend.allocate(key, pod, multi_nic=multi_nic)
-        except PoolExhausted as err:
+        except NoFreeAddress as err:
             raise CniError(ErrorCode.TRY_AGAIN_LATER, "no free pod address", str(err)) from err
         except BackendUnavailable as err:
             raise CniError(ErrorCode.TRY_AGAIN_LATER, "IPAM not ready", str(err)) from err
-        except DatastoreError as err:
+        except BackendError as err:
             raise CniError(
                 ErrorCode.IPAM_FAILED, f"allocation for {key} refused", str(err)
             ) from err
@@ -145,7 +149,7 @@ class CniHandler:
     async def _release_after_failure(self, key: IpamKey) -> None:
         try:
             await self.backend.release(key)
-        except (BackendUnavailable, DatastoreError) as err:
+        except (BackendUnavailable, BackendError) as err:
             # The runtime DELs after a failed ADD (spec §"Lifecycle"), which retries this.
             log.error("cni: ADD of %s failed and its release failed too: %s", key, err)
 
@@ -161,7 +165,7 @@ class CniHandler:
             await self.backend.release(key)
         except BackendUnavailable as err:
             self._spool(cni, stdin, err)
-        except DatastoreError as err:
+        except BackendError as err:
             errors.append(f"release of {key}: {err}")
         if errors:
             raise CniError(ErrorCode.PLUMBING_FAILED, f"DEL of {key} incomplete", "; ".join(errors))
@@ -260,7 +264,7 @@ class CniHandler:
             return
         try:
             released = await self.backend.gc(valid)
-        except (BackendUnavailable, DatastoreError) as err:
+        except (BackendUnavailable, BackendError) as err:
             raise CniError(ErrorCode.TRY_AGAIN_LATER, "IPAM could not GC", str(err)) from err
         errors = []
         for allocation in released:

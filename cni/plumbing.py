@@ -44,7 +44,9 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import rtnl
+from cni.backend import MAIN_TABLE, Lease
 from cni.errors import CheckFailed, CniError, ErrorCode
+from cni.keys import IpamKey
 from cni.netlink import (
     LinkReaper,
     NamespaceError,
@@ -54,8 +56,6 @@ from cni.netlink import (
     socket_in,
 )
 from cni.rtnl import Rtnl, RtnlError
-from ipam.keys import IpamKey
-from ipam.pool import MAIN_TABLE, Lease
 
 __all__ = [
     "RULE_FROM_POD",

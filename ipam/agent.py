@@ -37,6 +37,8 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cni.backend import Allocation
+from cni.keys import IpamKey, PodRef
 from ipam import warm
 from ipam.config import IpamdConfig
 from ipam.datastore import Batch, Datastore, DatastoreWriteError, Journal
@@ -45,9 +47,8 @@ from ipam.ec2 import Ec2Error
 from ipam.errors import SubnetSpaceError, UltranetError
 from ipam.imds import ImdsClient, ImdsInterface
 from ipam.instance_types import InstanceType, lookup
-from ipam.keys import IpamKey, PodRef
 from ipam.metrics import IpamdMetrics
-from ipam.pool import AddressPool, Allocation, CardPool, EniInfo
+from ipam.pool import AddressPool, CardPool, EniInfo
 
 if TYPE_CHECKING:
     from ipam.ec2 import Ec2Client, EniState

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from cni.backend import BackendStatus, BackendUnavailable
+from cni.backend import Allocation, BackendStatus, BackendUnavailable
+from cni.keys import IpamKey, PodRef
 from ipam.agent import AgentError, NodeAgent
-from ipam.keys import IpamKey, PodRef
-from ipam.pool import Allocation
 
 
 class AgentBackend:

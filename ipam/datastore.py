@@ -40,9 +40,11 @@ from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Any
 
+from cni.backend import Allocation
+from cni.keys import IpamKey, PodRef
 from ipam.datastore_errors import DatastoreError
-from ipam.keys import AllocationRecord, IpamKey, PodRef, RecordedAddress
-from ipam.pool import AddressPool, Allocation
+from ipam.pool import AddressPool
+from ipam.records import AllocationRecord, RecordedAddress
 
 log = logging.getLogger("ultranet.ipamd.datastore")
 
@@ -350,7 +352,7 @@ class Datastore:
         dropped = self.pool.restore(records)
         for record, reason in dropped:
             log.warning("datastore: dropped allocation %s: %s", record.key, reason)
-        self.journal.snapshot(a.record() for a in self.pool.allocations())
+        self.journal.snapshot(AllocationRecord.of(a) for a in self.pool.allocations())
         return RestoreReport(len(records) - len(dropped), tuple(dropped), report.torn_tail_bytes)
 
     def allocate(
@@ -367,7 +369,7 @@ class Datastore:
         if existing is not None:
             return existing
         allocation = self.pool.allocate(key, pod, now, cards=cards, origin=origin)
-        self.journal.stage_add(allocation.record())
+        self.journal.stage_add(AllocationRecord.of(allocation))
         self._pending_adds.append(key)
         return allocation
 
@@ -428,7 +430,7 @@ class Datastore:
             return
         if self.journal.lines_since_snapshot >= self.snapshot_every:
             staged = self.journal.take_staged()
-            self.journal.snapshot(a.record() for a in self.pool.allocations())
+            self.journal.snapshot(AllocationRecord.of(a) for a in self.pool.allocations())
             self.journal.restage_first(staged)
 
     def close(self) -> None:

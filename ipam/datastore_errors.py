@@ -2,18 +2,20 @@
 
 ::
 
-    UltranetError
-    └── DatastoreError                      the request contradicts the node's address state
-        ├── PoolExhausted(cards)            no free, out-of-cooldown address on those cards
-        ├── UnmanagedCard(card)             the card has no pool
-        ├── UnknownEni(eni_id)
-        ├── UnknownPrefix(prefix)
-        ├── InvalidEni(field, value)        an ENI description that cannot be true
-        ├── InvalidPrefix(prefix)           not a /28, or outside the ENI's subnet
-        ├── Conflict                        the ENI, device or prefix is already known
-        ├── EniInUse(eni_id, count)         remove_eni without force on an ENI with pods
-        ├── PrefixInUse(prefix, count)      remove_prefix on a prefix with pods
-        └── DuplicateAddress(address, keys) two records claim one address (restore)
+    UltranetError                               (cni.errors)
+    └── BackendError                            (cni.backend: what the CNI handler catches)
+        └── DatastoreError                      the request contradicts the address state
+            ├── PoolExhausted(cards)            no free, out-of-cooldown address on those
+            │                                   cards; also a cni.backend.NoFreeAddress
+            ├── UnmanagedCard(card)             the card has no pool
+            ├── UnknownEni(eni_id)
+            ├── UnknownPrefix(prefix)
+            ├── InvalidEni(field, value)        an ENI description that cannot be true
+            ├── InvalidPrefix(prefix)           not a /28, or outside the ENI's subnet
+            ├── Conflict                        the ENI, device or prefix is already known
+            ├── EniInUse(eni_id, count)         remove_eni without force on an ENI with pods
+            ├── PrefixInUse(prefix, count)      remove_prefix on a prefix with pods
+            └── DuplicateAddress(address, keys) two records claim one address (restore)
 
 Messages name the object (card, ENI id, prefix, address) so a log line is enough.
 """
@@ -23,14 +25,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
-from ipam.errors import UltranetError
+from cni.backend import BackendError, NoFreeAddress
 
 
-class DatastoreError(UltranetError):
+class DatastoreError(BackendError):
     """The request contradicts the node's address state."""
 
 
-class PoolExhausted(DatastoreError):
+class PoolExhausted(DatastoreError, NoFreeAddress):
     """No free, out-of-cooldown address on the named card(s)."""
 
     def __init__(self, cards: Iterable[int], detail: str = "") -> None:

@@ -2,7 +2,7 @@
 
 ::
 
-    UltranetError
+    UltranetError                                (cni.errors: the one root)
     ├── ConfigError(field, value, reason)        bad configuration; names the knob
     ├── UnknownInstanceType(name, suggestions)   not in the instance data
     └── SubnetSpaceError(code)                   an address or prefix EC2 would refuse
@@ -18,9 +18,19 @@ allocator and the emulator cannot drift apart on which failure is which.
 
 from __future__ import annotations
 
+from cni.errors import UltranetError
 
-class UltranetError(Exception):
-    """Root of every error ultranet raises on purpose."""
+__all__ = [
+    "AddressUnavailable",
+    "ConfigError",
+    "InsufficientCidrBlocks",
+    "InsufficientFreeAddresses",
+    "NoRoomForPrefix",
+    "ReservationConflict",
+    "SubnetSpaceError",
+    "UltranetError",
+    "UnknownInstanceType",
+]
 
 
 class ConfigError(UltranetError):

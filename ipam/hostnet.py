@@ -37,9 +37,10 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni.backend import MAIN_TABLE
 from ipam.datastore_errors import InvalidEni
 from ipam.errors import UltranetError
-from ipam.pool import MAIN_TABLE, route_table
+from ipam.pool import route_table
 
 __all__ = ["ENI_RULE_PRIORITY", "EniLink", "HostNetwork", "HostNetworkError", "LinkNotFound"]
 

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
+from cni.backend import MAIN_TABLE, Allocation, Lease
+from cni.keys import IpamKey, PodRef
 from ipam.datastore_errors import (
     Conflict,
     DuplicateAddress,
@@ -43,11 +45,10 @@ from ipam.datastore_errors import (
     UnknownPrefix,
     UnmanagedCard,
 )
-from ipam.keys import AllocationRecord, IpamKey, PodRef, RecordedAddress
+from ipam.records import AllocationRecord
 
 PREFIX_LEN = 28
 PREFIX_SIZE = 16
-MAIN_TABLE = 254
 
 
 def route_table(card: int, device: int) -> int:
@@ -93,38 +94,6 @@ class EniInfo:
     @property
     def route_table(self) -> int:
         return route_table(self.card, self.device)
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """One interface's address of an allocation, with what the plumbing needs."""
-
-    card: int
-    address: IPv4Address
-    prefix: IPv4Network
-    eni_id: str
-    device: int
-    route_table: int
-    gateway: IPv4Address
-    subnet: IPv4Network
-
-
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    key: IpamKey
-    pod: PodRef
-    leases: tuple[Lease, ...]
-    allocated_at: float
-    origin: str = "api"  # see AllocationRecord.origin
-
-    def record(self) -> AllocationRecord:
-        return AllocationRecord(
-            self.key,
-            self.pod,
-            tuple(RecordedAddress(lease.card, lease.address) for lease in self.leases),
-            self.allocated_at,
-            self.origin,
-        )
 
 
 @dataclass(frozen=True, slots=True)

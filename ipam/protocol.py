@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
+from cni.backend import Allocation
+from cni.keys import InvalidKey, IpamKey, PodRef
 from ipam.errors import UltranetError
-from ipam.keys import InvalidKey, IpamKey, PodRef
-from ipam.pool import Allocation
 
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)

@@ -28,9 +28,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cni.backend import Allocation
 from ipam.agent import AgentError, NodeAgent
 from ipam.datastore_errors import DatastoreError, PoolExhausted
-from ipam.pool import Allocation
 from ipam.protocol import (
     AllocateRequest,
     FrameBuffer,

@@ -31,7 +31,7 @@ from ipam.nau.rules import (
     VPC_CIDR_BLOCKS_DEFAULT,
     VPC_CIDR_BLOCKS_MAX,
 )
-from ipam.subnet_space import AWS_RESERVED_HEAD, BLOCK
+from ipam.nau.subnet_space import AWS_RESERVED_HEAD, BLOCK
 
 BLOCK_BITS = 16  # a VPC block is at most a /16
 BLOCK_SIZE = 1 << (32 - BLOCK_BITS)

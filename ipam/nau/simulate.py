@@ -1,6 +1,6 @@
 """Replay node launches and pod churn against the planned subnets.
 
-Every address and prefix goes through ``ipam.subnet_space.SubnetSpace``, the aligned-/28
+Every address and prefix goes through ``ipam.nau.subnet_space.SubnetSpace``, the aligned-/28
 allocator the EC2 emulator answers boto3 with, so an ``InsufficientCidrBlocks`` here is
 the one the emulator (and, as far as it models EC2, AWS) would return.
 
@@ -31,7 +31,7 @@ from ipam.errors import InsufficientCidrBlocks, SubnetSpaceError
 from ipam.nau.budget import Budget
 from ipam.nau.maxpods import HOST_NETWORK_PODS, IPS_PER_PREFIX, Mode
 from ipam.nau.node import NodeBudget, secondary_ips, warm_targets
-from ipam.subnet_space import BLOCK, ReservationKind, SubnetSpace
+from ipam.nau.subnet_space import BLOCK, ReservationKind, SubnetSpace
 from ipam.warm import CardUsage, WarmTargets, plan
 
 Progress = Callable[[int, int], None]

@@ -1,10 +1,10 @@
-"""The lab's ENIs as the in-process backend's pool (``cni.testing``)."""
+"""The lab's ENIs as the in-process backend's pool (``tools.lab.pool_backend``)."""
 
 from __future__ import annotations
 
-from cni.testing import PoolBackend, pool_from_enis
 from ipam.pool import AddressPool
 from tools.lab.lab import Lab
+from tools.lab.pool_backend import PoolBackend, pool_from_enis
 
 __all__ = ["PoolBackend", "pool_from_lab"]
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from cni.keys import IpamKey
 from cni.plumbing import RULE_TO_POD, host_ifname
-from ipam.keys import IpamKey
 from tests.cni.backend import PoolBackend, pool_from_lab
 from tests.cni.harness import NETWORK, conf, env, host_state, node, ns_path, pod_state, run
 from tools.lab.lab import Lab

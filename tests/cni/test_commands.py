@@ -16,9 +16,9 @@ import pytest
 from cni import netlink, shim
 from cni.errors import CniError, ErrorCode
 from cni.handler import CniHandler
+from cni.keys import IpamKey
 from cni.plumbing import Plumbing, host_ifname
 from cni.transport import replay_spool
-from ipam.keys import IpamKey
 from tests.cni.backend import PoolBackend, pool_from_lab
 from tests.cni.harness import (
     NETWORK,

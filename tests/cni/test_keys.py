@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipam.keys import InvalidKey, IpamKey, PodRef
+from cni.keys import InvalidKey, IpamKey, PodRef
 
 
 def test_a_valid_key_prints_as_its_three_parts() -> None:

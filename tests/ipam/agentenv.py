@@ -9,13 +9,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from cni.keys import IpamKey, PodRef
 from ipam.agent import NodeAgent, NodeIdentity
 from ipam.config import IpamdConfig, load_config
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Client, boto3_client
 from ipam.hostnet import HostNetwork
 from ipam.imds import ImdsClient
-from ipam.keys import IpamKey, PodRef
 from ipam.metrics import IpamdMetrics
 from tools.lab.lab import Lab
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cni.keys import IpamKey, PodRef
 from ipam.datastore import (
     Datastore,
     DatastoreWriteError,
@@ -24,8 +25,8 @@ from ipam.datastore import (
     _parse_line,
     _record_to_json,
 )
-from ipam.keys import AllocationRecord, IpamKey, PodRef, RecordedAddress
 from ipam.pool import AddressPool, EniInfo
+from ipam.records import AllocationRecord, RecordedAddress
 
 SUBNET = IPv4Network("100.64.0.0/18")
 POD = PodRef("default", "web")
@@ -167,7 +168,7 @@ import sys
 from pathlib import Path
 from ipaddress import IPv4Address, IPv4Network
 from ipam.datastore import Datastore, Journal
-from ipam.keys import IpamKey, PodRef
+from cni.keys import IpamKey, PodRef
 from ipam.pool import AddressPool, EniInfo
 
 directory = Path(sys.argv[1])

@@ -7,6 +7,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from cni.backend import MAIN_TABLE
+from cni.keys import IpamKey, PodRef
 from ipam.datastore_errors import (
     Conflict,
     DuplicateAddress,
@@ -18,8 +20,8 @@ from ipam.datastore_errors import (
     UnknownEni,
     UnmanagedCard,
 )
-from ipam.keys import AllocationRecord, IpamKey, PodRef, RecordedAddress
-from ipam.pool import MAIN_TABLE, AddressPool, EniInfo, route_table
+from ipam.pool import AddressPool, EniInfo, route_table
+from ipam.records import AllocationRecord, RecordedAddress
 
 SUBNET = IPv4Network("100.64.0.0/18")
 POD = PodRef("default", "web")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipam.keys import IpamKey, PodRef
-from ipam.pool import Allocation, Lease
+from cni.backend import Allocation, Lease
+from cni.keys import IpamKey, PodRef
 from ipam.protocol import (
     HEADER,
     MAX_MESSAGE,

@@ -12,9 +12,9 @@ from collections.abc import Collection, Iterable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
-from cni.backend import BackendStatus, BackendUnavailable
-from ipam.keys import IpamKey, PodRef
-from ipam.pool import PREFIX_SIZE, AddressPool, Allocation, EniInfo
+from cni.backend import Allocation, BackendStatus, BackendUnavailable
+from cni.keys import IpamKey, PodRef
+from ipam.pool import PREFIX_SIZE, AddressPool, EniInfo
 
 
 class PoolBackend:

@@ -11,7 +11,7 @@ from ipam.nau.budget import evaluate, knobs, largest
 from ipam.nau.defaults import DEFAULT_PLAN
 from ipam.nau.layout import sizing
 from ipam.nau.model import parse_plan
-from ipam.subnet_space import SubnetSpace
+from ipam.nau.subnet_space import SubnetSpace
 
 CONSUMERS = {"nlb": 2, "vpc_endpoints": 10, "nat_gateways": 3, "tgw_attachments": 1}
 # 6 per NLB and endpoint per AZ, 6 per NAT gateway and attachment (AWS's table)
@@ -106,7 +106,7 @@ def test_reserved_layout_holds_what_the_allocator_can_give() -> None:
     fit = sizing(20, 1, 2, reservations=True)
     assert fit.singles_bits is not None
     space = SubnetSpace(IPv4Network("100.64.0.0/20"))
-    from ipam.subnet_space import ReservationKind
+    from ipam.nau.subnet_space import ReservationKind
 
     base = 0x64400000
     for k in range(fit.singles_bits, 12):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import ipam.nau.simulate as simulate_module
-import ipam.subnet_space
+import ipam.nau.subnet_space
 from ipam.nau.budget import evaluate
 from ipam.nau.cli import main
 from ipam.nau.model import parse_plan
@@ -26,7 +26,7 @@ def tight_plan(nodes: int = 2_000, **kw: Any) -> Any:
 
 
 def test_simulate_uses_the_allocator_the_emulator_uses() -> None:
-    assert simulate_module.SubnetSpace is ipam.subnet_space.SubnetSpace
+    assert simulate_module.SubnetSpace is ipam.nau.subnet_space.SubnetSpace
 
 
 def test_reservations_keep_a_full_layout_free_of_fragmentation() -> None:

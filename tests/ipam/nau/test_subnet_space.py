@@ -13,7 +13,7 @@ from ipam.errors import (
     InsufficientFreeAddresses,
     ReservationConflict,
 )
-from ipam.subnet_space import BLOCK, ReservationKind, SubnetSpace
+from ipam.nau.subnet_space import BLOCK, ReservationKind, SubnetSpace
 
 
 def test_five_addresses_are_reserved_by_aws() -> None:

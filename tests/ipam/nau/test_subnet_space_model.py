@@ -27,7 +27,7 @@ from ipam.errors import (
     ReservationConflict,
     SubnetSpaceError,
 )
-from ipam.subnet_space import AWS_RESERVED_HEAD, BLOCK, ReservationKind, SubnetSpace
+from ipam.nau.subnet_space import AWS_RESERVED_HEAD, BLOCK, ReservationKind, SubnetSpace
 
 SUBNET = IPv4Network("100.64.0.0/24")  # 16 blocks: small enough to fill, drain and fragment
 BASE = int(SUBNET.network_address)

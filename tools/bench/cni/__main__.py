@@ -26,10 +26,10 @@ from typing import Any
 from cni.handler import CniHandler
 from cni.install import conflist, install
 from cni.plumbing import Plumbing
-from cni.testing import PoolBackend, pool_from_enis
 from cni.transport import serve
 from tools.bench.cni.driver import REFERENCE_PLUGINS, Driver
 from tools.lab.lab import Lab, LabConfig
+from tools.lab.pool_backend import PoolBackend, pool_from_enis
 
 WARMUP = 3
 REFERENCE = {

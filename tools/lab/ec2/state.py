@@ -5,7 +5,7 @@ are views of it, and the namespaced node (``tools/lab/node.py``) follows its eve
 
 EC2 semantics modelled (sources in shared/research/nau.md and vpc-cni.md):
 
-* subnets are ``ipam.subnet_space.SubnetSpace``: five reserved addresses, /28
+* subnets are ``ipam.nau.subnet_space.SubnetSpace``: five reserved addresses, /28
   prefixes only from aligned fully free blocks (``InsufficientCidrBlocks`` on a
   fragmented subnet), ``prefix`` CIDR reservations used first;
 * an ENI has ``ipv4_per_eni`` address slots (its type's ``Ipv4AddressesPerInterface``);
@@ -47,7 +47,7 @@ from ipam.nau.rules import (
     ManagedResource,
     NauRules,
 )
-from ipam.subnet_space import ReservationKind, SubnetSpace
+from ipam.nau.subnet_space import ReservationKind, SubnetSpace
 from tools.lab.ec2.errors import Ec2Error, combination, invalid, not_found
 from tools.lab.ec2.faults import Faults, RequestLog
 from tools.lab.ec2.imds import JsonLeaf

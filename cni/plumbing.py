@@ -1,4 +1,5 @@
-"""Pod network plumbing, as the VPC CNI does it (shared/research/vpc-cni.md §3).
+"""Pod network plumbing, as the VPC CNI does it (``aws/amazon-vpc-cni-k8s``,
+``cmd/routed-eni-cni-plugin/driver/driver.go``: ``SetupPodNetwork``, ``TeardownPodNetwork``).
 
 For each pod interface i (one per lease; i > 0 only for multi-NIC pods):
 

@@ -1,8 +1,8 @@
 """CNI spec 1.1.0 inputs: the ``CNI_*`` environment, ``CNI_ARGS``, the network config.
 
 Everything here is pure: mappings and bytes in, frozen values or ``CniError`` out, so
-the handler, the shim's tests and the installer share one reading of the spec
-(shared/research/cni.md §1 summarises the rules quoted below).
+the handler, the shim's tests and the installer share one reading of the spec (the
+rules below are from ``SPEC.md`` in ``containernetworking/cni``, tag ``spec-v1.1.0``).
 
 * Versions: results can be rendered as 0.4.0, 1.0.0 and 1.1.0; any other
   ``cniVersion`` is code 1 ("incompatible CNI versions"). A conflist's ``cniVersions``

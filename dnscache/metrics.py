@@ -27,10 +27,6 @@ _OURS = {
         "ultranet_dns_coalesced_total",
         "Queries that joined an identical one in flight.",
     ),
-    "spoofed": (
-        "ultranet_dns_spoofed_replies_total",
-        "Upstream replies rejected: wrong ID or question (RFC 5452).",
-    ),
     "malformed": (
         "ultranet_dns_malformed_total",
         "Malformed queries or upstream answers (FORMERR or dropped).",
@@ -148,9 +144,11 @@ class _Snapshots(Collector):
             c = CounterMetricFamily(name.removesuffix("_total"), doc, labels=["server"])
             c.add_metric([self.server], sum(snap["counters"].get(key, 0) for snap in self.snaps))
             yield c
+        # The exchanger counts these itself (UDP and TCP alike), so they come with the gauges.
         spoofed = CounterMetricFamily(
-            "ultranet_dns_upstream_spoofed_total",
-            "Replies ignored on upstream sockets (any wrong ID or question).",
+            "ultranet_dns_spoofed_replies",
+            "Upstream replies rejected (RFC 5452): a wrong ID or question, or a datagram on an "
+            "upstream socket with no query waiting.",
             labels=["server"],
         )
         spoofed.add_metric([self.server], sum(sn["gauges"]["spoofed"] for sn in self.snaps))

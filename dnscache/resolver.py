@@ -149,7 +149,10 @@ class Resolver:
         e = self.cache.get(key, now)
         if e is not None and now < e.expires:
             self.hit(e, key, now)
-            send(splice(e, e.render(now), data, qend, limit, cap))
+            reply = splice(e, e.render(now), data, qend, limit, cap)
+            if len(reply) < qend + e.body_len and proto == "udp":
+                self.stats.counters["truncated"] += 1
+            send(reply)
             self.stats.count(proto, e.label)
             self.stats.duration[proto].observe(time.perf_counter() - t0)
             return

@@ -223,7 +223,11 @@ class Worker:
                             self.resolver.maybe_prefetch(e, key)
                         body = e.rendered if e.rendered_at == now_s else e.render(now)
                         reply = splice(e, body, data, qend, limit, limit or 512)
-                        if len(reply) > size:
+                        if len(reply) < qend + e.body_len:  # TC=1: too large for the client
+                            # Counted, and not memoized: a memo hit would not count it.
+                            self.stats.counters["truncated"] += 1
+                            queue.sendto(reply, batch.sockaddr(i))
+                        elif len(reply) > size:
                             queue.sendto(reply, batch.sockaddr(i))
                         else:
                             view[at : at + len(reply)] = reply

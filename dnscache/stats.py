@@ -99,7 +99,6 @@ COUNTERS = (
     "prefetch",
     "served_stale",
     "coalesced",
-    "spoofed",
     "malformed",
     "acl_rejected",
     "max_concurrent_rejects",
@@ -107,6 +106,5 @@ COUNTERS = (
     "truncated",
     "tcp_connections",
     "tcp_rejected",
-    "reloads",
     "udp_wakeups",
 )

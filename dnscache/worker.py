@@ -113,7 +113,6 @@ def _handle(worker: Worker, msg: dict[str, Any]) -> dict[str, Any]:
             worker.reconfigure(parse(msg["doc"], cpu_count=1))
         except ConfigError as exc:  # the supervisor validated it; report, keep the old one
             return {"op": "config", "ok": False, "error": str(exc)}
-        worker.stats.counters["reloads"] += 1
         return {"op": "config", "ok": True}
     return {"op": "error", "error": f"unknown op {op!r}"}
 

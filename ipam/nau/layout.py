@@ -1,10 +1,11 @@
 """CIDR layout: subnets per AZ, prefix reservations, and VPC CIDR blocks to hold them.
 
-Pure arithmetic over EC2's rules (nau.md §2): a subnet is /16../28 and loses five
-addresses; a /28 prefix needs an aligned, fully free block, so in an empty /n subnet
-``2^(28-n) - 2`` blocks can become prefixes (the first holds the four reserved head
-addresses, the last the broadcast address); automatic address assignment never draws
-from a ``prefix`` CIDR reservation, and automatic prefix assignment draws from it first.
+Pure arithmetic over EC2's rules (``ipam/nau/README.md``, Sources): a subnet is /16../28
+and loses five addresses; a /28 prefix needs an aligned, fully free block, so in an empty
+/n subnet ``2^(28-n) - 2`` blocks can become prefixes (our arithmetic: the first holds
+the four reserved head addresses, the last the broadcast address); automatic address
+assignment never draws from a ``prefix`` CIDR reservation, and automatic prefix
+assignment draws from it first.
 
 A subnet that holds both single addresses (node primaries, secondary ENIs' primaries)
 and prefixes is laid out as a singles area of ``2^j`` addresses at the bottom and the
@@ -36,7 +37,9 @@ from ipam.nau.subnet_space import AWS_RESERVED_HEAD, BLOCK
 BLOCK_BITS = 16  # a VPC block is at most a /16
 BLOCK_SIZE = 1 << (32 - BLOCK_BITS)
 CGNAT = IPv4Network("100.64.0.0/10")
-EKS_CLUSTER_ENIS = 8  # up to 4 cross-account ENIs, doubled during upgrades (nau.md §2)
+# EKS puts up to 4 cross-account ENIs in the cluster subnets and more during upgrades (EKS
+# Best Practices, "VPC and Subnet Considerations"); we allow twice that.
+EKS_CLUSTER_ENIS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +161,7 @@ def _subnets_for(need: SubnetNeed, azs: int, reservations: bool) -> list[tuple[i
 
 
 def _same_range_blocks(primary: IPv4Network) -> Iterator[IPv4Network]:
-    """/16s in the primary's RFC 1918 range that a VPC may add (nau.md §2)."""
+    """/16s in the primary's RFC 1918 range that a VPC may add ("VPC CIDR blocks")."""
     first = int(primary.network_address)
     if primary.subnet_of(IPv4Network("10.0.0.0/8")):
         starts = range(0x0A000000, 0x0B000000, BLOCK_SIZE)

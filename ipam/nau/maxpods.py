@@ -1,6 +1,6 @@
 """Max pods per node, computed as the EKS max-pods calculator computes it.
 
-Source: ``awslabs/amazon-eks-ami`` ``max-pods-calculator.sh`` (nau.md §3.2, S8):
+Source: ``awslabs/amazon-eks-ami`` ``templates/al2023/runtime/max-pods-calculator.sh``:
 
 * secondary-IP mode: ``ENIs * (IPv4Limit - 1) + 2`` (the values of the VPC CNI's
   ``misc/eni-max-pods.txt``, uncapped); the +2 are host-network pods (aws-node,

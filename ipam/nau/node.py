@@ -4,14 +4,15 @@ Pure functions over instance data (``ipam.instance_types``), the NAU rule table
 (``ipam.nau.rules``) and the VPC CNI's warm-pool rules. Prefix mode grows the pool with
 ``ipam.warm.plan``, the node daemon's own arithmetic, so the planner and the daemon
 agree on how many /28s a node holds; secondary-IP mode, which the daemon does not run,
-follows the VPC CNI (nau.md §3.3):
+follows the VPC CNI (``aws/amazon-vpc-cni-k8s``: ``pkg/ipamd/ipamd.go``,
+``docs/eni-and-ip-target.md``):
 
 * ``WARM_IP_TARGET``/``MINIMUM_IP_TARGET``: ``max(pods + WARM_IP, MIN_IP)`` addresses;
 * otherwise ``WARM_ENI_TARGET=W``: full ENIs until ``W`` ENIs' worth are free,
   ``ENIs = max(1, ceil((pods + W*S) / S))``, ``S = IPv4Limit - 1``;
 * both stop growing once the pool reaches max pods, and never exceed the ENI limit.
 
-Interfaces (nau.md §3.4): the primary ENI on card 0; pod ENIs on card 0 (with custom
+Interfaces: the primary ENI on card 0; pod ENIs on card 0 (with custom
 networking every pod ENI is one, in a pod subnet); on multi-NIC cards one ENI each whose
 pool follows the VPC CNI's fixed ``WARM_IP_TARGET=1``/``MINIMUM_IP_TARGET=1``; EFA (with
 ENA, one IPv4 each) and EFA-only (no address) interfaces, placed one per network card.

@@ -1,7 +1,7 @@
 """The NAU rule table: what each VPC resource costs in Network Address Usage units.
 
-Source: VPC User Guide, "Network Address Usage for your VPC" (current text; summary in
-shared/research/nau.md §1.2). AWS has changed this table before (the 2023 text had no
+Source: VPC User Guide, "Network Address Usage for your VPC" (current text; the NAU page
+in ``ipam/nau/README.md``, Sources). AWS has changed this table before (the 2023 text had no
 EFA, GWLB or EKS-pod rows), so the table carries a version and both the planner and
 the emulator print it. Where AWS's wording is ambiguous the ambiguity is a switch with
 a conservative default, never a silent choice.
@@ -44,7 +44,7 @@ class NauRules:
     efa_adds_to_interface: bool = False
     # Ambiguous: does an additional interface's own primary IPv4 count on top of the
     # interface unit (an empty extra ENI costs 2) or does the interface unit cover it
-    # (costs 1)? Default: it counts, the conservative double count (nau.md §1.2).
+    # (costs 1)? Default: it counts, the conservative double count.
     extra_interface_primary_ip: bool = True
 
     def interface_units(

@@ -4,8 +4,9 @@ One implementation serves the cloud emulator (`tools/lab`) and the NAU planner's
 simulator (`ipam.nau.simulate`), so a simulated fragmentation failure is the same
 failure the emulator would answer to boto3.
 
-EC2 rules modelled (VPC User Guide, "Subnet CIDR blocks" and "Assign prefixes to
-network interfaces"; facts in shared/research/nau.md §2):
+EC2 rules modelled (VPC User Guide, "Subnet CIDR blocks" and "Subnet CIDR reservations";
+EC2 User Guide, "Prefix delegation for Amazon EC2 network interfaces"; links in
+``ipam/nau/README.md``, Sources):
 
 * the first four addresses and the last one are reserved by AWS;
 * an IPv4 prefix is an aligned /28 whose sixteen addresses are all free, so a subnet

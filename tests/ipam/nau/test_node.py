@@ -1,6 +1,7 @@
 """Per-node NAU: warm-target behaviour, EFA, multi-NIC, custom networking, public IPv4.
 
-Expected values come from the VPC CNI's rules as nau.md §3 states them, not from the code.
+Expected values are worked by hand from the VPC CNI's warm-pool rules and the NAU page's
+units (``ipam/nau/README.md``, Sources), not from the code.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def prefixes(b: NodeBudget) -> int:
 @pytest.mark.parametrize("pods", [0, 1, 15, 16, 17, 40, 100])
 def test_warm_prefix_target_keeps_k_free_prefixes(pods: int, target: int) -> None:
     b = budget("m5.xlarge", pods, warm={"WARM_PREFIX_TARGET": target})
-    # nau.md §3.3: ceil(p/16) + k, capped by ceil(maxPods/16); m5.xlarge (4 vCPUs) caps at 110
+    # ceil(p/16) + k, capped by ceil(maxPods/16); m5.xlarge (4 vCPUs) caps at 110
     assert prefixes(b) == min(ceil(pods / 16) + target, ceil(110 / 16))
 
 
@@ -57,8 +58,9 @@ def test_minimum_ip_target_is_a_floor(pods: int, minimum: int) -> None:
     assert prefixes(b) == max(ceil(minimum / 16), ceil((pods + 1) / 16))
 
 
-def test_research_sanity_rows() -> None:
-    # nau.md §3.4: prefix mode, 1 ENI, WARM_PREFIX_TARGET=1, <= 16 pods -> 3; WARM_IP=1 -> 2
+def test_hand_worked_prefix_mode_nodes() -> None:
+    # prefix mode, 1 ENI: primary IPv4 + prefixes; WARM_PREFIX_TARGET=1, <= 16 pods -> 1 + 2;
+    # WARM_IP_TARGET=1, <= 15 pods -> 1 + 1
     assert budget(pods=16, warm={"WARM_PREFIX_TARGET": 1}).nau == 3
     assert budget(pods=15, warm={"WARM_IP_TARGET": 1}).nau == 2
     # WARM_IP_TARGET instead of WARM_PREFIX_TARGET saves one NAU per node
@@ -85,7 +87,7 @@ def test_secondary_warm_ip_target() -> None:
 
 def test_p5_secondary_ip_is_about_a_hundred() -> None:
     b = budget("p5.48xlarge", 12, mode="secondary-ip")
-    # 2 ENIs on card 0, 49 secondaries each: 50 + (1 + 50) = 101 (nau.md §3.4: ~101)
+    # 2 ENIs on card 0, 49 secondaries each: 50 + (1 + 50) = 101
     assert b.nau == 101
 
 
@@ -97,7 +99,7 @@ def test_efa_only_interfaces(counting: str, per_efa_only: int) -> None:
     )
     # 15 EFA-only on cards 1..15, plus the EFA row for the primary EFA
     assert with_efa.nau - base.nau == 15 * per_efa_only + 1
-    assert with_efa.nau >= 18  # nau.md §3.4: trn2 with 16 EFA interfaces >= 18
+    assert with_efa.nau >= 18  # 16 EFA interfaces + the primary IPv4 + >= 1 prefix
 
 
 def test_efa_with_ena_has_an_address() -> None:

@@ -32,7 +32,7 @@ def plan(nodes: int, warm: dict[str, int] | None = None, **kw: Any) -> Any:
     [
         (1_000, "default", True),
         (10_000, "default", True),  # 30,312 <= 64,000
-        (100_000, "max", False),  # 300,312 > 256,000 (nau.md §3.4)
+        (100_000, "max", False),  # 300,312 > 256,000: 3 NAU a node, worked by hand
     ],
 )
 def test_totals_against_quotas(nodes: int, quota: str, fits: bool) -> None:
@@ -94,7 +94,8 @@ def test_layout_fits_the_block_quota_and_reservations_are_inside_their_subnets()
 
 
 def test_prefixes_in_an_empty_subnet_match_the_allocator() -> None:
-    # nau.md §2: 2^(28-n) - 2 prefixes in an empty /n; check it with the shared allocator
+    # our arithmetic (ipam/nau/layout.py): 2^(28-n) - 2 prefixes in an empty /n; the
+    # allocator, which applies EC2's reserved addresses and /28 alignment, must agree
     for n in (24, 20):
         space = SubnetSpace(IPv4Network(f"100.64.0.0/{n}"))
         assert space.stats().free_blocks == 2 ** (28 - n) - 2
@@ -129,5 +130,5 @@ def test_secondary_ip_mode_needs_millions_at_100k() -> None:
             }
         )
     )
-    assert b.nau_total == 101 * 100_000  # nau.md §3.4: ~10M, impossible
+    assert b.nau_total == 101 * 100_000  # ~10M by hand (see test_node), impossible
     assert not b.fits

@@ -1,4 +1,4 @@
-"""Each NAU rule, against the units AWS publishes (VPC UG "Network Address Usage", nau.md §1.2)."""
+"""Each NAU rule, against the units AWS publishes (VPC UG, "Network Address Usage for your VPC")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Configuration of ``ultranet-ipamd``, parsed once into a frozen :class:`IpamdConfig`.
 
 The knobs the VPC CNI's ipamd also has keep its environment names and meanings (users
-know them and copy their ``aws-node`` env; shared/research/vpc-cni.md §1, §6, §7); ours
+know them and copy their ``aws-node`` env; the VPC CNI's ``README.md`` documents them, in
+``aws/amazon-vpc-cni-k8s``); ours
 are named in the same style with an ``ULTRANET_`` prefix. Sources, later winning:
 built-in defaults, an optional JSON or YAML file whose keys are the same upper-case names,
 then the environment. This module is the only one that reads ``os.environ``.

@@ -1,9 +1,11 @@
 """The one EC2 client of ultranet-ipamd: typed calls, a client-side rate limit, our retries.
 
-The VPC CNI takes the SDK's standard retryer (3 attempts) and lets its 5 s pool loop be the
-retry, so mass launches become ``RequestLimitExceeded`` storms (vpc-cni.md §5; §8 #405, #2730,
-#873). Here every request, retries included, first takes a token from one client-side bucket
-shared by all actions, so a node never offers EC2 more than ``rate_per_s`` requests a second.
+The VPC CNI builds its EC2 client with the SDK's defaults (``aws/amazon-vpc-cni-k8s``,
+``pkg/awsutils/awsutils.go``: no custom retryer, so the standard one's 3 attempts) and lets
+its 5 s pool loop be the retry, so mass launches become ``RequestLimitExceeded`` storms
+(its issues #405, #2730, #873). Here every request, retries included, first takes a token
+from one client-side bucket shared by all actions, so a node never offers EC2 more than
+``rate_per_s`` requests a second.
 Throttling, 5xx and connection errors are retried with full-jitter exponential backoff
 (``uniform(0, min(max_delay, base * 2**n))``, "Exponential Backoff and Jitter", AWS
 Architecture Blog), which spreads out the retries of nodes throttled at the same instant.
@@ -147,7 +149,11 @@ class Ec2NotFound(Ec2Error):
 
 
 class Ec2AddressLimitExceeded(Ec2Error):
-    """The ENI has no free slot: the daemon's view of it is out of date (vpc-cni.md §1)."""
+    """The ENI has no free slot: the daemon's view of it is out of date.
+
+    The VPC CNI reads ``PrivateIpAddressLimitExceeded`` the same way and re-describes the
+    ENI (``pkg/ipamd/ipamd.go``).
+    """
 
 
 class Ec2NauLimitExceeded(Ec2Error):
@@ -551,9 +557,10 @@ class Ec2Client:
     def subnets_in(self, vpc_id: str, availability_zone: str, tag_key: str) -> list[SubnetState]:
         """Subnets of the VPC in the AZ carrying ``tag_key``, cached ``subnet_cache_ttl_s``.
 
-        The VPC CNI calls DescribeSubnets on every ENI set-up (vpc-cni.md §5); subnets
-        change rarely, so a cache, refreshed by ``invalidate_subnets`` after
-        ``InsufficientCidrBlocks``, removes most of those calls. ``available_ips`` ages with it.
+        The VPC CNI calls DescribeSubnets on every ENI set-up (``pkg/awsutils/awsutils.go``,
+        ``IsSubnetExcluded``); subnets change rarely, so a cache removes most of those
+        calls. ``available_ips`` ages with it; a subnet that answered
+        ``InsufficientCidrBlocks`` is benched by the agent, not re-read.
         """
         key = (vpc_id, availability_zone, tag_key)
         now = self._clock()
@@ -566,10 +573,6 @@ class Ec2Client:
         with self._subnets_lock:
             self._subnets[key] = (self._clock() + self._subnet_ttl, found)
         return list(found)
-
-    def invalidate_subnets(self) -> None:
-        with self._subnets_lock:
-            self._subnets.clear()
 
     # -- prefixes ------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ policy problems that should be seen, not papered over. One keep-alive HTTP conne
 a p5.48xlarge has 32 network cards and the daemon reads about ten keys per interface
 at start, so connection set-up would otherwise dominate exec-to-ready time.
 
-Keys are the ones the VPC CNI reads (``pkg/awsutils/imds.go``; shared/research/vpc-cni.md
-§4). An interface with no ``local-ipv4s`` is an efa-only candidate, as in the VPC CNI;
+Keys are the ones the VPC CNI reads (``aws/amazon-vpc-cni-k8s``, ``pkg/awsutils/imds.go``).
+An interface with no ``local-ipv4s`` is an efa-only candidate, as in the VPC CNI;
 only EC2's InterfaceType can confirm it.
 """
 

@@ -1,9 +1,10 @@
-"""EC2 instance network limits, from the data copied out of shared/data.
+"""EC2 instance network limits, from two public snapshots of EC2 DescribeInstanceTypes.
 
 The JSON (``ipam/data/instance-network-limits.json``) is the VPC CNI's own table
-(`pkg/vpc/vpc_ip_resource_limit.go`) enriched from EC2 DescribeInstanceTypes; its header
-names the sources. The emulator answers DescribeInstanceTypes from it and the planner
-computes max pods and NAU from it, so both read the same numbers.
+(``aws/amazon-vpc-cni-k8s``, ``pkg/vpc/vpc_ip_resource_limit.go``) enriched from moto's
+(``getmoto/moto``, ``moto/ec2/resources/instance_types.json``); its header names the
+commits and the fields taken from each. The emulator answers DescribeInstanceTypes from it
+and the planner computes max pods and NAU from it, so both read the same numbers.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Durability is the datastore's job (``ipam.datastore``): it persists an allocatio
 before acknowledging it and replays records through ``restore``.
 
 One ``CardPool`` per managed network card, as the VPC CNI keeps one datastore per card
-(vpc-cni.md §2). Where ultranet differs from it, on purpose:
+(``aws/amazon-vpc-cni-k8s``, ``pkg/ipamd/datastore/data_store.go``). Where ultranet differs
+from it, on purpose:
 
 * **Bin-packing.** A new pod takes an address from the fullest prefix that still has a
   usable address (the VPC CNI scans prefixes in Go map order), so pods pack into few
@@ -52,11 +53,12 @@ PREFIX_SIZE = 16
 
 
 def route_table(card: int, device: int) -> int:
-    """The VPC CNI's route table numbering (``pkg/networkutils``, vpc-cni.md §3).
+    """The VPC CNI's route table numbering (``pkg/networkutils/helper.go``,
+    ``CalculateRouteTableId``, in ``aws/amazon-vpc-cni-k8s``).
 
     The primary ENI uses the main table; card 0, device d uses table d + 1; card c > 0
     uses 10000 + d + 100 c, so tables of different cards never collide (keying by
-    device alone broke multi-card EFA in Cilium #42600).
+    device alone broke multi-card EFA: ``cilium/cilium`` #42600).
     """
     if card < 0 or device < 0:
         raise ValueError(f"card {card} and device {device} must be >= 0")

@@ -6,7 +6,8 @@ request is ``{"version": 1, "op": ..., ...}``; a reply is ``{"version": 1, "ok":
 ...}}``. The version lets an old CNI shim and a new daemon (or the reverse) meet during a
 rolling upgrade: a daemon answers a version it does not speak with ``unsupported-version``
 and the versions it does, so the caller can say exactly what is wrong (the VPC CNI's gRPC
-API answers a version mismatch with FailedPrecondition; vpc-cni.md §3).
+API answers a version mismatch with FailedPrecondition: ``aws/amazon-vpc-cni-k8s``,
+``pkg/ipamd/rpc_handler.go``, ``validateVersion``).
 
 Operations:
 

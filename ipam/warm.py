@@ -5,8 +5,9 @@ Pure logic, no I/O: the daemon measures a card into a :class:`CardUsage`, calls
 ``Ipv4PrefixCount`` on existing ENIs first, then CreateNetworkInterface for ``new_enis``;
 UnassignPrivateIpAddresses with ``Ipv4Prefixes`` for releases).
 
-The rules are the VPC CNI's prefix-delegation rules (``pkg/ipamd/ipamd.go``; facts in
-shared/research/vpc-cni.md §1), with the knobs meaning what they mean there:
+The rules are the VPC CNI's prefix-delegation rules (``aws/amazon-vpc-cni-k8s``:
+``pkg/ipamd/ipamd.go``, ``docs/prefix-and-ip-target.md``), with the knobs meaning what they
+mean there:
 
 * ``WARM_IP_TARGET`` or ``MINIMUM_IP_TARGET`` set (non-zero) overrides
   ``WARM_PREFIX_TARGET``, as in ``isDatastorePoolTooLow``/``datastoreTargetState``;

@@ -101,17 +101,18 @@ def test_no_repo_tools_tests_or_test_doubles(wheel: Wheel) -> None:
 
 
 def test_every_product_module_and_data_file_is_shipped(wheel: Wheel) -> None:
+    """Modules, py.typed and every data file (ipam/data, ipam/nau/data, ...): all but the
+    READMEs and compiled caches."""
     shipped = set(wheel.files)
     for product in sorted(PRODUCTS):
-        modules = {
+        files = {
             p.relative_to(REPO).as_posix()
-            for p in (REPO / product).rglob("*.py")
-            if p.name != "testing.py"  # test doubles, leaving the products
+            for p in (REPO / product).rglob("*")
+            if p.is_file() and p.suffix not in (".md", ".pyc") and "__pycache__" not in p.parts
         }
-        assert modules <= shipped, sorted(modules - shipped)
-        assert f"{product}/py.typed" in shipped
-    data = {p.relative_to(REPO).as_posix() for p in (REPO / "ipam" / "data").glob("*.json")}
-    assert data and data <= shipped
+        assert f"{product}/py.typed" in files
+        assert files <= shipped, sorted(files - shipped)
+    assert [f for f in shipped if f.startswith("ipam/data/") and f.endswith(".json")]
 
 
 def test_console_scripts_are_the_products(wheel: Wheel) -> None:

@@ -16,6 +16,7 @@ import fnmatch
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,8 +24,17 @@ from typing import Any
 
 from ipam.errors import UnknownInstanceType
 from ipam.instance_types import InstanceType, catalog, lookup
-from tools.lab.ec2.errors import Ec2Error, combination, invalid
-from tools.lab.ec2.state import OWNER_ID, Cloud, Eni, Instance, NatGateway, Subnet, VpcEndpoint
+from tools.lab.ec2.errors import Ec2Error, combination, invalid, throttled
+from tools.lab.ec2.state import (
+    OWNER_ID,
+    Cloud,
+    Eni,
+    Instance,
+    LaunchInterface,
+    NatGateway,
+    Subnet,
+    VpcEndpoint,
+)
 from tools.lab.ec2.wire import WireError, decode_params, parse_form, render_error, render_response
 
 log = logging.getLogger("ultranet.lab.ec2")
@@ -298,7 +308,6 @@ def _instance_type_view(itype: InstanceType) -> dict[str, Any]:
 
 def _instance_view(instance: Instance, enis: list[Eni]) -> dict[str, Any]:
     primary = enis[0] if enis else None
-    state_codes = {"running": 16, "terminated": 48}
     out: dict[str, Any] = {
         "ImageId": instance.image_id,
         "InstanceId": instance.instance_id,
@@ -306,7 +315,7 @@ def _instance_view(instance: Instance, enis: list[Eni]) -> dict[str, Any]:
         "LaunchTime": instance.launch_time,
         "NetworkInterfaces": [_instance_eni_view(e) for e in enis],
         "Placement": {"AvailabilityZone": instance.availability_zone, "Tenancy": "default"},
-        "State": {"Code": state_codes[instance.state], "Name": instance.state},
+        "State": {"Code": _STATE_CODES[instance.state], "Name": instance.state},
         "SubnetId": instance.subnet_id,
         "Tags": _tags(instance.tags),
         "VpcId": instance.vpc_id,
@@ -314,6 +323,21 @@ def _instance_view(instance: Instance, enis: list[Eni]) -> dict[str, Any]:
     if primary is not None and primary.primary_ip is not None:
         out["PrivateIpAddress"] = str(primary.primary_ip)
     return out
+
+
+_STATE_CODES = {"running": 16, "terminated": 48}
+
+
+def _resource_count(action: str, flat: Mapping[str, str]) -> int:
+    """Resource tokens a request takes (EC2's resource rate limiting): instances."""
+    if action in ("RunInstances", "StartInstances"):
+        try:
+            return max(0, int(flat.get("MaxCount", "0")))
+        except ValueError:
+            return 0  # the parameter check refuses it next
+    if action in ("TerminateInstances", "StopInstances"):
+        return sum(1 for k in flat if k.startswith("InstanceId."))
+    return 0
 
 
 # -- the API ---------------------------------------------------------------------------
@@ -325,6 +349,7 @@ class Ec2Api:
     def __init__(self, cloud: Cloud, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.cloud = cloud
         self._sleep = sleep
+        self._throttle_lock = threading.Lock()
         self.filter_names: dict[str, frozenset[str]] = {}
         self._handlers: dict[str, Handler] = {
             "AssignPrivateIpAddresses": self.assign_private_ip_addresses,
@@ -345,6 +370,8 @@ class Ec2Api:
             "DetachNetworkInterface": self.detach_network_interface,
             "GetSubnetCidrReservations": self.get_subnet_cidr_reservations,
             "ModifyNetworkInterfaceAttribute": self.modify_network_interface_attribute,
+            "RunInstances": self.run_instances,
+            "TerminateInstances": self.terminate_instances,
             "UnassignPrivateIpAddresses": self.unassign_private_ip_addresses,
         }
 
@@ -378,6 +405,7 @@ class Ec2Api:
                 raise Ec2Error(
                     "InvalidAction", f"The action {action} is not valid for this web service."
                 )
+            self._throttle(action, flat)
             decision = self.cloud.faults.decide(action)
             if decision.latency_s:
                 self._sleep(decision.latency_s)
@@ -408,7 +436,78 @@ class Ec2Api:
             log.info("ec2 %s -> %s", action, response.error_code)
         return response
 
+    def _throttle(self, action: str, flat: Mapping[str, str]) -> None:
+        """EC2's account throttling (``Cloud.throttle``), before anything else is looked at:
+        a throttled request never reaches EC2's state, nor its parameter checks."""
+        throttle = self.cloud.throttle
+        if throttle is None:
+            return
+        narrowed = any(k.startswith("Filter.") or k in ("MaxResults", "NextToken") for k in flat)
+        with self._throttle_lock:
+            verdict = throttle.admit(
+                action, filtered_or_paginated=narrowed, resources=_resource_count(action, flat)
+            )
+        if not verdict.allowed:
+            raise throttled()
+
     # -- instances and types ---------------------------------------------------------
+
+    def run_instances(self, params: Params) -> Result:
+        """RunInstances with NetworkInterfaces, as a launch template gives them (each may
+        carry ``Ipv4PrefixCount``): ``MaxCount`` instances, all or none (EC2 may launch
+        fewer, down to ``MinCount``; the emulator has no capacity to run out of)."""
+        if params.get("LaunchTemplate"):
+            raise combination(
+                "the emulator takes a launch template's NetworkInterfaces as RunInstances "
+                "parameters; LaunchTemplate is not modelled"
+            )
+        count = params["MaxCount"]
+        if not 1 <= params["MinCount"] <= count:
+            raise invalid("MinCount must be >= 1 and <= MaxCount")
+        specs = params.get("NetworkInterfaces") or []
+        subnet_id = params.get("SubnetId") or next(
+            (s.get("SubnetId") for s in specs if s.get("DeviceIndex") == 0), None
+        )
+        if not subnet_id:
+            raise Ec2Error("MissingParameter", "RunInstances needs a SubnetId")
+        interfaces = [
+            LaunchInterface(
+                network_card=spec.get("NetworkCardIndex", 0),
+                device_index=spec["DeviceIndex"],
+                interface_type=spec.get("InterfaceType", "interface"),
+                ipv4_prefix_count=spec.get("Ipv4PrefixCount", 0),
+                secondary_ip_count=spec.get("SecondaryPrivateIpAddressCount", 0),
+                subnet_id=spec.get("SubnetId"),
+                delete_on_termination=spec.get("DeleteOnTermination", True),
+            )
+            for spec in specs
+        ]
+        tags = _tag_specs(params.get("TagSpecifications"), "instance")
+        launched = [
+            self.cloud.launch_instance(
+                params["InstanceType"], subnet_id, interfaces=interfaces, tags=tags
+            )
+            for _ in range(count)
+        ]
+        return {
+            "ReservationId": "r-" + launched[0].instance_id[2:],
+            "OwnerId": OWNER_ID,
+            "Instances": [_instance_view(i, self.cloud.enis_of(i.instance_id)) for i in launched],
+        }
+
+    def terminate_instances(self, params: Params) -> Result:
+        changes = []
+        for instance_id in params["InstanceIds"]:
+            before = self.cloud.instance(instance_id).state
+            self.cloud.terminate_instance(instance_id)
+            changes.append(
+                {
+                    "InstanceId": instance_id,
+                    "PreviousState": {"Code": _STATE_CODES[before], "Name": before},
+                    "CurrentState": {"Code": _STATE_CODES["terminated"], "Name": "terminated"},
+                }
+            )
+        return {"TerminatingInstances": changes}
 
     def describe_instances(self, params: Params) -> Result:
         ids = params.get("InstanceIds") or []

@@ -48,6 +48,7 @@ from ipam.nau.rules import (
     NauRules,
 )
 from ipam.nau.subnet_space import ReservationKind, SubnetSpace
+from ipam.nau.throttle import AccountThrottle
 from tools.lab.ec2.errors import Ec2Error, combination, invalid, not_found
 from tools.lab.ec2.faults import Faults, RequestLog
 from tools.lab.ec2.imds import JsonLeaf
@@ -267,6 +268,9 @@ class Cloud:
         self.rules = rules
         self.faults = Faults(clock=clock, seed=seed)
         self.requests = RequestLog(clock=clock)
+        # EC2's account-level throttling (ipam.nau.throttle), applied by the API layer;
+        # off unless a caller sets it (the fleet runner does, the single-node lab not).
+        self.throttle: AccountThrottle | None = None
         self._vpcs: dict[str, Vpc] = {}
         self._subnets: dict[str, Subnet] = {}
         self._enis: dict[str, Eni] = {}

@@ -42,7 +42,6 @@ class InstanceType:
     efa_supported: bool | None
     max_efa_interfaces: int | None
     vcpus: int | None
-    eni_max_pods_txt: int | None
 
     @property
     def max_prefixes_per_eni(self) -> int:
@@ -78,7 +77,6 @@ def _parse(name: str, raw: dict[str, Any]) -> InstanceType:
         efa_supported=raw.get("efa_supported"),
         max_efa_interfaces=raw.get("max_efa_interfaces"),
         vcpus=raw.get("vcpus"),
-        eni_max_pods_txt=raw.get("eni_max_pods_txt"),
     )
 
 

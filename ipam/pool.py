@@ -299,10 +299,6 @@ class CardPool:
             return False
         return True
 
-    def address_owner(self, address: IPv4Address) -> IpamKey | None:
-        prefix, offset = self._locate(address)
-        return prefix.assigned.get(offset)
-
     # -- internals -------------------------------------------------------------------
 
     def _eni(self, eni_id: str) -> EniInfo:

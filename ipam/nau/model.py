@@ -102,9 +102,6 @@ class Plan:
     def nodes(self) -> int:
         return sum(g.nodes for g in self.groups)
 
-    def with_groups(self, groups: tuple[NodeGroup, ...]) -> Plan:
-        return replace(self, groups=groups)
-
 
 # -- parsing ------------------------------------------------------------------------------
 

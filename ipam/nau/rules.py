@@ -142,7 +142,5 @@ PEERED_NAU_QUOTA_MAX = 512_000
 # Other VPC limits the layout is held to ("Amazon VPC quotas", "VPC CIDR blocks").
 VPC_CIDR_BLOCKS_DEFAULT = 5  # IPv4 CIDR blocks per VPC, primary included
 VPC_CIDR_BLOCKS_MAX = 50
-VPC_BLOCK_MIN_PREFIXLEN = 16  # a VPC IPv4 block is /16 .. /28
 SUBNETS_PER_VPC_DEFAULT = 200  # adjustable
 SUBNET_RESERVED_ADDRESSES = 5  # network, router, DNS, future use, broadcast
-ENIS_PER_REGION_DEFAULT = 5_000  # "Network interfaces per Region", adjustable

@@ -90,10 +90,6 @@ class Child:
         why = f"exited {code}" if code is not None else f"not ready in {timeout:g} s"
         raise DemoError(f"{self.name} {why}:\n{self.log_tail()}")
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM to the program (a supervisor stops its own workers), SIGKILL to its
         whole session after ``timeout``, and to any straggler of that session after."""

@@ -182,7 +182,6 @@ class Lab:
         self.ec2_url = ""  # on the host's loopback
         self.imds_url = ""  # on the host's loopback, for tests running outside the node
         self.node_ec2_url = ""  # on the node namespace's loopback
-        self.node_imds_url = f"http://{IMDS_ADDRESS}"
         self._servers: list[Ec2Server | ImdsServer] = []
         self._pods: list[str] = []
         self._netlink: netns.Netlink | None = None  # sockets in vpc_ns and node_ns

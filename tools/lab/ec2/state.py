@@ -3,7 +3,7 @@
 Pure state and rules, no I/O: the EC2 Query API (``api.py``) and IMDS (``imds.py``)
 are views of it, and the namespaced node (``tools/lab/node.py``) follows its events.
 
-EC2 semantics modelled (sources in shared/research/nau.md and vpc-cni.md):
+EC2 semantics modelled (the AWS pages listed in ``ipam/nau/README.md``, Sources):
 
 * subnets are ``ipam.nau.subnet_space.SubnetSpace``: five reserved addresses, /28
   prefixes only from aligned fully free blocks (``InsufficientCidrBlocks`` on a
@@ -18,7 +18,7 @@ EC2 semantics modelled (sources in shared/research/nau.md and vpc-cni.md):
   detached; efa-only interfaces have no IP address at all;
 * NAU is counted per VPC over interfaces attached to instances (the calls that fail
   at the quota are RunInstances, AttachNetworkInterface and AssignPrivateIpAddresses;
-  CreateNetworkInterface is not among them, nau.md §1.1), with ``ipam.nau.rules``;
+  CreateNetworkInterface is not among them: the NAU page), with ``ipam.nau.rules``;
   ``NetworkAddressUsageLimitExceeded`` refuses a change that would pass the quota;
 * IMDS can lag EC2 by a set number of seconds (``set_imds_lag``), as real IMDS does
   after attach, detach and address changes.
@@ -56,7 +56,6 @@ from tools.lab.events import CloudListener, EniView
 
 OWNER_ID = "111122223333"
 DEFAULT_SECURITY_GROUP = "sg-0a1b2c3d4e5f60789"
-MAX_PRIVATE_IPS_PER_REQUEST = 50  # an ENI never holds more slots than the largest type
 
 
 @dataclass(slots=True)

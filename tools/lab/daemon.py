@@ -8,6 +8,7 @@ caller's. Used by the daemon's tests, the benchmark and the demo.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -36,9 +37,9 @@ class IpamdProcess:
     def log_path(self) -> Path:
         return self.state_dir / "ipamd.log"
 
-    def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = {
+    def environment(self) -> dict[str, str]:
+        """The daemon's whole environment: the lab's endpoints and paths, then ``env``."""
+        return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "ULTRANET_SOCKET": str(self.socket),
             # Never the host's /run/ultranet/cni.sock: a real node's daemon may be serving it.
@@ -52,6 +53,24 @@ class IpamdProcess:
             "AWS_EC2_METADATA_DISABLED": "true",
             **self.env,
         }
+
+    def effective_config(self) -> dict[str, object]:
+        """What ``ultranet-ipamd --check-config`` prints with this environment: each knob's
+        value in force and its source (a benchmark records it)."""
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.lab.node_ns, sys.executable, "-m", "ipam.cli"]
+            + ["--check-config"],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        config: dict[str, object] = json.loads(done.stdout)
+        return config
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = self.environment()
         if self._log is not None:
             self._log.close()  # a restart after kill(): same log, new handle
         self._log = open(self.log_path, "ab")

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -82,16 +83,36 @@ class Driver:
         netns: str,
         ifname: str = "eth0",
         annotations: dict[str, str] | None = None,
+        *,
+        removes: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """One libcni call: ``{"ok", "ms", "result"|"error"}``."""
+        """One libcni call: ``{"ok", "ms", "cpu_us", "result"|"error"}``; ``cpu_us`` is
+        the CPU of the plugins it exec'd. ``removes`` (del only): host links of the node
+        namespace this DEL should remove, timed by :meth:`gone`."""
+        extra = [f"{k}={v}" for k, v in (annotations or {}).items()]
+        extra += [f"+{name}" for name in removes]
+        return self._ask(" ".join([command, container, netns, ifname, *extra]))
+
+    def gone(self) -> dict[str, float]:
+        """Wait until every link named in ``removes`` since the last call is gone (its
+        RTM_DELLINK arrived); ms from the start of its DEL to that event, per link."""
+        answer = self._ask("gone")
+        if not answer["ok"]:
+            raise RuntimeError(f"libcni driver: {answer['error']}")
+        if answer.get("overflows"):
+            # Dropped events: some removals are timed at the first look after the drop.
+            raise RuntimeError(f"libcni driver lost {answer['overflows']} netlink event bursts")
+        gone: dict[str, float] = answer.get("gone_ms", {})
+        return gone
+
+    def _ask(self, line: str) -> dict[str, Any]:
         assert self._proc.stdin is not None and self._proc.stdout is not None
-        extra = " ".join(f"{k}={v}" for k, v in (annotations or {}).items())
-        self._proc.stdin.write(f"{command} {container} {netns} {ifname} {extra}\n")
+        self._proc.stdin.write(line + "\n")
         self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
-        if not line:
+        reply = self._proc.stdout.readline()
+        if not reply:
             raise RuntimeError(f"libcni driver exited ({self._proc.wait()})")
-        answer: dict[str, Any] = json.loads(line)
+        answer: dict[str, Any] = json.loads(reply)
         return answer
 
     def close(self) -> None:

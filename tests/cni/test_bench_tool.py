@@ -1,0 +1,87 @@
+"""The CNI benchmark (``python -m tools.bench.cni``), end to end in a tiny configuration:
+the real ultranet-ipamd behind the shim against ptp + host-local, through libcni."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tools.bench.cni.__main__ import main
+from tools.bench.cni.driver import REFERENCE_PLUGINS, DriverUnavailable, build
+from tools.bench.cni.measure import distribution, host_links
+
+
+def test_host_links_are_the_interfaces_outside_the_sandbox() -> None:
+    result = {
+        "interfaces": [
+            {"name": "eni0123456789a", "mac": "02:00:00:00:00:01"},
+            {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": "/run/netns/p"},
+        ]
+    }
+    assert host_links(result) == ["eni0123456789a"]
+
+
+def test_distribution_keeps_the_full_range() -> None:
+    spread = distribution([5.0, 1.0, 3.0, 2.0, 40.0])
+    assert (spread["median"], spread["min"], spread["max"], spread["n"]) == (3.0, 1.0, 40.0, 5)
+    assert spread["min"] <= spread["p10"] <= spread["median"] <= spread["p90"] <= spread["max"]
+
+
+@pytest.mark.netns
+def test_a_tiny_run_against_the_real_daemon_records_its_conditions_and_both_dels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not (REFERENCE_PLUGINS / "ptp").exists():
+        pytest.skip("needs Debian package containernetworking-plugins")
+    try:
+        build()
+    except DriverUnavailable as err:
+        pytest.skip(str(err))
+    out = tmp_path / "cni.json"
+    argv = ["-n", "3", "--rounds", "1", "--warmup", "1", "--json", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+
+    config = result["config"]
+    assert config["command"][-len(argv) :] == argv
+    assert config["flags"]["backend"] == "daemon" and config["headline_eligible"] is True
+    assert config["counts"]["counted_adds_per_plugin_per_run"] == 3
+    assert config["concurrency"]["in_flight_calls"] == 1
+    assert set(config["versions"]["debian_packages"]) == {
+        "golang-go",
+        "golang-github-appc-cni-dev",
+        "containernetworking-plugins",
+    }
+    assert config["versions"]["go"].startswith("go version")
+    assert config["versions"]["python"]["version"]
+    assert len(config["code"]["commit"]) == 40 and isinstance(config["code"]["dirty"], bool)
+    assert config["machine"]["cpus"] >= 1
+
+    (run,) = result["runs"]
+    for moment in ("before", "after"):
+        assert "load average" in run["load"][moment]["uptime"]
+        assert len(run["load"][moment]["loadavg"]) == 3
+    node = run["ultranet_node"]
+    assert node["backend"] == "daemon" and node["env_overrides"] == {}
+    effective = node["effective_config"]
+    assert effective["IP_COOLDOWN_PERIOD"] == {"value": 30, "source": "default"}
+    assert effective["WARM_PREFIX_TARGET"]["source"] == "default"
+    assert run["shim_interpreter"]["version"]
+
+    for side in ("ultranet", "reference"):
+        row = run[side]
+        for metric in ("add_ms", "del_answer_ms", "del_removed_ms", "del_link_gone_ms"):
+            assert row[metric]["n"] == 3 and row[metric]["min"] > 0, (side, metric)
+        # The removal figure holds the answer and the veth's RTM_DELLINK, whichever is later.
+        assert row["del_removed_ms"]["min"] >= row["del_answer_ms"]["min"]
+        assert row["del_removed_ms"]["max"] >= row["del_link_gone_ms"]["max"]
+        for op in ("add", "del"):
+            assert row["cpu_us_per_op"][op]["total"] > 0
+    assert set(run["ultranet"]["cpu_us_per_op"]["add"]) == {"shim", "daemon", "total"}
+    assert set(run["reference"]["cpu_us_per_op"]["add"]) == {"plugins", "total"}
+    for key in ("add_ms_p50", "del_answer_ms_p50", "del_removed_ms_p50", "add_cpu", "del_cpu"):
+        assert run["ratio"][key] > 0
+        assert result["across_runs"]["ratio"][key]["median"] == run["ratio"][key]

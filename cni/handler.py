@@ -9,8 +9,10 @@ for netlink:
   (unless it predates this ADD: a repeated ADD must not free a live pod's address).
   With ``prevResult`` (we are chained after another plugin) the output extends it.
 * DEL: tear down from the allocation, else from ``prevResult``; a missing netns, a
-  missing prevResult, a missing allocation are all success. If the backend is
-  unavailable the plumbing still goes and the release is spooled (``cni.transport``).
+  missing prevResult, a missing allocation are all success. Without the allocation the
+  veths are found by name (``HandlerConfig.max_interfaces`` indexes), so a repeated DEL
+  of a multi-NIC pod misses none. If the backend is unavailable the plumbing still goes
+  and the release is spooled (``cni.transport``).
 * CHECK: the prevResult's addresses are ours, and everything ADD made is in place.
 * STATUS: 50 if ADD cannot succeed (backend not ready, or no address on card 0), 51 if
   existing pods may have lost connectivity.
@@ -69,6 +71,7 @@ class PlumbingPort(Protocol):
         *,
         veth_prefix: str,
         netns: str,
+        interfaces: int = 1,
     ) -> list[str]: ...
 
 
@@ -76,6 +79,9 @@ class PlumbingPort(Protocol):
 class HandlerConfig:
     enable_multi_nic: bool = False  # the node's ENABLE_MULTI_NIC
     spool_dir: Path | None = None  # where DELs wait for the backend (the shim's SPOOL_DIR)
+    # The most interfaces one attachment can have here (the node's managed cards): a DEL
+    # that has no allocation to go by looks for that many veths by name.
+    max_interfaces: int = 1
 
 
 class CniHandler:
@@ -157,9 +163,13 @@ class CniHandler:
 
     async def _del(self, cni: CniEnv, conf: NetConf, stdin: bytes) -> None:
         key = _key(conf.name, cni)
-        addresses = self._held(key, conf)
+        addresses, recorded = self._held(key, conf)
         errors = await self.plumbing.teardown(
-            key, addresses, veth_prefix=conf.veth_prefix, netns=cni.netns
+            key,
+            addresses,
+            veth_prefix=conf.veth_prefix,
+            netns=cni.netns,
+            interfaces=len(addresses) if recorded else self.config.max_interfaces,
         )
         try:
             await self.backend.release(key)
@@ -170,15 +180,16 @@ class CniHandler:
         if errors:
             raise CniError(ErrorCode.PLUMBING_FAILED, f"DEL of {key} incomplete", "; ".join(errors))
 
-    def _held(self, key: IpamKey, conf: NetConf) -> dict[int, IPv4Address]:
-        """Interface index -> address: from the backend, else from prevResult."""
+    def _held(self, key: IpamKey, conf: NetConf) -> tuple[dict[int, IPv4Address], bool]:
+        """Interface index -> address, from the backend, else from prevResult; and
+        whether it came from the backend (then it lists every interface)."""
         try:
             allocation = self.backend.lookup(key)
         except BackendUnavailable:
             allocation = None
         if allocation is not None:
-            return {i: lease.address for i, lease in enumerate(allocation.leases)}
-        return _from_prev_result(key, conf.prev_result)
+            return {i: lease.address for i, lease in enumerate(allocation.leases)}, True
+        return _from_prev_result(key, conf.prev_result), False
 
     def _spool(self, cni: CniEnv, stdin: bytes, why: BackendUnavailable) -> None:
         if self.config.spool_dir is None:

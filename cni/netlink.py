@@ -13,7 +13,8 @@
 * :class:`LinkReaper` deletes links on worker threads. Deleting a veth blocks in the
   kernel for 15-25 ms (``netdev_run_todo`` waits for the device's references and an RCU
   grace period) inside ``sendmsg``; issued from the event loop that would stall every
-  other request, so it gets its own threads, each with a raw socket made here.
+  other request, so it gets its own threads, each with a raw socket made here. Its
+  backlog is bounded (``max_pending``): past it, callers wait for room.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import logging
 import os
 import queue
 import socket
@@ -30,6 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
+
+from cni.pausepoint import pause_point
 
 __all__ = [
     "LinkReaper",
@@ -47,6 +51,7 @@ _NLMSG_ERROR = 2
 _NLM_F_REQUEST_ACK = 0x1 | 0x4
 _IFLA_IFNAME = 3
 _libc: Any = None
+log = logging.getLogger("ultranet.cni")
 
 
 class NamespaceError(OSError):
@@ -246,9 +251,12 @@ def delete_link(sock: socket.socket, name: str, seq: int = 1) -> int:
 class LinkReaper:
     """Deletes links by name on ``workers`` threads, each with its own socket in the
     host namespace. ``delete`` returns an awaitable; ``pending`` tells whether a name is
-    still being deleted (an ADD reusing the name waits for it)."""
+    still being deleted (an ADD reusing the name waits for it). Callers that may come in
+    bursts (DEL) first ``await reserve(n)``, which returns once ``n`` more deletions fit
+    under ``max_pending``: the backlog, and what it holds alive in the kernel, stays
+    bounded, and a burst slows to the reaper's pace instead."""
 
-    def __init__(self, host_netns: str | None, *, workers: int = 4) -> None:
+    def __init__(self, host_netns: str | None, *, workers: int = 4, max_pending: int = 256) -> None:
         self._sockets: list[socket.socket] = []
         self._free: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -262,6 +270,13 @@ class LinkReaper:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="link-reaper")
         self._pending: dict[str, asyncio.Future[int]] = {}
         self._seq = 0
+        self.max_pending = max_pending
+
+    async def reserve(self, count: int) -> None:
+        """Wait until ``count`` more deletions fit (one batch larger than the bound fits
+        once nothing else is pending). Nothing may await between this and ``delete``."""
+        while self._pending and len(self._pending) + count > self.max_pending:
+            await asyncio.wait(list(self._pending.values()), return_when=asyncio.FIRST_COMPLETED)
 
     def pending(self, name: str) -> asyncio.Future[int] | None:
         return self._pending.get(name)
@@ -279,8 +294,13 @@ class LinkReaper:
     def _forget(self, name: str, future: asyncio.Future[int]) -> None:
         if self._pending.get(name) is future:
             del self._pending[name]
+        if not future.cancelled() and future.exception() is not None:
+            # Whoever awaits it sees the error too; one that did not (a DEL already
+            # answered) leaves the link to the next start's sweep (Plumbing.reap_strays).
+            log.error("cni: %s", future.exception())
 
     def _delete(self, name: str) -> int:
+        pause_point("reaper-before-delete")
         with self._lock:
             sock = self._free.pop()
             self._seq += 1

@@ -23,20 +23,25 @@ Where we differ from the VPC CNI, on purpose:
   of one pod never share a name (the VPC CNI deletes a same-named host veth, which can
   cut an old sandbox that is still running).
 * DEL deletes the veth (the VPC CNI leaves it to the namespace's removal), but on a
-  reaper thread after the routing is gone: the kernel takes 15-25 ms per veth.
+  reaper thread after the routing is gone: the kernel takes 15-25 ms per veth. The host
+  end carries the alias ``ultranet-cni``, so a restarted daemon can tell its own veths
+  from everyone else's and reap those no allocation accounts for (:meth:`Plumbing.reap_strays`):
+  a DEL answered before its veth went, then a crash, leaves nothing behind.
 
 Every ADD step registers its undo; a failure undoes them all, in reverse.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
 import logging
 import os
+import re
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -56,9 +61,11 @@ from cni.netlink import (
     same_namespace,
     socket_in,
 )
+from cni.pausepoint import pause_point
 from cni.rtnl import Rtnl, RtnlError
 
 __all__ = [
+    "HOST_VETH_ALIAS",
     "RULE_FROM_POD",
     "RULE_POD_TABLE",
     "RULE_TO_POD",
@@ -75,13 +82,15 @@ log = logging.getLogger("ultranet.cni")
 RULE_TO_POD = 512  # to <pod> lookup main
 RULE_FROM_POD = 1536  # from <pod> lookup <ENI table>
 RULE_POD_TABLE = 1  # inside the pod: from <address k> lookup k
+HOST_VETH_ALIAS = "ultranet-cni"  # marks the host ends this plugin made
+_HASH_DIGITS = 11
 _NUD_PERMANENT = 0x80
 _AF_INET = socket.AF_INET
 
 
 def host_ifname(key: IpamKey, index: int, prefix: str) -> str:
     digest = hashlib.sha1(f"{key.network}/{key.container_id}/{key.ifname}/{index}".encode())
-    return prefix + digest.hexdigest()[:11]
+    return prefix + digest.hexdigest()[:_HASH_DIGITS]
 
 
 def pod_ifname(key: IpamKey, index: int) -> str:
@@ -181,14 +190,16 @@ class Plumbing:
         self._host_netns = host_netns
 
     @classmethod
-    async def open(cls, host_netns: str | None = None) -> Plumbing:
+    async def open(
+        cls, host_netns: str | None = None, *, max_pending_deletions: int = 256
+    ) -> Plumbing:
         """Sockets in ``host_netns`` (a path; None: this process's namespace)."""
         with contextlib.ExitStack() as opened:
             host = await iproute_in(host_netns)
             opened.callback(host.close)
             rtnl = Rtnl(socket_in(host_netns))
             opened.callback(rtnl.close)
-            reaper = LinkReaper(host_netns)
+            reaper = LinkReaper(host_netns, max_pending=max_pending_deletions)
             opened.pop_all()
         return cls(host, rtnl, reaper, host_netns)
 
@@ -332,6 +343,7 @@ class Plumbing:
         address = lease.address
         undo.callback(self._quiet, self._rtnl, _rule_deletes(address))
         messages = [
+            rtnl.link_alias(link, HOST_VETH_ALIAS, f"alias {HOST_VETH_ALIAS} on {name}"),
             rtnl.route(link, address, table=MAIN_TABLE, what=f"route {address}/32 dev {name}"),
             rtnl.rule("dst", address, RULE_TO_POD, MAIN_TABLE),
         ]
@@ -434,13 +446,19 @@ class Plumbing:
         *,
         veth_prefix: str,
         netns: str,
+        interfaces: int = 1,
     ) -> list[str]:
         """Remove the host routing of ``addresses`` (interface index -> address) and the
-        veths; idempotent. Returns the errors met (every step is still tried).
+        veths of indexes ``addresses`` and ``0..interfaces-1`` (their names derive from
+        the key, so a DEL that lost the addresses still finds every veth); idempotent.
+        Returns the errors met (every step is still tried).
 
         Rules of an address are removed only while this attachment still holds it: its
         veth exists, or no other veth routes the address (it may belong to a newer pod
         now, whose identical rules must stay).
+
+        The veths go on the reaper's threads and the call returns before they are gone
+        (once the reaper has room for them): see ``cni/README.md`` for why that is safe.
         """
         errors: list[str] = []
         for index, address in sorted(addresses.items()):
@@ -449,12 +467,55 @@ class Plumbing:
                 await self._teardown_one(name, str(address))
             except (NetlinkError, OSError) as err:
                 errors.append(f"{name} ({address}): {err}")
+            pause_point("del-between-interfaces")
         secondary = [address for index, address in addresses.items() if index > 0]
         if secondary and netns:
             errors += await self._teardown_pod_rules(netns, secondary)
-        for index in sorted(set(addresses) | {0}):
+        indexes = sorted(set(addresses) | set(range(interfaces)) | {0})
+        await self._reaper.reserve(len(indexes))
+        for index in indexes:
             self._reaper.delete(host_ifname(key, index, veth_prefix))
         return errors
+
+    async def reap_strays(
+        self, veth_prefix: str, accounted: Callable[[], Collection[str]]
+    ) -> list[str]:
+        """Delete the host veths this plugin made (``veth_prefix`` + 11 hex digits,
+        kind veth, alias ``HOST_VETH_ALIAS``) whose names ``accounted()`` lacks; returns
+        their names once they are gone. Nothing else is touched: not the ENIs' links, not
+        another plugin's veths (the VPC CNI names its own ``eni`` + 11 hex too).
+
+        ``accounted`` is called after the links are listed, and the deletions are queued
+        without an await in between: an attachment allocates before it creates its veth,
+        and an ADD waits for a pending deletion of its name, so no veth of a live
+        allocation is taken even if ADDs run meanwhile.
+        """
+        pattern = re.compile(re.escape(veth_prefix) + f"[0-9a-f]{{{_HASH_DIGITS}}}")
+        ours = []
+        async for link in await self._host.link("dump"):
+            name = link.get("IFLA_IFNAME")
+            info = link.get("IFLA_LINKINFO")
+            kind = info.get("IFLA_INFO_KIND") if info is not None else None
+            if (
+                kind == "veth"
+                and link.get("IFLA_IFALIAS") == HOST_VETH_ALIAS
+                and pattern.fullmatch(name or "")
+            ):
+                ours.append(name)
+        await self._reaper.reserve(len(ours))
+        keep = set(accounted())
+        # A name being deleted already (a DEL replayed from the spool) is not a stray.
+        strays = [n for n in ours if n not in keep and self._reaper.pending(n) is None]
+        deletions = [self._reaper.delete(name) for name in strays]
+        outcomes = await asyncio.gather(*deletions, return_exceptions=True)
+        reaped = []
+        for name, outcome in zip(strays, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("cni: stray veth %s stays: %s", name, outcome)
+            else:
+                log.warning("cni: reaped stray veth %s (no allocation accounts for it)", name)
+                reaped.append(name)
+        return reaped
 
     async def _teardown_one(self, name: str, address: str) -> None:
         addr = IPv4Address(address)

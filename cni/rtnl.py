@@ -42,6 +42,7 @@ _NEW = F_REQUEST | F_ACK | F_CREATE | F_EXCL
 _DEL = F_REQUEST | F_ACK
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+IFLA_IFALIAS = 20
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
@@ -122,6 +123,13 @@ def veth(host: str, host_mac: str, peer: str, peer_mac: str, netns_fd: int, mtu:
 
 def link_up(index: int, what: str) -> Message:
     body = _IFINFO.pack(0, 0, index, IFF_UP, IFF_UP)
+    return Message(RTM_NEWLINK, F_REQUEST | F_ACK, body, what)
+
+
+def link_alias(index: int, alias: str, what: str) -> Message:
+    """Set the link's alias (``ip link set ... alias``); the kernel ignores one given
+    at creation, so it takes its own message."""
+    body = _IFINFO.pack(0, 0, index, 0, 0) + _attr(IFLA_IFALIAS, alias.encode())
     return Message(RTM_NEWLINK, F_REQUEST | F_ACK, body, what)
 
 

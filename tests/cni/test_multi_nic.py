@@ -4,11 +4,13 @@ the packets from interface k leave through card k's ENI."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
 
+from cni import netlink
 from cni.spec import ANNOTATIONS_CAPABILITY, MULTI_NIC_ANNOTATION, MULTI_NIC_VALUE
 from ipam.hostnet import EniLink, HostNetwork
 from tests.cni.backend import PoolBackend, pool_from_lab
@@ -154,4 +156,42 @@ def test_single_interface_unless_node_enables_and_pod_asks(
 
     result = run(scenario())
     assert len(result["ips"]) == 1 and result["ips"][0]["gateway"] == "169.254.1.1"
+    assert backend.held() == set()
+
+
+def test_a_repeated_del_without_allocation_or_prev_result_removes_every_veth(
+    p5: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first DEL is answered and its allocation released, but its veth deletions are
+    lost (the reaper's queue died with the daemon); the runtime's next DEL has neither the
+    allocation nor prevResult, and finds every veth by name."""
+    lab, _ = p5
+    pod_ns = lab.create_pod_namespace("again")
+    backend = PoolBackend(pool_from_lab(lab))
+    before = host_state(lab)
+    real_delete_link = netlink.delete_link
+    lost: list[str] = []
+
+    def lose(sock: socket.socket, name: str, seq: int = 1) -> int:
+        lost.append(name)
+        return 0
+
+    async def scenario() -> dict[str, Any]:
+        async with node(lab, backend, enable_multi_nic=True, max_interfaces=CARDS) as n:
+            result = await n.add("again", pod_ns, runtimeConfig=MULTI)
+            monkeypatch.setattr(netlink, "delete_link", lose)
+            await n.delete("again", pod_ns, result)
+            await n.plumbing.settle()
+            monkeypatch.setattr(netlink, "delete_link", real_delete_link)
+            stranded = await asyncio.to_thread(host_state, lab)
+            await n.delete("again", pod_ns)  # no prevResult, no allocation
+            await n.plumbing.settle()
+            return stranded
+
+    stranded = run(scenario())
+    assert len(lost) == CARDS
+    assert sorted(stranded["links"]) == sorted(before["links"] + lost)
+    assert stranded["rules"] == before["rules"]  # the first DEL removed the routing
+    assert host_state(lab) == before
+    assert pod_state(pod_ns) == {"links": [], "addrs": [], "rules": []}
     assert backend.held() == set()

@@ -1,0 +1,250 @@
+"""The deferred veth deletion (``LinkReaper``) and the restart sweep, in-process in the
+lab: a re-ADD of a name the reaper still holds, a bounded backlog, a burst of DELs the
+reaper falls behind, and ``Plumbing.reap_strays`` touching only our own veths.
+
+The reaper "falls behind" on demand: :class:`Gate` holds every deletion on its thread
+until the test opens it, so each window is hit without timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute
+
+from cni import netlink
+from cni.handler import CniHandler, HandlerConfig
+from cni.keys import IpamKey
+from cni.netlink import LinkReaper
+from cni.plumbing import HOST_VETH_ALIAS, Plumbing, host_ifname
+from tests.cni.backend import PoolBackend, pool_from_lab
+from tests.cni.harness import NETWORK, Node, conf, env, host_state, ns_path, pod_state, run
+from tests.conftest import LabFactory
+from tools.lab.lab import Lab, LabConfig
+from tools.lab.pool_backend import pool_from_enis
+
+pytestmark = pytest.mark.netns
+GUARD_S = 60  # a failure guard, never a synchronisation
+
+
+class Gate:
+    """Holds every veth deletion on the reaper's thread until ``open``; counts the
+    deletions queued at most at once."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.most_pending = 0
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    held = Gate()
+    real_delete_link = netlink.delete_link
+    real_delete = LinkReaper.delete
+
+    def gated(sock: socket.socket, name: str, seq: int = 1) -> int:
+        held.opened.wait()
+        return real_delete_link(sock, name, seq)
+
+    def counted(self: LinkReaper, name: str) -> asyncio.Future[int]:
+        future = real_delete(self, name)
+        held.most_pending = max(held.most_pending, len(self._pending))
+        return future
+
+    monkeypatch.setattr(netlink, "delete_link", gated)
+    monkeypatch.setattr(LinkReaper, "delete", counted)
+    try:
+        yield held
+    finally:
+        held.open()  # a failing test must not leave the reaper's threads stuck
+
+
+@asynccontextmanager
+async def reaping_node(
+    lab: Lab, backend: PoolBackend, gate: Gate, **open_args: Any
+) -> AsyncIterator[Node]:
+    plumbing = await Plumbing.open(ns_path(lab.node_ns), **open_args)
+    try:
+        yield Node(lab, backend, CniHandler(backend, plumbing, HandlerConfig()), plumbing)
+    finally:
+        gate.open()
+        await plumbing.close()
+
+
+def host_name(container: str) -> str:
+    return host_ifname(IpamKey(NETWORK, container, "eth0"), 0, "eni")
+
+
+def link_attr(lab: Lab, name: str, attr: str) -> Any:
+    with IPRoute(netns=lab.node_ns) as ipr:
+        return ipr.link("get", ifname=name)[0].get(attr)
+
+
+def test_a_re_add_waits_for_the_old_veth_the_reaper_still_holds(
+    lab: Lab, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod_ns = lab.create_pod_namespace("re")
+    backend = PoolBackend(pool_from_lab(lab))
+    before = host_state(lab)
+    name = host_name("r1")
+    waiting = asyncio.Event()
+    real_pending = LinkReaper.pending
+
+    def pending(self: LinkReaper, link: str) -> asyncio.Future[int] | None:
+        found = real_pending(self, link)
+        if link == name and found is not None:
+            waiting.set()  # the ADD found the old veth still being deleted
+        return found
+
+    monkeypatch.setattr(LinkReaper, "pending", pending)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], str]:
+        async with reaping_node(lab, backend, gate) as n:
+            await n.add("r1", pod_ns)
+            await n.delete("r1", pod_ns)  # answered; the reaper holds the veth
+            held = await asyncio.to_thread(host_state, lab)
+            readd = asyncio.create_task(n.call(env("ADD", "r1", ns_path(pod_ns)), conf()))
+            async with asyncio.timeout(GUARD_S):
+                await waiting.wait()
+            assert not readd.done()  # it waits for the old deletion, not EEXIST
+            gate.open()
+            code, again = await readd
+            assert code == 0, again
+            code, out = await n.call(env("CHECK", "r1", ns_path(pod_ns)), conf(prevResult=again))
+            assert code == 0, out
+            mac = await asyncio.to_thread(link_attr, lab, name, "IFLA_ADDRESS")
+            await n.delete("r1", pod_ns, again)
+            await n.plumbing.settle()
+            return held, again, mac
+
+    held, again, mac = run(scenario())
+    assert held["links"] == sorted(before["links"] + [name])
+    assert mac == again["interfaces"][0]["mac"]  # the new veth survived the old deletion
+    assert host_state(lab) == before
+    assert pod_state(pod_ns) == {"links": [], "addrs": [], "rules": []}
+    assert backend.held() == set()
+
+
+def test_the_reaper_backlog_is_bounded_and_dels_past_it_wait_for_room(lab: Lab, gate: Gate) -> None:
+    pods = [lab.create_pod_namespace(f"b{i}") for i in range(10)]
+    extra = lab.create_pod_namespace("bx")
+    backend = PoolBackend(pool_from_lab(lab))
+    before = host_state(lab)
+
+    async def scenario() -> tuple[int, int, set[str]]:
+        async with reaping_node(lab, backend, gate, max_pending_deletions=4) as n:
+            for i, pod in enumerate(pods):
+                await n.add(f"b{i}", pod)
+            dels = [
+                asyncio.create_task(n.call(env("DEL", f"b{i}", ns_path(pod)), conf()))
+                for i, pod in enumerate(pods)
+            ]
+            async with asyncio.timeout(GUARD_S):
+                while sum(t.done() for t in dels) < 4:
+                    await asyncio.wait(
+                        [t for t in dels if not t.done()], return_when=asyncio.FIRST_COMPLETED
+                    )
+            answered_while_held = sum(t.done() for t in dels)
+            # An ADD is not held up by the DELs waiting for the reaper.
+            await n.add("bx", extra)
+            gate.open()
+            for code, out in await asyncio.gather(*dels):
+                assert code == 0, out
+            await n.plumbing.settle()
+            left = set((await asyncio.to_thread(host_state, lab))["links"]) - set(before["links"])
+            await n.delete("bx", extra)
+            await n.plumbing.settle()
+            return answered_while_held, gate.most_pending, left
+
+    answered_while_held, most_pending, left = run(scenario())
+    assert answered_while_held == 4  # the other six waited for room
+    assert most_pending == 4
+    assert left == {host_name("bx")}
+    assert host_state(lab) == before
+    assert backend.held() == set()
+
+
+def test_a_burst_of_200_dels_the_reaper_falls_behind_leaves_nothing(
+    lab_factory: LabFactory, gate: Gate
+) -> None:
+    lab = lab_factory(LabConfig(instance_type="m5.4xlarge", prefixes_per_card=13))
+    pods = [lab.create_pod_namespace(f"p{i}") for i in range(200)]
+    late = lab.create_pod_namespace("late")
+    enis = lab.cloud.enis_of(lab.instance_id)
+    backend = PoolBackend(
+        pool_from_enis((lab.cloud.eni_view(e.eni_id) for e in enis), max_prefixes=29)
+    )
+    before = host_state(lab)
+
+    async def scenario() -> tuple[int, int, dict[str, Any]]:
+        async with reaping_node(lab, backend, gate) as n:
+            added = [await n.add(f"p{i}", pod) for i, pod in enumerate(pods)]
+            async with asyncio.timeout(GUARD_S):  # every DEL answers with the reaper stalled
+                results = await asyncio.gather(
+                    *(
+                        n.call(env("DEL", f"p{i}", ns_path(pod)), conf(prevResult=added[i]))
+                        for i, pod in enumerate(pods)
+                    )
+                )
+            assert all(code == 0 for code, _ in results), results[:3]
+            links = (await asyncio.to_thread(host_state, lab))["links"]
+            behind = len(set(links) - set(before["links"]))
+            # A new pod while the reaper has 200 veths to go: not held up by them.
+            async with asyncio.timeout(GUARD_S):
+                late_result = await n.add("late", late)
+            gate.open()
+            await n.plumbing.settle()
+            after_burst = await asyncio.to_thread(host_state, lab)
+            await n.delete("late", late, late_result)
+            await n.plumbing.settle()
+            return behind, gate.most_pending, after_burst
+
+    behind, most_pending, after_burst = run(scenario())
+    assert behind == 200 and most_pending == 200
+    assert after_burst["links"] == sorted(before["links"] + [host_name("late")])
+    assert host_state(lab) == before
+    assert all(pod_state(pod)["links"] == [] for pod in pods)
+    assert backend.held() == set()
+
+
+def test_the_sweep_reaps_only_our_veths_that_no_allocation_accounts_for(lab: Lab) -> None:
+    pods = [lab.create_pod_namespace(name) for name in ("keep", "lose")]
+    backend = PoolBackend(pool_from_lab(lab))
+    before = host_state(lab)
+    foreign = "eni0123456789a"  # the VPC CNI's naming, no alias: not ours
+    renamed = "enizz"  # our alias, not our naming
+
+    with IPRoute(netns=lab.node_ns) as ipr:
+        ipr.link("add", ifname=foreign, kind="veth", peer="foreign-peer")
+        ipr.link("add", ifname=renamed, kind="veth", peer="renamed-peer")
+        (index,) = ipr.link_lookup(ifname=renamed)
+        ipr.link("set", index=index, ifalias=HOST_VETH_ALIAS)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        plumbing = await Plumbing.open(ns_path(lab.node_ns))
+        try:
+            n = Node(lab, backend, CniHandler(backend, plumbing), plumbing)
+            await n.add("keep", pods[0])
+            await n.add("lose", pods[1])
+            kept = host_name("keep")
+            first = await plumbing.reap_strays("eni", lambda: {kept})
+            second = await plumbing.reap_strays("eni", lambda: {kept})
+            return first, second
+        finally:
+            await plumbing.close()
+
+    first, second = run(scenario())
+    assert first == [host_name("lose")] and second == []
+    assert host_state(lab)["links"] == sorted(
+        before["links"] + [foreign, host_name("keep"), renamed]
+    )
+    assert link_attr(lab, host_name("keep"), "IFLA_IFALIAS") == HOST_VETH_ALIAS

@@ -9,7 +9,11 @@ All the servers run at once and every phase goes round them run by run (see
 µs per answer, p50/p99 at half of each server's own hot saturation rate (median of
 ``--runs`` fixed-rate runs; one run is at the mercy of a single stall), ultranet's upstream
 queries on a Zipf pass with 1 and 2 workers, and the load average (the machine may be
-shared). ``--servers`` also takes ``baseline`` (ultranet from the checkout given by
+shared). The JSON (``tools/bench/dns/out/last.json``) starts with ``config``: every flag,
+the servers and how each was started (argv, config file), the peers' versions, the workloads,
+dnsperf's settings, rates and durations, worker counts, cache sizes and in-flight bounds, the
+git commit; and ``load``: the load average, ``uptime`` and the CPU steal before and after.
+``--servers`` also takes ``baseline`` (ultranet from the checkout given by
 ``--baseline DIR``, for before/after ratios in one run) and ``ultranet-reuseN``: ultranet with
 ``upstream.socket_reuse: N`` (``ultranet`` alone: the default, 8; ``ultranet-reuse1``: a
 fresh socket and port for every upstream query). ``--phases`` picks phases;
@@ -35,8 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from .servers import (
+    CACHE_ENTRIES,
     LOAD_CPU,
+    MAX_IN_FLIGHT,
     NAMES,
+    REPO,
+    SERVER_CPU,
     STARTERS,
     ZONE,
     Running,
@@ -44,10 +52,19 @@ from .servers import (
     free_port,
     start_nsd,
     start_ultranet,
+    versions,
 )
 
 OUT = Path(__file__).resolve().parent / "out"
 PHASES = ("hot", "zipf", "latency", "miss")  # latency runs at half of the hot phase's rate
+DNSPERF_CLIENTS = 4  # -c
+DNSPERF_OUTSTANDING = 100  # -q: queries in flight at once, at most
+DNSPERF_TIMEOUT = 2  # -t seconds: a query unanswered by then is lost
+HOT_NAMES = 1000
+ZIPF_QUERIES = 1_000_000
+FRESH_RATE_SECONDS = 3  # the saturation run before each fixed-rate run
+LATENCY_SECONDS_MAX = 5
+UPSTREAM_COUNT_QUERIES = 300_000
 
 
 def write_queries(path: Path, names: list[str]) -> Path:
@@ -83,11 +100,11 @@ def dnsperf(
         "-d",
         str(data),
         "-c",
-        "4",
+        str(DNSPERF_CLIENTS),
         "-q",
-        "100",
+        str(DNSPERF_OUTSTANDING),
         "-t",
-        "2",
+        str(DNSPERF_TIMEOUT),
     ]
     if seconds is not None:
         argv += ["-l", str(seconds)]
@@ -206,7 +223,10 @@ def bench_servers(
     try:
         for name in names:
             servers[name] = start(name, work, upstream, loop, baseline, tcp)
-        res: dict[str, dict[str, Any]] = {name: {} for name in names}
+        res: dict[str, dict[str, Any]] = {
+            name: {"started_as": {"argv": s.argv, "config": s.config}}
+            for name, s in servers.items()
+        }
         for phase in [ph for ph in ("hot", "zipf") if ph in phases]:
             for server in servers.values():
                 dnsperf(server.port, files[phase], once=True)  # warm: one pass of the mix
@@ -222,12 +242,18 @@ def bench_servers(
             for name, server in servers.items():
                 hot = files["hot"]
                 if latency_rate == "fresh":  # this minute's saturation, not the hot phase's
-                    half = int(dnsperf(server.port, hot, seconds=3)["qps"] / 2)
+                    half = int(dnsperf(server.port, hot, seconds=FRESH_RATE_SECONDS)["qps"] / 2)
                 else:
                     half = int(res[name]["hot"]["qps"] / 2)
                 offered[name].append(half)
                 lats[name].append(
-                    dnsperf(server.port, hot, seconds=min(seconds, 5), qps=half, verbose=True)
+                    dnsperf(
+                        server.port,
+                        hot,
+                        seconds=min(seconds, LATENCY_SECONDS_MAX),
+                        qps=half,
+                        verbose=True,
+                    )
                 )
         for name in names if "latency" in phases else ():
             res[name]["latency_at_half"] = {
@@ -272,7 +298,76 @@ def upstream_counts(work: Path, upstream: int, data: Path) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def git_commit() -> dict[str, Any]:
+    """The commit the run's code is at, and whether the benchmarked paths differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "dnscache", "tools/bench/dns").splitlines()
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_in_benchmarked_paths": changed}
+
+
+def machine_load() -> dict[str, Any]:
+    """Load average, ``uptime``'s line, and the CPU counters of ``/proc/stat`` (for steal)."""
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return {"loadavg": list(os.getloadavg()), "uptime": uptime.strip(), "cpu_ticks": cpu}
+
+
+def steal_fraction(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Share of the CPU time between two ``machine_load`` samples stolen by other VMs."""
+    delta = [int(b) - int(a) for a, b in zip(before["cpu_ticks"], after["cpu_ticks"], strict=True)]
+    steal = delta[7] if len(delta) > 7 else 0  # user nice system idle iowait irq softirq steal
+    return round(steal / max(1, sum(delta[:8])), 4)
+
+
+def run_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Everything a reader needs to re-run this run and know what it measured."""
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {
+        "command": " ".join(["python -m tools.bench.dns", *argv]),
+        "flags": flags,
+        "servers": args.servers.split(","),
+        "phases": args.phases.split(","),
+        "runs_per_phase": args.runs,
+        "saturation_run_seconds": args.duration,
+        "p99_method": (
+            f"median of {args.runs} fixed-rate dnsperf runs (-Q) of "
+            f"min(duration, {LATENCY_SECONDS_MAX}) s on the hot names, each at half of "
+            + (
+                f"a {FRESH_RATE_SECONDS} s saturation run of the same server just before it"
+                if args.latency_rate == "fresh"
+                else "the server's hot-phase median QPS"
+            )
+            + "; p99 from dnsperf -v's per-query latencies"
+        ),
+        "dnsperf": {
+            "clients": DNSPERF_CLIENTS,
+            "max_outstanding": DNSPERF_OUTSTANDING,
+            "timeout_s": DNSPERF_TIMEOUT,
+        },
+        "workloads": {
+            "hot_names": HOT_NAMES,
+            "zipf": f"{ZIPF_QUERIES} queries, Zipf s=1 over {NAMES} names, warmed by one pass",
+            "miss": "unique names never asked before, every query forwarded (NXDOMAIN)",
+            "zone_names": NAMES,
+        },
+        "cpus": {"server": SERVER_CPU, "dnsperf_and_nsd": LOAD_CPU, "online": os.cpu_count()},
+        "ultranet_workers": 1,
+        "upstream_count_workers": [1, 2],
+        "cache_entries_each": CACHE_ENTRIES,
+        "max_in_flight_each": MAX_IN_FLIGHT,
+        "upstream_transport": args.upstream_transport,
+        "versions": versions(),
+        "kernel": os.uname().release,
+        "git": git_commit(),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.bench.dns")
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     p.add_argument("--runs", type=int, default=3)
@@ -303,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the p99 phase's rate: half of a saturation run just before (fresh) or of the "
         "hot phase's median",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     phases = tuple(args.phases.split(","))
     if not set(phases) <= set(PHASES) or ("latency" in phases and "hot" not in phases):
@@ -323,16 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         nsd = start_nsd(work)
         try:
             files = {
-                "hot": write_queries(work / "hot.txt", [f"n{i}.{ZONE}" for i in range(1000)]),
-                "zipf": write_queries(work / "zipf.txt", zipf_names(1_000_000)),
+                "hot": write_queries(work / "hot.txt", [f"n{i}.{ZONE}" for i in range(HOT_NAMES)]),
+                "zipf": write_queries(work / "zipf.txt", zipf_names(ZIPF_QUERIES)),
             }
-            up_file = write_queries(work / "zipf-300k.txt", zipf_names(300_000, seed=11))
+            up_file = write_queries(
+                work / "zipf-300k.txt", zipf_names(UPSTREAM_COUNT_QUERIES, seed=11)
+            )
             results: dict[str, Any] = {
-                "command": " ".join(["python -m tools.bench.dns", *(argv or sys.argv[1:])]),
+                "config": run_config(args, list(argv if argv is not None else sys.argv[1:])),
                 "date": time.strftime("%Y-%m-%d %H:%M"),
-                "loadavg_before": list(os.getloadavg()),
+                "load": {"before": machine_load()},
                 "servers": {},
             }
+            results["config"]["upstream"] = {"nsd": nsd.argv, "nsd_config": nsd.config}
             names = args.servers.split(",")
             tcp = args.upstream_transport == "tcp"
             results["upstream_transport"] = args.upstream_transport
@@ -349,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                 tcp,
                 args.latency_rate,
             )
-            results["loadavg_after"] = list(os.getloadavg())
+            load = results["load"]
+            load["after"] = machine_load()
+            load["steal_fraction"] = steal_fraction(load["before"], load["after"])
             results["paired"] = paired_ratios(results["servers"])
             if "ultranet" in args.servers and "zipf" in phases and not tcp:
                 results["upstream_queries_zipf_300k"] = upstream_counts(work, nsd.port, up_file)
@@ -360,29 +465,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    return f"{min(values):{fmt}}–{max(values):{fmt}}"
+
+
 def _table(r: dict[str, Any]) -> str:
+    """Medians with their full range in brackets; CPU µs per answer beside each QPS."""
     rows = [
-        "| server | hot QPS | zipf QPS | miss QPS | hot CPU µs/answer | miss CPU µs/answer "
-        "| p50 / p99 ms at half |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | hot QPS | hot CPU µs | zipf QPS | zipf CPU µs | miss QPS | miss CPU µs "
+        "| p50 / p99 ms at half (p99 range) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in r["servers"].items():
-        none = {"qps": float("nan"), "cpu_us_per_answer": "–"}
-        hot, zipf, miss = (s.get(ph, none) for ph in ("hot", "zipf", "miss"))
-        lat = s.get("latency_at_half", {"p50_ms": float("nan"), "p99_ms": float("nan")})
-        rows.append(
-            f"| {name} | {hot['qps']:,.0f} | {zipf['qps']:,.0f} | "
-            f"{miss['qps']:,.0f} | {hot['cpu_us_per_answer']} | "
-            f"{miss['cpu_us_per_answer']} | {lat['p50_ms']:.3f} / {lat['p99_ms']:.3f} |"
-        )
-    rows.append(f"\nupstream transport: {r.get('upstream_transport', 'udp')}")
+        cells = [name]
+        for phase in ("hot", "zipf", "miss"):
+            ph = s.get(phase)
+            if ph is None:
+                cells += ["–", "–"]
+                continue
+            cells.append(f"{ph['qps']:,.0f} ({_spread(ph['qps_runs'], ',.0f')})")
+            cells.append(f"{ph['cpu_us_per_answer']:.2f} ({_spread(ph['cpu_us_runs'], '.2f')})")
+        lat = s.get("latency_at_half")
+        if lat is None:
+            cells.append("–")
+        else:
+            p99s = [x for x in lat["p99_ms_runs"] if x is not None]
+            spread = _spread(p99s, ".2f") if p99s else "–"
+            cells.append(f"{lat['p50_ms']:.3f} / {lat['p99_ms']:.3f} ({spread})")
+        rows.append("| " + " | ".join(cells) + " |")
+    rows.append(f"\nupstream transport: {r['config']['upstream_transport']}")
+    rows.append(f"p99: {r['config']['p99_method']}")
     if r.get("paired"):
         rows.append("\nround by round, median (QPS ours/theirs; CPU per answer theirs/ours):")
         for what, pr in r["paired"].items():
-            rows.append(f"  {what}: QPS {pr['qps_ratio']}x, CPU {pr['cpu_ratio']}x")
+            rows.append(
+                f"  {what}: QPS {pr['qps_ratio']}x (rounds {pr['qps_ratio_runs']}), "
+                f"CPU {pr['cpu_ratio']}x"
+            )
     if "upstream_queries_zipf_300k" in r:
         rows.append(f"\nupstream queries, Zipf 300K: {r['upstream_queries_zipf_300k']}")
-    rows.append(f"\nload average before: {r['loadavg_before']}, after: {r['loadavg_after']}")
+    load = r["load"]
+    rows.append(
+        f"\nload average before: {load['before']['loadavg']}, after: "
+        f"{load['after']['loadavg']}; CPU steal over the run: {load['steal_fraction']:.1%}"
+    )
+    rows.append(f"git: {r['config']['git']}")
     return "\n".join(rows)
 
 

@@ -1,8 +1,10 @@
 """The servers a benchmark run starts: NSD as the upstream, and the caching forwarders under test
 (ultranet-dns, dnsmasq, unbound with one thread, dnsdist), each forwarding to that NSD.
 
-Every server gets the same cache size and no logging, and is pinned with ``taskset`` to
-``SERVER_CPU``; NSD and dnsperf share ``LOAD_CPU``.
+Every server gets the same cache size (``CACHE_ENTRIES``), the same bound on queries it
+forwards at once (``MAX_IN_FLIGHT``) and no logging, and is pinned with ``taskset`` to
+``SERVER_CPU``; NSD and dnsperf share ``LOAD_CPU``. Each ``Running`` keeps the argv and the
+config file it was started with, for the run's JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from pathlib import Path
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 CACHE_ENTRIES = 200_000
+# Queries forwarded upstream at once, at most, the same for every server: ultranet's
+# upstream.max_concurrent (this is its shipped default), dnsmasq's --dns-forward-max (default
+# 150), unbound's num-queries-per-thread, dnsdist's setMaxUDPOutstanding (default 65535).
+# dnsperf keeps at most 100 queries outstanding (-q 100), so none of them binds here.
+MAX_IN_FLIGHT = 1000
 ZONE = "bench."
 NAMES = 100_000
 REPO = Path(__file__).resolve().parents[3]
@@ -57,6 +64,8 @@ class Running:
     port: int
     proc: subprocess.Popen[bytes]
     pids: list[int] = field(default_factory=list)  # processes whose CPU time is counted
+    argv: list[str] = field(default_factory=list)
+    config: str = ""  # the config file's text, if it has one
 
     def cpu_seconds(self) -> float:
         """utime + stime of the server's processes (the supervisor's workers for ultranet)."""
@@ -133,9 +142,19 @@ zone:
   name: "{ZONE}"
   zonefile: "{zone}"
 """)
-    proc = _spawn(["nsd", "-d", "-c", str(conf)], LOAD_CPU, work / "nsd.out")
+    argv = ["nsd", "-d", "-c", str(conf)]
+    proc = _spawn(argv, LOAD_CPU, work / "nsd.out")
     wait_answering(port)
-    return Running("nsd", port, proc)
+    return Running("nsd", port, proc, argv=argv, config=conf.read_text())
+
+
+def ultranet_conf(upstream: int, socket_reuse: int | None, tcp: bool) -> str:
+    reuse = "" if socket_reuse is None else f", socket_reuse: {socket_reuse}"
+    zones = f"zones: {{'.': {{upstreams: ['127.0.0.1:{upstream}'], transport: tcp}}}}\n"
+    return (
+        f"cache: {{capacity: {CACHE_ENTRIES}}}\nacl: [127.0.0.0/8]\n"
+        f"upstream: {{max_concurrent: {MAX_IN_FLIGHT}{reuse}}}\n" + (zones if tcp else "")
+    )
 
 
 def start_ultranet(
@@ -154,12 +173,7 @@ def start_ultranet(
     ``tcp``: zone ``.`` always over TCP."""
     port = free_port()
     conf = work / f"{tag}-{workers}.yaml"
-    reuse = "" if socket_reuse is None else f", socket_reuse: {socket_reuse}"
-    zones = f"zones: {{'.': {{upstreams: ['127.0.0.1:{upstream}'], transport: tcp}}}}\n"
-    conf.write_text(
-        f"cache: {{capacity: {CACHE_ENTRIES}}}\nacl: [127.0.0.0/8]\n"
-        f"upstream: {{max_concurrent: 10000{reuse}}}\n" + (zones if tcp else "")
-    )
+    conf.write_text(ultranet_conf(upstream, socket_reuse, tcp))
     argv = [
         sys.executable,
         "-m",
@@ -187,7 +201,7 @@ def start_ultranet(
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     pids = [int(p) for p in children.read_text().split()] if children.exists() else []
     # taskset execs the supervisor in place, so proc.pid is the supervisor; count it too.
-    return Running("ultranet", port, proc, [proc.pid, *pids])
+    return Running("ultranet", port, proc, [proc.pid, *pids], argv, conf.read_text())
 
 
 def _check_imports_from(repo: Path, env: dict[str, str]) -> None:
@@ -205,11 +219,8 @@ def _check_imports_from(repo: Path, env: dict[str, str]) -> None:
         raise SystemExit(f"ultranet from {repo} would import {where}, not its own dnscache")
 
 
-def start_dnsmasq(work: Path, upstream: int, tcp: bool = False) -> Running:
-    if tcp:
-        raise ValueError("dnsmasq cannot send every upstream query over TCP")
-    port = free_port()
-    argv = [
+def dnsmasq_argv(port: int, upstream: int) -> list[str]:
+    return [
         "dnsmasq",
         "-k",
         "--no-resolv",
@@ -219,19 +230,25 @@ def start_dnsmasq(work: Path, upstream: int, tcp: bool = False) -> Running:
         f"--port={port}",
         f"--server=127.0.0.1#{upstream}",
         f"--cache-size={CACHE_ENTRIES}",
+        f"--dns-forward-max={MAX_IN_FLIGHT}",
         "--pid-file=",
         "--user=root",
         "--conf-file=/dev/null",
     ]
+
+
+def start_dnsmasq(work: Path, upstream: int, tcp: bool = False) -> Running:
+    if tcp:
+        raise ValueError("dnsmasq cannot send every upstream query over TCP")
+    port = free_port()
+    argv = dnsmasq_argv(port, upstream)
     proc = _spawn(argv, SERVER_CPU, work / "dnsmasq.out")
     wait_answering(port)
-    return Running("dnsmasq", port, proc)
+    return Running("dnsmasq", port, proc, argv=argv)
 
 
-def start_unbound(work: Path, upstream: int, tcp: bool = False) -> Running:
-    port = free_port()
-    conf = work / "unbound.conf"
-    conf.write_text(f"""server:
+def unbound_conf(work: Path, port: int, upstream: int, tcp: bool) -> str:
+    return f"""server:
   interface: 127.0.0.1
   port: {port}
   num-threads: 1
@@ -248,7 +265,7 @@ def start_unbound(work: Path, upstream: int, tcp: bool = False) -> Running:
   module-config: "iterator"
   msg-cache-size: 256m
   rrset-cache-size: 512m
-  num-queries-per-thread: 4096
+  num-queries-per-thread: {MAX_IN_FLIGHT}
   outgoing-range: 8192
   qname-minimisation: no
   minimal-responses: yes
@@ -260,27 +277,39 @@ forward-zone:
   forward-tcp-upstream: {"yes" if tcp else "no"}
 remote-control:
   control-enable: no
-""")
-    proc = _spawn(["unbound", "-d", "-c", str(conf)], SERVER_CPU, work / "unbound.out")
-    wait_answering(port)
-    return Running("unbound", port, proc)
+"""
 
 
-def start_dnsdist(work: Path, upstream: int, tcp: bool = False) -> Running:
+def start_unbound(work: Path, upstream: int, tcp: bool = False) -> Running:
     port = free_port()
-    conf = work / "dnsdist.conf"
+    conf = work / "unbound.conf"
+    conf.write_text(unbound_conf(work, port, upstream, tcp))
+    argv = ["unbound", "-d", "-c", str(conf)]
+    proc = _spawn(argv, SERVER_CPU, work / "unbound.out")
+    wait_answering(port)
+    return Running("unbound", port, proc, argv=argv, config=conf.read_text())
+
+
+def dnsdist_conf(port: int, upstream: int, tcp: bool) -> str:
     tcp_only = ", tcpOnly=true" if tcp else ""
-    conf.write_text(f"""setSecurityPollSuffix("")
+    return f"""setSecurityPollSuffix("")
+setMaxUDPOutstanding({MAX_IN_FLIGHT})
 setLocal("127.0.0.1:{port}")
 addACL("127.0.0.0/8")
 newServer({{address="127.0.0.1:{upstream}", checkName="ready.{ZONE}"{tcp_only}}})
 pc = newPacketCache({CACHE_ENTRIES}, {{maxTTL=86400}})
 getPool(""):setCache(pc)
-""")
+"""
+
+
+def start_dnsdist(work: Path, upstream: int, tcp: bool = False) -> Running:
+    port = free_port()
+    conf = work / "dnsdist.conf"
+    conf.write_text(dnsdist_conf(port, upstream, tcp))
     argv = ["dnsdist", "--supervised", "--disable-syslog", "-C", str(conf)]
     proc = _spawn(argv, SERVER_CPU, work / "dnsdist.out")
     wait_answering(port)
-    return Running("dnsdist", port, proc)
+    return Running("dnsdist", port, proc, argv=argv, config=conf.read_text())
 
 
 # The C peers: (work, upstream port, every upstream query over TCP) -> Running.
@@ -297,3 +326,30 @@ def check_tools() -> list[str]:
         for t in ("dnsperf", "nsd", "dnsmasq", "unbound", "dnsdist", "taskset")
         if shutil.which(t) is None
     ]
+
+
+# How each tool tells its version: (argv, the line of its output that names it).
+VERSION_ARGV = {
+    "dnsperf": ["dnsperf", "-h"],
+    "nsd": ["nsd", "-v"],
+    "dnsmasq": ["dnsmasq", "--version"],
+    "unbound": ["unbound", "-V"],
+    "dnsdist": ["dnsdist", "--version"],
+}
+
+
+def versions() -> dict[str, str]:
+    """The first line naming a version in each tool's own report of it."""
+    out = {"python": sys.version.split()[0]}
+    for tool, argv in VERSION_ARGV.items():
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=20)
+        except FileNotFoundError:
+            out[tool] = "not installed"
+            continue
+        lines = (proc.stdout + proc.stderr).splitlines()
+        named = [ln.strip() for ln in lines if "ersion" in ln] or [
+            ln.strip() for ln in lines if ln.startswith(tool)
+        ]
+        out[tool] = named[0] if named else "?"
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.bench.cni.__main__ import main
+from tools.bench.cni.__main__ import combine, main
 from tools.bench.cni.driver import REFERENCE_PLUGINS, DriverUnavailable, build
 from tools.bench.cni.measure import distribution, host_links
 
@@ -85,3 +85,11 @@ def test_a_tiny_run_against_the_real_daemon_records_its_conditions_and_both_dels
     for key in ("add_ms_p50", "del_answer_ms_p50", "del_removed_ms_p50", "add_cpu", "del_cpu"):
         assert run["ratio"][key] > 0
         assert result["across_runs"]["ratio"][key]["median"] == run["ratio"][key]
+
+    # Invocations combine only when they ran the same code with the same flags.
+    twice = combine([result, result])
+    assert twice["across_runs"]["runs"] == 2 and len(twice["runs"]) == 2
+    other = json.loads(json.dumps(result))
+    other["config"]["code"]["commit"] = "0" * 40
+    with pytest.raises(ValueError, match="differ in code"):
+        combine([result, other])

@@ -1,7 +1,8 @@
 """ADD/DEL latency and CPU through libcni: ultranet vs Debian's reference ptp + host-local.
 
 ``python -m tools.bench.cni [-n 50] [--rounds 3] [--runs 1] [--python PATH]
-[--backend daemon|inprocess] [--json] [--output FILE]`` (root: it starts a lab).
+[--backend daemon|inprocess] [--json] [--output FILE]`` (root: it starts a lab);
+``python -m tools.bench.cni --combine A.json B.json ...`` summarizes several invocations.
 
 Both plugins run in the same lab node namespace, driven by the same libcni 1.1 driver
 (``libcni_driver.go``); each latency is the wall time of libcni's
@@ -62,12 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print the JSON, not the table")
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: summarize the runs of these --output files together "
+        "(they must share commit, flags and backend)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.combine:
+        try:
+            combined = combine([json.loads(path.read_text()) for path in args.combine])
+        except (OSError, ValueError) as err:
+            parser.error(f"--combine: {err}")
+        print(json.dumps(combined, indent=2) if args.json else table(combined))
+        return 0
     if not 1 <= args.pods <= MAX_PODS[args.backend]:
         parser.error(f"-n must be 1..{MAX_PODS[args.backend]} with --backend {args.backend}")
     if args.rounds < 1 or args.runs < 1 or args.warmup < 0 or args.warmup > args.pods:
@@ -133,6 +149,21 @@ def measure(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
     return {"config": config, "runs": results, "across_runs": across_runs(results)}
 
 
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several invocations' runs as one result; refuses to mix code or flags."""
+    first = results[0]["config"]
+    for other in results[1:]:
+        for key in ("code", "flags"):
+            mine, theirs = dict(first[key]), dict(other["config"][key])
+            if key == "flags":
+                mine.pop("runs"), theirs.pop("runs")
+            if mine != theirs:
+                raise ValueError(f"the files differ in {key}: {mine} vs {theirs}")
+    runs = [run for result in results for run in result["runs"]]
+    config = {**first, "combined_from": len(results)}
+    return {"config": config, "runs": runs, "across_runs": across_runs(runs)}
+
+
 def table(result: dict[str, Any]) -> str:
     lines = []
     config = result["config"]
@@ -165,10 +196,31 @@ def table(result: dict[str, Any]) -> str:
         )
     across = result["across_runs"]
     if across["runs"] > 1:
-        lines.append(f"over {across['runs']} runs: median of the runs' ratios [range]")
+        loads = [x for run in result["runs"] for x in _loads(run)]
+        lines.append(
+            f"over {across['runs']} runs (1-min load {min(loads)}-{max(loads)}): median of the "
+            "runs' medians [their range] {all samples' range}"
+        )
+        for side in SIDES:
+            row = across[side]
+            cells = []
+            for key in ("add_ms", "del_answer_ms", "del_removed_ms"):
+                m, full = row[key]["run_medians"], row[key]
+                cells.append(
+                    f"{key} {m['median']} [{m['min']}-{m['max']}] "
+                    f"{{{full['samples_min']}-{full['samples_max']}}}"
+                )
+            for op in ("add", "del"):
+                cpu = row[f"{op}_cpu_us_per_op"]
+                cells.append(f"{op} CPU/op {cpu['median']} us [{cpu['min']}-{cpu['max']}]")
+            lines.append(f"  {side:10s} " + "; ".join(cells))
         for key, spread in across["ratio"].items():
             lines.append(f"  {key:18s} {spread['median']}x [{spread['min']}-{spread['max']}]")
     return "\n".join(lines)
+
+
+def _loads(run: dict[str, Any]) -> list[float]:
+    return [run["load"][moment]["loadavg"][0] for moment in ("before", "after")]
 
 
 if __name__ == "__main__":

@@ -100,6 +100,20 @@ class ThrottleTable:
             category = Category.MUTATING
         return Limit(action, category, self.categories[category])
 
+    def with_buckets(self, overrides: Mapping[str, BucketSpec]) -> ThrottleTable:
+        """Some actions given buckets of their own (an account's raised or lowered limits)."""
+        if not overrides:
+            return self
+        return ThrottleTable(
+            self.source_url,
+            self.retrieved,
+            self.categories,
+            self.unfiltered_actions,
+            self.resource_intensive_actions,
+            {**self.uncategorized, **overrides},
+            self.resource_buckets,
+        )
+
     def scaled(self, factor: float) -> ThrottleTable:
         """Every refill rate times ``factor`` (an account with raised limits, or a tighter
         one for a test); capacities unchanged."""

@@ -1,0 +1,140 @@
+"""The fleet runner, small: real agents, real boto3 and IMDS over HTTP, a throttled EC2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ipam.imds import ImdsClient
+from tools.fleet.__main__ import main
+from tools.fleet.imds_mux import ImdsMux
+from tools.fleet.runner import percentile
+from tools.lab.ec2.state import Cloud, LaunchInterface
+from tools.lab.memory_host import LinkTable, MemoryHost
+
+KEYS = {  # what issue 15 asks every scenario object to carry
+    "nodes",
+    "nodes_ready",
+    "prefixes_at_launch",
+    "ec2_calls_per_node",
+    "ec2_calls_by_action",
+    "throttled_calls",
+    "ready_p50_s",
+    "ready_p99_s",
+    "ready_max_s",
+    "pods_running_p99_s",
+}
+
+
+def test_a_small_wave_with_and_without_prefixes_at_launch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # AssignPrivateIpAddresses squeezed to 5 tokens, 10/s: the reactive wave's 40 calls
+    # cannot all pass at once, so some are throttled and retried.
+    code = main(
+        [
+            "--nodes=20",
+            "--rate=6000/min",
+            "--pods-per-node=2",
+            "--prefixes-at-launch=2",
+            "--bucket=AssignPrivateIpAddresses=5:10",
+            "--timeout=60",
+            "--json",
+        ]
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(results) == {"ultranet", "ultranet-reactive"}
+    for result in results.values():
+        assert KEYS <= set(result), KEYS - set(result)
+        assert result["nodes_ready"] == result["nodes"] == 20
+        assert result["pods_running_p99_s"] is not None
+        assert result["clock"] == "real time"
+    launched = results["ultranet"]
+    # Two prefixes at launch cover the warm prefix and both pods: no EC2 call at all.
+    assert launched["prefixes_at_launch"] == 2
+    assert launched["ec2_calls_per_node"] == 0
+    assert launched["ec2_requests_seen_by_emulator"] == 0
+    assert launched["throttled_calls"] == 0
+    assert launched["nau_used"] == 20 * 3  # a primary address and two prefixes per node
+    reactive = results["ultranet-reactive"]
+    assert reactive["prefixes_at_launch"] == 0
+    assign = reactive["ec2_calls_by_action"]["AssignPrivateIpAddresses"]
+    assert assign["start"] >= 20 and assign["pods"] >= 20  # Ready, then the pods' top-up
+    assert reactive["throttled_calls"] > 0
+    assert reactive["retries"] > 0
+    # What the clients counted is what EC2 saw.
+    assert reactive["ec2_requests_seen_by_emulator"] == assign["total"]
+    assert reactive["throttled_calls_seen_by_emulator"] == reactive["throttled_calls"]
+    assert reactive["ready_p50_s"] > launched["ready_p50_s"]
+
+
+def test_bad_arguments_are_refused_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--nodes=2", "--rate=fast"])
+    assert caught.value.code == 2
+    assert "2000/min" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--nodes=2", "--bucket=CreateTags"])
+    assert "ACTION=CAPACITY:REFILL_PER_S" in capsys.readouterr().err
+
+
+def test_each_instance_reads_its_own_imds_through_the_mux() -> None:
+    cloud = Cloud(seed=2)
+    vpc = cloud.create_vpc(["100.64.0.0/16"])
+    subnet = cloud.create_subnet(vpc.vpc_id, "100.64.0.0/20", "us-west-2a", {})
+    first, second = (
+        cloud.launch_instance(
+            "m5.large", subnet.subnet_id, interfaces=[LaunchInterface(0, 0, ipv4_prefix_count=n)]
+        )
+        for n in (1, 3)
+    )
+    mux = ImdsMux(cloud)
+    try:
+        for instance, prefixes in ((first, 1), (second, 3)):
+            with ImdsClient(mux.add(instance.instance_id)) as imds:
+                identity = imds.identity()
+                assert identity.instance_id == instance.instance_id
+                (interface,) = imds.interfaces(primary_mac=identity.primary_mac)
+                assert len(interface.ipv4_prefixes) == prefixes
+        mux.remove(first.instance_id)
+    finally:
+        mux.close()
+
+
+def test_memory_host_links_follow_the_cloud() -> None:
+    from ipam.hostnet import EniLink, LinkNotFound
+
+    cloud = Cloud(seed=4)
+    links = LinkTable()
+    cloud.subscribe(links)
+    vpc = cloud.create_vpc(["100.64.0.0/16"])
+    subnet = cloud.create_subnet(vpc.vpc_id, "100.64.0.0/20", "us-west-2a", {})
+    instance = cloud.launch_instance("m5.large", subnet.subnet_id)
+    other = cloud.launch_instance("m5.large", subnet.subnet_id)
+    host = MemoryHost(links, instance.instance_id)
+    eni = cloud.create_network_interface(subnet.subnet_id)
+    view = cloud.eni_view(eni.eni_id)
+    link = EniLink(eni.eni_id, eni.mac, 0, 1, eni.primary_ip, subnet.cidr)
+    assert host.find_link(eni.mac) is None
+    with pytest.raises(LinkNotFound):
+        host.setup_eni(link)
+    attachment = cloud.attach_network_interface(eni.eni_id, instance.instance_id, 1, 0)
+    assert host.find_link(eni.mac) == "eth0.1"
+    assert MemoryHost(links, other.instance_id).find_link(eni.mac) is None
+    host.setup_enis([link])
+    assert host.configured == {eni.eni_id: link}
+    cloud.detach_network_interface(attachment)
+    assert host.find_link(view.mac) is None
+    host.teardown_eni(link)
+    assert host.configured == {}
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([], 50) is None

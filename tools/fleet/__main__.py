@@ -1,0 +1,200 @@
+"""``python -m tools.fleet``: a launch wave of real node agents against a throttled EC2.
+
+Runs two scenarios in the same emulator, one after the other: ``ultranet`` (every node
+launched with ``--prefixes-at-launch`` /28 prefixes on its primary ENI, the launch
+template's ``Ipv4PrefixCount``) and ``ultranet-reactive`` (none at launch: the agent asks
+EC2). Prints a table, or with ``--json`` one object per scenario keyed by its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+from ipam.nau.throttle import BucketSpec, load_table
+from tools.fleet.runner import Fleet, FleetConfig, Scenario, quiet_agents
+
+SCENARIOS = ("ultranet", "ultranet-reactive")
+
+
+def _rate(text: str) -> float:
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(?:/(min|s))?", text)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a rate such as 2000/min or 30/s")
+    value = float(match.group(1))
+    return value * 60 if match.group(2) == "s" else value
+
+
+def _bucket(text: str) -> tuple[str, BucketSpec]:
+    match = re.fullmatch(r"([A-Za-z]+)=([0-9.]+):([0-9.]+)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ACTION=CAPACITY:REFILL_PER_S")
+    try:
+        return match.group(1), BucketSpec(float(match.group(2)), float(match.group(3)))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def _env(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=VALUE (an ipamd setting)")
+    return name, value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.fleet", description=__doc__)
+    p.add_argument("--nodes", type=int, required=True, help="instances in the wave")
+    p.add_argument("--rate", type=_rate, default=2000.0, help="launches, N/min or N/s")
+    p.add_argument("--instance-type", default="m5.large")
+    p.add_argument("--pods-per-node", type=int, default=2)
+    p.add_argument("--pod-rate", type=float, default=500.0, help="scheduler, pods/s")
+    p.add_argument(
+        "--prefixes-at-launch",
+        type=int,
+        default=2,
+        help="/28 prefixes on each primary ENI at launch in the 'ultranet' scenario",
+    )
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable; default both)",
+    )
+    p.add_argument(
+        "--env",
+        type=_env,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="ipamd setting for every agent, e.g. WARM_PREFIX_TARGET=1 (repeatable)",
+    )
+    p.add_argument("--no-throttle", action="store_true", help="EC2 never throttles")
+    p.add_argument(
+        "--refill-scale",
+        type=float,
+        default=1.0,
+        help="multiply every refill rate of AWS's published buckets (a raised account)",
+    )
+    p.add_argument(
+        "--bucket",
+        type=_bucket,
+        action="append",
+        default=[],
+        metavar="ACTION=CAPACITY:REFILL",
+        help="override one action's request bucket (repeatable)",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per scenario")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="the agents' INFO logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.nodes < 1 or args.pods_per_node < 0 or args.prefixes_at_launch < 0:
+        print("fleet: --nodes >= 1, --pods-per-node and --prefixes-at-launch >= 0", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_agents(args.verbose)
+    table = None
+    if not args.no_throttle:
+        table = load_table().scaled(args.refill_scale).with_buckets(dict(args.bucket))
+    config = FleetConfig(
+        nodes=args.nodes,
+        rate_per_min=args.rate,
+        instance_type=args.instance_type,
+        pods_per_node=args.pods_per_node,
+        pod_rate_per_s=args.pod_rate,
+        env=dict(args.env),
+        throttle=table,
+        timeout_s=args.timeout,
+    )
+    wanted = args.scenario or list(SCENARIOS)
+    scenarios = [
+        Scenario(name, args.prefixes_at_launch if name == "ultranet" else 0) for name in wanted
+    ]
+    try:
+        results = Fleet(config).run(scenarios)
+    except ValueError as err:
+        print(f"fleet: {err}", file=sys.stderr)
+        return 2
+    for result in results.values():
+        result["throttle"] = _throttle_note(args)
+        result["state_dirs"] = "tmpfs (/dev/shm): the journal's fdatasync costs no disk I/O"
+        result["host_network"] = "in memory (tools/lab/memory_host.py), not netlink"
+        result["clock"] = "real time"
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(render(results))
+    ok = all(r["nodes_ready"] == r["nodes"] for r in results.values())
+    return 0 if ok else 1
+
+
+def _throttle_note(args: argparse.Namespace) -> str:
+    if args.no_throttle:
+        return "off"
+    parts = ["AWS published buckets (ipam/nau/data/ec2-throttling.json)"]
+    if args.refill_scale != 1.0:
+        parts.append(f"refill x{args.refill_scale:g}")
+    parts += [f"{a}={s.capacity:g}:{s.refill_per_s:g}" for a, s in args.bucket]
+    return ", ".join(parts)
+
+
+ROWS = (
+    ("nodes ready / launched", lambda r: f"{r['nodes_ready']} / {r['nodes_launched']}"),
+    ("prefixes at launch", lambda r: r["prefixes_at_launch"]),
+    ("EC2 calls per node (start + pods)", lambda r: r["ec2_calls_per_node"]),
+    (
+        "  at start / while pods land",
+        lambda r: f"{r['ec2_calls_start_per_node']} / {r['ec2_calls_pods_per_node']}",
+    ),
+    ("  max on one node", lambda r: r["ec2_calls_per_node_max"]),
+    ("throttled calls / retries", lambda r: f"{r['throttled_calls']} / {r['retries']}"),
+    (
+        "launch -> Ready p50 / p99 / max (s)",
+        lambda r: f"{r['ready_p50_s']} / {r['ready_p99_s']} / {r['ready_max_s']}",
+    ),
+    (
+        "launch -> all pods running p50 / p99 / max (s)",
+        lambda r: (
+            f"{r['pods_running_p50_s']} / {r['pods_running_p99_s']} / {r['pods_running_max_s']}"
+        ),
+    ),
+    ("Ready nodes per minute", lambda r: r["ready_nodes_per_min"]),
+    (
+        "NAU / subnet addresses used at the end",
+        lambda r: f"{r['nau_used']} / {r['subnet_addresses_used']}",
+    ),
+    (
+        "wall s / CPU s / loop lag p99 ms",
+        lambda r: f"{r['wall_s']} / {r['cpu_s']} / {r['loop_lag_p99_ms']}",
+    ),
+)
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    width = max(len(label) for label, _ in ROWS)
+    cols = [max(len(n), 20) for n in names]
+    lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True))]
+    for label, cell in ROWS:
+        values = [str(cell(results[n])).rjust(c) for n, c in zip(names, cols, strict=True)]
+        lines.append(label.ljust(width) + "  " + "  ".join(values))
+    for name in names:
+        actions = results[name]["ec2_calls_by_action"]
+        if actions:
+            detail = ", ".join(
+                f"{a} {v['per_node_mean']} (max {v['per_node_max']})" for a, v in actions.items()
+            )
+            lines.append(f"{name}: calls per node by action: {detail}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

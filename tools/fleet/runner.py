@@ -1,0 +1,511 @@
+"""A launch wave of real node agents against one emulated, throttled EC2 account.
+
+Each node is an instance launched into one VPC of the emulator at the wave's rate, running
+the real ``ipam.agent.NodeAgent`` (``ultranet-ipamd``'s agent, shipped defaults unless
+``env`` says otherwise) with:
+
+* its own IMDS, over HTTP, on its own loopback port (``imds_mux.ImdsMux``);
+* its own EC2 client, ``ipam.ec2.Ec2Client`` over real boto3 and HTTP to the emulator's
+  EC2 endpoint, which throttles the account as EC2 does (``ipam.nau.throttle``);
+* its own state directory (journal, fdatasync'd) under a tmpfs root;
+* host networking in memory (``tools.lab.memory_host``): the one departure from the
+  production path, because thousands of namespaces do not fit on one machine.
+
+A node is Ready when its agent's warm pool is met (``wait_ready``; the daemon writes the
+CNI conflist at that moment). Its pods then become schedulable: a cluster-wide scheduler
+hands them out at ``pod_rate_per_s``, and each lands through ``NodeAgent.allocate`` (the
+CNI ADD path minus the socket). A pod refused because the pool ran dry is retried after
+``pod_retry_s``, as the kubelet retries a failed sandbox.
+
+Everything runs in real time, in this process: one event loop for the agents, a thread
+for the IMDS servers, the emulator's HTTP threads, and worker threads for the agents'
+EC2 calls. ``FleetResult.loop_lag_*`` and ``cpu_s`` say when the machine, not EC2, was
+the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cni.keys import IpamKey, PodRef
+from ipam.agent import NodeAgent, NodeIdentity
+from ipam.config import load_config
+from ipam.datastore_errors import PoolExhausted
+from ipam.ec2 import THROTTLE_CODES, Ec2Client, boto3_client
+from ipam.imds import ImdsClient
+from ipam.metrics import IpamdMetrics
+from ipam.nau.throttle import AccountThrottle, ThrottleTable
+from tools.fleet.imds_mux import ImdsMux
+from tools.lab.ec2.server import Ec2Server
+from tools.lab.ec2.state import Cloud, LaunchInterface
+from tools.lab.memory_host import LinkTable, MemoryHost
+
+log = logging.getLogger("ultranet.fleet")
+
+CNI_TAG = "kubernetes.io/role/cni"
+AZ = "us-west-2a"
+SUBNET_SIZE = 65536  # each subnet is a /16, the largest EC2 allows
+PHASES = ("start", "pods")  # before Ready; from Ready on (pods landing, the top-ups they cause)
+SETTLE_POLL_S = 0.1
+LAG_TICK_S = 0.05
+SHM = "/dev/shm"  # tmpfs: each agent's journal fdatasync costs no disk I/O here
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    prefixes_at_launch: int
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    nodes: int
+    rate_per_min: float
+    instance_type: str = "m5.large"
+    pods_per_node: int = 2
+    pod_rate_per_s: float = 500.0
+    env: Mapping[str, str] = field(default_factory=dict)  # ipamd settings, VPC CNI names
+    throttle: ThrottleTable | None = None  # None: EC2 never throttles
+    subnets: int | None = None  # /16 subnets in the AZ; None: sized from the wave
+    timeout_s: float = 600.0
+    pod_retry_s: float = 1.0
+    state_root: Path | None = None  # None: a directory on /dev/shm (tmpfs)
+    seed: int = 1
+
+
+class NodeStats:
+    """The agent's EC2 calls by phase, as its client reports them (an ``Ec2Stats``), teed
+    into the agent's own metrics."""
+
+    def __init__(self, metrics: IpamdMetrics) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self.phase = "start"
+        self.calls: dict[str, Counter[str]] = {p: Counter() for p in PHASES}
+        self.throttled: Counter[str] = Counter()
+        self.retries: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()  # by code, throttling included
+        self.client_wait_s = 0.0  # in the agent's own client-side rate limit
+
+    def request(self, action: str, latency_s: float, error_code: str | None) -> None:
+        self._metrics.request(action, latency_s, error_code)
+        with self._lock:
+            self.calls[self.phase][action] += 1
+            if error_code is not None:
+                self.errors[error_code] += 1
+                if error_code in THROTTLE_CODES:
+                    self.throttled[self.phase] += 1
+
+    def retry(self, action: str, code: str, delay_s: float) -> None:
+        self._metrics.retry(action, code, delay_s)
+        with self._lock:
+            self.retries[self.phase] += 1
+
+    def rate_limited(self, action: str, wait_s: float) -> None:
+        self._metrics.rate_limited(action, wait_s)
+        with self._lock:
+            self.client_wait_s += wait_s
+
+
+@dataclass(slots=True)
+class NodeRun:
+    index: int
+    instance_id: str
+    launched_at: float
+    agent: NodeAgent
+    host: MemoryHost
+    imds: ImdsClient
+    stats: NodeStats
+    ready_at: float | None = None
+    pods_running: int = 0
+    pods_done_at: float | None = None
+    pods_refused: int = 0  # allocations refused (pool dry), retried
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Fleet:
+    """One emulator (one account, one VPC) and the scenarios run against it in turn."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.cloud = Cloud(seed=config.seed)
+        if config.throttle is not None:
+            self.cloud.throttle = AccountThrottle(config.throttle, self.cloud.clock)
+        self.links = LinkTable()
+        self.cloud.subscribe(self.links)
+        count = config.subnets or self._subnets_needed()
+        if count > 5:
+            raise ValueError(f"{count} /16 subnets needed; a VPC holds 5 CIDR blocks by default")
+        blocks = [f"100.{64 + i}.0.0/16" for i in range(count)]
+        self.vpc_id = self.cloud.create_vpc(blocks).vpc_id
+        self.subnet_ids = [
+            self.cloud.create_subnet(self.vpc_id, block, AZ, {CNI_TAG: "1"}).subnet_id
+            for block in blocks
+        ]
+        self._boto3_lock = threading.Lock()
+        self._boto3_clients: list[Any] = []  # closed after each wave: their keep-alive sockets
+
+    def _subnets_needed(self) -> int:
+        per_node = 1 + 16 * (math.ceil(self.config.pods_per_node / 16) + 2)
+        return max(1, math.ceil(self.config.nodes * per_node * 1.25 / SUBNET_SIZE))
+
+    def run(self, scenarios: list[Scenario]) -> dict[str, dict[str, Any]]:
+        """Each scenario in turn; a scenario's instances are terminated before the next."""
+        server = Ec2Server(self.cloud)
+        url = server.start()
+        mux = ImdsMux(self.cloud)
+        root = Path(tempfile.mkdtemp(prefix="ultranet-fleet-", dir=self.config.state_root or SHM))
+        try:
+            results = {}
+            for scenario in scenarios:
+                results[scenario.name] = asyncio.run(
+                    _Wave(self, scenario, url, mux, root / scenario.name).run()
+                )
+            return results
+        finally:
+            mux.close()
+            server.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+    def ec2_factory(
+        self, url: str, stats: NodeStats
+    ) -> Callable[[NodeIdentity, IpamdMetrics], Ec2Client]:
+        config = load_config(dict(self.config.env))
+
+        def build(node: NodeIdentity, metrics: IpamdMetrics) -> Ec2Client:
+            # boto3's default session is not safe to build clients from on several threads
+            # at once (each daemon is its own process in production): one at a time.
+            with self._boto3_lock:
+                return Ec2Client(
+                    node.region,
+                    endpoint_url=url,
+                    rate_per_s=config.ec2_rate,
+                    burst=config.ec2_burst,
+                    stats=stats,
+                    client_factory=self._boto3_client,
+                )
+
+        return build
+
+    def _boto3_client(self, region: str, endpoint: str | None) -> Any:
+        client = boto3_client(
+            region, endpoint, aws_access_key_id="lab", aws_secret_access_key="lab"
+        )
+        self._boto3_clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        with self._boto3_lock:
+            clients, self._boto3_clients = self._boto3_clients, []
+        for client in clients:
+            client.close()
+
+
+class _Wave:
+    def __init__(
+        self, fleet: Fleet, scenario: Scenario, url: str, mux: ImdsMux, root: Path
+    ) -> None:
+        self.fleet = fleet
+        self.config = fleet.config
+        self.scenario = scenario
+        self.url = url
+        self.mux = mux
+        self.root = root
+        self.nodes: list[NodeRun] = []
+        self.pending: asyncio.Queue[tuple[NodeRun, int]] = asyncio.Queue()
+        self.lags: list[float] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.done = asyncio.Event()
+        self.finished = 0  # nodes with all pods running, or failed
+
+    async def run(self) -> dict[str, Any]:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        # Each agent is its own process in production, with its own worker threads; here they
+        # share one pool, sized so an agent sleeping in a backoff never holds up another.
+        loop.set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(config.nodes + 8, thread_name_prefix="ec2")
+        )
+        self.root.mkdir(parents=True)
+        cloud = self.fleet.cloud
+        requests_before = len(cloud.requests.records())
+        load_before = os.getloadavg()
+        cpu_before = _cpu_s()
+        started = time.monotonic()
+        ticker = asyncio.create_task(self._lag_ticker())
+        scheduler = asyncio.create_task(self._scheduler())
+        launcher = asyncio.create_task(self._launch_all(started))
+        timed_out = False
+        try:
+            async with asyncio.timeout(config.timeout_s):
+                await launcher
+                await self.done.wait()
+                pods_wall = time.monotonic() - started
+                await self._settle()
+        except TimeoutError:
+            timed_out = True
+            pods_wall = time.monotonic() - started
+        wall = time.monotonic() - started
+        cpu = _cpu_s() - cpu_before
+        for task in (ticker, scheduler, launcher, *self.tasks):
+            task.cancel()
+        await asyncio.gather(ticker, scheduler, launcher, *self.tasks, return_exceptions=True)
+        records = cloud.requests.records()[requests_before:]
+        result = self._result(wall, cpu, timed_out, load_before, records)
+        result["all_pods_running_wall_s"] = round(pods_wall, 2)
+        await asyncio.gather(*(n.agent.stop() for n in self.nodes), return_exceptions=True)
+        # stop() cancels an agent's manager but not an IMDS read it left on a worker
+        # thread, which may reopen the client's connection after stop() closed it: let the
+        # threads finish, then close again.
+        await loop.shutdown_default_executor()
+        for node in self.nodes:
+            node.imds.close()
+        self.fleet.close_clients()
+        for node in self.nodes:
+            self.mux.remove(node.instance_id)
+            cloud.terminate_instance(node.instance_id)
+        return result
+
+    async def _settle(self) -> None:
+        """Wait until every agent's warm pool is met again: the top-ups the last pods
+        caused are part of the wave's EC2 calls."""
+        while True:
+            statuses = await asyncio.gather(
+                *(n.agent.status() for n in self.nodes if n.error is None)
+            )
+            if all(s.reason == "warm pool met" for s in statuses):
+                return
+            await asyncio.sleep(SETTLE_POLL_S)
+
+    async def _lag_ticker(self) -> None:
+        while True:
+            due = time.monotonic() + LAG_TICK_S
+            await asyncio.sleep(LAG_TICK_S)
+            self.lags.append(max(0.0, time.monotonic() - due))
+
+    async def _launch_all(self, started: float) -> None:
+        interval = 60.0 / self.config.rate_per_min
+        for index in range(self.config.nodes):
+            delay = started + index * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            node = self._launch(index)
+            task = asyncio.create_task(self._node(node), name=f"node-{index}")
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _launch(self, index: int) -> NodeRun:
+        config = self.config
+        fleet = self.fleet
+        subnet_id = fleet.subnet_ids[index % len(fleet.subnet_ids)]
+        instance = fleet.cloud.launch_instance(
+            config.instance_type,
+            subnet_id,
+            interfaces=[LaunchInterface(0, 0, ipv4_prefix_count=self.scenario.prefixes_at_launch)],
+        )
+        launched_at = time.monotonic()
+        imds_url = self.mux.add(instance.instance_id)
+        state = self.root / str(index)
+        agent_config = load_config({**config.env, "ULTRANET_STATE_DIR": str(state)})
+        metrics = IpamdMetrics()
+        stats = NodeStats(metrics)
+        host = MemoryHost(fleet.links, instance.instance_id)
+        hostnet: Any = lambda: host  # noqa: E731  # the agent's host port (ipam.hostnet)
+        imds = ImdsClient(imds_url)
+        agent = NodeAgent(
+            agent_config,
+            imds=imds,
+            ec2_factory=fleet.ec2_factory(self.url, stats),
+            hostnet=hostnet,
+            metrics=metrics,
+        )
+        node = NodeRun(index, instance.instance_id, launched_at, agent, host, imds, stats)
+        self.nodes.append(node)
+        return node
+
+    async def _node(self, node: NodeRun) -> None:
+        try:
+            await node.agent.start()
+            if not await node.agent.wait_ready(self.config.timeout_s):
+                raise TimeoutError("not ready before the run's timeout")
+        except Exception as err:  # noqa: BLE001 - one node's failure is a result, not a crash
+            node.error = f"{type(err).__name__}: {err}"
+            log.error("node %d (%s) failed: %s", node.index, node.instance_id, node.error)
+            self._finish(node)
+            return
+        node.ready_at = node.agent.ready_at
+        node.stats.phase = "pods"
+        if self.config.pods_per_node == 0:
+            node.pods_done_at = node.ready_at
+            self._finish(node)
+            return
+        for pod in range(self.config.pods_per_node):
+            self.pending.put_nowait((node, pod))
+
+    def _finish(self, node: NodeRun) -> None:
+        self.finished += 1
+        if self.finished == self.config.nodes:
+            self.done.set()
+
+    async def _scheduler(self) -> None:
+        """Binds pending pods at the cluster-wide rate, in the order their nodes became
+        Ready; each pod then lands on its own."""
+        interval = 1.0 / self.config.pod_rate_per_s
+        next_at = time.monotonic()
+        while True:
+            node, pod = await self.pending.get()
+            now = time.monotonic()
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            next_at = max(next_at, now) + interval
+            task = asyncio.create_task(self._land(node, pod))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _land(self, node: NodeRun, pod: int) -> None:
+        key = IpamKey("fleet", f"{node.instance_id}-{pod}", "eth0")
+        ref = PodRef("fleet", f"pod-{node.index}-{pod}")
+        while True:
+            try:
+                await node.agent.allocate(key, ref, multi_nic=False, origin="cni")
+                break
+            except PoolExhausted:
+                node.pods_refused += 1
+                await asyncio.sleep(self.config.pod_retry_s)
+        node.pods_running += 1
+        if node.pods_running == self.config.pods_per_node:
+            node.pods_done_at = time.monotonic()
+            self._finish(node)
+
+    def _result(
+        self,
+        wall: float,
+        cpu: float,
+        timed_out: bool,
+        load_before: tuple[float, float, float],
+        records: list[Any],
+    ) -> dict[str, Any]:
+        config = self.config
+        nodes = self.nodes
+        ready = [n.ready_at - n.launched_at for n in nodes if n.ready_at is not None]
+        running = [n.pods_done_at - n.launched_at for n in nodes if n.pods_done_at is not None]
+        by_action: dict[str, Counter[str]] = {p: Counter() for p in PHASES}
+        per_node_total = []
+        per_node_by_action: dict[str, list[int]] = {}
+        for node in nodes:
+            total = 0
+            combined: Counter[str] = Counter()
+            for phase in ("start", "pods"):
+                by_action[phase].update(node.stats.calls[phase])
+                combined.update(node.stats.calls[phase])
+            total = sum(combined.values())
+            per_node_total.append(total)
+            for action in set(combined) | set(per_node_by_action):
+                per_node_by_action.setdefault(action, []).append(combined[action])
+        count = max(1, len(nodes))
+        launched = len(nodes)
+        cloud = self.fleet.cloud
+        subnet_used = sum(cloud.subnet(s).space.stats().used for s in self.fleet.subnet_ids)
+        ready_at = sorted(n.ready_at for n in nodes if n.ready_at is not None)
+        first_launch = min((n.launched_at for n in nodes), default=0.0)
+        ready_span = (ready_at[-1] - first_launch) if ready_at else 0.0
+        per_minute = Counter(int((t - first_launch) // 60) for t in ready_at)
+        throttled_by_emulator = sum(1 for r in records if r.error_code == "RequestLimitExceeded")
+        return {
+            "scenario": self.scenario.name,
+            "nodes": config.nodes,
+            "nodes_launched": launched,
+            "nodes_ready": len(ready),
+            "nodes_failed": sum(1 for n in nodes if n.error is not None),
+            "timed_out": timed_out,
+            "instance_type": config.instance_type,
+            "prefixes_at_launch": self.scenario.prefixes_at_launch,
+            "pods_per_node": config.pods_per_node,
+            "rate_per_min": config.rate_per_min,
+            "pod_rate_per_s": config.pod_rate_per_s,
+            "ec2_calls_per_node": round(sum(per_node_total) / count, 3),
+            "ec2_calls_per_node_max": max(per_node_total, default=0),
+            "ec2_calls_by_action": {
+                action: {
+                    "total": sum(values),
+                    "per_node_mean": round(sum(values) / count, 3),
+                    "per_node_max": max(values),
+                    "start": by_action["start"][action],
+                    "pods": by_action["pods"][action],
+                }
+                for action, values in sorted(per_node_by_action.items())
+            },
+            "ec2_calls_start_per_node": round(sum(by_action["start"].values()) / count, 3),
+            "ec2_calls_pods_per_node": round(sum(by_action["pods"].values()) / count, 3),
+            "ec2_requests_seen_by_emulator": len(records),
+            "throttled_calls": sum(sum(n.stats.throttled.values()) for n in nodes),
+            "throttled_calls_seen_by_emulator": throttled_by_emulator,
+            "retries": sum(sum(n.stats.retries.values()) for n in nodes),
+            "ec2_errors": dict(sum((n.stats.errors for n in nodes), Counter())),
+            "client_rate_limit_wait_s": round(sum(n.stats.client_wait_s for n in nodes), 3),
+            "pods_refused_pool_dry": sum(n.pods_refused for n in nodes),
+            "ready_p50_s": _round(percentile(ready, 50)),
+            "ready_p99_s": _round(percentile(ready, 99)),
+            "ready_max_s": _round(max(ready, default=None) if ready else None),
+            "pods_running_p50_s": _round(percentile(running, 50)),
+            "pods_running_p99_s": _round(percentile(running, 99)),
+            "pods_running_max_s": _round(max(running) if running else None),
+            "ready_nodes_per_min": round(len(ready) / ready_span * 60, 1) if ready_span else None,
+            "ready_nodes_by_minute": [
+                per_minute[m] for m in range(max(per_minute, default=-1) + 1)
+            ],
+            "nau_used": cloud.nau_used(self.fleet.vpc_id),
+            "subnet_addresses_used": subnet_used,
+            "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2),
+            "cpu_ms_per_node": round(cpu / count * 1000, 2),
+            "loop_lag_p99_ms": _round(
+                None if not self.lags else 1000 * (percentile(self.lags, 99) or 0.0), 1
+            ),
+            "loop_lag_max_ms": _round(1000 * max(self.lags) if self.lags else None, 1),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "errors": sorted({n.error for n in nodes if n.error is not None})[:5],
+        }
+
+
+def quiet_agents(verbose: bool) -> None:
+    """Thousands of agents log a line per event: warnings and worse only, unless asked."""
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("ultranet.ipamd", "ultranet.ipamd.ec2", "ultranet.lab", "ultranet.lab.ec2"):
+        logging.getLogger(name).setLevel(level)
+    with contextlib.suppress(Exception):
+        logging.getLogger("botocore").setLevel(logging.WARNING)

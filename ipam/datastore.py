@@ -20,9 +20,12 @@ Why this is crash-safe:
 * a crash mid-write leaves a torn last line, which never reached a client (its commit
   did not return): ``load`` drops it. A bad line *before* the end is corruption, and
   loading refuses rather than guess;
-* replaying the journal over a snapshot that already contains it gives the same state
-  (each line sets or deletes one key), so a crash between snapshot and truncation is
-  harmless.
+* a snapshot holds only durable changes (lines still staged are written first), so
+  replaying the journal it replaces over it gives the same state (each line sets or
+  deletes one key), and a crash between the snapshot's rename and the journal's
+  truncation is harmless. (A snapshot that also held staged changes was not: an old
+  ``add`` replayed over a newer, not yet durable release and re-allocation of the same
+  address gave two records one address, and the next start refused to restore.)
 
 Only allocations are persisted; ENIs and prefixes come back from IMDS and EC2.
 """
@@ -42,6 +45,7 @@ from typing import Any
 
 from cni.backend import Allocation
 from cni.keys import IpamKey, PodRef
+from cni.pausepoint import pause_point
 from ipam.datastore_errors import DatastoreError
 from ipam.pool import AddressPool
 from ipam.records import AllocationRecord, RecordedAddress
@@ -291,9 +295,11 @@ class Journal:
             if self._sync:
                 handle.flush()
                 os.fsync(handle.fileno())
+        pause_point("snapshot-written")
         os.replace(tmp, self.snapshot_path)
         if self._sync:
             _fsync_directory(self.directory)
+        pause_point("snapshot-renamed")
         fd = self._open()
         os.ftruncate(fd, 0)
         if self._sync:
@@ -417,9 +423,9 @@ class Datastore:
         by the next commit (a runtime also retries DEL until it succeeds); releasing the
         undone allocations too keeps the journal right even if a snapshot caught them.
 
-        Snapshots may include staged, not yet durable changes: that is safe because the
-        staged lines follow in the journal and replaying them is idempotent, and because
-        an allocation undone here is also released in the journal.
+        A snapshot must hold only durable changes (see the module's docstring), so lines
+        staged meanwhile (commits on a worker thread) are written before it; their batch
+        then finds nothing left to write. If that write fails, the snapshot waits.
         """
         if error is not None:
             for key in batch.adds:
@@ -430,8 +436,14 @@ class Datastore:
             return
         if self.journal.lines_since_snapshot >= self.snapshot_every:
             staged = self.journal.take_staged()
+            if staged:
+                try:
+                    self.journal.write(staged)
+                except DatastoreWriteError as err:
+                    self.journal.restage_first(staged)  # their own commit fails and says so
+                    log.warning("datastore: snapshot postponed: %s", err)
+                    return
             self.journal.snapshot(AllocationRecord.of(a) for a in self.pool.allocations())
-            self.journal.restage_first(staged)
 
     def close(self) -> None:
         self.journal.close()

@@ -5,6 +5,11 @@ Tests of the node daemon need EC2 to misbehave the way it does during mass launc
 count the calls a code path makes ("zero EC2 calls at start"). Both live here, apart
 from the HTTP layer, so they are pure and driven by an injected clock.
 
+A request can also be *held* (``Faults.hold``): it blocks before reaching the state until
+the test releases it, and the test learns that it arrived. Crash tests use it to kill the
+daemon at an exact point of a multi-call sequence (between CreateNetworkInterface and
+AttachNetworkInterface, say), with no sleep standing in for the timing.
+
 Two kinds of throttling are offered: a rule that throttles the next N calls (exact,
 for unit tests), and a token bucket per action, which is how EC2 itself throttles
 ("Request throttling for the Amazon EC2 API": a bucket per API action, refilled at a
@@ -82,6 +87,38 @@ class TokenBucket:
         return False
 
 
+class Hold:
+    """One request of ``action`` held before it reaches the cloud's state.
+
+    ``skip`` requests of the action pass first; the next one blocks, ``reached`` is set,
+    and it waits for ``release``: ``proceed=True`` lets it through to the state (EC2 got
+    the call, its caller may not hear back), ``proceed=False`` fails it with a 500
+    before the state (the call never took effect). One-shot: later requests pass.
+    """
+
+    def __init__(self, action: str, skip: int = 0) -> None:
+        if skip < 0:
+            raise ValueError(f"hold skip must be >= 0, not {skip}")
+        self.action = action
+        self.skip = skip
+        self.reached = threading.Event()
+        self._released = threading.Event()
+        self._proceed = False
+
+    def wait_reached(self, timeout: float) -> bool:
+        return self.reached.wait(timeout)
+
+    def release(self, *, proceed: bool) -> None:
+        self._proceed = proceed
+        self._released.set()
+
+    def _block(self) -> bool:
+        """Called on the request's thread: True to proceed."""
+        self.reached.set()
+        self._released.wait()
+        return self._proceed
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What the server does with one request before serving it."""
@@ -106,6 +143,7 @@ class Faults:
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
         self._buckets: dict[str, TokenBucket] = {}
+        self._holds: list[Hold] = []
 
     def add(self, rule: FaultRule) -> FaultRule:
         with self._lock:
@@ -120,12 +158,41 @@ class Faults:
         with self._lock:
             self._buckets[action] = TokenBucket(rate_per_s, burst)
 
+    def hold(self, action: str, *, skip: int = 0) -> Hold:
+        """Hold the request of ``action`` that comes after ``skip`` others (see ``Hold``)."""
+        hold = Hold(action, skip)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
             self._buckets.clear()
+            holds, self._holds = self._holds, []
+        for hold in holds:
+            hold.release(proceed=False)
 
     def decide(self, action: str) -> Decision:
+        """The fault for one request; blocks first if the request is held."""
+        held = self._take_hold(action)
+        if held is not None and not held._block():
+            return Decision(error=internal())
+        return self._decide(action)
+
+    def _take_hold(self, action: str) -> Hold | None:
+        with self._lock:
+            for hold in self._holds:
+                if hold.action != action:
+                    continue
+                if hold.skip:
+                    hold.skip -= 1
+                    return None
+                self._holds.remove(hold)
+                return hold
+        return None
+
+    def _decide(self, action: str) -> Decision:
         with self._lock:
             bucket = self._buckets.get(action)
             if bucket is None and ANY_ACTION in self._buckets:

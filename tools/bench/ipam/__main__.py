@@ -2,7 +2,13 @@
 
 1. **pairs/s**: allocate + release pairs per second through the Unix socket, with
    concurrent clients, against the real ``ultranet-ipamd`` process in a lab node (every
-   allocation durable: journal line + fdatasync, grouped).
+   allocation durable: journal line + fdatasync, grouped), in two rows:
+   ``defaults``: the shipped defaults (IP_COOLDOWN_PERIOD 30 s, WARM_PREFIX_TARGET 1) on a
+   fresh m5.large launched with no prefix, the pool growing through EC2; a released
+   address then sits out 30 s, so the rate is bounded by the pool's size over 30 s and
+   allocations past it are refused (counted); ``static``: cooldown 0 and a fixed pool of
+   the nine launch prefixes (MINIMUM_IP_TARGET=144, MAX_ENI=1), the daemon's own
+   throughput, a departure from the defaults that its row says.
 2. **exec → ready** on a p5.48xlarge launched with pre-assigned prefixes (32 cards,
    ENABLE_MULTI_NIC), and the EC2 calls the daemon made to get there.
 3. **EC2 calls per node** when N nodes start at once against one emulated EC2 that
@@ -11,9 +17,11 @@
 4. ``--crash-trials N``: the soak behind the crash-safety bar: kill -9 at a random point
    of a 200-allocation burst, restart, count duplicates and leaks.
 
-``--json`` prints ``{"pairs_per_s", "ready_s", "ready_ec2_calls", ...}``, with the CPU each
-side spent per pair and the load average: on a shared machine the rate moves with the load,
-the CPU per pair much less. ``--only pairs|ready|fleet`` runs one part.
+``--json`` prints the configuration (flags, each row's daemon effective config and lab,
+git commit and dirty paths, Python, machine, load before and after) and the results: per
+pairs row every run and the median and range of pairs/s and of the CPU each side spent per
+pair (on a shared machine the rate moves with the load, the CPU per pair much less).
+``--runs N`` repeats each pairs row; ``--only pairs|ready|fleet`` runs one part.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipam.client import AsyncIpamClient
+from ipam.client import AsyncIpamClient, IpamClientError
+from tools.bench.cni.conditions import code, load, machine
 from tools.lab.daemon import IpamdProcess, allocate_then_kill
 from tools.lab.lab import Lab, LabConfig
 
@@ -42,25 +51,54 @@ STATIC_POOL = {  # nine launch prefixes on an m5.large, kept and never grown
     "WARM_IP_TARGET": "1",
     "MAX_ENI": "1",
 }
+# The pairs rows: (lab launch prefixes, daemon environment, what the row's label says).
+PAIRS_ROWS: dict[str, tuple[int, dict[str, str], str]] = {
+    "defaults": (
+        0,
+        {},
+        "shipped defaults: IP_COOLDOWN_PERIOD 30 s, WARM_PREFIX_TARGET 1, fresh m5.large "
+        "with no prefix at launch, the pool grown through EC2",
+    ),
+    "static": (
+        9,
+        STATIC_POOL,
+        "NOT the defaults: IP_COOLDOWN_PERIOD 0 and a fixed pool (nine launch prefixes, "
+        "MINIMUM_IP_TARGET 144, MAX_ENI 1): the daemon's own throughput",
+    ),
+}
+REFUSED_BACKOFF_S = 0.01  # a client refused (pool dry) tries again after this
 
 
-async def _pairs(daemon: IpamdProcess, clients: int, seconds: float) -> tuple[int, float]:
+async def _pairs(
+    daemon: IpamdProcess, clients: int, seconds: float, tag: str
+) -> tuple[int, int, float]:
+    """(pairs, refused allocations, elapsed): each client allocates and releases a new
+    container in a loop; an allocation refused because the pool is dry is counted and
+    retried after REFUSED_BACKOFF_S (a runtime retries a failed ADD too)."""
     deadline = time.monotonic() + seconds
     counts = [0] * clients
+    refusals = [0] * clients
 
     async def loop(index: int) -> None:
         async with AsyncIpamClient(daemon.socket) as client:
             n = 0
             while time.monotonic() < deadline:
-                container = f"bench-{index}-{n}"
-                await client.allocate(container)
+                container = f"{tag}-{index}-{n}"
+                try:
+                    await client.allocate(container)
+                except IpamClientError as err:
+                    if err.code != "exhausted":
+                        raise
+                    refusals[index] += 1
+                    await asyncio.sleep(REFUSED_BACKOFF_S)
+                    continue
                 await client.release(container)
                 n += 1
             counts[index] = n
 
     started = time.monotonic()
     await asyncio.gather(*(loop(i) for i in range(clients)))
-    return sum(counts), time.monotonic() - started
+    return sum(counts), sum(refusals), time.monotonic() - started
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -74,32 +112,87 @@ def _own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bench_pairs(work: Path, clients: int, seconds: float) -> dict[str, Any]:
-    """Pairs per second, and the CPU each side spent per pair: on a shared machine the
-    rate moves with the load, the CPU per pair much less (it bounds the rate one core
-    can sustain: 1e6 / daemon_cpu_us_per_pair)."""
-    with Lab(LabConfig(instance_type="m5.large", prefixes_per_card=9)) as lab:
-        daemon = IpamdProcess(lab, work / "pairs", STATIC_POOL)
+def bench_pairs(work: Path, row: str, clients: int, seconds: float, run: int) -> dict[str, Any]:
+    """One run of a pairs row: pairs per second, and the CPU each side spent per pair: on a
+    shared machine the rate moves with the load, the CPU per pair much less (it bounds the
+    rate one core can sustain: 1e6 / daemon_cpu_us_per_pair).
+
+    The static row warms up for 0.5 s first (connections, caches); the defaults row does
+    not, since its pool is meant to start empty and grow while it is measured.
+    """
+    prefixes, env, _ = PAIRS_ROWS[row]
+    lab_config = LabConfig(instance_type="m5.large", prefixes_per_card=prefixes)
+    with Lab(lab_config) as lab:
+        daemon = IpamdProcess(lab, work / f"pairs-{row}-{run}", env)
+        effective = daemon.effective_config()
         daemon.start()
         try:
-            daemon.wait_ready()
+            daemon.wait_ready(timeout=60)
             assert daemon.process is not None
-            asyncio.run(_pairs(daemon, clients, 0.5))  # warm-up: connections, caches
+            if row == "static":
+                asyncio.run(_pairs(daemon, clients, 0.5, "warm"))
+            lab.cloud.requests.clear()
             daemon_cpu, own_cpu = _process_cpu_s(daemon.process.pid), _own_cpu_s()
-            pairs, elapsed = asyncio.run(_pairs(daemon, clients, seconds))
+            pairs, refused, elapsed = asyncio.run(_pairs(daemon, clients, seconds, "bench"))
             daemon_cpu = _process_cpu_s(daemon.process.pid) - daemon_cpu
             own_cpu = _own_cpu_s() - own_cpu
+            ec2_calls = dict(lab.cloud.requests.counts())
+            (primary, *others) = lab.cloud.enis_of(lab.instance_id)
+            prefixes_at_end = len(primary.prefixes) + sum(len(e.prefixes) for e in others)
         finally:
             daemon.stop()
     return {
+        "row": row,
         "pairs": pairs,
+        "refused_exhausted": refused,
         "seconds": round(elapsed, 3),
-        "clients": clients,
         "pairs_per_s": round(pairs / elapsed),
-        "daemon_cpu_us_per_pair": round(1e6 * daemon_cpu / pairs),
-        "client_cpu_us_per_pair": round(1e6 * own_cpu / pairs),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "daemon_cpu_us_per_pair": round(1e6 * daemon_cpu / pairs) if pairs else None,
+        "client_cpu_us_per_pair": round(1e6 * own_cpu / pairs) if pairs else None,
+        "ec2_calls_while_measured": ec2_calls,
+        "prefixes_at_end": prefixes_at_end,
+        "enis_at_end": 1 + len(others),
+        "load_after": load(),
+        "lab": {"instance_type": lab_config.instance_type, "prefixes_at_launch": prefixes},
+        "daemon_environment": env,
+        "daemon_effective_config": effective,
     }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def bench_pairs_rows(
+    work: Path, rows: list[str], clients: int, seconds: float, runs: int
+) -> dict[str, Any]:
+    """Every pairs row ``runs`` times, interleaved (row A, row B, row A, ...) so a change in
+    the machine's load falls on both rows alike; each row's median and full range."""
+    results: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+    for run in range(runs):
+        for row in rows:
+            results[row].append(bench_pairs(work, row, clients, seconds, run))
+    summary: dict[str, Any] = {}
+    for row, measured in results.items():
+        summary[row] = {
+            "label": PAIRS_ROWS[row][2],
+            "runs": measured,
+            "pairs_per_s": _spread([r["pairs_per_s"] for r in measured]),
+            "refused_exhausted": _spread([r["refused_exhausted"] for r in measured]),
+            "daemon_cpu_us_per_pair": _spread(
+                [r["daemon_cpu_us_per_pair"] for r in measured if r["pairs"]]
+            ),
+            "client_cpu_us_per_pair": _spread(
+                [r["client_cpu_us_per_pair"] for r in measured if r["pairs"]]
+            ),
+        }
+    return summary
 
 
 def bench_ready(work: Path, runs: int) -> dict[str, Any]:
@@ -120,6 +213,7 @@ def bench_ready(work: Path, runs: int) -> dict[str, Any]:
             finally:
                 daemon.stop()
     return {
+        "ready_daemon_environment": {"ENABLE_MULTI_NIC": "true"},
         "ready_s": round(statistics.median(times), 3),
         "ready_s_runs": [round(t, 3) for t in times],
         "ready_after_start_s": round(statistics.median(inside), 3),
@@ -242,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.ipam", description=__doc__)
     parser.add_argument("--clients", type=int, default=128, help="at most 144 (the pool)")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each pairs row")
+    parser.add_argument(
+        "--pairs-row",
+        action="append",
+        choices=list(PAIRS_ROWS),
+        help="pairs rows to run (repeatable; default: all)",
+    )
     parser.add_argument("--ready-runs", type=int, default=5)
     parser.add_argument("--fleet", type=int, default=50, help="nodes starting at once")
     parser.add_argument("--crash-trials", type=int, default=0)
@@ -255,10 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="ultranet-bench-") as tmp:
         work = Path(tmp)
-        result: dict[str, Any] = {}
         parts = set(args.only or PARTS)
+        result: dict[str, Any] = {
+            "configuration": {
+                "command": [sys.executable, "-m", "tools.bench.ipam", *(argv or sys.argv[1:])],
+                "flags": vars(args),
+                "parts": sorted(parts),
+                "code": code(),
+                "python": sys.version.replace("\n", " "),
+                "machine": machine(),
+                "load_before": load(),
+            }
+        }
         if "pairs" in parts:
-            result.update(bench_pairs(work, args.clients, args.seconds))
+            rows = args.pairs_row or list(PAIRS_ROWS)
+            result["pairs"] = bench_pairs_rows(work, rows, args.clients, args.seconds, args.runs)
         if "ready" in parts:
             result.update(bench_ready(work, args.ready_runs))
         if "fleet" in parts:
@@ -266,16 +378,22 @@ def main(argv: list[str] | None = None) -> int:
             result["fleet_empty"] = bench_fleet(args.fleet, prefixes_at_launch=0)
         if args.crash_trials:
             result.update(bench_crash(work, args.crash_trials))
+        result["configuration"]["load_after"] = load()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        if "pairs_per_s" in result:
+        for row, summary in result.get("pairs", {}).items():
+            rate, cpu = summary["pairs_per_s"], summary["daemon_cpu_us_per_pair"]
+            refused = summary["refused_exhausted"]
             print(
-                f"allocate+release pairs/s through the socket: {result['pairs_per_s']:,} "
-                f"({result['clients']} clients; CPU per pair: daemon "
-                f"{result['daemon_cpu_us_per_pair']} us, load generator "
-                f"{result['client_cpu_us_per_pair']} us; load {result['load_average']})"
+                f"pairs/s [{row}: {summary['label']}]: median {rate['median']:,} "
+                f"({rate['min']:,}-{rate['max']:,}) over {len(summary['runs'])} runs, "
+                f"{args.clients} clients; daemon CPU per pair median {cpu.get('median')} us "
+                f"({cpu.get('min')}-{cpu.get('max')}); refused (pool dry) median "
+                f"{refused['median']}"
             )
+        print(f"load before: {result['configuration']['load_before']['uptime']}")
+        print(f"load after: {result['configuration']['load_after']['uptime']}")
         if "ready_s" in result:
             print(
                 f"exec -> ready, p5.48xlarge with pre-assigned prefixes: {result['ready_s']} s "

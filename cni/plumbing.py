@@ -512,7 +512,7 @@ class Plumbing:
         for name, outcome in zip(strays, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("cni: stray veth %s stays: %s", name, outcome)
-            else:
+            elif outcome == 0:  # not ENODEV: gone meanwhile, with its pod's namespace
                 log.warning("cni: reaped stray veth %s (no allocation accounts for it)", name)
                 reaped.append(name)
         return reaped

@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from cni.handler import CniHandler, HandlerConfig
     from cni.plumbing import Plumbing
+    from cni.spec import DEFAULT_VETH_PREFIX
     from cni.transport import replay_spool, serve
     from ipam.agent import NodeAgent
-    from ipam.cni_backend import AgentBackend, host_veth_alive
+    from ipam.cni_backend import AgentBackend, accounted_veths, host_veth_alive
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
     def hostnet() -> HostNetwork:
@@ -76,12 +77,26 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         handler = CniHandler(
             AgentBackend(agent),
             plumbing,
-            HandlerConfig(enable_multi_nic=config.enable_multi_nic, spool_dir=config.cni_spool),
+            HandlerConfig(
+                enable_multi_nic=config.enable_multi_nic,
+                spool_dir=config.cni_spool,
+                max_interfaces=len(agent.pool.cards) if agent.pool is not None else 1,
+            ),
         )
         # DELs the shim spooled while no daemon listened: done before new ADDs arrive.
         still_failing = await replay_spool(config.cni_spool, handler.handle)
         if still_failing:
             log.warning("%d spooled DEL(s) still fail; kept for the next start", len(still_failing))
+        # Veths a DEL answered for but a crash kept (their allocation is released), and
+        # any other of ours no allocation accounts for: gone before the first ADD. The
+        # daemon writes the conflist, so its vethPrefix is the default.
+        reaped = await plumbing.reap_strays(
+            DEFAULT_VETH_PREFIX,
+            lambda: accounted_veths(agent.allocations(), DEFAULT_VETH_PREFIX),
+        )
+        agent.metrics.stray_veths_reaped.inc(len(reaped))
+        if reaped:
+            log.warning("reaped %d stray veth(s) no allocation accounts for", len(reaped))
         cni_server = await serve(config.cni_socket, handler.handle)
         log.info("serving IPAM on %s and CNI on %s", config.socket, config.cni_socket)
         failed: list[BaseException] = []

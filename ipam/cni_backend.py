@@ -6,7 +6,7 @@ place the two meet, so neither package imports the other's internals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from cni.backend import Allocation, BackendStatus, BackendUnavailable
@@ -49,6 +49,17 @@ class AgentBackend:
         return BackendStatus(
             ready=status.ready, reason=status.reason, free_addresses=dict(status.free_addresses)
         )
+
+
+def accounted_veths(allocations: Iterable[Allocation], veth_prefix: str) -> set[str]:
+    """The host veth names the allocations account for: one per lease."""
+    from cni.plumbing import host_ifname
+
+    return {
+        host_ifname(a.key, index, veth_prefix)
+        for a in allocations
+        for index in range(len(a.leases))
+    }
 
 
 def host_veth_alive(veth_prefix: str = "eni") -> Callable[[Allocation], bool]:

@@ -94,6 +94,11 @@ class IpamdMetrics:
             "Allocations lost because EC2 removed their ENI or prefix",
             registry=r,
         )
+        self.stray_veths_reaped = Counter(
+            p + "stray_veths_reaped_total",
+            "Host veths of this CNI that no allocation accounted for, deleted at start",
+            registry=r,
+        )
 
     # -- ipam.ec2.Ec2Stats -------------------------------------------------------------
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,11 @@ from typing import Any
 import pytest
 
 from cni.install import install
+from cni.keys import IpamKey
+from cni.plumbing import host_ifname
+from cni.spec import ANNOTATIONS_CAPABILITY, MULTI_NIC_ANNOTATION, MULTI_NIC_VALUE
 from ipam.client import AsyncIpamClient
-from tests.cni.harness import conf, env, host_state, ns_path
+from tests.cni.harness import NETWORK, conf, env, host_state, ns_path, pod_state
 from tests.conftest import LabFactory
 from tests.lab.helpers import python_in
 from tools.lab import netns
@@ -126,3 +131,221 @@ def test_a_restart_keeps_live_pods_and_drops_those_whose_veth_is_gone(
         lab, shim, daemon, env("CHECK", "keep", ns_path(keep)), conf(prevResult=kept)
     )
     assert code == 0, again
+
+
+# -- kill -9 inside a DEL's windows (cni/pausepoint.py), then restart ------------------------
+
+METRICS_PORT = 61678  # in the lab's node namespace: nothing else listens there
+MULTI = {ANNOTATIONS_CAPABILITY: {MULTI_NIC_ANNOTATION: MULTI_NIC_VALUE}}
+CLEAN = {"links": [], "rules": [], "routes": []}
+
+
+class PausePoint:
+    """The FIFO the daemon names a pause point on when it reaches it; opened read-write
+    here, so the daemon's open never blocks and a read waits only for its line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path)
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+    def env(self, point: str) -> dict[str, str]:
+        return {"ULTRANET_PAUSE_AT": point, "ULTRANET_PAUSE_SIGNAL": str(self.path)}
+
+    def wait(self, daemon: IpamdProcess, timeout: float = 60) -> str:
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"no pause point reached in {timeout} s: {daemon.log_tail()}")
+        return os.read(self._fd, 4096).decode()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+CrashNode = tuple[Lab, IpamdProcess, Path, PausePoint]
+
+
+@pytest.fixture
+def crash_node(
+    lab_factory: LabFactory, tmp_path: Path
+) -> Iterator[Callable[[LabConfig, dict[str, str], str], CrashNode]]:
+    """A lab, the daemon started to pause at a point, the shim, and the pause FIFO."""
+    started: list[tuple[IpamdProcess, PausePoint]] = []
+
+    def start(config: LabConfig, extra: dict[str, str], point: str) -> CrashNode:
+        lab = lab_factory(config)
+        pause = PausePoint(tmp_path / "pause")
+        base = {
+            "ULTRANET_CNI_SPOOL": str(tmp_path / "d" / "spool"),
+            "ULTRANET_METRICS_ADDR": f"127.0.0.1:{METRICS_PORT}",
+            **extra,
+        }
+        daemon = IpamdProcess(lab, tmp_path / "d", {**base, **pause.env(point)})
+        started.append((daemon, pause))
+        daemon.start()
+        (shim,) = install(tmp_path / "bin", None, python=sys.executable)
+        daemon.wait_ready()
+        daemon.wait_cni_socket()
+        return lab, daemon, shim, pause
+
+    try:
+        yield start
+    finally:
+        for daemon, pause in started:
+            daemon.stop()
+            pause.close()
+
+
+def restart_without_pause(daemon: IpamdProcess) -> None:
+    daemon.kill()
+    for name in ("ULTRANET_PAUSE_AT", "ULTRANET_PAUSE_SIGNAL"):
+        daemon.env.pop(name)
+    daemon.start()
+    daemon.wait_ready()
+    daemon.wait_cni_socket()  # served once spooled DELs are replayed and strays reaped
+
+
+def held(daemon: IpamdProcess) -> list[dict[str, Any]]:
+    async def listed() -> list[dict[str, Any]]:
+        async with AsyncIpamClient(daemon.socket) as client:
+            return await client.list()
+
+    return asyncio.run(listed())
+
+
+def strays_reaped(lab: Lab) -> float:
+    fetch = f"""
+import urllib.request
+body = urllib.request.urlopen("http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read()
+print(next(l for l in body.decode().splitlines()
+           if l.startswith("ultranet_ipamd_stray_veths_reaped_total ")).split()[1])
+"""
+    done = python_in(lab.node_ns, fetch)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout)
+
+
+def test_kill_9_after_a_del_answered_before_its_veth_went_leaves_the_host_clean(
+    crash_node: Callable[[LabConfig, dict[str, str], str], CrashNode],
+) -> None:
+    lab, daemon, shim, pause = crash_node(
+        LabConfig(instance_type="m5.large", prefixes_per_card=1), {}, "reaper-before-delete"
+    )
+    pod = lab.create_pod_namespace("w1")
+    code, added = exec_shim(lab, shim, daemon, env("ADD", "w1", ns_path(pod)), conf())
+    assert code == 0, added
+    code, out = exec_shim(lab, shim, daemon, env("DEL", "w1", ns_path(pod)), conf(prevResult=added))
+    assert code == 0, out  # answered...
+    assert pause.wait(daemon) == "reaper-before-delete\n"  # ...and the reaper has not run
+    veth = host_ifname(IpamKey(NETWORK, "w1", "eth0"), 0, "eni")
+    assert host_state(lab) == {**CLEAN, "links": [veth]}
+    assert held(daemon) == []
+
+    restart_without_pause(daemon)
+
+    assert host_state(lab) == CLEAN
+    assert pod_state(pod) == {"links": [], "addrs": [], "rules": []}
+    assert held(daemon) == []
+    assert strays_reaped(lab) == 1
+    # The address is free again, once: a new pod gets one, and the old DEL repeats fine.
+    code, again = exec_shim(lab, shim, daemon, env("ADD", "w1b", ns_path(pod)), conf())
+    assert code == 0, again
+    assert [a["container_id"] for a in held(daemon)] == ["w1b"]
+    code, out = exec_shim(lab, shim, daemon, env("DEL", "w1", ns_path(pod)), conf())
+    assert code == 0, out
+
+
+P5 = LabConfig(instance_type="p5.48xlarge", prefixes_per_card=1)
+CARDS = 32
+
+
+def add_multi_nic(
+    lab: Lab, shim: Path, daemon: IpamdProcess, container: str
+) -> tuple[str, dict[str, Any]]:
+    pod = lab.create_pod_namespace(container)
+    code, added = exec_shim(
+        lab, shim, daemon, env("ADD", container, ns_path(pod)), conf(runtimeConfig=MULTI)
+    )
+    assert code == 0, added
+    assert len(added["ips"]) == CARDS
+    return pod, added
+
+
+def test_kill_9_mid_multi_nic_teardown_then_the_spooled_del_finishes_it(
+    crash_node: Callable[[LabConfig, dict[str, str], str], CrashNode],
+) -> None:
+    lab, daemon, shim, pause = crash_node(
+        P5, {"ENABLE_MULTI_NIC": "true"}, "del-between-interfaces@3"
+    )
+    pod, added = add_multi_nic(lab, shim, daemon, "w2")
+    plumbed = host_state(lab)
+    with subprocess.Popen(
+        ["ip", "netns", "exec", lab.node_ns, str(shim)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "ULTRANET_CNI_SOCKET": str(daemon.cni_socket),
+            "ULTRANET_CNI_SPOOL": str(daemon.state_dir / "spool"),
+            **env("DEL", "w2", ns_path(pod)),
+        },
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as shim_del:
+        try:
+            assert shim_del.stdin is not None
+            shim_del.stdin.write(conf(prevResult=added, runtimeConfig=MULTI))
+            shim_del.stdin.close()
+            assert pause.wait(daemon) == "del-between-interfaces\n"
+            daemon.kill()  # four interfaces' routing gone, 28 to go, no veth deleted yet
+            shim_del.wait(timeout=30)  # its answers are a few bytes: no pipe fills
+        finally:
+            if shim_del.poll() is None:
+                shim_del.kill()
+        assert shim_del.stdout is not None and shim_del.stderr is not None
+        stdout, stderr = shim_del.stdout.read(), shim_del.stderr.read()
+    assert shim_del.returncode == 0, (stdout, stderr)  # the shim spooled the DEL
+    midway = host_state(lab)
+    assert len(midway["links"]) == CARDS
+    # Interfaces 0-3 lost their rules: "to" for each, "from" for 1-3 (0's ENI uses main).
+    assert len(midway["rules"]) == len(plumbed["rules"]) - (4 + 3)
+
+    restart_without_pause(daemon)
+
+    assert host_state(lab) == CLEAN
+    assert pod_state(pod) == {"links": [], "addrs": [], "rules": []}
+    assert held(daemon) == []
+    assert strays_reaped(lab) == 0  # the replayed DEL deleted them, not the sweep
+    code, out = exec_shim(lab, shim, daemon, env("DEL", "w2", ns_path(pod)), conf())  # a retry
+    assert code == 0, out
+    assert host_state(lab) == CLEAN
+
+
+def test_kill_9_while_the_reaper_is_midway_through_a_multi_nic_pod_leaves_the_host_clean(
+    crash_node: Callable[[LabConfig, dict[str, str], str], CrashNode],
+) -> None:
+    lab, daemon, shim, pause = crash_node(
+        P5, {"ENABLE_MULTI_NIC": "true"}, "reaper-before-delete@5"
+    )
+    pod, added = add_multi_nic(lab, shim, daemon, "w3")
+    code, out = exec_shim(
+        lab,
+        shim,
+        daemon,
+        env("DEL", "w3", ns_path(pod)),
+        conf(prevResult=added, runtimeConfig=MULTI),
+    )
+    assert code == 0, out
+    assert pause.wait(daemon) == "reaper-before-delete\n"
+    daemon.kill()
+    left = host_state(lab)
+    assert len(left["links"]) == CARDS - 5 and left["rules"] == [] and left["routes"] == []
+
+    restart_without_pause(daemon)
+
+    assert host_state(lab) == CLEAN
+    assert pod_state(pod) == {"links": [], "addrs": [], "rules": []}
+    assert held(daemon) == []
+    assert strays_reaped(lab) == CARDS - 5
+    code, out = exec_shim(lab, shim, daemon, env("DEL", "w3", ns_path(pod)), conf())
+    assert code == 0, out
+    assert host_state(lab) == CLEAN

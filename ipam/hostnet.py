@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -42,7 +42,14 @@ from ipam.datastore_errors import InvalidEni
 from ipam.errors import UltranetError
 from ipam.pool import route_table
 
-__all__ = ["ENI_RULE_PRIORITY", "EniLink", "HostNetwork", "HostNetworkError", "LinkNotFound"]
+__all__ = [
+    "ENI_RULE_PRIORITY",
+    "EniLink",
+    "HostNetwork",
+    "HostNetworkError",
+    "HostNetworkPort",
+    "LinkNotFound",
+]
 
 ENI_RULE_PRIORITY = 32765  # the VPC CNI's, just above the main table's 32766
 MTU_MIN, MTU_MAX = 576, 9001  # the VPC CNI's AWS_VPC_ENI_MTU range
@@ -123,6 +130,26 @@ class EniLink:
     @property
     def table(self) -> int:
         return route_table(self.card, self.device)
+
+
+class HostNetworkPort(Protocol):
+    """What the node agent asks of the host's network, and nothing more: ``HostNetwork``
+    does it with netlink; tests of the agent's logic plug in a recording one.
+
+    Every call comes from the one thread that created the port (the agent's netlink
+    thread); the setup and teardown calls are idempotent and raise ``HostNetworkError``
+    (``LinkNotFound`` when no link has the ENI's MAC).
+    """
+
+    def find_link(self, mac: str) -> str | None: ...
+
+    def setup_eni(self, eni: EniLink) -> None: ...
+
+    def setup_enis(self, enis: Sequence[EniLink]) -> None: ...
+
+    def teardown_eni(self, eni: EniLink) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class HostNetwork:

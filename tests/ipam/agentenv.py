@@ -1,20 +1,22 @@
 """A node agent running in-process against a lab: IMDS and EC2 of the lab, netlink in the
-lab's node namespace, the journal in a temporary directory."""
+lab's node namespace (or any host network port: ``agent_on``), the journal in a
+temporary directory."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from cni.keys import IpamKey, PodRef
 from ipam.agent import NodeAgent, NodeIdentity
 from ipam.config import IpamdConfig, load_config
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Client, boto3_client
-from ipam.hostnet import HostNetwork
+from ipam.hostnet import HostNetwork, HostNetworkPort
 from ipam.imds import ImdsClient
 from ipam.metrics import IpamdMetrics
 from tools.lab.lab import Lab
@@ -41,7 +43,17 @@ def config_for(state_dir: Path, env: Mapping[str, str] | None = None) -> IpamdCo
     return load_config({"ULTRANET_STATE_DIR": str(state_dir), **(env or {})})
 
 
-def ec2_factory(lab: Lab) -> object:
+class Endpoints(Protocol):
+    """Where the emulator answers: a ``Lab``, or ``tests.ipam.cloudnode.CloudNode``."""
+
+    @property
+    def ec2_url(self) -> str: ...
+
+    @property
+    def imds_url(self) -> str: ...
+
+
+def ec2_factory(lab: Endpoints) -> object:
     def build(node: NodeIdentity, metrics: IpamdMetrics) -> Ec2Client:
         return Ec2Client(
             node.region,
@@ -61,14 +73,20 @@ def ec2_factory(lab: Lab) -> object:
 class AgentRun:
     """An agent and the event loop that drives it, for synchronous tests."""
 
-    def __init__(self, lab: Lab, config: IpamdConfig, clock: ManualClock) -> None:
+    def __init__(
+        self,
+        lab: Endpoints,
+        config: IpamdConfig,
+        clock: ManualClock,
+        hostnet: Callable[[], HostNetworkPort],
+    ) -> None:
         self.lab = lab
         self.loop = asyncio.new_event_loop()
         self.agent = NodeAgent(
             config,
             imds=ImdsClient(lab.imds_url),
             ec2_factory=ec2_factory(lab),  # type: ignore[arg-type]
-            hostnet=lambda: HostNetwork(netns=lab.node_ns),
+            hostnet=hostnet,
             clock=clock,
         )
         self.clock = clock
@@ -111,7 +129,19 @@ def agent_in(
     env: Mapping[str, str] | None = None,
     clock: ManualClock | None = None,
 ) -> Iterator[AgentRun]:
-    run = AgentRun(lab, config_for(state_dir, env), clock or ManualClock())
+    with agent_on(lab, lambda: HostNetwork(netns=lab.node_ns), state_dir, env, clock) as run:
+        yield run
+
+
+@contextmanager
+def agent_on(
+    endpoints: Endpoints,
+    hostnet: Callable[[], HostNetworkPort],
+    state_dir: Path,
+    env: Mapping[str, str] | None = None,
+    clock: ManualClock | None = None,
+) -> Iterator[AgentRun]:
+    run = AgentRun(endpoints, config_for(state_dir, env), clock or ManualClock(), hostnet)
     try:
         run.start()
         yield run

@@ -138,27 +138,6 @@ def test_multi_nic_pod_gets_one_interface_per_card_and_uses_each(p5: Any) -> Non
     assert backend.held() == set()
 
 
-@pytest.mark.parametrize(("enabled", "annotated"), [(False, True), (True, False)])
-def test_single_interface_unless_node_enables_and_pod_asks(
-    p5: Any, enabled: bool, annotated: bool
-) -> None:
-    lab, _ = p5
-    pod_ns = lab.create_pod_namespace(f"s{int(enabled)}{int(annotated)}")
-    backend = PoolBackend(pool_from_lab(lab))
-    extra = {"runtimeConfig": MULTI} if annotated else {}
-
-    async def scenario() -> dict[str, Any]:
-        async with node(lab, backend, enable_multi_nic=enabled) as n:
-            result = await n.add("s1", pod_ns, **extra)
-            await n.delete("s1", pod_ns, result)
-            await n.plumbing.settle()
-            return result
-
-    result = run(scenario())
-    assert len(result["ips"]) == 1 and result["ips"][0]["gateway"] == "169.254.1.1"
-    assert backend.held() == set()
-
-
 def test_a_repeated_del_without_allocation_or_prev_result_removes_every_veth(
     p5: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
 
+# Hooks: netns tests skip without root, and fail when skipped under ULTRANET_REQUIRE_NETNS=1.
+from tests.netns_gate import (  # noqa: F401
+    netns_capable,
+    pytest_collection_modifyitems,
+    pytest_runtest_makereport,
+)
 from tools.lab.lab import Lab, LabConfig
-
-
-def netns_capable() -> bool:
-    return os.geteuid() == 0 and shutil.which("ip") is not None
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if netns_capable():
-        return
-    skip = pytest.mark.skip(reason="needs root and iproute2 for network namespaces")
-    for item in items:
-        if "netns" in item.keywords:
-            item.add_marker(skip)
-
 
 LabFactory = Callable[..., Lab]
 

@@ -52,7 +52,7 @@ from ipam.pool import AddressPool, CardPool, EniInfo
 
 if TYPE_CHECKING:
     from ipam.ec2 import Ec2Client, EniState
-    from ipam.hostnet import EniLink, HostNetwork
+    from ipam.hostnet import EniLink, HostNetworkPort
 
 log = logging.getLogger("ultranet.ipamd")
 T = TypeVar("T")
@@ -82,6 +82,10 @@ ENI_DESCRIPTION = "ultranet pod addresses"
 INSTANCE_TAG = "node.k8s.amazonaws.com/instance_id"  # the VPC CNI's tag, so its GC knows ours
 CREATED_BY_TAG = "ultranet.io/created-by"
 FREED_FILE = "freed-prefixes.json"
+# Present while an ENI is between CreateNetworkInterface and the pool, or between detach
+# and delete: a crash there leaves an ENI EC2 bills and no journal knows, which the next
+# start looks for (``_sweep_enis``), as the VPC CNI deletes its leaked ENIs.
+ENI_WORK_FILE = "eni-work-in-progress"
 
 
 class AgentError(UltranetError):
@@ -137,7 +141,7 @@ class NodeAgent:
         *,
         imds: ImdsClient | None = None,
         ec2_factory: Callable[[NodeIdentity, IpamdMetrics], Ec2Client] | None = None,
-        hostnet: Callable[[], HostNetwork] | None = None,
+        hostnet: Callable[[], HostNetworkPort] | None = None,
         pod_alive: Callable[[Allocation], bool] | None = None,
         metrics: IpamdMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -151,7 +155,7 @@ class NodeAgent:
         # pyroute2's IPRoute runs an event loop of its own and keeps state per thread, so
         # all netlink work happens on one worker thread that owns the HostNetwork.
         self._hostnet_factory = hostnet
-        self._hostnet: HostNetwork | None = None
+        self._hostnet: HostNetworkPort | None = None
         self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._pending_hosts: list[tuple[EniInfo, str]] = []
         self._pod_alive = pod_alive
@@ -184,6 +188,7 @@ class NodeAgent:
         self.started_at = 0.0
         self.ready_at: float | None = None
         self._reconciled_at = 0.0
+        self._sweep_pending = False  # an ENI create or delete may have been cut short
 
     # -- start and stop --------------------------------------------------------------
 
@@ -192,6 +197,7 @@ class NodeAgent:
         ``step`` themselves) keep the pool warm in the background."""
         self.started_at = self._clock()
         self._load_freed()
+        self._sweep_pending = self._eni_work_path().exists()
         # Open netlink (and import pyroute2, the slowest import) on the netlink thread
         # while this one waits on IMDS: the two overlap.
         netlink_ready = asyncio.get_running_loop().run_in_executor(self._netlink, self._host)
@@ -331,8 +337,8 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._netlink, functools.partial(fn, *args))
 
-    def _host(self) -> HostNetwork | None:
-        """The HostNetwork, created on the netlink thread that will use it."""
+    def _host(self) -> HostNetworkPort | None:
+        """The host network port, created on the netlink thread that will use it."""
         if self._hostnet is None and self._hostnet_factory is not None:
             self._hostnet = self._hostnet_factory()
         return self._hostnet
@@ -648,6 +654,8 @@ class NodeAgent:
             self._urgent = False
             try:
                 async with self._busy:
+                    if self._sweep_pending:
+                        await self._sweep_enis()
                     if self._clock() - self._reconciled_at >= RECONCILE_INTERVAL_S:
                         await self._reconcile()
                     await self._step()
@@ -856,13 +864,15 @@ class NodeAgent:
                 continue
             if state.prefixes or state.secondary_ips:
                 continue  # EC2 says it holds addresses: the reconcile adopts them
+            await asyncio.to_thread(self._mark_eni_work)
             await asyncio.to_thread(ec2.detach_eni, state.attachment_id)
             self.pool.remove_eni(card, info.eni_id, self._clock())
             eni = self._enis.pop(info.eni_id)
             self._idle_since.pop(info.eni_id, None)
             self.cards[card].devices_taken.discard(info.device)
             await self._on_netlink(self._teardown_host_blocking, info, eni.mac)
-            await self._delete_detached(ec2, info.eni_id)
+            if await self._delete_detached(ec2, info.eni_id):
+                await asyncio.to_thread(self._clear_eni_work)
             log.info(
                 "card %d: released %s (device %d): no prefix for %.0f s",
                 card,
@@ -871,14 +881,15 @@ class NodeAgent:
                 IDLE_ENI_S,
             )
 
-    async def _delete_detached(self, ec2: Ec2Client, eni_id: str) -> None:
+    async def _delete_detached(self, ec2: Ec2Client, eni_id: str) -> bool:
         """DeleteNetworkInterface once EC2 has finished detaching (it answers InUse until
-        then). An ENI that cannot be deleted stays detached, tagged as ours: say so."""
+        then). An ENI that cannot be deleted stays detached, tagged as ours: say so, and
+        return False (the next start's sweep tries again)."""
         delay, tries = DELETE_AFTER_DETACH
         for attempt in range(tries):
             try:
                 await asyncio.to_thread(ec2.delete_eni, eni_id)
-                return
+                return True
             except Ec2Error as err:
                 if err.code != "InvalidNetworkInterface.InUse" or attempt == tries - 1:
                     log.error(
@@ -888,9 +899,57 @@ class NodeAgent:
                         err,
                         CREATED_BY_TAG,
                     )
-                    return
+                    return False
             await asyncio.sleep(delay)  # EC2 is still detaching; it gives no event
             delay *= 2
+        return False
+
+    async def _sweep_enis(self) -> None:
+        """After a crash inside ENI set-up or tear-down: delete the ENIs this daemon made for
+        this instance that are attached nowhere, and have the attached ones deleted with
+        the instance (a crash before ModifyNetworkInterfaceAttribute left that unset).
+        Attached ones are adopted from IMDS at start, or by the reconcile."""
+        assert self.node is not None
+        ec2 = await self._ec2()
+        ours = await asyncio.to_thread(
+            ec2.describe_network_interfaces,
+            filters={
+                f"tag:{INSTANCE_TAG}": [self.node.instance_id],
+                f"tag:{CREATED_BY_TAG}": ["ultranet-ipamd"],
+            },
+        )
+        for state in ours:
+            if state.attachment_id is None:
+                log.warning("deleting %s: created here but never attached (a crash)", state.eni_id)
+                if not await self._delete_detached(ec2, state.eni_id):
+                    return  # logged; the marker stays for the next start
+            elif state.instance_id == self.node.instance_id:
+                await asyncio.to_thread(
+                    ec2.set_delete_on_termination, state.eni_id, state.attachment_id
+                )
+        await asyncio.to_thread(self._clear_eni_work)
+        self._sweep_pending = False
+
+    def _eni_work_path(self) -> Path:
+        return self.config.state_dir / ENI_WORK_FILE
+
+    def _mark_eni_work(self) -> None:
+        """Durably, before the EC2 call it covers: a crash may come right after."""
+        path = self._eni_work_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _clear_eni_work(self) -> None:
+        self._eni_work_path().unlink(missing_ok=True)
 
     def _teardown_host_blocking(self, info: EniInfo, mac: str) -> None:
         host = self._host()
@@ -936,6 +995,7 @@ class NodeAgent:
         assert self.node is not None and self.pool is not None
         ec2 = await self._ec2()
         for subnet_id in await self._eligible_subnets():
+            await asyncio.to_thread(self._mark_eni_work)
             try:
                 created = await asyncio.to_thread(
                     ec2.create_eni,
@@ -948,6 +1008,9 @@ class NodeAgent:
             except SubnetSpaceError as err:
                 self._subnet_exhausted(subnet_id, err)
                 continue
+            except UltranetError:
+                self._sweep_pending = True  # an attempt that timed out may have made one
+                raise
             state = self.cards[card]
             device = min(set(range(64)) - state.devices_taken)
             try:
@@ -956,7 +1019,9 @@ class NodeAgent:
                 )
                 await asyncio.to_thread(ec2.set_delete_on_termination, created.eni_id, attachment)
             except UltranetError:
+                self._sweep_pending = True  # if this delete fails too, the sweep retries
                 await asyncio.to_thread(ec2.delete_eni, created.eni_id)
+                self._sweep_pending = False
                 raise
             state.devices_taken.add(device)
             assert created.primary_ip is not None
@@ -975,6 +1040,7 @@ class NodeAgent:
             await self._setup_host(info, created.mac)
             for prefix in created.prefixes:
                 self.pool.card(card).add_prefix(info.eni_id, prefix)
+            await asyncio.to_thread(self._clear_eni_work)
             log.info(
                 "card %d: attached %s at device %d in %s with %d prefix(es)",
                 card,

@@ -65,8 +65,10 @@ def accounted_veths(allocations: Iterable[Allocation], veth_prefix: str) -> set[
 def host_veth_alive(veth_prefix: str = "eni") -> Callable[[Allocation], bool]:
     """A ``pod_alive`` check for restarts: the pod's host-side veth still exists.
 
-    The VPC CNI drops, after a restart, allocations whose host veth is gone (vpc-cni.md
-    §2): the pod went away while the daemon was down and its DEL was lost.
+    The VPC CNI drops, after a restart, allocations whose host veth is gone
+    (``pkg/ipamd/datastore/data_store.go``: ``ReadBackingStore``,
+    ``normalizeCheckpointDataByPodVethExistence``): the pod went away while the daemon was
+    down and its DEL was lost.
     """
     from cni.plumbing import host_ifname
 

@@ -1,15 +1,15 @@
 """The durable datastore: the address pool plus a journal, so no acknowledged
 allocation is ever lost and no address is ever handed out twice across a crash.
 
-The VPC CNI rewrites its whole checkpoint file (temp file, fsync, rename) on every
-assign and unassign (vpc-cni.md §2). That costs a full rewrite per pod; at hundreds of
-pods per node and bursts of pod starts it is the throughput ceiling. ultranet appends
-one checksummed line per change to a journal instead and makes it durable with one
-``fsync`` per *batch* of changes (group commit): ``allocate``/``release`` change the pool
-at once and stage a journal entry, ``commit`` writes and syncs everything staged, and
-the caller acknowledges a request only after the commit that covers it. A snapshot of
-all allocations is written from time to time (temp file, fsync, rename, directory
-fsync) and the journal restarts empty.
+The VPC CNI rewrites its whole checkpoint file (temp file, fsync, rename) on every assign
+and unassign (``aws/amazon-vpc-cni-k8s``, ``pkg/ipamd/datastore/checkpoint.go``). That
+costs a full rewrite per pod; at hundreds of pods per node and bursts of pod starts it is
+the throughput ceiling. ultranet appends one checksummed line per change to a journal
+instead and makes it durable with one ``fsync`` per *batch* of changes (group commit):
+``allocate``/``release`` change the pool at once and stage a journal entry, ``commit``
+writes and syncs everything staged, and the caller acknowledges a request only after the
+commit that covers it. A snapshot of all allocations is written from time to time (temp
+file, fsync, rename, directory fsync) and the journal restarts empty.
 
 Why this is crash-safe:
 
@@ -280,9 +280,6 @@ class Journal:
                 log.error("datastore: cannot cut the journal back after a failed write: %s", cut)
             raise DatastoreWriteError(f"journal {self.journal_path}: write failed: {err}") from err
         self.lines_since_snapshot += len(lines)
-
-    def discard_staged(self) -> None:
-        self._staged.clear()
 
     def snapshot(self, records: Iterable[AllocationRecord]) -> None:
         """Write every allocation to the snapshot atomically, then empty the journal."""

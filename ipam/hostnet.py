@@ -1,12 +1,13 @@
 """The host side of each ENI: link, address, route table and rule in the node's namespace.
 
-What the VPC CNI's ``SetupENINetwork`` does for a non-primary ENI (vpc-cni.md §3):
-MTU, link up, the ENI's primary address as the link's only global IPv4 address, a
-route table of its own (``ipam.pool.route_table``) holding ``gw/32 scope link`` and
-``default via gw``, no route to the subnet in the main table (so the primary ENI's
-stays authoritative), and the rule ``from <ENI primary ip> lookup <table>`` at
-priority 32765. Traffic sourced from the ENI's address then leaves by the ENI, as the
-VPC requires (it drops packets whose source is not an address of the ENI they leave).
+What the VPC CNI's ``SetupENINetwork`` (``aws/amazon-vpc-cni-k8s``,
+``pkg/networkutils/network.go``) does for a non-primary ENI: MTU, link up, the ENI's
+primary address as the link's only global IPv4 address, a route table of its own
+(``ipam.pool.route_table``) holding ``gw/32 scope link`` and ``default via gw``, no route
+to the subnet in the main table (so the primary ENI's stays authoritative), and the rule
+``from <ENI primary ip> lookup <table>`` at priority 32765. Traffic sourced from the ENI's
+address then leaves by the ENI, as the VPC requires (it drops packets whose source is not
+an address of the ENI they leave).
 
 The primary ENI (card 0, device 0) belongs to the OS (DHCP configured it): it is only
 checked. ENIs are found by MAC, never by name: interface names depend on udev and

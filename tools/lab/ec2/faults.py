@@ -1,9 +1,10 @@
 """Faults on demand and the per-action request log of the emulated EC2 API.
 
 Tests of the node daemon need EC2 to misbehave the way it does during mass launches
-(vpc-cni.md §7: ``RequestLimitExceeded`` storms, slow calls, transient 5xx) and need to
-count the calls a code path makes ("zero EC2 calls at start"). Both live here, apart
-from the HTTP layer, so they are pure and driven by an injected clock.
+(``RequestLimitExceeded`` storms, slow calls, transient 5xx: ``aws/amazon-vpc-cni-k8s``
+issues #405, #2730, #873) and need to count the calls a code path makes ("zero EC2 calls
+at start"). Both live here, apart from the HTTP layer, so they are pure and driven by an
+injected clock.
 
 A request can also be *held* (``Faults.hold``): it blocks before reaching the state until
 the test releases it, and the test learns that it arrived. Crash tests use it to kill the

@@ -746,7 +746,16 @@ class NodeAgent:
             self.cards[interface.network_card].devices_taken.add(interface.device_number)
             self._adopt(interface, skip_freed_after=self._wall() - FREED_PREFIX_COOLDOWN_S)
             log.info("adopted %s, attached behind our back", interface.interface_id)
-        await self._setup_pending_hosts()
+        adopted = list(self._pending_hosts)
+        try:
+            await self._setup_pending_hosts()
+        except (UltranetError, OSError):
+            # Out of the pool again until their host side is set up: the next reconcile
+            # adopts them anew. They hold no pod yet: they were adopted just now.
+            for info, _ in adopted:
+                self.pool.remove_eni(info.card, info.eni_id, now, force=True)
+                self._enis.pop(info.eni_id, None)
+            raise
         if self.datastore.journal.staged:
             await asyncio.shield(self._durable())
         self._update_metrics()
@@ -1035,9 +1044,12 @@ class NodeAgent:
                 self.node.instance_type.max_prefixes_per_eni,
             )
             await self._wait_link(created.mac)
+            # Plumbed before the pool knows it, so no pod can get an address on an ENI whose
+            # host rules are missing. If the set-up fails, the ENI stays attached and unknown
+            # here: the next reconcile finds it in IMDS, adopts it and sets it up again.
+            await self._setup_host(info, created.mac)
             self.pool.card(card).add_eni(info)
             self._enis[info.eni_id] = _Eni(info, subnet_id, created.mac)
-            await self._setup_host(info, created.mac)
             for prefix in created.prefixes:
                 self.pool.card(card).add_prefix(info.eni_id, prefix)
             await asyncio.to_thread(self._clear_eni_work)

@@ -4,7 +4,8 @@ Start-up reads the instance from IMDS alone (identity, every interface's card, d
 subnet, addresses and prefixes), builds one pool per managed network card, restores the
 journal, and is ready as soon as every card meets its warm target. EC2 is called, and
 boto3 imported, only when it must be: to grow or shrink a pool, or when IMDS and the
-journal disagree (IMDS lags EC2; EC2 wins, vpc-cni.md §2).
+journal disagree (IMDS lags EC2; EC2 wins, as in the VPC CNI's reconcile in
+``aws/amazon-vpc-cni-k8s`` ``pkg/ipamd/ipamd.go``, and its issues #3019, #1967).
 
 Allocation is an in-memory operation plus one journal line; the reply waits for the
 group commit that makes it durable (``ipam.datastore``). Growing and shrinking run in a

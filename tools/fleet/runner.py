@@ -5,6 +5,8 @@ the real ``ipam.agent.NodeAgent`` (``ultranet-ipamd``'s agent, shipped defaults 
 ``env`` says otherwise) with:
 
 * its own IMDS, over HTTP, on its own loopback port (``imds_mux.ImdsMux``);
+* the cloud, its EC2 endpoint and the IMDS servers in a child process
+  (``emulator.EmulatorProcess``), on the other core;
 * its own EC2 client, ``ipam.ec2.Ec2Client`` over real boto3 and HTTP to the emulator's
   EC2 endpoint, which throttles the account as EC2 does (``ipam.nau.throttle``);
 * its own state directory (journal, fdatasync'd) under a tmpfs root;
@@ -17,10 +19,10 @@ hands them out at ``pod_rate_per_s``, and each lands through ``NodeAgent.allocat
 CNI ADD path minus the socket). A pod refused because the pool ran dry is retried after
 ``pod_retry_s``, as the kubelet retries a failed sandbox.
 
-Everything runs in real time, in this process: one event loop for the agents, a thread
-for the IMDS servers, the emulator's HTTP threads, and worker threads for the agents'
-EC2 calls. ``FleetResult.loop_lag_*`` and ``cpu_s`` say when the machine, not EC2, was
-the bottleneck.
+Everything runs in real time: the agents on one event loop in this process, their EC2
+calls and IMDS reads on worker threads; the emulator in the child. ``loop_lag_*``,
+``cpu_s``, ``emulator_cpu_s`` and ``agent_errors`` (an IMDS timeout is the machine's
+limit) say when the machine, not EC2, was the bottleneck.
 """
 
 from __future__ import annotations
@@ -49,16 +51,12 @@ from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import THROTTLE_CODES, Ec2Client, boto3_client
 from ipam.imds import ImdsClient
 from ipam.metrics import IpamdMetrics
-from ipam.nau.throttle import AccountThrottle, ThrottleTable
-from tools.fleet.imds_mux import ImdsMux
-from tools.lab.ec2.server import Ec2Server
-from tools.lab.ec2.state import Cloud, LaunchInterface
-from tools.lab.memory_host import LinkTable, MemoryHost
+from ipam.nau.throttle import ThrottleTable
+from tools.fleet.emulator import EmulatorProcess, RequestSummary
+from tools.lab.memory_host import MemoryHost
 
 log = logging.getLogger("ultranet.fleet")
 
-CNI_TAG = "kubernetes.io/role/cni"
-AZ = "us-west-2a"
 SUBNET_SIZE = 65536  # each subnet is a /16, the largest EC2 allows
 PHASES = ("start", "pods")  # before Ready; from Ready on (pods landing, the top-ups they cause)
 SETTLE_POLL_S = 0.1
@@ -161,20 +159,10 @@ class Fleet:
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
-        self.cloud = Cloud(seed=config.seed)
-        if config.throttle is not None:
-            self.cloud.throttle = AccountThrottle(config.throttle, self.cloud.clock)
-        self.links = LinkTable()
-        self.cloud.subscribe(self.links)
         count = config.subnets or self._subnets_needed()
         if count > 5:
             raise ValueError(f"{count} /16 subnets needed; a VPC holds 5 CIDR blocks by default")
-        blocks = [f"100.{64 + i}.0.0/16" for i in range(count)]
-        self.vpc_id = self.cloud.create_vpc(blocks).vpc_id
-        self.subnet_ids = [
-            self.cloud.create_subnet(self.vpc_id, block, AZ, {CNI_TAG: "1"}).subnet_id
-            for block in blocks
-        ]
+        self.blocks = [f"100.{64 + i}.0.0/16" for i in range(count)]
         self._boto3_lock = threading.Lock()
         self._boto3_clients: list[Any] = []  # closed after each wave: their keep-alive sockets
 
@@ -184,20 +172,19 @@ class Fleet:
 
     def run(self, scenarios: list[Scenario]) -> dict[str, dict[str, Any]]:
         """Each scenario in turn; a scenario's instances are terminated before the next."""
-        server = Ec2Server(self.cloud)
-        url = server.start()
-        mux = ImdsMux(self.cloud)
+        emulator = EmulatorProcess(
+            seed=self.config.seed, throttle=self.config.throttle, blocks=self.blocks
+        )
         root = Path(tempfile.mkdtemp(prefix="ultranet-fleet-", dir=self.config.state_root or SHM))
         try:
             results = {}
             for scenario in scenarios:
                 results[scenario.name] = asyncio.run(
-                    _Wave(self, scenario, url, mux, root / scenario.name).run()
+                    _Wave(self, scenario, emulator, root / scenario.name).run()
                 )
             return results
         finally:
-            mux.close()
-            server.close()
+            emulator.close()
             shutil.rmtree(root, ignore_errors=True)
 
     def ec2_factory(
@@ -236,13 +223,14 @@ class Fleet:
 
 class _Wave:
     def __init__(
-        self, fleet: Fleet, scenario: Scenario, url: str, mux: ImdsMux, root: Path
+        self, fleet: Fleet, scenario: Scenario, emulator: EmulatorProcess, root: Path
     ) -> None:
         self.fleet = fleet
         self.config = fleet.config
         self.scenario = scenario
-        self.url = url
-        self.mux = mux
+        self.emulator = emulator
+        self.url = emulator.info.ec2_url
+        self.agent_errors: Counter[str] = Counter()
         self.root = root
         self.nodes: list[NodeRun] = []
         self.pending: asyncio.Queue[tuple[NodeRun, int]] = asyncio.Queue()
@@ -260,10 +248,13 @@ class _Wave:
             concurrent.futures.ThreadPoolExecutor(config.nodes + 8, thread_name_prefix="ec2")
         )
         self.root.mkdir(parents=True)
-        cloud = self.fleet.cloud
-        requests_before = len(cloud.requests.records())
+        emulator = self.emulator
+        requests_before = emulator.call("request_mark")
         load_before = os.getloadavg()
         cpu_before = _cpu_s()
+        emulator_cpu_before = emulator.call("cpu_s")
+        counting = _ErrorCounter(self.agent_errors)
+        logging.getLogger("ultranet.ipamd").addHandler(counting)
         started = time.monotonic()
         ticker = asyncio.create_task(self._lag_ticker())
         scheduler = asyncio.create_task(self._scheduler())
@@ -280,11 +271,14 @@ class _Wave:
             pods_wall = time.monotonic() - started
         wall = time.monotonic() - started
         cpu = _cpu_s() - cpu_before
+        emulator_cpu = emulator.call("cpu_s") - emulator_cpu_before
+        logging.getLogger("ultranet.ipamd").removeHandler(counting)
         for task in (ticker, scheduler, launcher, *self.tasks):
             task.cancel()
         await asyncio.gather(ticker, scheduler, launcher, *self.tasks, return_exceptions=True)
-        records = cloud.requests.records()[requests_before:]
-        result = self._result(wall, cpu, timed_out, load_before, records)
+        requests = emulator.call("requests_since", requests_before)
+        result = self._result(wall, cpu, timed_out, load_before, requests)
+        result["emulator_cpu_s"] = round(emulator_cpu, 2)
         result["all_pods_running_wall_s"] = round(pods_wall, 2)
         await asyncio.gather(*(n.agent.stop() for n in self.nodes), return_exceptions=True)
         # stop() cancels an agent's manager but not an IMDS read it left on a worker
@@ -294,9 +288,7 @@ class _Wave:
         for node in self.nodes:
             node.imds.close()
         self.fleet.close_clients()
-        for node in self.nodes:
-            self.mux.remove(node.instance_id)
-            cloud.terminate_instance(node.instance_id)
+        emulator.call("terminate", [n.instance_id for n in self.nodes])
         return result
 
     async def _settle(self) -> None:
@@ -330,19 +322,19 @@ class _Wave:
     def _launch(self, index: int) -> NodeRun:
         config = self.config
         fleet = self.fleet
-        subnet_id = fleet.subnet_ids[index % len(fleet.subnet_ids)]
-        instance = fleet.cloud.launch_instance(
+        subnets = self.emulator.info.subnet_ids
+        instance_id, imds_url = self.emulator.call(
+            "launch",
             config.instance_type,
-            subnet_id,
-            interfaces=[LaunchInterface(0, 0, ipv4_prefix_count=self.scenario.prefixes_at_launch)],
+            subnets[index % len(subnets)],
+            self.scenario.prefixes_at_launch,
         )
         launched_at = time.monotonic()
-        imds_url = self.mux.add(instance.instance_id)
         state = self.root / str(index)
         agent_config = load_config({**config.env, "ULTRANET_STATE_DIR": str(state)})
         metrics = IpamdMetrics()
         stats = NodeStats(metrics)
-        host = MemoryHost(fleet.links, instance.instance_id)
+        host = MemoryHost(self.emulator, instance_id)
         hostnet: Any = lambda: host  # noqa: E731  # the agent's host port (ipam.hostnet)
         imds = ImdsClient(imds_url)
         agent = NodeAgent(
@@ -352,7 +344,7 @@ class _Wave:
             hostnet=hostnet,
             metrics=metrics,
         )
-        node = NodeRun(index, instance.instance_id, launched_at, agent, host, imds, stats)
+        node = NodeRun(index, instance_id, launched_at, agent, host, imds, stats)
         self.nodes.append(node)
         return node
 
@@ -416,7 +408,7 @@ class _Wave:
         cpu: float,
         timed_out: bool,
         load_before: tuple[float, float, float],
-        records: list[Any],
+        requests: RequestSummary,
     ) -> dict[str, Any]:
         config = self.config
         nodes = self.nodes
@@ -437,13 +429,11 @@ class _Wave:
                 per_node_by_action.setdefault(action, []).append(combined[action])
         count = max(1, len(nodes))
         launched = len(nodes)
-        cloud = self.fleet.cloud
-        subnet_used = sum(cloud.subnet(s).space.stats().used for s in self.fleet.subnet_ids)
+        usage = self.emulator.call("usage")
         ready_at = sorted(n.ready_at for n in nodes if n.ready_at is not None)
         first_launch = min((n.launched_at for n in nodes), default=0.0)
         ready_span = (ready_at[-1] - first_launch) if ready_at else 0.0
         per_minute = Counter(int((t - first_launch) // 60) for t in ready_at)
-        throttled_by_emulator = sum(1 for r in records if r.error_code == "RequestLimitExceeded")
         return {
             "scenario": self.scenario.name,
             "nodes": config.nodes,
@@ -470,9 +460,9 @@ class _Wave:
             },
             "ec2_calls_start_per_node": round(sum(by_action["start"].values()) / count, 3),
             "ec2_calls_pods_per_node": round(sum(by_action["pods"].values()) / count, 3),
-            "ec2_requests_seen_by_emulator": len(records),
+            "ec2_requests_seen_by_emulator": requests.requests,
             "throttled_calls": sum(sum(n.stats.throttled.values()) for n in nodes),
-            "throttled_calls_seen_by_emulator": throttled_by_emulator,
+            "throttled_calls_seen_by_emulator": requests.throttled,
             "retries": sum(sum(n.stats.retries.values()) for n in nodes),
             "ec2_errors": dict(sum((n.stats.errors for n in nodes), Counter())),
             "client_rate_limit_wait_s": round(sum(n.stats.client_wait_s for n in nodes), 3),
@@ -487,11 +477,12 @@ class _Wave:
             "ready_nodes_by_minute": [
                 per_minute[m] for m in range(max(per_minute, default=-1) + 1)
             ],
-            "nau_used": cloud.nau_used(self.fleet.vpc_id),
-            "subnet_addresses_used": subnet_used,
+            "nau_used": usage["nau_used"],
+            "subnet_addresses_used": usage["subnet_addresses_used"],
+            "agent_errors": dict(self.agent_errors),
             "wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2),
-            "cpu_ms_per_node": round(cpu / count * 1000, 2),
+            "cpu_ms_per_node": round(cpu / count * 1000, 2),  # the agents' process only
             "loop_lag_p99_ms": _round(
                 None if not self.lags else 1000 * (percentile(self.lags, 99) or 0.0), 1
             ),
@@ -500,6 +491,27 @@ class _Wave:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "errors": sorted({n.error for n in nodes if n.error is not None})[:5],
         }
+
+
+class _ErrorCounter(logging.Handler):
+    """Counts the agents' error log lines by kind: an IMDS timeout here means the machine,
+    not the fleet, ran out of CPU."""
+
+    def __init__(self, counts: Counter[str]) -> None:
+        super().__init__(logging.ERROR)
+        self._counts = counts
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "IMDS" in text:
+            kind = "imds"
+        elif "RequestLimitExceeded" in text:
+            kind = "ec2_throttled_every_attempt"
+        elif "timeout" in text.lower() or "timed out" in text:
+            kind = "ec2_timeout"
+        else:
+            kind = "other"
+        self._counts[kind] += 1
 
 
 def quiet_agents(verbose: bool) -> None:

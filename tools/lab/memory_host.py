@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tools.lab.events import EniView
 
 if TYPE_CHECKING:
     from ipam.hostnet import EniLink
+
+
+class Links(Protocol):
+    """Where an instance's links come from: ``LinkTable``, or a proxy to one elsewhere."""
+
+    def link(self, instance_id: str, mac: str) -> str | None: ...
 
 
 class LinkTable:
@@ -52,9 +58,9 @@ class LinkTable:
 
 
 class MemoryHost:
-    """One instance's host networking: configured ENIs recorded, links from ``LinkTable``."""
+    """One instance's host networking: configured ENIs recorded, links from ``links``."""
 
-    def __init__(self, links: LinkTable, instance_id: str) -> None:
+    def __init__(self, links: Links, instance_id: str) -> None:
         self._links = links
         self._instance_id = instance_id
         self.configured: dict[str, EniLink] = {}  # ENI id -> what was set up for it

@@ -117,9 +117,31 @@ def write_zone(work: Path) -> Path:
     return path
 
 
-def start_nsd(work: Path) -> Running:
-    port = free_port()
+def start_nsd(work: Path, attempts: int = 3) -> Running:
+    """NSD on a free port. The port is free for UDP when picked but NSD binds TCP too, and
+    another run on the machine may hold it for TCP by then (a run failed so once): NSD then
+    exits, and another port is tried. An NSD that runs but does not answer is an error."""
     zone = write_zone(work)
+    for _ in range(attempts):
+        port = free_port()
+        proc, argv, conf = _spawn_nsd(work, port, zone)
+        try:
+            wait_answering(port)
+        except RuntimeError:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+                raise
+            log = (work / "nsd.log").read_text() if (work / "nsd.log").exists() else ""
+            print(f"nsd exited on port {port}, trying another: {log[-300:]}", file=sys.stderr)
+            continue
+        return Running("nsd", port, proc, argv=argv, config=conf.read_text())
+    raise RuntimeError(f"nsd did not start in {attempts} attempts (see {work}/nsd.log)")
+
+
+def _spawn_nsd(
+    work: Path, port: int, zone: Path
+) -> tuple[subprocess.Popen[bytes], list[str], Path]:
     conf = work / "nsd.conf"
     conf.write_text(f"""server:
   ip-address: 127.0.0.1
@@ -143,9 +165,7 @@ zone:
   zonefile: "{zone}"
 """)
     argv = ["nsd", "-d", "-c", str(conf)]
-    proc = _spawn(argv, LOAD_CPU, work / "nsd.out")
-    wait_answering(port)
-    return Running("nsd", port, proc, argv=argv, config=conf.read_text())
+    return _spawn(argv, LOAD_CPU, work / "nsd.out"), argv, conf
 
 
 def ultranet_conf(upstream: int, socket_reuse: int | None, tcp: bool) -> str:

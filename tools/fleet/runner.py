@@ -49,6 +49,7 @@ from ipam.agent import NodeAgent, NodeIdentity
 from ipam.config import load_config
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import THROTTLE_CODES, Ec2Client, boto3_client
+from ipam.hostnet import HostNetworkPort
 from ipam.imds import ImdsClient
 from ipam.metrics import IpamdMetrics
 from ipam.nau.throttle import ThrottleTable
@@ -335,7 +336,10 @@ class _Wave:
         metrics = IpamdMetrics()
         stats = NodeStats(metrics)
         host = MemoryHost(self.emulator, instance_id)
-        hostnet: Any = lambda: host  # noqa: E731  # the agent's host port (ipam.hostnet)
+
+        def hostnet() -> HostNetworkPort:
+            return host
+
         imds = ImdsClient(imds_url)
         agent = NodeAgent(
             agent_config,

@@ -7,9 +7,10 @@ follows the emulated cloud, and records the result. A link exists from the momen
 attaches the ENI to the instance until it detaches it, as the kernel hot-plugs it on an
 instance; ``LinkTable`` learns that from the cloud's events.
 
-It has the methods the agent calls on its host port (``find_link``, ``setup_eni``,
-``setup_enis``, ``teardown_eni``, ``close``), with the same errors: ``LinkNotFound`` when no
-link has the ENI's MAC.
+It is an ``ipam.hostnet.HostNetworkPort`` (``find_link``, ``setup_eni``, ``setup_enis``,
+``teardown_eni``, ``close``), with the same errors: ``LinkNotFound`` when no link has the
+ENI's MAC. (``tests/ipam/recording_hostnet.py`` records routes and rules for the agent's
+logic tests; this one only needs links to follow EC2, for thousands of nodes.)
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ def test_a_small_wave_with_and_without_prefixes_at_launch(
             "--prefixes-at-launch=2",
             "--bucket=AssignPrivateIpAddresses=5:10",
             "--timeout=60",
+            "--restart",
             "--json",
         ]
     )
@@ -68,6 +69,15 @@ def test_a_small_wave_with_and_without_prefixes_at_launch(
     assert reactive["ec2_requests_seen_by_emulator"] == assign["total"]
     assert reactive["throttled_calls_seen_by_emulator"] == reactive["throttled_calls"]
     assert reactive["ready_p50_s"] > launched["ready_p50_s"]
+    # Every agent restarted at once on a running fleet: IMDS and the journal agree, so no
+    # EC2 call, and every pod keeps its address.
+    for result in results.values():
+        restart = result["restart"]
+        assert restart["nodes_ready_again"] == restart["nodes"] == 20
+        assert restart["allocations_before"] == 40
+        assert restart["allocations_lost"] == 0
+        assert restart["addresses_duplicated"] == 0
+        assert restart["ec2_calls"] == restart["ec2_requests_seen_by_emulator"] == 0
 
 
 def test_bad_arguments_are_refused_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,6 +88,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="ACTION=CAPACITY:REFILL",
         help="override one action's request bucket (repeatable)",
     )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="once a scenario settles, restart every agent at once (the DaemonSet rolled)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per scenario")
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="the agents' INFO logs")
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         env=dict(args.env),
         throttle=table,
         timeout_s=args.timeout,
+        restart=args.restart,
     )
     wanted = args.scenario or list(SCENARIOS)
     scenarios = [
@@ -132,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
     else:
         print(render(results))
-    ok = all(r["nodes_ready"] == r["nodes"] for r in results.values())
+    ok = all(
+        r["nodes_ready"] == r["nodes"]
+        and ("restart" not in r or r["restart"]["nodes_ready_again"] == r["restart"]["nodes"])
+        for r in results.values()
+    )
     return 0 if ok else 1
 
 
@@ -187,6 +197,16 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         values = [str(cell(results[n])).rjust(c) for n, c in zip(names, cols, strict=True)]
         lines.append(label.ljust(width) + "  " + "  ".join(values))
     for name in names:
+        restart = results[name].get("restart")
+        if restart:
+            lines.append(
+                f"{name}: mass restart of {restart['nodes']} agents: "
+                f"{restart['nodes_ready_again']} Ready again, Ready p50/p99/max "
+                f"{restart['ready_p50_s']}/{restart['ready_p99_s']}/{restart['ready_max_s']} s, "
+                f"{restart['ec2_calls']} EC2 calls, {restart['allocations_lost']} of "
+                f"{restart['allocations_before']} allocations lost, "
+                f"{restart['addresses_duplicated']} addresses duplicated"
+            )
         actions = results[name]["ec2_calls_by_action"]
         if actions:
             detail = ", ".join(

@@ -59,7 +59,8 @@ from tools.lab.memory_host import MemoryHost
 log = logging.getLogger("ultranet.fleet")
 
 SUBNET_SIZE = 65536  # each subnet is a /16, the largest EC2 allows
-PHASES = ("start", "pods")  # before Ready; from Ready on (pods landing, the top-ups they cause)
+# before Ready; from Ready on (pods landing, the top-ups they cause); a mass restart's
+PHASES = ("start", "pods", "restart")
 SETTLE_POLL_S = 0.1
 LAG_TICK_S = 0.05
 SHM = "/dev/shm"  # tmpfs: each agent's journal fdatasync costs no disk I/O here
@@ -85,6 +86,7 @@ class FleetConfig:
     pod_retry_s: float = 1.0
     state_root: Path | None = None  # None: a directory on /dev/shm (tmpfs)
     seed: int = 1
+    restart: bool = False  # once settled, restart every agent at once (a DaemonSet roll)
 
 
 class NodeStats:
@@ -92,7 +94,7 @@ class NodeStats:
     into the agent's own metrics."""
 
     def __init__(self, metrics: IpamdMetrics) -> None:
-        self._metrics = metrics
+        self.metrics = metrics
         self._lock = threading.Lock()
         self.phase = "start"
         self.calls: dict[str, Counter[str]] = {p: Counter() for p in PHASES}
@@ -102,7 +104,7 @@ class NodeStats:
         self.client_wait_s = 0.0  # in the agent's own client-side rate limit
 
     def request(self, action: str, latency_s: float, error_code: str | None) -> None:
-        self._metrics.request(action, latency_s, error_code)
+        self.metrics.request(action, latency_s, error_code)
         with self._lock:
             self.calls[self.phase][action] += 1
             if error_code is not None:
@@ -111,12 +113,12 @@ class NodeStats:
                     self.throttled[self.phase] += 1
 
     def retry(self, action: str, code: str, delay_s: float) -> None:
-        self._metrics.retry(action, code, delay_s)
+        self.metrics.retry(action, code, delay_s)
         with self._lock:
             self.retries[self.phase] += 1
 
     def rate_limited(self, action: str, wait_s: float) -> None:
-        self._metrics.rate_limited(action, wait_s)
+        self.metrics.rate_limited(action, wait_s)
         with self._lock:
             self.client_wait_s += wait_s
 
@@ -130,6 +132,8 @@ class NodeRun:
     host: MemoryHost
     imds: ImdsClient
     stats: NodeStats
+    imds_url: str
+    state_dir: Path
     ready_at: float | None = None
     pods_running: int = 0
     pods_done_at: float | None = None
@@ -148,6 +152,14 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _held(agent: NodeAgent) -> dict[str, str]:
+    """Attachment -> its addresses, as the agent holds them."""
+    return {
+        str(a.key): ",".join(f"{lease.card}:{lease.address}" for lease in a.leases)
+        for a in agent.allocations()
+    }
 
 
 def _cpu_s() -> float:
@@ -281,6 +293,8 @@ class _Wave:
         result = self._result(wall, cpu, timed_out, load_before, requests)
         result["emulator_cpu_s"] = round(emulator_cpu, 2)
         result["all_pods_running_wall_s"] = round(pods_wall, 2)
+        if config.restart and not timed_out:
+            result["restart"] = await self._restart_all()
         await asyncio.gather(*(n.agent.stop() for n in self.nodes), return_exceptions=True)
         # stop() cancels an agent's manager but not an IMDS read it left on a worker
         # thread, which may reopen the client's connection after stop() closed it: let the
@@ -322,7 +336,6 @@ class _Wave:
 
     def _launch(self, index: int) -> NodeRun:
         config = self.config
-        fleet = self.fleet
         subnets = self.emulator.info.subnet_ids
         instance_id, imds_url = self.emulator.call(
             "launch",
@@ -332,25 +345,85 @@ class _Wave:
         )
         launched_at = time.monotonic()
         state = self.root / str(index)
-        agent_config = load_config({**config.env, "ULTRANET_STATE_DIR": str(state)})
-        metrics = IpamdMetrics()
-        stats = NodeStats(metrics)
+        stats = NodeStats(IpamdMetrics())
         host = MemoryHost(self.emulator, instance_id)
+        imds = ImdsClient(imds_url)
+        agent = self._agent(state, imds, stats, host)
+        node = NodeRun(index, instance_id, launched_at, agent, host, imds, stats, imds_url, state)
+        self.nodes.append(node)
+        return node
+
+    def _agent(
+        self, state: Path, imds: ImdsClient, stats: NodeStats, host: MemoryHost
+    ) -> NodeAgent:
+        agent_config = load_config({**self.config.env, "ULTRANET_STATE_DIR": str(state)})
 
         def hostnet() -> HostNetworkPort:
             return host
 
-        imds = ImdsClient(imds_url)
-        agent = NodeAgent(
+        return NodeAgent(
             agent_config,
             imds=imds,
-            ec2_factory=fleet.ec2_factory(self.url, stats),
+            ec2_factory=self.fleet.ec2_factory(self.url, stats),
             hostnet=hostnet,
-            metrics=metrics,
+            metrics=stats.metrics,
         )
-        node = NodeRun(index, instance_id, launched_at, agent, host, imds, stats)
-        self.nodes.append(node)
-        return node
+
+    async def _restart_all(self) -> dict[str, Any]:
+        """Stop every agent and start a new one on the same state directory and IMDS, all
+        at once: what rolling the DaemonSet does to a running fleet, at its worst."""
+        nodes = [n for n in self.nodes if n.error is None]
+        before = {n.index: _held(n.agent) for n in nodes}
+        mark = self.emulator.call("request_mark")
+        started = time.monotonic()
+        await asyncio.gather(*(n.agent.stop() for n in nodes))
+        for node in nodes:
+            node.stats.phase = "restart"
+            node.imds.close()
+            node.imds = ImdsClient(node.imds_url)
+            node.host = MemoryHost(self.emulator, node.instance_id)
+            node.agent = self._agent(node.state_dir, node.imds, node.stats, node.host)
+
+        async def start(node: NodeRun) -> float | None:
+            begun = time.monotonic()
+            await node.agent.start()
+            if not await node.agent.wait_ready(self.config.timeout_s):
+                return None
+            assert node.agent.ready_at is not None
+            return node.agent.ready_at - begun
+
+        ready = await asyncio.gather(*(start(n) for n in nodes), return_exceptions=True)
+        wall = time.monotonic() - started
+        times = [t for t in ready if isinstance(t, float)]
+        after = {n.index: _held(n.agent) for n in nodes}
+        lost = sum(
+            1
+            for i, held in before.items()
+            for key, addr in held.items()
+            if after[i].get(key) != addr
+        )
+        addresses = [a for held in after.values() for a in held.values()]
+        calls: Counter[str] = Counter()
+        for node in nodes:
+            calls.update(node.stats.calls["restart"])
+        requests = self.emulator.call("requests_since", mark)
+        return {
+            "nodes": len(nodes),
+            "nodes_ready_again": len(times),
+            "failures": sorted(
+                {f"{type(r).__name__}: {r}" for r in ready if isinstance(r, BaseException)}
+            )[:5],
+            "ec2_calls": sum(calls.values()),
+            "ec2_calls_by_action": dict(calls),
+            "ec2_requests_seen_by_emulator": requests.requests,
+            "allocations_before": sum(len(h) for h in before.values()),
+            "allocations_lost": lost,
+            "addresses_duplicated": len(addresses) - len(set(addresses)),
+            "ready_p50_s": _round(percentile(times, 50)),
+            "ready_p99_s": _round(percentile(times, 99)),
+            "ready_max_s": _round(max(times) if times else None),
+            "wall_s": round(wall, 2),
+        }
 
     async def _node(self, node: NodeRun) -> None:
         try:

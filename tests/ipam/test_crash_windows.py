@@ -160,7 +160,8 @@ def test_kill_9_inside_a_journal_snapshot(
 
         workers = [asyncio.create_task(worker(i)) for i in range(20)]
         deadline = time.monotonic() + REACHED_S
-        while not signal_file.exists():
+        # The whole line, not just the file: the point creates the file, then writes.
+        while not (signal_file.exists() and signal_file.read_text().endswith("\n")):
             assert time.monotonic() < deadline, daemon.log_tail()
             assert not all(w.done() for w in workers), daemon.log_tail()
             await asyncio.sleep(0.01)  # polling the daemon's announcement, bounded

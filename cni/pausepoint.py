@@ -7,8 +7,10 @@ block their thread for good. The test waits for the line, then kills the process
 window is hit without sleeps and without a debugger.
 
 Points: ``del-between-interfaces`` (the event loop, after one interface's host routing
-is torn down, before the next's) and ``reaper-before-delete`` (a reaper thread, before it
-deletes a veth; the DEL has been answered or is about to be).
+is torn down, before the next's), ``reaper-before-delete`` (a reaper thread, before it
+deletes a veth; the DEL has been answered or is about to be), ``snapshot-written`` and
+``snapshot-renamed`` (``ipam.datastore.Journal.snapshot``: the new snapshot synced under
+its temporary name; renamed, the old journal not yet emptied).
 
 Unset, as in production, :func:`pause_point` is one membership test on an empty dict.
 """

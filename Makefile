@@ -30,7 +30,8 @@ VENV_STALE := $(and $(wildcard $(VENV)),$(filter-out x$(word 1,$(PY_INFO)),x$(VE
 # absolute path (for packages that ship no command of that name).
 DEBIAN_TOOLS := ip:iproute2 setpriv:util-linux dig:bind9-dnsutils iptables:iptables \
 	go:golang-go /usr/share/gocode/src/github.com/containernetworking/cni:golang-github-appc-cni-dev \
-	/usr/lib/cni/ptp:containernetworking-plugins shellcheck:shellcheck
+	/usr/lib/cni/ptp:containernetworking-plugins shellcheck:shellcheck \
+	containerd:containerd runc:runc gcc:gcc /usr/include/signal.h:libc6-dev
 # Debian ships ensurepip, which `python -m venv` needs, apart from its interpreter, in
 # pythonX.Y-venv (what python3-venv depends on); the check is a file of that package.
 ifneq ($(and $(filter /usr/bin/%,$(PYTHON)),$(PY_INFO)),)

@@ -102,8 +102,13 @@ class IpamBackend(Protocol):
         The same key gets the same allocation back (a runtime retries ADD)."""
         ...
 
-    async def release(self, key: IpamKey) -> Allocation | None:
-        """Give back ``key``'s addresses; None if it held none (idempotent)."""
+    async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:
+        """Give back ``key``'s addresses; None if it held none (idempotent).
+
+        They go into the node's cooldown (IP_COOLDOWN_PERIOD: kube-proxy may still route
+        to a deleted pod's address) unless ``cooldown`` is false, which an ADD that failed
+        asks for: its address was never reported, so nothing can route to it. The release
+        is durable as any other."""
         ...
 
     async def gc(self, valid: Collection[IpamKey]) -> list[Allocation]:

@@ -5,8 +5,10 @@ plugin itself would (CNI spec 1.1.0 §"Plugin operations"), using the daemon's
 :class:`~cni.backend.IpamBackend` for addresses and :class:`~cni.plumbing.Plumbing`
 for netlink:
 
-* ADD: allocate, plumb; any failure undoes the plumbing and releases the allocation
-  (unless it predates this ADD: a repeated ADD must not free a live pod's address).
+* ADD: check the namespace and the interface names, allocate, plumb; a failure before
+  the allocation takes nothing, one after it undoes the plumbing and releases the
+  allocation without cooldown (unless it predates this ADD: a repeated ADD must not free
+  a live pod's address).
   With ``prevResult`` (we are chained after another plugin) the output extends it.
 * DEL: tear down from the allocation, else from ``prevResult``; a missing netns, a
   missing prevResult, a missing allocation are all success. Without the allocation the
@@ -39,7 +41,7 @@ from cni.backend import (
 )
 from cni.errors import CheckFailed, CniError, ErrorCode
 from cni.keys import InvalidKey, IpamKey, PodRef
-from cni.plumbing import PlumbedInterface, PodNetwork, pod_ifname
+from cni.plumbing import PlumbedInterface, PodHandle, PodNetwork, pod_ifname
 from cni.result import IpConfig, PodInterface, Result, Route, chain, render_result
 from cni.spec import (
     LATEST_VERSION,
@@ -60,7 +62,15 @@ _DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 
 class PlumbingPort(Protocol):
-    async def setup(self, net: PodNetwork) -> list[PlumbedInterface]: ...
+    async def enter(
+        self, netns: str, key: IpamKey, *, interfaces: int, veth_prefix: str
+    ) -> PodHandle:
+        """The pod's namespace, checked for an ADD of ``key`` with that many interfaces
+        before it takes an address (CniError 3, 4, 11 or 102 otherwise); the caller
+        closes it."""
+        ...
+
+    async def setup(self, net: PodNetwork, pod: PodHandle) -> list[PlumbedInterface]: ...
 
     async def check(self, net: PodNetwork) -> None: ...
 
@@ -127,14 +137,25 @@ class CniHandler:
         await self._replay_spooled(cni)
         multi_nic = self.config.enable_multi_nic and conf.wants_multi_nic()
         existing = self._lookup(key)
-        allocation = await self._allocate(key, pod, multi_nic)
-        net = PodNetwork(key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix)
+        # Everything that can be checked before an address is taken: a failed ADD leaves
+        # the pool as it was. The multi-NIC count is the node's card count, as allocated.
+        sandbox = await self.plumbing.enter(
+            cni.netns,
+            key,
+            interfaces=self.config.max_interfaces if multi_nic else 1,
+            veth_prefix=conf.veth_prefix,
+        )
         try:
-            plumbed = await self.plumbing.setup(net)
-        except BaseException:
-            if existing is None:
-                await self._release_after_failure(key)
-            raise
+            allocation = await self._allocate(key, pod, multi_nic)
+            net = PodNetwork(key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix)
+            try:
+                plumbed = await self.plumbing.setup(net, sandbox)
+            except BaseException:
+                if existing is None:
+                    await self._release_after_failure(key)
+                raise
+        finally:
+            sandbox.close()
         ours = render_result(_result(plumbed, cni.netns, conf.mtu), conf.cni_version)
         if conf.prev_raw is not None:
             ours = chain(conf.prev_raw, ours, conf.cni_version)
@@ -153,8 +174,10 @@ class CniHandler:
             ) from err
 
     async def _release_after_failure(self, key: IpamKey) -> None:
+        # No cooldown: the address was never reported to the runtime, so no Service
+        # endpoint, no kube-proxy rule, nothing can still route to it.
         try:
-            await self.backend.release(key)
+            await self.backend.release(key, cooldown=False)
         except (BackendUnavailable, BackendError) as err:
             # The runtime DELs after a failed ADD (spec §"Lifecycle"), which retries this.
             log.error("cni: ADD of %s failed and its release failed too: %s", key, err)

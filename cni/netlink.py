@@ -161,10 +161,12 @@ class PendingSocket:
     """A netlink socket being made in the namespace at ``path`` by the namespace thread,
     so the caller can do other work (the ADD creates the veth) in the meantime."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        """``fd``: an open descriptor of the namespace, used instead of opening ``path``
+        (which then only names it in messages); the caller keeps it (a copy is used)."""
         self.path = path
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else os.dup(fd)
         except OSError as err:
             raise NamespaceError(
                 err.errno, f"cannot open network namespace {path}: {err.strerror}"
@@ -218,8 +220,8 @@ async def iproute_in(path: str | None) -> Any:
     return ipr
 
 
-def same_namespace(path: str, other: str | None) -> bool:
-    """Whether two namespace paths (None: this process's) are one namespace."""
+def same_namespace(path: str | int, other: str | None) -> bool:
+    """Whether two namespaces, by path or open descriptor (None: this thread's), are one."""
     a = os.stat(path)
     b = os.stat(other if other is not None else "/proc/thread-self/ns/net")
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -44,7 +44,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, Protocol
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -71,6 +71,8 @@ __all__ = [
     "RULE_TO_POD",
     "PlumbedInterface",
     "Plumbing",
+    "PodEntry",
+    "PodHandle",
     "PodNetwork",
     "gateway",
     "host_ifname",
@@ -143,6 +145,15 @@ def _plumbing_error(step: str, err: BaseException) -> CniError:
 _OURS_TO_RETRY = frozenset((errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 
 
+def _open_namespace(netns: str) -> int:
+    """An open descriptor of the namespace file ``netns``; CniError 3 if it is gone."""
+    try:
+        return os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        why = NamespaceError(err.errno, f"cannot open network namespace {netns}: {err.strerror}")
+        raise _namespace_error(netns, why) from err
+
+
 def _namespace_error(netns: str, err: NamespaceError) -> CniError:
     if err.errno == errno.ENOENT:
         return CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone")
@@ -151,33 +162,24 @@ def _namespace_error(netns: str, err: NamespaceError) -> CniError:
     return CniError(ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r}: {err.strerror}")
 
 
-class _PodSocket:
-    """The pod namespace's socket, made by the namespace thread while the caller works."""
+class PodHandle(Protocol):
+    """A pod namespace entered for an ADD (:meth:`Plumbing.enter`); its owner closes it."""
 
-    def __init__(self, pending: PendingSocket) -> None:
-        self._pending: PendingSocket | None = pending
-        self._rtnl: Rtnl | None = None
+    def close(self) -> None: ...
 
-    def take(self) -> socket.socket:
-        """The socket itself, now the caller's to close; CniError if it could not be made."""
-        if self._pending is None:
-            raise RuntimeError("the pod socket was already taken")
-        pending, self._pending = self._pending, None
-        try:
-            return pending.result()
-        except NamespaceError as err:
-            raise _namespace_error(pending.path, err) from err
 
-    def rtnl(self) -> Rtnl:
-        if self._rtnl is None:
-            self._rtnl = Rtnl(self.take())
-        return self._rtnl
+class PodEntry:
+    """The pod's namespace, entered and checked: an open descriptor of it (the veth's pod
+    end is created into it by descriptor) and a netlink socket inside it."""
+
+    def __init__(self, netns: str, fd: int, pod: Rtnl) -> None:
+        self.netns = netns
+        self.fd = fd
+        self.pod = pod
 
     def close(self) -> None:
-        if self._rtnl is not None:
-            self._rtnl.close()
-        elif self._pending is not None:
-            self._pending.discard()
+        self.pod.close()
+        os.close(self.fd)
 
 
 class Plumbing:
@@ -215,23 +217,58 @@ class Plumbing:
 
     # -- ADD ------------------------------------------------------------------------------
 
-    def _begin_pod_socket(self, netns: str) -> _PodSocket:
-        """Start making a netlink socket in the pod's namespace; CniError 3 if it is gone,
-        4 if it is the host's own (a path that is no network namespace: when it is used)."""
+    async def enter(
+        self, netns: str, key: IpamKey | None = None, *, interfaces: int = 1, veth_prefix: str = ""
+    ) -> PodEntry:
+        """Open and check the pod's namespace before an ADD of ``key`` takes an address:
+        CniError 3 if it is gone, 4 if it is no network namespace or the host's own, 11 if
+        the daemon could not enter it for a reason of its own, 102 if the pod end of one
+        of the ``interfaces`` is in it already. A veth of ``key`` the reaper is still
+        deleting (a DEL of the same attachment answered just before) goes first: its pod
+        end is not a live interface."""
+        names = [] if key is None else [pod_ifname(key, i) for i in range(interfaces)]
+        if key is not None:
+            for index in range(interfaces):
+                waiting = self._reaper.pending(host_ifname(key, index, veth_prefix))
+                if waiting is not None:
+                    await _wait_quietly(waiting)
+        fd = _open_namespace(netns)
         try:
-            if same_namespace(netns, self._host_netns):
+            pod = Rtnl(self._pod_socket(netns, fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        entry = PodEntry(netns, fd, pod)
+        try:
+            for name in names:
+                if self._index_or_none(pod, name) is not None:
+                    raise CniError(
+                        ErrorCode.INTERFACE_EXISTS,
+                        f"CNI_IFNAME={name!r} already exists in CNI_NETNS={netns!r}",
+                    )
+        except BaseException:
+            entry.close()
+            raise
+        return entry
+
+    def _pod_socket(self, netns: str, fd: int) -> socket.socket:
+        """A netlink socket in the namespace ``fd`` (``netns`` names it in errors)."""
+        try:
+            if same_namespace(fd, self._host_netns):
                 raise CniError(
                     ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r} is the host's own namespace"
                 )
-            return _PodSocket(PendingSocket(netns))
+            return PendingSocket(netns, fd).result()
         except NamespaceError as err:
             raise _namespace_error(netns, err) from err
-        except FileNotFoundError as err:
-            raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone") from err
 
     def _enter_pod(self, netns: str) -> socket.socket:
         """A netlink socket in the pod's namespace; CniError 3 if it is gone."""
-        return self._begin_pod_socket(netns).take()
+        fd = _open_namespace(netns)
+        try:
+            return self._pod_socket(netns, fd)
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _pod(self, netns: str) -> Iterator[Rtnl]:
@@ -254,34 +291,29 @@ class Plumbing:
         finally:
             ipr.close()
 
-    async def setup(self, net: PodNetwork) -> list[PlumbedInterface]:
-        """Plumb every interface; on any failure undo every step taken, then raise."""
-        pod = self._begin_pod_socket(net.netns)
+    async def setup(self, net: PodNetwork, pod: PodHandle | None = None) -> list[PlumbedInterface]:
+        """Plumb every interface into ``pod`` (the namespace :meth:`enter` checked; None:
+        enter ``net.netns`` here); on any failure undo every step taken, then raise."""
+        entry = pod if pod is not None else await self.enter(net.netns)
+        if not isinstance(entry, PodEntry):
+            raise TypeError(f"{entry!r} is not a PodEntry of Plumbing.enter")
         try:
             async with contextlib.AsyncExitStack() as undo:
-                try:
-                    fd = os.open(net.netns, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError as err:  # removed since _begin_pod_socket saw it
-                    raise CniError(
-                        ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={net.netns!r}: gone"
-                    ) from err
-                undo.callback(os.close, fd)
                 done = []
                 for index, lease in enumerate(net.leases):
-                    done.append(await self._setup_one(net, index, lease, pod, fd, undo))
+                    done.append(await self._setup_one(net, index, lease, entry, undo))
                 undo.pop_all()
-                os.close(fd)
                 return done
         finally:
-            pod.close()
+            if pod is None:
+                entry.close()
 
     async def _setup_one(
         self,
         net: PodNetwork,
         index: int,
         lease: Lease,
-        pod_socket: _PodSocket,
-        fd: int,
+        entry: PodEntry,
         undo: contextlib.AsyncExitStack,
     ) -> PlumbedInterface:
         host_name = host_ifname(net.key, index, net.veth_prefix)
@@ -290,11 +322,11 @@ class Plumbing:
         waiting = self._reaper.pending(host_name)
         if waiting is not None:  # a DEL of the same attachment is still deleting it
             await _wait_quietly(waiting)
+        pod = entry.pod
         try:
-            self._rtnl.batch([rtnl.veth(host_name, host_mac, pod_name, pod_mac, fd, net.mtu)])
+            self._rtnl.batch([rtnl.veth(host_name, host_mac, pod_name, pod_mac, entry.fd, net.mtu)])
         except RtnlError as err:
-            pod = pod_socket.rtnl()  # a namespace that cannot be entered is the real cause
-            if err.errno == errno.EEXIST and pod.link_index(pod_name) is not None:
+            if err.errno == errno.EEXIST and self._index_or_none(pod, pod_name) is not None:
                 raise CniError(
                     ErrorCode.INTERFACE_EXISTS,
                     f"CNI_IFNAME={pod_name!r} already exists in CNI_NETNS={net.netns!r}",
@@ -302,7 +334,6 @@ class Plumbing:
             raise _plumbing_error(err.what, err) from err
         undo.push_async_callback(self._delete_link_now, host_name)
         gw = gateway(index)
-        pod = pod_socket.rtnl()
         self._run(pod, self._pod_side(pod, pod_name, index, lease.address, gw, host_mac, undo))
         self._run(self._rtnl, self._host_side(host_name, lease, undo))
         return PlumbedInterface(
@@ -350,6 +381,12 @@ class Plumbing:
         if lease.route_table != MAIN_TABLE:
             messages.append(rtnl.rule("src", address, RULE_FROM_POD, lease.route_table))
         return messages
+
+    def _index_or_none(self, sock: Rtnl, name: str) -> int | None:
+        try:
+            return sock.link_index(name)
+        except RtnlError as err:
+            raise _plumbing_error(err.what, err) from err
 
     def _index(self, sock: Rtnl, name: str, where: str) -> int:
         try:

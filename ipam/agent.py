@@ -467,17 +467,21 @@ class NodeAgent:
         self._wake.set()
         return allocation, self._durable()
 
-    async def release(self, key: IpamKey) -> Allocation | None:
+    async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:
+        """Give ``key``'s addresses back, into IP_COOLDOWN_PERIOD unless ``cooldown`` is
+        false (an ADD rolled back: its address was never reported); journaled either way."""
         started = self._clock()
-        allocation, durable = self.release_staged(key)
+        allocation, durable = self.release_staged(key, cooldown=cooldown)
         if durable is not None:
             await asyncio.shield(durable)
         self.observe("release", started)
         return allocation
 
-    def release_staged(self, key: IpamKey) -> tuple[Allocation | None, asyncio.Future[None] | None]:
+    def release_staged(
+        self, key: IpamKey, *, cooldown: bool = True
+    ) -> tuple[Allocation | None, asyncio.Future[None] | None]:
         _, store = self._require()
-        allocation = store.release(key, self._clock())
+        allocation = store.release(key, self._clock(), cooldown=cooldown)
         if allocation is None:
             return None, None
         self._wake.set()

@@ -26,8 +26,8 @@ class AgentBackend:
     async def allocate(self, key: IpamKey, pod: PodRef, *, multi_nic: bool) -> Allocation:
         return await self._started().allocate(key, pod, multi_nic=multi_nic, origin="cni")
 
-    async def release(self, key: IpamKey) -> Allocation | None:
-        return await self._started().release(key)
+    async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:
+        return await self._started().release(key, cooldown=cooldown)
 
     async def gc(self, valid: Collection[IpamKey]) -> list[Allocation]:
         networks = {key.network for key in valid}

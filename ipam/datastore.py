@@ -376,8 +376,8 @@ class Datastore:
         self._pending_adds.append(key)
         return allocation
 
-    def release(self, key: IpamKey, now: float) -> Allocation | None:
-        allocation = self.pool.release(key, now)
+    def release(self, key: IpamKey, now: float, *, cooldown: bool = True) -> Allocation | None:
+        allocation = self.pool.release(key, now, cooldown=cooldown)
         if allocation is not None:
             self.journal.stage_del(key)
             self._pending_dels.append(key)

@@ -236,9 +236,11 @@ class CardPool:
                 return prefix, offset
         raise PoolExhausted([self.card], self._exhausted_detail())
 
-    def give_back(self, address: IPv4Address, key: IpamKey, now: float) -> None:
-        """Release ``address`` held by ``key`` into cooldown; nothing if its prefix is gone
-        (it went with a force-removed ENI)."""
+    def give_back(
+        self, address: IPv4Address, key: IpamKey, now: float, *, cooldown: bool = True
+    ) -> None:
+        """Release ``address`` held by ``key`` into cooldown (free at once without
+        ``cooldown``); nothing if its prefix is gone (it went with a force-removed ENI)."""
         value = int(address)
         base = value & ~(PREFIX_SIZE - 1)
         prefix = self._by_base.get(base)
@@ -248,7 +250,7 @@ class CardPool:
         if prefix.assigned.get(offset) != key:
             return  # not (or no longer) ``key``'s: release stays idempotent
         self._unbucket(prefix)
-        self._vacate(prefix, offset, now)
+        self._vacate(prefix, offset, now, cooldown=cooldown)
         self._bucket(prefix)
 
     def claim(self, address: IPv4Address, key: IpamKey) -> Lease:
@@ -336,10 +338,10 @@ class CardPool:
         self._assigned += 1
         self._bucket(prefix)
 
-    def _vacate(self, prefix: _Prefix, offset: int, now: float) -> None:
+    def _vacate(self, prefix: _Prefix, offset: int, now: float, *, cooldown: bool = True) -> None:
         del prefix.assigned[offset]
         self._assigned -= 1
-        if self.cooldown_s > 0:
+        if cooldown and self.cooldown_s > 0:
             until = now + self.cooldown_s
             prefix.cooling[offset] = until
             heapq.heappush(self._cooling, (until, prefix.base, offset))
@@ -433,19 +435,22 @@ class AddressPool:
         self._allocations[key] = allocation
         return allocation
 
-    def release(self, key: IpamKey, now: float) -> Allocation | None:
-        """Put ``key``'s addresses in cooldown; None if it held nothing (DEL is idempotent)."""
+    def release(self, key: IpamKey, now: float, *, cooldown: bool = True) -> Allocation | None:
+        """Put ``key``'s addresses in cooldown; None if it held nothing (DEL is idempotent).
+
+        ``cooldown=False`` frees them at once: for an ADD that failed, whose address no
+        one was told of, so no Service endpoint can still point at it."""
         allocation = self._allocations.pop(key, None)
         if allocation is None:
             return None
-        self._give_back(allocation, now)
+        self._give_back(allocation, now, cooldown=cooldown)
         return allocation
 
-    def _give_back(self, allocation: Allocation, now: float) -> None:
+    def _give_back(self, allocation: Allocation, now: float, *, cooldown: bool = True) -> None:
         for lease in allocation.leases:
             pool = self._cards.get(lease.card)
             if pool is not None:
-                pool.give_back(lease.address, allocation.key, now)
+                pool.give_back(lease.address, allocation.key, now, cooldown=cooldown)
 
     def remove_eni(
         self, card: int, eni_id: str, now: float, *, force: bool = False

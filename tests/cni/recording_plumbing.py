@@ -13,7 +13,8 @@ It keeps what ``cni.plumbing.Plumbing`` leaves, as sets a test can compare:
 Names and the errors the handler must map come out as ``Plumbing`` makes them: host
 names from ``host_ifname``, pod names from ``pod_ifname``, gateways from ``gateway``;
 ``INTERFACE_EXISTS`` (102) when the pod already has the interface, ``UNKNOWN_CONTAINER``
-(3) when the namespace is gone; a setup that fails undoes everything it did, as
+(3) when the namespace is gone, ``INVALID_ENV`` (4) when it is no network namespace, all
+three from ``enter``, before the handler allocates; a setup that fails undoes everything it did, as
 ``Plumbing``'s undo stack does (``tests/cni/test_commands.py`` checks that in namespaces).
 """
 
@@ -31,6 +32,7 @@ from cni.plumbing import (
     RULE_FROM_POD,
     RULE_TO_POD,
     PlumbedInterface,
+    PodHandle,
     PodNetwork,
     gateway,
     host_ifname,
@@ -48,24 +50,59 @@ def _mac(name: str) -> str:
 
 
 @dataclass
+class _Entered:
+    """What ``enter`` hands out; closing it twice is a bug of the caller."""
+
+    plumbing: RecordingPlumbing
+    netns: str
+    closed: bool = False
+
+    def close(self) -> None:
+        assert not self.closed, f"{self.netns} closed twice"
+        self.closed = True
+        self.plumbing.open_entries -= 1
+
+
+@dataclass
 class RecordingPlumbing:
     pods: dict[str, dict[str, IPv4Address]] = field(default_factory=dict)
     veths: dict[str, PlumbedInterface] = field(default_factory=dict)
     routes: dict[IPv4Address, str] = field(default_factory=dict)
     rules: set[Rule] = field(default_factory=set)
     calls: list[tuple[str, IpamKey, str]] = field(default_factory=list)
-    # What tests make go wrong: namespaces that are gone, a setup that fails once it
-    # has plumbed this many interfaces, errors the next teardown reports.
+    open_entries: int = 0  # namespaces entered and not closed yet
+    # What tests make go wrong: namespaces that are gone or no network namespace, a
+    # setup that fails once it has plumbed this many interfaces, errors the next
+    # teardown reports.
     gone: set[str] = field(default_factory=set)
+    not_netns: set[str] = field(default_factory=set)
     fail_after: int | None = None
     teardown_errors: list[str] = field(default_factory=list)
 
     # -- the port ------------------------------------------------------------------------
 
-    async def setup(self, net: PodNetwork) -> list[PlumbedInterface]:
+    async def enter(
+        self, netns: str, key: IpamKey, *, interfaces: int, veth_prefix: str
+    ) -> _Entered:
+        self.calls.append(("enter", key, netns))
+        ifnames = [pod_ifname(key, i) for i in range(interfaces)]
+        if netns in self.gone:
+            raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={netns!r}: gone")
+        if netns in self.not_netns:
+            raise CniError(ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r}: not a network namespace")
+        for name in ifnames:
+            if name in self.pods.get(netns, {}):
+                raise CniError(
+                    ErrorCode.INTERFACE_EXISTS,
+                    f"CNI_IFNAME={name!r} already exists in CNI_NETNS={netns!r}",
+                )
+        self.open_entries += 1
+        return _Entered(self, netns)
+
+    async def setup(self, net: PodNetwork, pod: PodHandle) -> list[PlumbedInterface]:
         self.calls.append(("setup", net.key, net.netns))
-        if net.netns in self.gone:
-            raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"CNI_NETNS={net.netns!r}: gone")
+        if not isinstance(pod, _Entered) or pod.closed or pod.netns != net.netns:
+            raise AssertionError(f"setup of {net.netns} without entering it: {pod!r}")
         done: list[PlumbedInterface] = []
         try:
             for index, lease in enumerate(net.leases):

@@ -66,8 +66,11 @@ class Bed:
         assert set(out) <= {"cniVersion", "code", "msg", "details"} and out["msg"], out
         return out
 
-    def add(self, container: str, version: str = "1.1.0", **extra: Any) -> dict[str, Any]:
-        code, out = self.call(env("ADD", container, ns(container)), conf(version, **extra))
+    def add(
+        self, container: str, version: str = "1.1.0", netns: str = "", **extra: Any
+    ) -> dict[str, Any]:
+        variables = env("ADD", container, netns or ns(container))
+        code, out = self.call(variables, conf(version, **extra))
         assert code == 0, out
         return out
 
@@ -211,7 +214,9 @@ def test_add_check_del_per_version(bed: Bed, version: str) -> None:
     bed.delete("c1", prevResult=result)
     bed.delete("c1", prevResult=result)  # DEL twice: still success
     assert bed.held() == set() and bed.plumbing.state() == ({}, set(), {}, set())
-    assert [op for op, _, _ in bed.plumbing.calls] == ["setup", "check", "teardown", "teardown"]
+    ops = [op for op, _, _ in bed.plumbing.calls]
+    assert ops == ["enter", "setup", "check", "teardown", "teardown"]
+    assert bed.plumbing.open_entries == 0
 
 
 def test_the_agent_backend_makes_adds_durable_and_cools_released_addresses(
@@ -304,14 +309,58 @@ def test_a_plumbing_failure_rolls_back_and_leaks_no_address(bed: Bed) -> None:
     assert out["code"] == 100 and "injected" in out["msg"]
     assert bed.plumbing.state() == before
     assert bed.held() == held  # released
-    # Leaked nothing: the addresses not held are all free or cooling, so the pool still
-    # gives out its 16 (the agent puts the failed ADD's address in cooldown, as any release).
+    # Leaked nothing: the pool still gives out its 16 at once (the failed ADD's address
+    # skipped the agent's 30 s cooldown: nobody was ever told of it).
     bed.plumbing.fail_after = None
-    if bed.agent is not None:
-        bed.agent.clock.advance(30)
     for n in range(2, 17):
         bed.add(f"c{n}")
     assert len(bed.held()) == 16
+
+
+def _pool_state(bed: Bed) -> tuple[object, ...]:
+    """Everything of the pool an ADD can change: allocations, and per card the assigned,
+    cooling and free addresses and the prefixes."""
+    if isinstance(bed.backend, PoolBackend):
+        pool, now = bed.backend.pool, time.monotonic()
+    else:
+        assert bed.agent is not None and bed.agent.agent.pool is not None
+        pool, now = bed.agent.agent.pool, bed.agent.clock()
+    allocations = {a.key: a.leases for a in pool.allocations()}
+    return allocations, {card: pool.card(card).usage(now) for card in pool.cards}
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [("gone", 3), ("not a netns", 4), ("interface taken", 102), ("plumbing", 100)],
+)
+def test_a_failed_add_leaves_the_pool_exactly_as_it_was(
+    tmp_path: Path, failure: str, code: int
+) -> None:
+    # The agent with the shipped 30 s IP_COOLDOWN_PERIOD: a failed ADD puts no address in
+    # cooldown. Checks come before the allocation; a failure after it (the plumbing)
+    # releases without cooldown, durably: a restarted agent holds nothing of it.
+    with bed_on("agent", tmp_path) as bed:
+        assert bed.agent is not None
+        bed.add("c0")
+        if failure == "gone":
+            bed.plumbing.gone.add(ns("c1"))
+        elif failure == "not a netns":
+            bed.plumbing.not_netns.add(ns("c1"))
+        elif failure == "interface taken":
+            bed.add("c9", netns=ns("c1"))  # another container's eth0 in that namespace
+        else:
+            bed.plumbing.fail_after = 0
+        before, plumbed = _pool_state(bed), bed.plumbing.state()
+        out = bed.error(env("ADD", "c1", ns("c1")), conf())
+        assert out["code"] == code, out
+        assert _pool_state(bed) == before and bed.cooling() == 0
+        assert bed.plumbing.state() == plumbed and bed.plumbing.open_entries == 0
+        allocated = failure == "plumbing"  # the only failure an allocation precedes
+        setups = [k for op, k, _ in bed.plumbing.calls if op == "setup"]
+        assert (IpamKey(NETWORK, "c1", "eth0") in setups) == allocated
+        with agent_on_cloud(bed.node, tmp_path / "state") as again:  # the journal agrees
+            assert again.agent.lookup(IpamKey(NETWORK, "c1", "eth0")) is None
+            assert len(again.agent.allocations()) == len(before[0])
 
 
 def test_a_repeated_add_that_fails_keeps_the_live_pods_address(bed: Bed) -> None:
@@ -406,7 +455,7 @@ def test_add_replays_a_spooled_del_of_the_same_attachment_first(tmp_path: Path) 
         bed.add("c1")  # would fail with eth0 taken, had the DEL not run
         assert list(spool.iterdir()) == []
         ops = [op for op, _, _ in bed.plumbing.calls]
-        assert ops == ["setup", "teardown", "setup"]
+        assert ops == ["enter", "setup", "teardown", "enter", "setup"]
 
 
 # -- CHECK ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -15,13 +16,23 @@ import pytest
 from cni.backend import MAIN_TABLE
 from cni.handler import CniHandler
 from cni.keys import IpamKey
-from cni.plumbing import RULE_TO_POD, PlumbedInterface, Plumbing, PodNetwork
+from cni.plumbing import RULE_TO_POD, PlumbedInterface, Plumbing, PodHandle, PodNetwork
 from tests.cni.backend import PoolBackend, pool_from_lab
 from tests.cni.harness import NETWORK, conf, env, host_state, ns_path, run
 from tests.cni.recording_plumbing import RecordingPlumbing
 from tools.lab.lab import Lab
 
 pytestmark = pytest.mark.netns
+
+
+@dataclass
+class _Both:
+    real: PodHandle
+    recording: PodHandle
+
+    def close(self) -> None:
+        self.real.close()
+        self.recording.close()
 
 
 class TeePlumbing:
@@ -31,9 +42,21 @@ class TeePlumbing:
         self.real = real
         self.recording = recording
 
-    async def setup(self, net: PodNetwork) -> list[PlumbedInterface]:
-        done = await self.real.setup(net)
-        recorded = await self.recording.setup(net)
+    async def enter(self, netns: str, key: IpamKey, *, interfaces: int, veth_prefix: str) -> _Both:
+        real = await self.real.enter(netns, key, interfaces=interfaces, veth_prefix=veth_prefix)
+        try:
+            recorded = await self.recording.enter(
+                netns, key, interfaces=interfaces, veth_prefix=veth_prefix
+            )
+            return _Both(real, recorded)
+        except BaseException:
+            real.close()
+            raise
+
+    async def setup(self, net: PodNetwork, pod: PodHandle) -> list[PlumbedInterface]:
+        assert isinstance(pod, _Both)
+        done = await self.real.setup(net, pod.real)
+        recorded = await self.recording.setup(net, pod.recording)
         assert [(i.host_ifname, i.pod_ifname, i.address, i.gateway) for i in done] == [
             (i.host_ifname, i.pod_ifname, i.address, i.gateway) for i in recorded
         ]

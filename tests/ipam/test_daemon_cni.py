@@ -140,6 +140,42 @@ MULTI = {ANNOTATIONS_CAPABILITY: {MULTI_NIC_ANNOTATION: MULTI_NIC_VALUE}}
 CLEAN = {"links": [], "rules": [], "routes": []}
 
 
+def free_on_card_0(daemon: IpamdProcess) -> int:
+    """What the daemon's status counts free on card 0: its prefixes' addresses less those
+    assigned and those in cooldown."""
+
+    async def status() -> int:
+        async with AsyncIpamClient(daemon.socket) as client:
+            return int((await client.status())["free_addresses"]["0"])
+
+    return asyncio.run(status())
+
+
+def test_failed_adds_take_no_address_and_put_none_in_cooldown(
+    node: tuple[Lab, IpamdProcess, Path], tmp_path: Path
+) -> None:
+    # The shipped IP_COOLDOWN_PERIOD (30 s): an address that went into it would show as
+    # one fewer free for the rest of the test.
+    lab, daemon, shim = node
+    pod = lab.create_pod_namespace("taken")
+    code, first = exec_shim(lab, shim, daemon, env("ADD", "first", ns_path(pod)), conf())
+    assert code == 0, first
+    free, listed, host = free_on_card_0(daemon), held(daemon), host_state(lab)
+    not_netns = tmp_path / "not-a-namespace"
+    not_netns.write_bytes(b"")
+    for netns_path, code_wanted in (
+        ("/run/netns/ul-no-such-pod", 3),  # gone
+        (str(not_netns), 4),  # no network namespace
+        (ns_path(pod), 102),  # eth0 is the first container's
+    ):
+        code, out = exec_shim(lab, shim, daemon, env("ADD", "second", netns_path), conf())
+        assert (code, out.get("code")) == (1, code_wanted), (netns_path, out)
+        assert free_on_card_0(daemon) == free, (netns_path, out)
+        assert held(daemon) == listed and host_state(lab) == host
+    code, out = exec_shim(lab, shim, daemon, env("DEL", "first", ns_path(pod)), conf())
+    assert code == 0, out
+
+
 class PausePoint:
     """The FIFO the daemon names a pause point on when it reaches it; opened read-write
     here, so the daemon's open never blocks and a read waits only for its line."""

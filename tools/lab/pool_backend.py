@@ -37,9 +37,9 @@ class PoolBackend:
         cards = self.pool.cards if multi_nic else [0]
         return self.pool.allocate(key, pod, time.monotonic(), cards=cards)
 
-    async def release(self, key: IpamKey) -> Allocation | None:
+    async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:
         self._check("release")
-        return self.pool.release(key, time.monotonic())
+        return self.pool.release(key, time.monotonic(), cooldown=cooldown)
 
     async def gc(self, valid: Collection[IpamKey]) -> list[Allocation]:
         self._check("gc")

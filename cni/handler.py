@@ -44,10 +44,10 @@ from cni.keys import InvalidKey, IpamKey, PodRef
 from cni.plumbing import PlumbedInterface, PodHandle, PodNetwork, pod_ifname
 from cni.result import IpConfig, PodInterface, Result, Route, chain, render_result
 from cni.spec import (
-    LATEST_VERSION,
     CniEnv,
     Command,
     NetConf,
+    declared_version,
     error_json,
     parse_conf,
     parse_env,
@@ -104,7 +104,7 @@ class CniHandler:
 
     async def handle(self, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
         """(exit code, stdout) for one CNI invocation."""
-        version = LATEST_VERSION
+        version = ""
         try:
             cni = parse_env(env)
             if cni.command is Command.VERSION:
@@ -114,7 +114,7 @@ class CniHandler:
             return 0, await self._dispatch(cni, conf, stdin)
         except CniError as err:
             log.info("cni: %s failed: %s", env.get("CNI_COMMAND"), err)
-            return 1, error_json(err, version)
+            return 1, error_json(err, version or declared_version(stdin))
 
     async def _dispatch(self, cni: CniEnv, conf: NetConf, stdin: bytes) -> bytes:
         if cni.command is Command.ADD:

@@ -42,6 +42,7 @@ __all__ = [
     "error_json",
     "parse_cni_args",
     "parse_conf",
+    "declared_version",
     "parse_env",
     "pick_version",
     "version_json",
@@ -323,6 +324,23 @@ def parse_conf(stdin: bytes, command: Command) -> NetConf:
 
 
 # -- output ----------------------------------------------------------------------------------
+
+
+def declared_version(stdin: bytes) -> str:
+    """The version an error answers in when the config could not be read whole (a bad
+    ``CNI_*`` variable, a bad ``mtu``, ...): the config's own, as ``pick_version`` reads it,
+    if that much of it can be read and is one we speak; else the latest. The spec's
+    error carries the config's ``cniVersion``, and a 0.4.0 runtime may not read 1.1.0."""
+    try:
+        obj = json.loads(stdin)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return LATEST_VERSION
+    if not isinstance(obj, dict):
+        return LATEST_VERSION
+    try:
+        return pick_version(obj.get("cniVersion"), obj.get("cniVersions"))
+    except CniError:
+        return LATEST_VERSION
 
 
 def error_json(err: CniError, version: str = LATEST_VERSION) -> bytes:

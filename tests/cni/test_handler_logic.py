@@ -179,6 +179,29 @@ def test_add_errors_name_the_culprit_and_touch_nothing(
     assert pool_bed.held() == set() and pool_bed.plumbing.calls == []
 
 
+@pytest.mark.parametrize(
+    ("variables", "stdin", "version"),
+    [
+        ({"CNI_COMMAND": ""}, conf("0.4.0"), "0.4.0"),  # env refused before stdin is read
+        ({"CNI_NETNS": "relative/ns"}, conf("1.0.0"), "1.0.0"),
+        ({}, conf("0.4.0", mtu=9002), "0.4.0"),  # config refused after its version was read
+        ({}, conf("0.4.0", ipam={"type": "host-local"}), "0.4.0"),
+        (
+            {"CNI_IFNAME": ""},
+            json.dumps({"cniVersions": ["0.4.0", "1.0.0", "9.9.9"], "name": "n"}).encode(),
+            "1.0.0",  # the highest of cniVersions we speak, as pick_version reads it
+        ),
+        ({}, conf("0.3.1"), "1.1.0"),  # a version we do not speak: the latest we do
+        ({"CNI_COMMAND": ""}, b"{not json", "1.1.0"),
+    ],
+)
+def test_an_error_before_the_config_is_whole_answers_in_the_configs_version(
+    pool_bed: Bed, variables: dict[str, str], stdin: bytes, version: str
+) -> None:
+    out = pool_bed.error({**env("ADD", "c1", ns("c1")), **variables}, stdin)
+    assert out["cniVersion"] == version, out
+
+
 def test_an_error_after_the_config_is_read_answers_in_its_version(pool_bed: Bed) -> None:
     variables = {**env("ADD", "c1", ns("c1")), "CNI_ARGS": "K8S_POD_NAMESPACE=a"}
     out = pool_bed.error(variables, conf("0.4.0"))

@@ -38,7 +38,9 @@ class PauseImageError(RuntimeError):
 
 def image_tarball(cache_dir: Path = CACHE_DIR) -> Path:
     """The OCI layout tarball of ``PAUSE_IMAGE``, built into ``cache_dir`` if missing."""
-    recipe = hashlib.sha256(PAUSE_SOURCE.read_bytes() + " ".join(_GCC).encode()).hexdigest()
+    # Named by everything that makes it: the C source, this builder, the machine.
+    made_of = PAUSE_SOURCE.read_bytes() + Path(__file__).read_bytes() + ARCH.encode()
+    recipe = hashlib.sha256(made_of).hexdigest()
     path = cache_dir / f"pause-{recipe[:16]}.oci.tar"
     if path.exists():
         return path

@@ -89,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
         help="override one action's request bucket (repeatable)",
     )
     p.add_argument(
+        "--efa-only-cards",
+        action="store_true",
+        help="launch with an efa-only interface on every network card but 0 (a GPU template)",
+    )
+    p.add_argument(
         "--restart",
         action="store_true",
         help="once a scenario settles, restart every agent at once (the DaemonSet rolled)",
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         throttle=table,
         timeout_s=args.timeout,
         restart=args.restart,
+        efa_only_cards=args.efa_only_cards,
     )
     wanted = args.scenario or list(SCENARIOS)
     scenarios = [

@@ -52,6 +52,7 @@ def _serve(
     throttle: ThrottleTable | None,
     blocks: list[str],
 ) -> None:
+    from ipam.instance_types import lookup
     from tools.fleet.imds_mux import ImdsMux
     from tools.lab.ec2.server import Ec2Server
     from tools.lab.ec2.state import Cloud, LaunchInterface
@@ -70,10 +71,16 @@ def _serve(
     server_url = server.start()
     mux = ImdsMux(cloud)
 
-    def launch(instance_type: str, subnet_id: str, prefixes: int) -> tuple[str, str]:
-        instance = cloud.launch_instance(
-            instance_type, subnet_id, interfaces=[LaunchInterface(0, 0, ipv4_prefix_count=prefixes)]
-        )
+    def launch(
+        instance_type: str, subnet_id: str, prefixes: int, efa_only_cards: bool
+    ) -> tuple[str, str]:
+        interfaces = [LaunchInterface(0, 0, ipv4_prefix_count=prefixes)]
+        if efa_only_cards:  # as a GPU launch template gives them: one per other card
+            cards = lookup(instance_type).network_cards
+            interfaces += [
+                LaunchInterface(c.index, 0, interface_type="efa-only") for c in cards if c.index
+            ]
+        instance = cloud.launch_instance(instance_type, subnet_id, interfaces=interfaces)
         return instance.instance_id, mux.add(instance.instance_id)
 
     def terminate(instance_ids: list[str]) -> None:

@@ -86,6 +86,7 @@ class FleetConfig:
     pod_retry_s: float = 1.0
     state_root: Path | None = None  # None: a directory on /dev/shm (tmpfs)
     seed: int = 1
+    efa_only_cards: bool = False  # an efa-only interface on every card but 0 at launch
     restart: bool = False  # once settled, restart every agent at once (a DaemonSet roll)
 
 
@@ -342,6 +343,7 @@ class _Wave:
             config.instance_type,
             subnets[index % len(subnets)],
             self.scenario.prefixes_at_launch,
+            config.efa_only_cards,
         )
         launched_at = time.monotonic()
         state = self.root / str(index)
@@ -520,6 +522,7 @@ class _Wave:
             "timed_out": timed_out,
             "instance_type": config.instance_type,
             "prefixes_at_launch": self.scenario.prefixes_at_launch,
+            "efa_only_cards": config.efa_only_cards,
             "pods_per_node": config.pods_per_node,
             "rate_per_min": config.rate_per_min,
             "pod_rate_per_s": config.pod_rate_per_s,

@@ -492,12 +492,17 @@ class Plumbing:
 
         Rules of an address are removed only while this attachment still holds it: its
         veth exists, or no other veth routes the address (it may belong to a newer pod
-        now, whose identical rules must stay).
+        now, whose identical rules must stay). An index with no address given whose veth
+        still exists gets its address from the host route to that veth.
 
         The veths go on the reaper's threads and the call returns before they are gone
         (once the reaper has room for them): see ``cni/README.md`` for why that is safe.
         """
         errors: list[str] = []
+        indexes = sorted(set(addresses) | set(range(interfaces)) | {0})
+        unknown = [i for i in indexes if i not in addresses]
+        if unknown:  # no allocation and no prevResult for these: ask the host's routes
+            addresses = {**await self._routed_addresses(key, unknown, veth_prefix), **addresses}
         for index, address in sorted(addresses.items()):
             name = host_ifname(key, index, veth_prefix)
             try:
@@ -508,7 +513,6 @@ class Plumbing:
         secondary = [address for index, address in addresses.items() if index > 0]
         if secondary and netns:
             errors += await self._teardown_pod_rules(netns, secondary)
-        indexes = sorted(set(addresses) | set(range(interfaces)) | {0})
         await self._reaper.reserve(len(indexes))
         for index in indexes:
             self._reaper.delete(host_ifname(key, index, veth_prefix))
@@ -581,6 +585,27 @@ class Plumbing:
         except RtnlError as err:
             return [f"pod rules in {netns}: {err}"]
         return []
+
+    async def _routed_addresses(
+        self, key: IpamKey, indexes: Sequence[int], veth_prefix: str
+    ) -> dict[int, IPv4Address]:
+        """The addresses the host routes to the veths of ``indexes`` (``<addr>/32 dev
+        <veth>`` in main), for a DEL that has neither the allocation nor prevResult: while
+        that route exists no other pod can have the address plumbed, so its rules are
+        this attachment's."""
+        links = {}
+        for index in indexes:
+            link = self._rtnl.link_index(host_ifname(key, index, veth_prefix))
+            if link is not None:
+                links[link] = index
+        if not links:
+            return {}
+        found = {}
+        async for route in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE):
+            oif, dst = route.get("RTA_OIF"), route.get("RTA_DST")
+            if oif in links and dst is not None and route["dst_len"] == 32:
+                found[links[oif]] = IPv4Address(dst)
+        return found
 
     async def _routed_elsewhere(self, address: str) -> bool:
         async for route in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE):

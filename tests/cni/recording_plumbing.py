@@ -139,6 +139,18 @@ class RecordingPlumbing:
         interfaces: int = 1,
     ) -> list[str]:
         self.calls.append(("teardown", key, netns))
+        # As Plumbing: an index without an address whose veth is there has the address
+        # the host routes to that veth.
+        indexes = sorted(set(addresses) | set(range(interfaces)) | {0})
+        routed = {a: v for a, v in self.routes.items()}
+        found = {
+            i: a
+            for i in indexes
+            if i not in addresses
+            for a, v in routed.items()
+            if v == host_ifname(key, i, veth_prefix)
+        }
+        addresses = {**found, **addresses}
         # As Plumbing: first the routing of each address given (its /32 and rules), unless
         # its veth is gone and the address routes to another veth now (a newer pod's) ...
         for index, address in sorted(addresses.items()):
@@ -150,7 +162,7 @@ class RecordingPlumbing:
             self.rules = {r for r in self.rules if r[1] != address}
         # ... then the veths, by name, of the indexes given and of 0..interfaces-1: a veth
         # takes its pod end and its routes along, but not the rules of its address.
-        for index in sorted(set(addresses) | set(range(interfaces)) | {0}):
+        for index in indexes:
             iface = self.veths.get(host_ifname(key, index, veth_prefix))
             if iface is not None:
                 self._unplumb(iface, rules=False)

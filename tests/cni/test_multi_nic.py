@@ -11,10 +11,12 @@ import pytest
 from pyroute2 import IPRoute
 
 from cni import netlink
+from cni.keys import IpamKey
+from cni.plumbing import RULE_FROM_POD, RULE_TO_POD
 from cni.spec import ANNOTATIONS_CAPABILITY, MULTI_NIC_ANNOTATION, MULTI_NIC_VALUE
 from ipam.hostnet import EniLink, HostNetwork
 from tests.cni.backend import PoolBackend, pool_from_lab
-from tests.cni.harness import conf, env, host_state, node, ns_path, pod_state, run
+from tests.cni.harness import NETWORK, conf, env, host_state, node, ns_path, pod_state, run
 from tests.lab.helpers import python_in
 from tools.lab import netns
 from tools.lab.lab import Lab, LabConfig
@@ -174,3 +176,31 @@ def test_a_repeated_del_without_allocation_or_prev_result_removes_every_veth(
     assert host_state(lab) == before
     assert pod_state(pod_ns) == {"links": [], "addrs": [], "rules": []}
     assert backend.held() == set()
+
+
+def test_a_del_without_allocation_or_prev_result_removes_every_rule_of_the_pod(
+    p5: Any,
+) -> None:
+    """The allocation went behind the runtime's back (released through the socket API,
+    or dropped at a restart) and the DEL carries no prevResult: the addresses come from
+    the host's /32 routes to the veths, so the rules 512 and 1536 of all 32 interfaces
+    go with them."""
+    lab, _ = p5
+    pod_ns = lab.create_pod_namespace("norecord")
+    backend = PoolBackend(pool_from_lab(lab))
+    before = host_state(lab)
+
+    async def scenario() -> dict[str, Any]:
+        async with node(lab, backend, enable_multi_nic=True, max_interfaces=CARDS) as n:
+            await n.add("norecord", pod_ns, runtimeConfig=MULTI)
+            plumbed = await asyncio.to_thread(host_state, lab)
+            await backend.release(IpamKey(NETWORK, "norecord", "eth0"))
+            await n.delete("norecord", pod_ns)  # no prevResult, no allocation
+            await n.plumbing.settle()
+            return plumbed
+
+    plumbed = run(scenario())
+    added = {r[0] for r in plumbed["rules"]} - {r[0] for r in before["rules"]}
+    assert {RULE_TO_POD, RULE_FROM_POD} <= added  # both kinds were there to remove
+    assert host_state(lab) == before
+    assert pod_state(pod_ns) == {"links": [], "addrs": [], "rules": []}

@@ -70,6 +70,7 @@ def test_a_tiny_run_against_the_real_daemon_records_its_conditions_and_both_dels
     assert effective["IP_COOLDOWN_PERIOD"] == {"value": 30, "source": "default"}
     assert effective["WARM_PREFIX_TARGET"]["source"] == "default"
     assert run["shim_interpreter"]["version"]
+    assert len(run["ultranet_waits_for_warm_pool_s"]) == 2  # before the warm-up and the round
 
     for side in ("ultranet", "reference"):
         row = run[side]

@@ -4,9 +4,10 @@ A run: a fresh lab node (an m5.large in the lab's VPC), ``pods`` pod namespaces,
 (``nodes.DaemonNode`` or ``nodes.InProcessNode``) behind the installed shim, and the
 reference ``ptp`` + ``host-local`` in the same node, each driven by its own libcni
 driver. Warm-up cycles first (not counted), then ``rounds`` rounds; each round runs one
-cycle per plugin, the first plugin alternating between rounds. A cycle: ADD every pod,
-then DEL every pod back to back (the next DEL does not wait for the previous one's veth),
-then wait until every host veth of the cycle is gone (RTM_DELLINK).
+cycle per plugin, the first plugin alternating between rounds. Each ultranet cycle starts
+once the daemon reports its warm pool met (outside the clock; the waits are recorded). A
+cycle: ADD every pod, then DEL every pod back to back (the next DEL does not wait for the
+previous one's veth), then wait until every host veth of the cycle is gone (RTM_DELLINK).
 
 Per DEL two figures: ``del_answer_ms``, the libcni call as the runtime waits for it, and
 ``del_removed_ms``, until both the answer is in and the host veth is gone (from the DEL's
@@ -211,14 +212,18 @@ def run_once(options: Options) -> dict[str, Any]:
             ):
                 drivers = {"ultranet": ours, "reference": theirs}
                 cpu = {"ultranet": node.cpu_s, "reference": None}
+                waited: list[float] = []
+
+                def run_cycle(side: str, some: Sequence[str], prefix: str, into: Series) -> None:
+                    if side == "ultranet":
+                        waited.append(round(node.wait_steady(), 3))
+                    cycle(drivers[side], side, some, prefix, into, cpu[side])
+
                 for side in SIDES:
-                    warm = pods[: options.warmup]
-                    cycle(drivers[side], side, warm, f"w{side[0]}", Series(), cpu[side])
+                    run_cycle(side, pods[: options.warmup], f"w{side[0]}", Series())
                 for r in range(options.rounds):
-                    order = SIDES if r % 2 == 0 else SIDES[::-1]
-                    for side in order:
-                        prefix = f"{side[0]}{r}-"
-                        cycle(drivers[side], side, pods, prefix, series[side], cpu[side])
+                    for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                        run_cycle(side, pods, f"{side[0]}{r}-", series[side])
             ec2_calls = dict(lab.cloud.requests.counts() - ec2_before)
             described = node.describe()
         finally:
@@ -226,7 +231,9 @@ def run_once(options: Options) -> dict[str, Any]:
         shim_interpreter = shim.read_text().split("\n", 1)[0][2:].split()[0]
     result = summarize(series)
     result["load"] = {"before": load_before, "after": conditions.load()}
-    result["ec2_calls_during_rounds"] = ec2_calls
+    result["ec2_calls_during_cycles"] = ec2_calls
+    # Before each ultranet cycle (warm-up first): seconds until its warm pool was met.
+    result["ultranet_waits_for_warm_pool_s"] = waited
     result["ultranet_node"] = described
     result["shim_interpreter"] = conditions.interpreter(shim_interpreter)
     return result

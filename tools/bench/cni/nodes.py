@@ -18,12 +18,14 @@ import os
 import resource
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from cni.handler import CniHandler, HandlerConfig
 from cni.plumbing import Plumbing
 from cni.transport import serve
+from ipam.client import AsyncIpamClient
 from tools.lab.daemon import IpamdProcess
 from tools.lab.lab import Lab
 from tools.lab.pool_backend import PoolBackend, pool_from_enis
@@ -36,6 +38,10 @@ class UltranetNode(Protocol):
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) spent so far by what serves the CNI socket."""
+        ...
+
+    def wait_steady(self) -> float:
+        """Block until the node's pool needs no change; returns the seconds waited."""
         ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -70,6 +76,28 @@ class DaemonNode:
 
     def cpu_s(self) -> float:
         return process_cpu_s(self.pid)
+
+    def wait_steady(self, timeout: float = 60.0) -> float:
+        """Until the daemon reports its warm pool met (no grow or shrink pending).
+
+        A cycle starts from the node a warm pool is sized for: its first /28 handed out,
+        a burst of sequential ADDs outruns a grow whose EC2 client is still being made
+        (boto3's import, ~0.3 s here) and the 14th ADD is answered 11, try again.
+        """
+        return asyncio.run(self._wait_steady(timeout))
+
+    async def _wait_steady(self, timeout: float) -> float:
+        started = time.monotonic()
+        delay = 0.005
+        async with AsyncIpamClient(self.daemon.socket) as client:
+            while True:
+                status = await client.status()
+                if status["reason"] == "warm pool met":
+                    return time.monotonic() - started
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError(f"warm pool not met in {timeout} s: {status}")
+                await asyncio.sleep(delay)  # polling the daemon's own answer, bounded
+                delay = min(0.1, delay * 2)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -127,6 +155,9 @@ class InProcessNode:
     def cpu_s(self) -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
+
+    def wait_steady(self) -> float:
+        return 0.0  # a fixed pool: nothing ever pending
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -37,7 +37,9 @@ def test_port_zero_tries_another_number_when_tcp_holds_the_one_udp_got(
     monkeypatch.setattr(supervisor, "_bind_sockets", taken_twice)
     udp, tcp = supervisor._listen_sockets((ip_address("127.0.0.1"), 0), 2, False)
     try:
-        assert len(calls) == 3
+        # Three or more: the real bind after the two planted failures can itself find the
+        # number held for TCP by another process's connection (seen on a busy machine).
+        assert len(calls) >= 3
         ports = {s.getsockname()[1] for s in udp + tcp}
         assert len(ports) == 1 and ports != {0}
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dnscache.config import UpstreamConfig
 from tools.bench.dns import __main__ as bench
-from tools.bench.dns import servers
+from tools.bench.dns import dnsmasq_wedge, servers
 
 
 def test_the_run_config_holds_every_flag_the_peers_versions_and_the_commit() -> None:
@@ -51,3 +51,12 @@ def test_every_server_forwards_at_most_as_many_queries_at_once_as_ultranet_ships
     assert f"setMaxUDPOutstanding({limit})" in servers.dnsdist_conf(5301, 5300, False)
     # and dnsperf never has more outstanding than that, so none of the bounds binds
     assert bench.DNSPERF_OUTSTANDING < limit
+
+
+def test_the_wedge_tool_reads_dnsmasqs_cache_statistics_line() -> None:
+    # dnsmasq 2.90's line on SIGUSR1, as logged by --log-facility
+    line = (
+        "Dec  6 22:37:40 dnsmasq[1]: cache size 200000, 398/400793 cache insertions "
+        "re-used unexpired cache entries.\n"
+    )
+    assert dnsmasq_wedge.REUSED.findall(line) == [("200000", "398", "400793")]

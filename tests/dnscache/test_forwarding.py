@@ -193,7 +193,7 @@ def test_a_tcp_zone_reuses_its_upstream_connections(auth: AuthServer, dns_factor
         assert cl.count("p3.ns.svc.cluster.local", proto="tcp") == 1
         assert 1 <= cl.tcp_accepted <= 2
         assert dns.metric("ultranet_dns_upstream_tcp_connections_total") == cl.tcp_accepted
-        assert dns.metric("ultranet_dns_upstream_tcp_open") == cl.tcp_open
+        assert dns.metric("ultranet_dns_upstream_tcp_open") == cl.tcp_open >= 1  # kept idle
 
 
 def test_failover_to_the_next_upstream(auth: AuthServer, dns_factory: Factory) -> None:

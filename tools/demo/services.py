@@ -4,7 +4,7 @@ Both servers are real processes in the lab's node namespace, each in its own ses
 (so a Ctrl-C reaches the demo, which then stops them in order) and each stopped with
 SIGTERM, then SIGKILL, whatever happens:
 
-- the upstream is ``dnscache.testing``'s authoritative server (dnslib) on node loopback,
+- the upstream is ``tools.bench.dns.authserver``'s authoritative server (dnslib) on node loopback,
   answering the VPC's private names (``ip-100-64-1-2.us-west-2.compute.internal``) as the
   VPC resolver would;
 - ``ultranet-dns`` runs in node-local mode, as NodeLocal DNSCache does: it creates its
@@ -133,11 +133,11 @@ class Upstream(Child):
     """The lab's VPC resolver: an authoritative server for ``ZONE`` on node loopback."""
 
     def __init__(self, node_ns: str, records: Mapping[str, str], log_path: Path) -> None:
-        argv = ["ip", "netns", "exec", node_ns, sys.executable, "-m", "dnscache.testing"]
+        argv = ["ip", "netns", "exec", node_ns, sys.executable, "-m", "tools.bench.dns.authserver"]
         argv += ["--origin", ZONE]
         for name, address in records.items():
             argv += ["--record", f"{name} A {address}"]
-        super().__init__("the lab upstream (dnscache.testing)", argv, log_path)
+        super().__init__("the lab upstream (tools.bench.dns.authserver)", argv, log_path)
         self.port = 0
 
     def wait_ready(self, timeout: float = 20.0) -> int:

@@ -63,7 +63,13 @@ _DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 class PlumbingPort(Protocol):
     async def enter(
-        self, netns: str, key: IpamKey, *, interfaces: int, veth_prefix: str
+        self,
+        netns: str,
+        key: IpamKey,
+        *,
+        interfaces: int,
+        veth_prefix: str,
+        netns_fd: int | None = None,
     ) -> PodHandle:
         """The pod's namespace, checked for an ADD of ``key`` with that many interfaces
         before it takes an address (CniError 3, 4, 11 or 102 otherwise); the caller
@@ -82,6 +88,7 @@ class PlumbingPort(Protocol):
         veth_prefix: str,
         netns: str,
         interfaces: int = 1,
+        netns_fd: int | None = None,
     ) -> list[str]: ...
 
 
@@ -144,10 +151,13 @@ class CniHandler:
             key,
             interfaces=self.config.max_interfaces if multi_nic else 1,
             veth_prefix=conf.veth_prefix,
+            netns_fd=_netns_fd(cni),
         )
         try:
             allocation = await self._allocate(key, pod, multi_nic)
-            net = PodNetwork(key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix)
+            net = PodNetwork(
+                key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix, _netns_fd(cni)
+            )
             try:
                 plumbed = await self.plumbing.setup(net, sandbox)
             except BaseException:
@@ -187,12 +197,15 @@ class CniHandler:
     async def _del(self, cni: CniEnv, conf: NetConf, stdin: bytes) -> None:
         key = _key(conf.name, cni)
         addresses, recorded = self._held(key, conf)
+        # The shim could not open CNI_NETNS (-1): it is gone for this DEL, never its path.
+        netns, netns_fd = ("", None) if cni.netns_fd == -1 else (cni.netns, cni.netns_fd)
         errors = await self.plumbing.teardown(
             key,
             addresses,
             veth_prefix=conf.veth_prefix,
-            netns=cni.netns,
+            netns=netns,
             interfaces=len(addresses) if recorded else self.config.max_interfaces,
+            netns_fd=netns_fd,
         )
         try:
             await self.backend.release(key)
@@ -254,7 +267,9 @@ class CniHandler:
         for lease in allocation.leases:
             if lease.address not in listed:
                 raise CheckFailed(f"prevResult lacks {lease.address}, allocated to {key}")
-        net = PodNetwork(key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix)
+        net = PodNetwork(
+            key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix, _netns_fd(cni)
+        )
         await self.plumbing.check(net)
 
     def _lookup(self, key: IpamKey) -> Allocation | None:
@@ -321,6 +336,16 @@ def _key(network: str, cni: CniEnv) -> IpamKey:
             raise CniError(ErrorCode.INVALID_CONFIG, f"name={network!r}: {err}") from err
         var = "CNI_CONTAINERID" if err.field == "container_id" else "CNI_IFNAME"
         raise CniError(ErrorCode.INVALID_ENV, f"{var}={err.value!r}: invalid", str(err)) from err
+
+
+def _netns_fd(cni: CniEnv) -> int | None:
+    """The descriptor to use for CNI_NETNS (None: its path). A shim that could not open
+    the path answers ADD and CHECK itself; a request that says so anyway is refused."""
+    if cni.netns_fd == -1:
+        raise CniError(
+            ErrorCode.INVALID_ENV, f"CNI_NETNS={cni.netns!r}: the shim could not open it"
+        )
+    return cni.netns_fd
 
 
 def _pod(cni: CniEnv) -> PodRef:

@@ -118,6 +118,7 @@ class PodNetwork:
     leases: tuple[Lease, ...]
     mtu: int
     veth_prefix: str
+    netns_fd: int | None = None  # an open descriptor of ``netns`` to use instead of its path
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +146,13 @@ def _plumbing_error(step: str, err: BaseException) -> CniError:
 _OURS_TO_RETRY = frozenset((errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 
 
-def _open_namespace(netns: str) -> int:
-    """An open descriptor of the namespace file ``netns``; CniError 3 if it is gone."""
+def _open_namespace(netns: str, netns_fd: int | None = None) -> int:
+    """A descriptor of the namespace ``netns``, this function's to close: a copy of
+    ``netns_fd`` when given (the path is then never opened), else the path opened;
+    CniError 3 if it is gone."""
     try:
+        if netns_fd is not None:
+            return os.dup(netns_fd)
         return os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         why = NamespaceError(err.errno, f"cannot open network namespace {netns}: {err.strerror}")
@@ -218,21 +223,28 @@ class Plumbing:
     # -- ADD ------------------------------------------------------------------------------
 
     async def enter(
-        self, netns: str, key: IpamKey | None = None, *, interfaces: int = 1, veth_prefix: str = ""
+        self,
+        netns: str,
+        key: IpamKey | None = None,
+        *,
+        interfaces: int = 1,
+        veth_prefix: str = "",
+        netns_fd: int | None = None,
     ) -> PodEntry:
         """Open and check the pod's namespace before an ADD of ``key`` takes an address:
         CniError 3 if it is gone, 4 if it is no network namespace or the host's own, 11 if
         the daemon could not enter it for a reason of its own, 102 if the pod end of one
         of the ``interfaces`` is in it already. A veth of ``key`` the reaper is still
         deleting (a DEL of the same attachment answered just before) goes first: its pod
-        end is not a live interface."""
+        end is not a live interface. ``netns_fd`` (borrowed), when given, is the namespace
+        and ``netns`` only names it: the daemon may not see the runtime's mounts."""
         names = [] if key is None else [pod_ifname(key, i) for i in range(interfaces)]
         if key is not None:
             for index in range(interfaces):
                 waiting = self._reaper.pending(host_ifname(key, index, veth_prefix))
                 if waiting is not None:
                     await _wait_quietly(waiting)
-        fd = _open_namespace(netns)
+        fd = _open_namespace(netns, netns_fd)
         try:
             pod = Rtnl(self._pod_socket(netns, fd))
         except BaseException:
@@ -262,25 +274,25 @@ class Plumbing:
         except NamespaceError as err:
             raise _namespace_error(netns, err) from err
 
-    def _enter_pod(self, netns: str) -> socket.socket:
+    def _enter_pod(self, netns: str, netns_fd: int | None = None) -> socket.socket:
         """A netlink socket in the pod's namespace; CniError 3 if it is gone."""
-        fd = _open_namespace(netns)
+        fd = _open_namespace(netns, netns_fd)
         try:
             return self._pod_socket(netns, fd)
         finally:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _pod(self, netns: str) -> Iterator[Rtnl]:
-        pod = Rtnl(self._enter_pod(netns))
+    def _pod(self, netns: str, netns_fd: int | None) -> Iterator[Rtnl]:
+        pod = Rtnl(self._enter_pod(netns, netns_fd))
         try:
             yield pod
         finally:
             pod.close()
 
     @contextlib.asynccontextmanager
-    async def _pod_iproute(self, netns: str) -> AsyncIterator[Any]:
-        sock = self._enter_pod(netns)
+    async def _pod_iproute(self, netns: str, netns_fd: int | None) -> AsyncIterator[Any]:
+        sock = self._enter_pod(netns, netns_fd)
         try:
             ipr = AsyncIPRoute(fileno=sock.detach(), groups=0)
             await ipr.setup_endpoint()
@@ -294,7 +306,7 @@ class Plumbing:
     async def setup(self, net: PodNetwork, pod: PodHandle | None = None) -> list[PlumbedInterface]:
         """Plumb every interface into ``pod`` (the namespace :meth:`enter` checked; None:
         enter ``net.netns`` here); on any failure undo every step taken, then raise."""
-        entry = pod if pod is not None else await self.enter(net.netns)
+        entry = pod if pod is not None else await self.enter(net.netns, netns_fd=net.netns_fd)
         if not isinstance(entry, PodEntry):
             raise TypeError(f"{entry!r} is not a PodEntry of Plumbing.enter")
         try:
@@ -416,7 +428,7 @@ class Plumbing:
     async def check(self, net: PodNetwork) -> None:
         """Raise ``CheckFailed`` naming the first thing an ADD made that is not there."""
         host_rules = await self._rules(self._host)
-        async with self._pod_iproute(net.netns) as pod:
+        async with self._pod_iproute(net.netns, net.netns_fd) as pod:
             pod_routes = {
                 (r.get("RTA_DST"), r.get("RTA_GATEWAY"), r.get("RTA_TABLE"), r.get("RTA_OIF"))
                 async for r in await pod.route("dump", family=_AF_INET)
@@ -484,6 +496,7 @@ class Plumbing:
         veth_prefix: str,
         netns: str,
         interfaces: int = 1,
+        netns_fd: int | None = None,
     ) -> list[str]:
         """Remove the host routing of ``addresses`` (interface index -> address) and the
         veths of indexes ``addresses`` and ``0..interfaces-1`` (their names derive from
@@ -512,7 +525,7 @@ class Plumbing:
             pause_point("del-between-interfaces")
         secondary = [address for index, address in addresses.items() if index > 0]
         if secondary and netns:
-            errors += await self._teardown_pod_rules(netns, secondary)
+            errors += await self._teardown_pod_rules(netns, secondary, netns_fd)
         await self._reaper.reserve(len(indexes))
         for index in indexes:
             self._reaper.delete(host_ifname(key, index, veth_prefix))
@@ -570,11 +583,13 @@ class Plumbing:
             messages.insert(0, rtnl.route(link, addr, table=MAIN_TABLE, delete=True, what=what))
         self._rtnl.batch(messages)
 
-    async def _teardown_pod_rules(self, netns: str, addresses: Sequence[IPv4Address]) -> list[str]:
+    async def _teardown_pod_rules(
+        self, netns: str, addresses: Sequence[IPv4Address], netns_fd: int | None
+    ) -> list[str]:
         """The pod-side rules of interfaces > 0 (they outlive the veth if the namespace
         does)."""
         try:
-            with self._pod(netns) as pod:
+            with self._pod(netns, netns_fd) as pod:
                 pod.batch(
                     [rtnl.rule("src", a, RULE_POD_TABLE, None, delete=True) for a in addresses]
                 )

@@ -12,8 +12,13 @@ The wire format (also used for spool files) is length-prefixed binary, every len
 4-byte big-endian unsigned integer::
 
     frame   = MAGIC(4) kind(1) body_len(4) body
-    request = kind b"Q": count(4) {key_len(4) key value_len(4) value}*count stdin_len(4) stdin
+    request = kind b"Q": [flags(1)] count(4) {key_len(4) key value_len(4) value}*count
+              stdin_len(4) stdin
     answer  = kind b"A": exit_code(1) stdout_len(4) stdout stderr_len(4) stderr
+
+MAGIC is "UCN2" (flags present; flag 1: an open descriptor of CNI_NETNS rides on the
+request's first bytes as SCM_RIGHTS) or "UCN1" (no flags: the daemon opens CNI_NETNS by
+path; spool files and shims before UCN2). The daemon answers in the request's MAGIC.
 
 When the daemon cannot be reached (no socket, refused, or it hung up mid-answer):
 
@@ -30,7 +35,9 @@ import _socket
 import posix
 import sys
 
-MAGIC = b"UCN1"
+MAGIC = b"UCN2"  # a request with a flags byte; the pod's netns may travel as a descriptor
+MAGIC_V1 = b"UCN1"  # the first format (by path): spool files, and shims before UCN2
+FLAG_NETNS_FD = 1  # the request's first sendmsg carries an open CNI_NETNS (SCM_RIGHTS)
 REQUEST = b"Q"
 ANSWER = b"A"
 MAX_FRAME = 16 << 20
@@ -54,35 +61,51 @@ def _blob(data: bytes) -> bytes:
     return _u32(len(data)) + data
 
 
-def frame(kind: bytes, body: bytes) -> bytes:
+def frame(kind: bytes, body: bytes, magic: bytes = MAGIC_V1) -> bytes:
     if len(body) > MAX_FRAME:
         raise WireError(f"frame body of {len(body)} bytes exceeds {MAX_FRAME}")
-    return MAGIC + kind + _u32(len(body)) + body
+    return magic + kind + _u32(len(body)) + body
 
 
-def encode_request(env: dict[bytes, bytes], stdin: bytes) -> bytes:
+def _request_body(env: dict[bytes, bytes], stdin: bytes) -> bytes:
     parts = [_u32(len(env))]
     for key, value in env.items():
         parts.append(_blob(key))
         parts.append(_blob(value))
     parts.append(_blob(stdin))
-    return frame(REQUEST, b"".join(parts))
+    return b"".join(parts)
 
 
-def encode_answer(code: int, stdout: bytes, stderr: bytes = b"") -> bytes:
+def encode_request(env: dict[bytes, bytes], stdin: bytes) -> bytes:
+    """A UCN1 request (by path): what spool files hold, and what a shim before UCN2 sent."""
+    return frame(REQUEST, _request_body(env, stdin))
+
+
+def encode_request_v2(env: dict[bytes, bytes], stdin: bytes, flags: int) -> bytes:
+    """A UCN2 request: ``flags`` (FLAG_NETNS_FD) then the UCN1 body."""
+    return frame(REQUEST, bytes([flags]) + _request_body(env, stdin), MAGIC)
+
+
+def encode_answer(code: int, stdout: bytes, stderr: bytes = b"", magic: bytes = MAGIC) -> bytes:
     if not 0 <= code <= 255:
         raise WireError(f"exit code {code} is not 0..255")
-    return frame(ANSWER, bytes([code]) + _blob(stdout) + _blob(stderr))
+    return frame(ANSWER, bytes([code]) + _blob(stdout) + _blob(stderr), magic)
 
 
-def parse_header(header: bytes) -> tuple[bytes, int]:
-    """(kind, body length) of a 9-byte frame header."""
-    if len(header) != 9 or header[:4] != MAGIC:
+def parse_header_magic(header: bytes) -> tuple[bytes, bytes, int]:
+    """(magic, kind, body length) of a 9-byte frame header, UCN1 or UCN2."""
+    if len(header) != 9 or header[:4] not in (MAGIC, MAGIC_V1):
         raise WireError("not an ultranet CNI frame (bad magic)")
     size = int.from_bytes(header[5:9], "big")
     if size > MAX_FRAME:
         raise WireError(f"frame body of {size} bytes exceeds {MAX_FRAME}")
-    return header[4:5], size
+    return header[:4], header[4:5], size
+
+
+def parse_header(header: bytes) -> tuple[bytes, int]:
+    """(kind, body length) of a 9-byte frame header."""
+    _, kind, size = parse_header_magic(header)
+    return kind, size
 
 
 class _Reader:
@@ -118,6 +141,14 @@ def decode_request(body: bytes) -> tuple[dict[bytes, bytes], bytes]:
     stdin = reader.blob()
     reader.done()
     return env, stdin
+
+
+def decode_request_v2(body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """(flags, env, stdin) of a UCN2 request body."""
+    if not body:
+        raise WireError("frame body is truncated")
+    env, stdin = decode_request(body[1:])
+    return body[0], env, stdin
 
 
 def decode_answer(body: bytes) -> tuple[int, bytes, bytes]:
@@ -176,13 +207,21 @@ def error_json(version: bytes, code: int, msg: str, details: str = "") -> bytes:
     return body + b"}\n"
 
 
-def exchange(path: bytes, request: bytes, timeout: float = TIMEOUT_S) -> tuple[int, bytes, bytes]:
-    """Send one request frame, read one answer; OSError if the daemon is not there."""
+def exchange(
+    path: bytes, request: bytes, timeout: float = TIMEOUT_S, fd: int = -1
+) -> tuple[int, bytes, bytes]:
+    """Send one request frame (``fd``, if not -1, with its first bytes), read one answer;
+    OSError if the daemon is not there."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(request)
+        if fd >= 0:
+            rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
+            sent = sock.sendmsg([request], rights)
+            sock.sendall(request[sent:])
+        else:
+            sock.sendall(request)
         kind, size = parse_header(_recv_exactly(sock, 9))
         if kind != ANSWER:
             raise WireError(f"frame kind {kind!r}, expected an answer")
@@ -194,9 +233,15 @@ def exchange(path: bytes, request: bytes, timeout: float = TIMEOUT_S) -> tuple[i
 def _recv_exactly(sock: _socket.socket, size: int) -> bytes:
     chunks = []
     while size:
-        chunk = sock.recv(min(size, 1 << 20))
+        try:
+            chunk = sock.recv(min(size, 1 << 20))
+        except ConnectionResetError:
+            chunk = b""
         if not chunk:
-            raise ConnectionResetError("ultranet-ipamd closed the connection mid-answer")
+            raise ConnectionResetError(
+                "ultranet-ipamd closed the connection without a whole answer: it stopped, "
+                "or it is older than this shim and does not read wire format UCN2"
+            )
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
@@ -262,13 +307,31 @@ def run(environ: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes, bytes]:
         body = b'{"cniVersion": "' + cni_version(stdin) + b'", "supportedVersions": '
         return 0, body + SUPPORTED + b"}\n", b""
     path = environ.get(b"ULTRANET_CNI_SOCKET") or SOCKET_PATH
+    # The daemon may not see the runtime's mount namespace: the pod's netns goes to it as
+    # a descriptor opened here, where the runtime's path is valid.
+    netns = env.get(b"CNI_NETNS", b"")
+    fd, flags = -1, 0
+    if netns and env.get(b"CNI_COMMAND") in (b"ADD", b"CHECK", b"DEL"):
+        try:
+            fd = posix.open(netns, posix.O_RDONLY | posix.O_CLOEXEC)
+        except OSError as err:
+            if env.get(b"CNI_COMMAND") != b"DEL":  # a DEL goes on: the netns may be gone
+                shown = _quote(netns.decode(errors="replace")).decode()
+                gone = isinstance(err, FileNotFoundError)
+                msg = f"CNI_NETNS={shown}: " + ("gone" if gone else "cannot be opened")
+                return 1, error_json(cni_version(stdin), 3 if gone else 4, msg, str(err)), b""
+        else:
+            flags = FLAG_NETNS_FD
     try:
-        return exchange(path, encode_request(env, stdin))
+        return exchange(path, encode_request_v2(env, stdin, flags), fd=fd)
     except WireError as err:
         return 1, error_json(cni_version(stdin), 5, "bad answer from ultranet-ipamd", str(err)), b""
     except OSError as err:
         code, out = daemon_down(env, stdin, f"{type(err).__name__}: {err}")
         return code, out, b""
+    finally:
+        if fd >= 0:
+            posix.close(fd)
 
 
 def main() -> int:

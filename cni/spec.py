@@ -33,6 +33,8 @@ __all__ = [
     "LATEST_VERSION",
     "MULTI_NIC_ANNOTATION",
     "MULTI_NIC_VALUE",
+    "NETNS_FD",
+    "NO_NETNS_FD",
     "SUPPORTED_VERSIONS",
     "Attachment",
     "CniEnv",
@@ -48,6 +50,11 @@ __all__ = [
     "version_json",
 ]
 
+# Set by cni.transport, never by a shim (it forwards only CNI_*): the descriptor of the
+# pod's netns the shim sent (UCN2), or NO_NETNS_FD when the shim could not open the path.
+# Absent (a UCN1 shim, a spooled DEL, an in-process caller): the path is opened.
+NETNS_FD = "ultranet.netns-fd"
+NO_NETNS_FD = "none"
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
@@ -100,6 +107,9 @@ class CniEnv:
     ifname: str = ""
     args: Mapping[str, str] = field(default_factory=dict)
     path: str = ""
+    # From the transport (NETNS_FD): None, open ``netns`` by path; -1, the shim could not
+    # open it (treat the namespace as gone); else a descriptor the transport owns.
+    netns_fd: int | None = None
 
     @property
     def pod(self) -> PodArgs:
@@ -179,6 +189,10 @@ def parse_env(env: Mapping[str, str]) -> CniEnv:
     netns = env.get("CNI_NETNS", "")
     if netns and command in (Command.ADD, Command.CHECK, Command.DEL) and netns[0] != "/":
         raise CniError(ErrorCode.INVALID_ENV, f"CNI_NETNS={netns!r}: must be an absolute path")
+    fd_text = env.get(NETNS_FD)
+    netns_fd = None
+    if fd_text is not None:
+        netns_fd = -1 if fd_text == NO_NETNS_FD else int(fd_text)
     return CniEnv(
         command,
         env.get("CNI_CONTAINERID", ""),
@@ -186,6 +200,7 @@ def parse_env(env: Mapping[str, str]) -> CniEnv:
         env.get("CNI_IFNAME", ""),
         parse_cni_args(env.get("CNI_ARGS", "")),
         env.get("CNI_PATH", ""),
+        netns_fd,
     )
 
 

@@ -13,15 +13,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from cni import shim
 from cni.errors import CniError, ErrorCode
-from cni.spec import error_json
+from cni.spec import NETNS_FD, NO_NETNS_FD, error_json
 
-__all__ = ["Handle", "call", "replay_spool", "serve"]
+__all__ = ["CniServer", "Handle", "call", "replay_spool", "serve"]
+_MAX_FDS = 4  # room for a few: more than one is refused, and every one is closed
 
 log = logging.getLogger("ultranet.cni")
 
@@ -29,9 +32,11 @@ Handle = Callable[[Mapping[str, str], bytes], Awaitable[tuple[int, bytes]]]
 
 
 def _text_env(env: Mapping[bytes, bytes]) -> dict[str, str]:
+    """The ``CNI_*`` variables (nothing else may come from a shim: ``NETNS_FD`` is ours)."""
     return {
         k.decode(errors="surrogateescape"): v.decode(errors="surrogateescape")
         for k, v in env.items()
+        if k.startswith(b"CNI_")
     }
 
 
@@ -44,35 +49,123 @@ async def _answer(handle: Handle, env: Mapping[str, str], stdin: bytes) -> tuple
         return 1, error_json(failure)
 
 
-async def _connection(
-    handle: Handle, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+class CniServer:
+    """The daemon's listening socket and its connections; ``close()`` then
+    ``await wait_closed()`` (as ``asyncio.Server``) stops accepting and waits for the
+    requests in flight."""
+
+    def __init__(self, listener: socket.socket, handle: Handle) -> None:
+        self._listener = listener
+        self._handle = handle
+        self._connections: set[asyncio.Task[None]] = set()
+        self._accepting = asyncio.ensure_future(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            conn.setblocking(False)
+            task = asyncio.ensure_future(_connection(self._handle, conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def close(self) -> None:
+        self._accepting.cancel()
+        self._listener.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._accepting
+        if self._connections:
+            await asyncio.wait(set(self._connections))
+
+
+async def _readable(conn: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+async def _recv_exactly(conn: socket.socket, size: int, fds: list[int]) -> bytes:
+    """``size`` bytes; descriptors that ride on them (SCM_RIGHTS) are appended to ``fds``."""
+    chunks: list[bytes] = []
+    while size:
+        try:
+            data, ancillary, _, _ = conn.recvmsg(
+                min(size, 1 << 20), socket.CMSG_SPACE(4 * _MAX_FDS), socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            await _readable(conn)
+            continue
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(
+                    int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)
+                )
+        if not data:
+            raise asyncio.IncompleteReadError(b"".join(chunks), size)
+        chunks.append(data)
+        size -= len(data)
+    return b"".join(chunks)
+
+
+async def _read_request(conn: socket.socket, fds: list[int]) -> tuple[bytes, dict[str, str], bytes]:
+    """(magic, env for the handler, stdin) of one request frame."""
+    magic, kind, size = shim.parse_header_magic(await _recv_exactly(conn, 9, fds))
+    if kind != shim.REQUEST:
+        raise shim.WireError(f"frame kind {kind!r}, expected a request")
+    body = await _recv_exactly(conn, size, fds)
+    if magic == shim.MAGIC_V1:  # a shim before UCN2: CNI_NETNS by path
+        raw, stdin = shim.decode_request(body)
+        return magic, _text_env(raw), stdin
+    flags, raw, stdin = shim.decode_request_v2(body)
+    env = _text_env(raw)
+    if flags & shim.FLAG_NETNS_FD:
+        if len(fds) != 1:
+            raise shim.WireError(f"{len(fds)} descriptors came with the request, not 1")
+        env[NETNS_FD] = str(fds[0])
+    else:
+        env[NETNS_FD] = NO_NETNS_FD  # the shim could not open CNI_NETNS: never use the path
+    return magic, env, stdin
+
+
+async def _connection(handle: Handle, conn: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
     try:
         try:
-            kind, size = shim.parse_header(await reader.readexactly(9))
-            if kind != shim.REQUEST:
-                raise shim.WireError(f"frame kind {kind!r}, expected a request")
-            env, stdin = shim.decode_request(await reader.readexactly(size))
+            magic, env, stdin = await _read_request(conn, fds)
         except (asyncio.IncompleteReadError, shim.WireError) as err:
             log.warning("cni: dropped a malformed request: %s", err)
             return
-        task = asyncio.ensure_future(_answer(handle, _text_env(env), stdin))
+        task = asyncio.ensure_future(_answer(handle, env, stdin))
         code, stdout = await asyncio.shield(task)
-        writer.write(shim.encode_answer(code, stdout))
-        await writer.drain()
+        await loop.sock_sendall(conn, shim.encode_answer(code, stdout, magic=magic))
     except (ConnectionError, asyncio.CancelledError) as err:
         log.warning("cni: shim went away before its answer: %r", err)
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        for fd in fds:
+            os.close(fd)
+        conn.close()
 
 
-async def serve(path: str | Path, handle: Handle) -> asyncio.Server:
+async def serve(path: str | Path, handle: Handle) -> CniServer:
     """Listen on the Unix socket ``path`` (mode 0600: only root execs CNI plugins).
 
     A stale socket file left by a killed daemon is replaced; any other file there is an
     error. The caller owns the server: ``server.close(); await server.wait_closed()``.
+    A UCN2 request's namespace descriptor reaches ``handle`` as ``env[NETNS_FD]`` and is
+    closed once it has answered.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -80,11 +173,16 @@ async def serve(path: str | Path, handle: Handle) -> asyncio.Server:
         if not stat.S_ISSOCK(target.lstat().st_mode):
             raise FileExistsError(f"{target} exists and is not a socket")
         target.unlink()
-    server = await asyncio.start_unix_server(
-        lambda r, w: _connection(handle, r, w), path=str(target), backlog=512
-    )
-    os.chmod(target, 0o600)
-    return server
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(target))
+        os.chmod(target, 0o600)
+        listener.listen(512)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return CniServer(listener, handle)
 
 
 async def call(path: str | Path, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:

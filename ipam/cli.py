@@ -45,7 +45,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from cni.handler import CniHandler, HandlerConfig
     from cni.plumbing import Plumbing
     from cni.spec import DEFAULT_VETH_PREFIX
-    from cni.transport import replay_spool, serve
+    from cni.transport import CniServer, replay_spool, serve
     from ipam.agent import NodeAgent
     from ipam.cni_backend import AgentBackend, accounted_veths, host_veth_alive
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
@@ -58,7 +58,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     log = logging.getLogger("ultranet.ipamd")
     agent = NodeAgent(config, hostnet=hostnet, pod_alive=host_veth_alive())
     servers: list[ApiServer | HttpServer] = []
-    cni_server: asyncio.Server | None = None
+    cni_server: CniServer | None = None
     plumbing: Plumbing | None = None
     conflist: asyncio.Task[None] | None = None
     try:

@@ -82,7 +82,13 @@ class RecordingPlumbing:
     # -- the port ------------------------------------------------------------------------
 
     async def enter(
-        self, netns: str, key: IpamKey, *, interfaces: int, veth_prefix: str
+        self,
+        netns: str,
+        key: IpamKey,
+        *,
+        interfaces: int,
+        veth_prefix: str,
+        netns_fd: int | None = None,
     ) -> _Entered:
         self.calls.append(("enter", key, netns))
         ifnames = [pod_ifname(key, i) for i in range(interfaces)]
@@ -137,6 +143,7 @@ class RecordingPlumbing:
         veth_prefix: str,
         netns: str,
         interfaces: int = 1,
+        netns_fd: int | None = None,
     ) -> list[str]:
         self.calls.append(("teardown", key, netns))
         # As Plumbing: an index without an address whose veth is there has the address

@@ -96,7 +96,7 @@ def test_exec_errors_come_back_as_cni_error_json(lab: Lab, tmp_path: Path) -> No
         async with node(lab, backend) as n, serving(n, sock):
             return [
                 await exec_shim(shim, sock, env("ADD", "c1", ""), conf()),
-                await exec_shim(shim, sock, env("ADD", "c1", "/run/netns/x"), b"{"),
+                await exec_shim(shim, sock, env("ADD", "c1", "/proc/self/ns/net"), b"{"),
                 await exec_shim(shim, sock, env("STATUS"), conf("1.0.0")),
             ]
 

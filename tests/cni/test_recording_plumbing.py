@@ -42,8 +42,18 @@ class TeePlumbing:
         self.real = real
         self.recording = recording
 
-    async def enter(self, netns: str, key: IpamKey, *, interfaces: int, veth_prefix: str) -> _Both:
-        real = await self.real.enter(netns, key, interfaces=interfaces, veth_prefix=veth_prefix)
+    async def enter(
+        self,
+        netns: str,
+        key: IpamKey,
+        *,
+        interfaces: int,
+        veth_prefix: str,
+        netns_fd: int | None = None,
+    ) -> _Both:
+        real = await self.real.enter(
+            netns, key, interfaces=interfaces, veth_prefix=veth_prefix, netns_fd=netns_fd
+        )
         try:
             recorded = await self.recording.enter(
                 netns, key, interfaces=interfaces, veth_prefix=veth_prefix
@@ -74,9 +84,15 @@ class TeePlumbing:
         veth_prefix: str,
         netns: str,
         interfaces: int = 1,
+        netns_fd: int | None = None,
     ) -> list[str]:
         errors = await self.real.teardown(
-            key, addresses, veth_prefix=veth_prefix, netns=netns, interfaces=interfaces
+            key,
+            addresses,
+            veth_prefix=veth_prefix,
+            netns=netns,
+            interfaces=interfaces,
+            netns_fd=netns_fd,
         )
         await self.recording.teardown(
             key, addresses, veth_prefix=veth_prefix, netns=netns, interfaces=interfaces

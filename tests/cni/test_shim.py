@@ -195,7 +195,7 @@ def test_daemon_down_del_succeeds_and_spools(installed: Path, tmp_path: Path) ->
 def test_daemon_down_answers_50_for_status_and_11_otherwise(
     installed: Path, tmp_path: Path, command: str, code: int
 ) -> None:
-    rc, out = exec_shim(installed, env(command, "c1", "/run/netns/x"), conf("1.0.0"), tmp_path)
+    rc, out = exec_shim(installed, env(command, "c1", "/proc/self/ns/net"), conf("1.0.0"), tmp_path)
     assert rc == 1
     assert out["code"] == code and out["cniVersion"] == "1.0.0"
     assert str(tmp_path / "absent.sock") in str(out["msg"])
@@ -246,7 +246,10 @@ def answered_by_a_daemon(
         done = subprocess.run(
             [str(installed)],
             input=conf(),
-            env={**env("ADD", "c1", "/run/netns/x"), "ULTRANET_CNI_SOCKET": listener.getsockname()},
+            env={
+                **env("ADD", "c1", "/proc/self/ns/net"),
+                "ULTRANET_CNI_SOCKET": listener.getsockname(),
+            },
             timeout=30,
             **run,
         )
@@ -264,8 +267,9 @@ def test_the_daemons_whole_answer_reaches_the_runtime(installed: Path, tmp_path:
         installed, tmp_path, shim.encode_answer(7, stdout, stderr), capture_output=True
     )
     assert (done.returncode, done.stdout, done.stderr) == (7, stdout, stderr)
-    sent, body = shim.decode_request(received[1:])
+    flags, sent, body = shim.decode_request_v2(received[1:])
     assert received[:1] == shim.REQUEST and body == conf()
+    assert flags == shim.FLAG_NETNS_FD  # /proc/self/ns/net opened and sent
     assert sent[b"CNI_COMMAND"] == b"ADD"
 
 
@@ -277,3 +281,63 @@ def test_a_closed_stderr_costs_the_runtime_nothing_of_the_answer(
         installed, tmp_path, answer, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2)
     )
     assert (done.returncode, done.stdout) == (0, b'{"cniVersion": "1.1.0"}\n')
+
+
+@pytest.mark.parametrize("command", ["ADD", "CHECK"])
+def test_a_netns_the_shim_cannot_open_is_answered_by_the_shim(
+    installed: Path, tmp_path: Path, command: str
+) -> None:
+    # No daemon listens (absent.sock): 3 and 4 instead of 11 show the shim answered
+    # before any request, so no address can have been taken.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "a-socket"))  # open(2) of a socket file: ENXIO
+    try:
+        gone = exec_shim(
+            installed, env(command, "c1", "/run/netns/ul-gone"), conf("0.4.0"), tmp_path
+        )
+        other = exec_shim(
+            installed, env(command, "c1", str(tmp_path / "a-socket")), conf(), tmp_path
+        )
+    finally:
+        sock.close()
+    assert gone[0] == 1 and gone[1]["code"] == 3 and gone[1]["cniVersion"] == "0.4.0", gone
+    assert 'CNI_NETNS="/run/netns/ul-gone": gone' in str(gone[1]["msg"])
+    assert other[0] == 1 and other[1]["code"] == 4, other
+    assert "cannot be opened" in str(other[1]["msg"])
+
+
+def test_a_new_shim_against_a_daemon_before_ucn2_is_retried_later_and_dels_are_spooled(
+    installed: Path, tmp_path: Path
+) -> None:
+    # A daemon before UCN2 reads the header, finds a magic it does not know, and hangs up
+    # without an answer (cni.transport of UCN1 did exactly that).
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "old.sock"))
+    listener.listen(4)
+    magics: list[bytes] = []
+
+    def old_daemon() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                magics.append(conn.recv(9, socket.MSG_WAITALL)[:4])
+
+    thread = threading.Thread(target=old_daemon)
+    thread.start()
+    old = {"ULTRANET_CNI_SOCKET": str(tmp_path / "old.sock")}
+    try:
+        add = exec_shim(
+            installed, {**env("ADD", "c1", "/proc/self/ns/net"), **old}, conf(), tmp_path
+        )
+        delete = exec_shim(
+            installed, {**env("DEL", "c1", "/proc/self/ns/net"), **old}, conf(), tmp_path
+        )
+    finally:
+        thread.join(timeout=30)
+        listener.close()
+    assert magics == [b"UCN2", b"UCN2"]
+    assert add[0] == 1 and add[1]["code"] == 11, add  # the runtime retries the ADD
+    assert "does not read wire format UCN2" in str(add[1].get("details"))
+    assert delete == (0, {})  # spooled by path (UCN1), for the new daemon to replay
+    (spooled,) = (tmp_path / "spool").iterdir()
+    assert spooled.read_bytes()[:4] == shim.MAGIC_V1

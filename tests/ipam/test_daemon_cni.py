@@ -20,6 +20,7 @@ from cni.install import install
 from cni.keys import IpamKey
 from cni.plumbing import host_ifname
 from cni.spec import ANNOTATIONS_CAPABILITY, MULTI_NIC_ANNOTATION, MULTI_NIC_VALUE
+from cni.transport import call
 from ipam.client import AsyncIpamClient
 from tests.cni.harness import NETWORK, conf, env, host_state, ns_path, pod_state
 from tests.conftest import LabFactory
@@ -174,6 +175,89 @@ def test_failed_adds_take_no_address_and_put_none_in_cooldown(
         assert held(daemon) == listed and host_state(lab) == host
     code, out = exec_shim(lab, shim, daemon, env("DEL", "first", ns_path(pod)), conf())
     assert code == 0, out
+
+
+def test_a_netns_only_the_runtimes_mount_namespace_sees_travels_as_a_descriptor(
+    node: tuple[Lab, IpamdProcess, Path], tmp_path: Path
+) -> None:
+    # The runtime's netns file is a bind mount in a mount namespace the daemon does not
+    # share (containerd under `ip netns exec`, netns_mounts_under_state_dir): there the
+    # daemon sees only the empty mount point. The shim, run in the runtime's mount
+    # namespace, opens the file and sends the descriptor (UCN2); a request by path (UCN1,
+    # a shim before UCN2) fails as the issue saw it.
+    lab, daemon, shim = node
+    pod = lab.create_pod_namespace("hidden")
+    private = tmp_path / "runtime-netns"
+    private.write_bytes(b"")  # the mount point: all the daemon can see
+    variables = {
+        "PATH": "/usr/bin:/bin",
+        "ULTRANET_CNI_SOCKET": str(daemon.cni_socket),
+        "ULTRANET_CNI_SPOOL": str(daemon.state_dir / "spool"),
+    }
+    mount_then_exec = (
+        f"mount --bind {ns_path(pod)} {private} && exec ip netns exec {lab.node_ns} {shim}"
+    )
+
+    def in_runtime_mounts(command: str) -> tuple[int, dict[str, Any]]:
+        done = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", mount_then_exec],
+            env={**variables, **env(command, "hidden", str(private))},
+            input=conf(),
+            capture_output=True,
+            timeout=30,
+        )
+        body = json.loads(done.stdout) if done.stdout.strip() else {"stderr": done.stderr.decode()}
+        return done.returncode, body
+
+    async def by_path() -> tuple[int, bytes]:
+        return await call(daemon.cni_socket, env("ADD", "old-shim", str(private)), conf())
+
+    code, out = asyncio.run(by_path())
+    assert code == 1 and b"not a network namespace" in out, out
+    code, added = in_runtime_mounts("ADD")
+    assert code == 0, added
+    assert len(held(daemon)) == 1
+    assert "eth0" in pod_state(pod)["links"], pod_state(pod)  # in the pod, by descriptor
+    code, out = in_runtime_mounts("DEL")
+    assert code == 0, out
+    state = host_state(lab)
+    assert state["links"] == [] and state["rules"] == [] and state["routes"] == []
+    assert pod_state(pod)["links"] == []
+
+
+def test_a_del_whose_netns_the_shim_cannot_open_succeeds_and_cleans_the_host(
+    node: tuple[Lab, IpamdProcess, Path],
+) -> None:
+    # CNI spec: DEL must not fail when the netns is gone. The shim sends UCN2 without a
+    # descriptor, and the daemon tears down without the namespace (never by its path).
+    lab, daemon, shim = node
+    pod = lab.create_pod_namespace("gonebefore")
+    code, added = exec_shim(lab, shim, daemon, env("ADD", "gonebefore", ns_path(pod)), conf())
+    assert code == 0, added
+    netns.delete(pod)
+    code, out = exec_shim(lab, shim, daemon, env("DEL", "gonebefore", ns_path(pod)), conf())
+    assert code == 0, out
+    assert held(daemon) == []
+    state = host_state(lab)
+    assert state["links"] == [] and state["rules"] == [] and state["routes"] == []
+
+
+def test_an_old_shims_request_by_path_still_works(node: tuple[Lab, IpamdProcess, Path]) -> None:
+    # A rolling upgrade: a shim installed before UCN2 sends UCN1 frames (CNI_NETNS by
+    # path, which this daemon can see); the daemon answers them in UCN1.
+    lab, daemon, _ = node
+    pod = lab.create_pod_namespace("oldshim")
+
+    async def old_shim(command: str) -> tuple[int, bytes]:
+        return await call(daemon.cni_socket, env(command, "oldshim", ns_path(pod)), conf())
+
+    code, out = asyncio.run(old_shim("ADD"))
+    assert code == 0, out
+    assert json.loads(out)["interfaces"][1]["sandbox"] == ns_path(pod)
+    assert len(held(daemon)) == 1
+    code, out = asyncio.run(old_shim("DEL"))
+    assert code == 0, out
+    assert held(daemon) == [] and host_state(lab)["rules"] == []
 
 
 class PausePoint:

@@ -365,13 +365,6 @@ def test_the_fixture_cleans_up_after_a_killed_containerd(node: Node) -> None:
     assert_nothing_left(node, [netns_file])
 
 
-FD_FIX = (
-    "issue 16 item 1: ultranet-ipamd opens CNI_NETNS by path, which it cannot reach in "
-    "another mount namespace ('not a network namespace'); the shim is to pass it as a "
-    "file descriptor"
-)
-
-
 def run_in_other_layout(node: Node, name: str, **layout: bool) -> None:
     """A pod through a second containerd on the node with another netns layout: it gets
     its address and leaves nothing."""
@@ -395,11 +388,9 @@ def run_in_other_layout(node: Node, name: str, **layout: bool) -> None:
     assert_nothing_left(node, [netns_file])
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason=FD_FIX)
 def test_netns_mounts_under_state_dir(node: Node) -> None:
     run_in_other_layout(node, "understate", netns_mounts_under_state_dir=True)
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason=FD_FIX)
 def test_containerd_in_a_mount_namespace_of_its_own(node: Node) -> None:
     run_in_other_layout(node, "ownmnt", own_mount_namespace=True)

@@ -13,7 +13,7 @@ How it is started decides which mount namespace it lives in:
 
 * default: ``nsenter --net=/run/netns/<node>``: it shares the host's mounts, as on a real
   node, so the ``/run/netns/cni-*`` files it bind-mounts are seen by every process;
-* ``own_mount_namespace=True``: ``ip netns exec <node>``, which also gives it a mount
+* ``own_mount_namespace=True``: ``unshare --mount --propagation slave`` first, a mount
   namespace of its own (a slave of the host's): the namespace files it mounts there are
   seen by nothing outside it, as with a containerd started by a unit with
   ``PrivateMounts=``.
@@ -178,7 +178,17 @@ disabled_plugins = [
     def argv(self) -> list[str]:
         run = ["containerd", "--config", str(self.config_path)]
         if self.own_mount_namespace:
-            return ["ip", "netns", "exec", self.node_ns, *run]
+            # Not `ip netns exec`: it also remounts /sys for the namespace, which hides the
+            # cgroup mount runc needs; unshare gives the mount namespace alone.
+            return [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "slave",
+                "nsenter",
+                f"--net={NETNS_DIR / self.node_ns}",
+                *run,
+            ]
         return ["nsenter", f"--net={NETNS_DIR / self.node_ns}", *run]
 
     def start(self, timeout: float = 30.0) -> None:

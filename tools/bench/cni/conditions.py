@@ -1,82 +1,33 @@
-"""The conditions a CNI benchmark run was taken under, for its JSON: the code (git commit
-and whether the checkout differed from it), the interpreters, the peer's and the driver's
-versions, the machine and its load."""
+"""The conditions a CNI benchmark run was taken under, for its JSON: the generic ones
+(``tools.bench.conditions``: code, machine, load) and the interpreters, the peer's and the
+driver's versions."""
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from tools.bench.cni.driver import DEBIAN_PACKAGES, SOURCE, build
+from tools.bench.conditions import CHECKOUT, code, load, machine, run
 
-CHECKOUT = Path(__file__).resolve().parents[3]
-
-
-def _run(argv: list[str], cwd: Path | None = None, *, strip: bool = True) -> str:
-    """A command's stdout, or ``"unavailable: <why>"`` (a missing tool is a fact to record,
-    not a reason to lose the run)."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=cwd)
-    except (OSError, subprocess.CalledProcessError) as err:
-        return f"unavailable: {err}"
-    return done.stdout.strip() if strip else done.stdout
-
-
-def load() -> dict[str, Any]:
-    """The machine's load as ``uptime`` states it, and the load averages."""
-    return {
-        "uptime": _run(["uptime"]),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def code() -> dict[str, Any]:
-    commit = _run(["git", "rev-parse", "HEAD"], CHECKOUT)
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], CHECKOUT, strip=False)
-    changed = [] if status.startswith("unavailable") else status.splitlines()
-    return {
-        "checkout": str(CHECKOUT),
-        "commit": commit,
-        "dirty": bool(changed),
-        # Paths that differ from the commit: the figures are of the commit only if none of
-        # them is code the benchmark runs (cni/, ipam/, tools/).
-        "dirty_paths": [line[3:] for line in changed],
-    }
+__all__ = ["code", "interpreter", "load", "machine", "versions"]
 
 
 def interpreter(path: str) -> dict[str, str]:
-    version = _run([path, "-c", "import sys; print(sys.version)"])
+    version = run([path, "-c", "import sys; print(sys.version)"])
     return {"path": path, "version": version.replace("\n", " ")}
 
 
 def versions() -> dict[str, Any]:
     packages = {}
     for package in DEBIAN_PACKAGES:
-        packages[package] = _run(["dpkg-query", "-W", "-f", "${Version}", package])
+        packages[package] = run(["dpkg-query", "-W", "-f", "${Version}", package])
     go = shutil.which("go")
     return {
         "debian_packages": packages,
-        "go": _run([go, "version"]) if go else "unavailable: no go on PATH",
+        "go": run([go, "version"]) if go else "unavailable: no go on PATH",
         "driver_source": str(SOURCE.relative_to(CHECKOUT)),
         "driver_binary": str(build()),
         "python": {"executable": sys.executable, "version": sys.version.replace("\n", " ")},
-    }
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
     }

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ipam.client import AsyncIpamClient, IpamClientError
-from tools.bench.cni.conditions import code, load, machine
+from tools.bench.conditions import code, load, machine
 from tools.lab.daemon import IpamdProcess, allocate_then_kill
 from tools.lab.lab import Lab, LabConfig
 

@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench/nau/run.py            # plan x5 and simulate x1
     .venv/bin/python tools/bench/nau/run.py --quick    # simulate with 100K pod events
     .venv/bin/python tools/bench/nau/run.py --jobs 1   # the two scenarios one after the other
+    .venv/bin/python tools/bench/nau/run.py --json out.json   # and the run's conditions
 
 ``plan``: wall time of ``python -m ipam.nau.cli plan`` (embedded 100K-node default),
 interpreter start and imports included, best and median of five runs; bar < 1 s.
@@ -16,6 +17,7 @@ figure means little without it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -24,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))  # run as a script: the repo's own tools, not an installed copy
+
+from tools.bench.conditions import code, load, machine  # noqa: E402
 
 
 def _time(argv: list[str]) -> tuple[float, str]:
@@ -46,12 +51,15 @@ def _load() -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="simulate 100K pod events, not 1M")
     parser.add_argument("--jobs", type=int, help="simulate's --jobs (default: its own)")
+    parser.add_argument("--json", type=Path, help="write the figures and the run's conditions")
     args = parser.parse_args()
+    conditions = {"code": code(), "machine": machine(), "load_before": load()}
     before = _load()
     plans = [_time(["plan"])[0] for _ in range(5)]
+    plan_load = (before, _load())
     print(
         f"plan (100K nodes, default): best {min(plans):.3f}s, median "
         f"{statistics.median(plans):.3f}s (bar < 1 s); load {before:.2f} -> {_load():.2f}"
@@ -66,6 +74,24 @@ def main() -> int:
         f"load {before:.2f} -> {_load():.2f}"
     )
     print(out)
+    if args.json is not None:
+        result = {
+            "config": {
+                "argv": sys.argv[1:],
+                "python": sys.version.replace("\n", " "),
+                "plan": {"argv": ["plan"], "repeats": len(plans), "plan": "embedded default"},
+                "simulate": {"pod_events": int(events), "jobs": args.jobs},
+            },
+            "conditions": {**conditions, "load_after": load()},
+            "plan_seconds": {
+                "all": plans,
+                "best": min(plans),
+                "median": statistics.median(plans),
+                "load_1min": plan_load,
+            },
+            "simulate_seconds": {"value": seconds, "load_1min": (before, _load())},
+        }
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

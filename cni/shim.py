@@ -219,7 +219,10 @@ def exchange(
         if fd >= 0:
             rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
             sent = sock.sendmsg([request], rights)
-            sock.sendall(request[sent:])
+            # Only what is left: sendall(b"") still calls send(2), which is EPIPE once the
+            # daemon has read the whole request, answered and closed (the answer waits).
+            if sent < len(request):
+                sock.sendall(request[sent:])
         else:
             sock.sendall(request)
         kind, size = parse_header(_recv_exactly(sock, 9))

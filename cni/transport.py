@@ -25,6 +25,7 @@ from cni.spec import NETNS_FD, NO_NETNS_FD, error_json
 
 __all__ = ["CniServer", "Handle", "call", "replay_spool", "serve"]
 _MAX_FDS = 4  # room for a few: more than one is refused, and every one is closed
+_ACCEPT_BACKOFF_S = 0.1  # after accept(2) failed for want of descriptors or memory
 
 log = logging.getLogger("ultranet.cni")
 
@@ -63,7 +64,12 @@ class CniServer:
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as err:  # EMFILE, ENFILE, ENOBUFS...: the shim waits in the backlog
+                log.error("cni: cannot accept a connection (retrying in 0.1 s): %r", err)
+                await asyncio.sleep(_ACCEPT_BACKOFF_S)
+                continue
             conn.setblocking(False)
             task = asyncio.ensure_future(_connection(self._handle, conn))
             self._connections.add(task)
@@ -153,6 +159,8 @@ async def _connection(handle: Handle, conn: socket.socket) -> None:
         await loop.sock_sendall(conn, shim.encode_answer(code, stdout, magic=magic))
     except (ConnectionError, asyncio.CancelledError) as err:
         log.warning("cni: shim went away before its answer: %r", err)
+    except Exception:  # a bug of ours: the shim sees a hang-up, so say why here
+        log.exception("cni: connection failed")
     finally:
         for fd in fds:
             os.close(fd)

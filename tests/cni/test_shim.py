@@ -341,3 +341,50 @@ def test_a_new_shim_against_a_daemon_before_ucn2_is_retried_later_and_dels_are_s
     assert delete == (0, {})  # spooled by path (UCN1), for the new daemon to replay
     (spooled,) = (tmp_path / "spool").iterdir()
     assert spooled.read_bytes()[:4] == shim.MAGIC_V1
+
+
+def test_a_daemon_that_answers_and_hangs_up_before_the_shim_returns_from_sendmsg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short request leaves whole with the descriptor; the daemon may read it, answer
+    # and close before the shim's process runs again (20 ADDs on 2 cores). The shim then
+    # had nothing left to send, yet sent it: a send on a socket its peer has closed is
+    # EPIPE even for 0 bytes, so a pod plumbed by the daemon was reported unreachable
+    # (BrokenPipeError, code 11) and the runtime deleted it.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "daemon.sock"))
+    listener.listen(1)
+    hung_up = threading.Event()
+    answer = shim.encode_answer(0, b'{"cniVersion": "1.1.0"}\n')
+
+    def answer_and_hang_up() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            kind, size = shim.parse_header(conn.recv(9, socket.MSG_WAITALL))
+            conn.recv(size, socket.MSG_WAITALL)
+            conn.sendall(answer)
+        hung_up.set()
+
+    class SlowShimSocket(socket.socket):
+        def sendmsg(self, *args: Any) -> int:
+            sent = super().sendmsg(*args)
+            assert hung_up.wait(timeout=30)  # the shim descheduled until the daemon is done
+            return sent
+
+    class SocketModule:
+        AF_UNIX, SOCK_STREAM = socket.AF_UNIX, socket.SOCK_STREAM
+        SOL_SOCKET, SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+        socket = SlowShimSocket
+
+    monkeypatch.setattr(shim, "_socket", SocketModule)
+    daemon = threading.Thread(target=answer_and_hang_up)
+    daemon.start()
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        request = shim.encode_request_v2({b"CNI_COMMAND": b"ADD"}, conf(), shim.FLAG_NETNS_FD)
+        got = shim.exchange(listener.getsockname().encode(), request, timeout=30, fd=fd)
+    finally:
+        os.close(fd)
+        daemon.join(timeout=30)
+        listener.close()
+    assert got == (0, b'{"cniVersion": "1.1.0"}\n', b"")

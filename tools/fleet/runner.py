@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from cni.keys import IpamKey, PodRef
-from ipam.agent import NodeAgent, NodeIdentity
+from ipam.agent import AgentError, NodeAgent, NodeIdentity
 from ipam.config import load_config
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import THROTTLE_CODES, Ec2Client, boto3_client
@@ -59,7 +59,8 @@ from tools.lab.memory_host import MemoryHost
 log = logging.getLogger("ultranet.fleet")
 
 SUBNET_SIZE = 65536  # each subnet is a /16, the largest EC2 allows
-# before Ready; from Ready on (pods landing, the top-ups they cause); a mass restart's
+# When a call was made: before Ready; from Ready on (pods landing and the top-ups they
+# cause); during a mass restart.
 PHASES = ("start", "pods", "restart")
 SETTLE_POLL_S = 0.1
 LAG_TICK_S = 0.05
@@ -156,10 +157,14 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 
 def _held(agent: NodeAgent) -> dict[str, str]:
-    """Attachment -> its addresses, as the agent holds them."""
+    """Attachment -> its addresses, as the agent holds them (none if it never started)."""
+    try:
+        allocations = agent.allocations()
+    except AgentError:
+        return {}
     return {
         str(a.key): ",".join(f"{lease.card}:{lease.address}" for lease in a.leases)
-        for a in agent.allocations()
+        for a in allocations
     }
 
 

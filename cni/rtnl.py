@@ -192,7 +192,12 @@ def rule(
     what = f"rule {word} {addr} lookup {table if table is not None else 'any'} prio {priority}"
     if delete:
         return Message(RTM_DELRULE, _DEL, body, what, (errno.ENOENT,))
-    return Message(RTM_NEWRULE, _NEW, body, what)
+    # With NLM_F_EXCL the kernel answers EEXIST only for a rule equal in every field
+    # (fib_rules.c rule_exists: priority, table, action, selectors...): the rule asked for
+    # is there already. For a host rule of a pod's address that is one a pod before it
+    # left (its DEL never ran): the address is this ADD's by its allocation and the rule
+    # points the same way, so it is taken over, and this pod's DEL removes it.
+    return Message(RTM_NEWRULE, _NEW, body, what, (errno.EEXIST,))
 
 
 # -- the socket --------------------------------------------------------------------------------

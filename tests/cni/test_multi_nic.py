@@ -4,11 +4,13 @@ the packets from interface k leave through card k's ENI."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import netlink
 from cni.keys import IpamKey
@@ -204,3 +206,50 @@ def test_a_del_without_allocation_or_prev_result_removes_every_rule_of_the_pod(
     assert {RULE_TO_POD, RULE_FROM_POD} <= added  # both kinds were there to remove
     assert host_state(lab) == before
     assert pod_state(pod_ns) == {"links": [], "addrs": [], "rules": []}
+
+
+def add_host_rules(lab: Lab, rules: list[tuple[int, str, str, int]], op: str = "add") -> None:
+    """``host_state`` rules (priority, src, dst, table) added, or deleted where present."""
+    with IPRoute(netns=lab.node_ns) as ipr:
+        for priority, src, dst, table in rules:
+            side = {"src": src, "src_len": 32} if src else {"dst": dst, "dst_len": 32}
+            try:
+                ipr.rule(op, priority=priority, table=table, **side)
+            except NetlinkError as err:
+                if op == "add" or err.code != errno.ENOENT:
+                    raise
+
+
+def test_an_add_takes_over_identical_host_rules_a_gone_pod_left_on_its_addresses(
+    p5: Any,
+) -> None:
+    """The host rules 512 and 1536 of an earlier pod on the same addresses are still
+    there (its DEL never ran): the ADD's own rules answer EEXIST, which was a failure
+    (code 100 'rule to ... failed', EEXIST) on every later ADD of that address. The
+    rules are equal in every field, so the ADD takes them over and its DEL removes them."""
+    lab, _ = p5
+    before = host_state(lab)
+    pod_ns = lab.create_pod_namespace("heir")
+
+    async def add_and_delete(name: str) -> tuple[list[str], list[tuple[int, str, str, int]]]:
+        # A fresh pool: no cooldown, so the same addresses come first each time.
+        backend = PoolBackend(pool_from_lab(lab))
+        async with node(lab, backend, enable_multi_nic=True, max_interfaces=CARDS) as n:
+            result = await n.add(name, pod_ns, runtimeConfig=MULTI)
+            plumbed = await asyncio.to_thread(host_state, lab)
+            await n.delete(name, pod_ns, result)
+            await n.plumbing.settle()
+        return [ip["address"] for ip in result["ips"]], plumbed["rules"]
+
+    first, rules = run(add_and_delete("gone"))
+    stale = sorted(set(rules) - set(before["rules"]))
+    assert {r[0] for r in stale} == {RULE_TO_POD, RULE_FROM_POD}
+    try:
+        add_host_rules(lab, stale)  # what the gone pod left
+        second, rules_then = run(add_and_delete("heir"))
+        assert second == first  # the same addresses, so the same rules
+        assert sorted(set(rules_then) - set(before["rules"])) == stale
+        assert len(rules_then) == len(set(rules_then))  # taken over, not duplicated
+        assert host_state(lab) == before
+    finally:
+        add_host_rules(lab, stale, "del")

@@ -15,7 +15,10 @@ import re
 import sys
 from typing import Any
 
+from ipam.config import load_config
+from ipam.errors import UltranetError
 from ipam.nau.throttle import BucketSpec, load_table
+from tools.fleet.auto import choose
 from tools.fleet.runner import Fleet, FleetConfig, Scenario, quiet_agents
 
 SCENARIOS = ("ultranet", "ultranet-reactive")
@@ -39,6 +42,18 @@ def _bucket(text: str) -> tuple[str, BucketSpec]:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
+def _launch_prefixes(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0, or auto")
+    return value
+
+
 def _env(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -55,9 +70,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-rate", type=float, default=500.0, help="scheduler, pods/s")
     p.add_argument(
         "--prefixes-at-launch",
-        type=int,
+        type=_launch_prefixes,
         default=2,
-        help="/28 prefixes on each primary ENI at launch in the 'ultranet' scenario",
+        metavar="N|auto",
+        help="/28 prefixes on each primary ENI at launch in the 'ultranet' scenario; auto: "
+        "the fewest, with warm settings that keep them, for 0 EC2 calls (tools/fleet/auto.py)",
     )
     p.add_argument(
         "--scenario",
@@ -106,9 +123,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.nodes < 1 or args.pods_per_node < 0 or args.prefixes_at_launch < 0:
-        print("fleet: --nodes >= 1, --pods-per-node and --prefixes-at-launch >= 0", file=sys.stderr)
+    if args.nodes < 1 or args.pods_per_node < 0:
+        print("fleet: --nodes must be >= 1 and --pods-per-node >= 0", file=sys.stderr)
         return 2
+    env = dict(args.env)
+    auto = None
+    try:
+        load_config(env)  # a bad setting is refused here, not by 2,000 agents
+        if args.prefixes_at_launch is None:
+            auto = choose(args.instance_type, args.pods_per_node, env)
+            env.update(auto.env)
+    except (UltranetError, ValueError) as err:
+        print(f"fleet: {err}", file=sys.stderr)
+        return 2
+    prefixes = auto.prefixes if auto is not None else args.prefixes_at_launch
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_agents(args.verbose)
     table = None
@@ -120,16 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         instance_type=args.instance_type,
         pods_per_node=args.pods_per_node,
         pod_rate_per_s=args.pod_rate,
-        env=dict(args.env),
+        env=env,
         throttle=table,
         timeout_s=args.timeout,
         restart=args.restart,
         efa_only_cards=args.efa_only_cards,
     )
     wanted = args.scenario or list(SCENARIOS)
-    scenarios = [
-        Scenario(name, args.prefixes_at_launch if name == "ultranet" else 0) for name in wanted
-    ]
+    scenarios = [Scenario(name, prefixes if name == "ultranet" else 0) for name in wanted]
     try:
         results = Fleet(config).run(scenarios)
     except ValueError as err:
@@ -140,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         result["state_dirs"] = "tmpfs (/dev/shm): the journal's fdatasync costs no disk I/O"
         result["host_network"] = "in memory (tools/lab/memory_host.py), not netlink"
         result["clock"] = "real time"
+        result["env"] = env
+        if auto is not None:
+            result["prefixes_at_launch_auto"] = {
+                "prefixes": auto.prefixes,
+                "warm_settings_added": auto.env,
+                "addresses_per_node": auto.addresses_per_node,
+                "choice": auto.describe(),
+            }
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -571,6 +571,46 @@ class Plumbing:
                 reaped.append(name)
         return reaped
 
+    async def reap_stray_rules(
+        self, accounted: Callable[[], Collection[IPv4Address]]
+    ) -> list[tuple[int, IPv4Address]]:
+        """Delete the host rules of pod addresses no pod has any more: rules of exactly
+        the shapes an ADD makes (priority 512 ``to <addr>/32 lookup main``, 1536 ``from
+        <addr>/32 lookup <table>``, nothing else set) whose address ``accounted()`` lacks
+        and that no /32 route of the main table reaches (no veth, ours or another's).
+        They are left when a pod's veth went while the daemon was down: the restart drops
+        its allocation, and the spooled DEL then finds neither allocation nor veth to
+        read the address from. Returns (priority, address) of each rule deleted.
+
+        Call it with no ADD running (before serving): ``accounted`` is read after the
+        dumps, and an ADD allocates before it creates its route and rules."""
+        found: list[tuple[int, IPv4Address, int]] = []
+        async for rule in await self._host.rule("dump", family=_AF_INET):
+            shaped = _pod_rule(rule)
+            if shaped is not None:
+                found.append(shaped)
+        routed = set()
+        async for route in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE):
+            if route["dst_len"] == 32 and route.get("RTA_DST") is not None:
+                routed.add(IPv4Address(route.get("RTA_DST")))
+        keep = set(accounted())
+        strays = [(p, a, t) for p, a, t in found if a not in keep and a not in routed]
+        if not strays:
+            return []
+        messages = [
+            rtnl.rule("dst" if p == RULE_TO_POD else "src", a, p, t, delete=True)
+            for p, a, t in strays
+        ]
+        try:
+            codes = self._rtnl.batch(messages)
+        except RtnlError as err:
+            log.error("cni: stray host rules stay: %s", err)
+            return []
+        reaped = [(p, a) for (p, a, _), code in zip(strays, codes, strict=True) if code == 0]
+        for priority, address in reaped:
+            log.warning("cni: reaped stray host rule %s of %s (no pod has it)", priority, address)
+        return reaped
+
     async def _teardown_one(self, name: str, address: str) -> None:
         addr = IPv4Address(address)
         link = self._rtnl.link_index(name)
@@ -650,6 +690,36 @@ class Plumbing:
                 if value is not None and rule[f"{side}_len"] == 32:
                     found.add((rule.get("FRA_PRIORITY", 0), side, value, table))
         return found
+
+
+# Attributes the kernel reports on every rule, whoever made it.
+_ALWAYS_DUMPED = {"FRA_PROTOCOL", "FRA_SUPPRESS_PREFIXLEN"}
+_FR_ACT_TO_TBL = 1
+_NO_SUPPRESS = 0xFFFFFFFF
+
+
+def _pod_rule(rule: Any) -> tuple[int, IPv4Address, int] | None:
+    """(priority, address, table) of a host rule of exactly an ADD's shape, else None."""
+    priority = rule.get("FRA_PRIORITY")
+    if priority == RULE_TO_POD:
+        side, lengths = "FRA_DST", (32, 0)
+    elif priority == RULE_FROM_POD:
+        side, lengths = "FRA_SRC", (0, 32)
+    else:
+        return None
+    table = rule.get("FRA_TABLE") or rule["table"]
+    names = {name for name, _ in rule["attrs"]}
+    if (
+        (rule["dst_len"], rule["src_len"]) != lengths
+        or rule["action"] != _FR_ACT_TO_TBL
+        or rule["tos"]
+        or rule["flags"]
+        or names - _ALWAYS_DUMPED != {"FRA_PRIORITY", "FRA_TABLE", side}
+        or rule.get("FRA_SUPPRESS_PREFIXLEN", _NO_SUPPRESS) not in (_NO_SUPPRESS, -1)
+        or (priority == RULE_TO_POD and table != MAIN_TABLE)
+    ):
+        return None
+    return priority, IPv4Address(rule.get(side)), table
 
 
 def _rule_deletes(address: IPv4Address) -> list[rtnl.Message]:

@@ -47,7 +47,12 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from cni.spec import DEFAULT_VETH_PREFIX
     from cni.transport import CniServer, replay_spool, serve
     from ipam.agent import NodeAgent
-    from ipam.cni_backend import AgentBackend, accounted_veths, host_veth_alive
+    from ipam.cni_backend import (
+        AgentBackend,
+        accounted_addresses,
+        accounted_veths,
+        host_veth_alive,
+    )
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
     def hostnet() -> HostNetwork:
@@ -97,6 +102,13 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         agent.metrics.stray_veths_reaped.inc(len(reaped))
         if reaped:
             log.warning("reaped %d stray veth(s) no allocation accounts for", len(reaped))
+        # Host rules of addresses whose pod went while no daemon ran (its veth gone, so the
+        # restore dropped its allocation and the replayed DEL found nothing to go by): an
+        # ADD given the address would meet them. After the veths above: theirs go too.
+        rules = await plumbing.reap_stray_rules(lambda: accounted_addresses(agent.allocations()))
+        agent.metrics.stray_rules_reaped.inc(len(rules))
+        if rules:
+            log.warning("reaped %d stray host rule(s) no allocation accounts for", len(rules))
         cni_server = await serve(config.cni_socket, handler.handle)
         log.info("serving IPAM on %s and CNI on %s", config.socket, config.cni_socket)
         failed: list[BaseException] = []

@@ -7,6 +7,7 @@ place the two meet, so neither package imports the other's internals.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from cni.backend import Allocation, BackendStatus, BackendUnavailable
@@ -60,6 +61,11 @@ def accounted_veths(allocations: Iterable[Allocation], veth_prefix: str) -> set[
         for a in allocations
         for index in range(len(a.leases))
     }
+
+
+def accounted_addresses(allocations: Iterable[Allocation]) -> set[IPv4Address]:
+    """The pod addresses the allocations hold: every lease's."""
+    return {lease.address for a in allocations for lease in a.leases}
 
 
 def host_veth_alive(veth_prefix: str = "eni") -> Callable[[Allocation], bool]:

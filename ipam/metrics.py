@@ -99,6 +99,12 @@ class IpamdMetrics:
             "Host veths of this CNI that no allocation accounted for, deleted at start",
             registry=r,
         )
+        self.stray_rules_reaped = Counter(
+            p + "stray_rules_reaped_total",
+            "Host rules 512/1536 of pod addresses no allocation or veth accounted for, "
+            "deleted at start",
+            registry=r,
+        )
 
     # -- ipam.ec2.Ec2Stats -------------------------------------------------------------
 

@@ -128,6 +128,11 @@ def test_a_restart_keeps_live_pods_and_drops_those_whose_veth_is_gone(
             return [a["container_id"] for a in await client.list()]
 
     assert asyncio.run(held()) == ["keep"]
+    # The lost pod's host rule went at start (no allocation, no route left); the kept
+    # pod's stays. Before the sweep it stayed, and an ADD given the address met EEXIST.
+    kept_address = kept["ips"][0]["address"].split("/")[0]
+    assert [r[2] for r in host_state(lab)["rules"]] == [kept_address]
+    assert "reaped 1 stray host rule(s)" in daemon.log_tail(40)
     code, again = exec_shim(
         lab, shim, daemon, env("CHECK", "keep", ns_path(keep)), conf(prevResult=kept)
     )

@@ -311,29 +311,6 @@ def stop_while_the_daemon_is_down(node: Node) -> str:
     return address
 
 
-@pytest.fixture
-def unheld_rules_removed(node: Node) -> Iterator[None]:
-    """After the test, delete the 512/1536 host rules of addresses no allocation holds,
-    which a restart leaves today (see STALE_RULE), so the next tests start clean."""
-    yield
-    node.daemon.wait_cni_socket()
-    assert held(node.daemon) == []
-    with IPRoute(netns=node.lab.node_ns) as ipr:
-        for rule in ipr.get_rules(family=socket.AF_INET):
-            if rule.get("priority") in (512, 1536):
-                ipr.rule("del", **_rule_fields(rule))
-
-
-def _rule_fields(rule: Any) -> dict[str, Any]:
-    fields = {"priority": rule.get("priority"), "table": rule.get("table")}
-    for key, attr in (("src", "src"), ("dst", "dst")):
-        if rule.get(attr):
-            fields[key] = rule.get(attr)
-            fields[f"{key}_len"] = rule[f"{key}_len"]
-    return fields
-
-
-@pytest.mark.usefixtures("unheld_rules_removed")
 def test_daemon_killed_add_fails_retryably_and_the_spooled_del_is_replayed(node: Node) -> None:
     stop_while_the_daemon_is_down(node)
     assert host_state(node.lab)["links"] == []
@@ -344,17 +321,9 @@ def test_daemon_killed_add_fails_retryably_and_the_spooled_del_is_replayed(node:
     remove(node, again)
     assert seen["addrs"] == {"eth0": [f"{address}/32"]}
     assert held(node.daemon) == [] and not os.path.exists(netns_file)
+    assert host_state(node.lab) == CLEAN
 
 
-STALE_RULE = (
-    "ipam/agent.py _restore drops the allocation of a pod whose namespace and veth went "
-    "while the daemon was down before the spooled DEL is replayed; the replay, finding no "
-    "allocation, leaves the address's host rules (512 to, 1536 from)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STALE_RULE)
-@pytest.mark.usefixtures("unheld_rules_removed")
 def test_a_pod_stopped_while_the_daemon_was_down_leaves_no_host_rule(node: Node) -> None:
     address = stop_while_the_daemon_is_down(node)
     assert address not in [r[2] for r in host_state(node.lab)["rules"]]

@@ -47,6 +47,7 @@ def node(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab, IpamdPr
         {
             "ULTRANET_CNI_SOCKET": str(tmp_path / "d" / "cni.sock"),
             "ULTRANET_CNI_SPOOL": str(tmp_path / "d" / "spool"),
+            "ULTRANET_METRICS_ADDR": f"127.0.0.1:{METRICS_PORT}",
         },
     )
     daemon.start()
@@ -133,6 +134,7 @@ def test_a_restart_keeps_live_pods_and_drops_those_whose_veth_is_gone(
     kept_address = kept["ips"][0]["address"].split("/")[0]
     assert [r[2] for r in host_state(lab)["rules"]] == [kept_address]
     assert "reaped 1 stray host rule(s)" in daemon.log_tail(40)
+    assert strays_reaped(lab, "ultranet_ipamd_stray_rules_reaped_total") == 1
     code, again = exec_shim(
         lab, shim, daemon, env("CHECK", "keep", ns_path(keep)), conf(prevResult=kept)
     )
@@ -338,12 +340,11 @@ def held(daemon: IpamdProcess) -> list[dict[str, Any]]:
     return asyncio.run(listed())
 
 
-def strays_reaped(lab: Lab) -> float:
+def strays_reaped(lab: Lab, metric: str = "ultranet_ipamd_stray_veths_reaped_total") -> float:
     fetch = f"""
 import urllib.request
 body = urllib.request.urlopen("http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read()
-print(next(l for l in body.decode().splitlines()
-           if l.startswith("ultranet_ipamd_stray_veths_reaped_total ")).split()[1])
+print(next(l for l in body.decode().splitlines() if l.startswith("{metric} ")).split()[1])
 """
     done = python_in(lab.node_ns, fetch)
     assert done.returncode == 0, done.stderr

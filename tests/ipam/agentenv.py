@@ -22,6 +22,8 @@ from ipam.metrics import IpamdMetrics
 from tools.lab.lab import Lab
 
 POD = PodRef("default", "pod")
+# Builds the agent's EC2 client (``NodeAgent``'s ``ec2_factory``); ``ec2_factory`` by default.
+Ec2Factory = Callable[[NodeIdentity, IpamdMetrics], Ec2Client]
 
 
 def key(n: int, network: str = "ultranet") -> IpamKey:
@@ -53,7 +55,7 @@ class Endpoints(Protocol):
     def imds_url(self) -> str: ...
 
 
-def ec2_factory(lab: Endpoints) -> object:
+def ec2_factory(lab: Endpoints) -> Ec2Factory:
     def build(node: NodeIdentity, metrics: IpamdMetrics) -> Ec2Client:
         return Ec2Client(
             node.region,
@@ -79,13 +81,14 @@ class AgentRun:
         config: IpamdConfig,
         clock: ManualClock,
         hostnet: Callable[[], HostNetworkPort],
+        ec2: Ec2Factory | None = None,
     ) -> None:
         self.lab = lab
         self.loop = asyncio.new_event_loop()
         self.agent = NodeAgent(
             config,
             imds=ImdsClient(lab.imds_url),
-            ec2_factory=ec2_factory(lab),  # type: ignore[arg-type]
+            ec2_factory=ec2 or ec2_factory(lab),
             hostnet=hostnet,
             clock=clock,
         )
@@ -140,8 +143,9 @@ def agent_on(
     state_dir: Path,
     env: Mapping[str, str] | None = None,
     clock: ManualClock | None = None,
+    ec2: Ec2Factory | None = None,
 ) -> Iterator[AgentRun]:
-    run = AgentRun(endpoints, config_for(state_dir, env), clock or ManualClock(), hostnet)
+    run = AgentRun(endpoints, config_for(state_dir, env), clock or ManualClock(), hostnet, ec2)
     try:
         run.start()
         yield run

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ipam.instance_types import lookup
-from tests.ipam.agentenv import AgentRun, ManualClock, agent_on
+from tests.ipam.agentenv import AgentRun, Ec2Factory, ManualClock, agent_on
 from tests.ipam.recording_hostnet import RecordedHost
 from tests.lab.helpers import ec2_client
 from tools.lab.ec2.server import Ec2Server, ImdsServer
@@ -81,7 +81,8 @@ def agent_on_cloud(
     state_dir: Path,
     env: Mapping[str, str] | None = None,
     clock: ManualClock | None = None,
+    ec2: Ec2Factory | None = None,
 ) -> Iterator[AgentRun]:
     """An agent on the node, its host network the node's ``RecordedHost``."""
-    with agent_on(node, node.host.open, state_dir, env, clock) as run:
+    with agent_on(node, node.host.open, state_dir, env, clock, ec2) as run:
         yield run

@@ -5,31 +5,57 @@ that may import nothing). One connection carries one request and one answer, as 
 exec carries one CNI command. A handler that fails unexpectedly is answered as code 999
 and logged; a handler is never cancelled because its shim hung up, since an ADD
 stopped halfway would skip its own rollback.
+
+Each answered command is reported to an ``Observe`` callable, as (command, CNI code,
+seconds from the request read to the answer sent): the daemon's metrics live in a
+package this one may not import, so the daemon passes the callable in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from cni import shim
 from cni.errors import CniError, ErrorCode
-from cni.spec import NETNS_FD, NO_NETNS_FD, error_json
+from cni.spec import NETNS_FD, NO_NETNS_FD, Command, error_json
 
-__all__ = ["CniServer", "Handle", "call", "replay_spool", "serve"]
+__all__ = ["CniServer", "Handle", "Observe", "call", "ignore", "replay_spool", "serve"]
 _MAX_FDS = 4  # room for a few: more than one is refused, and every one is closed
 _ACCEPT_BACKOFF_S = 0.1  # after accept(2) failed for want of descriptors or memory
 
 log = logging.getLogger("ultranet.cni")
 
 Handle = Callable[[Mapping[str, str], bytes], Awaitable[tuple[int, bytes]]]
+# (command, code, seconds): code 0 for success, else the CNI error code answered; a
+# command that is none of the spec's is "other", so a bad shim cannot grow the labels.
+Observe = Callable[[str, int, float], None]
+_COMMANDS = frozenset(c.value for c in Command)
+
+
+def ignore(command: str, code: int, seconds: float) -> None:
+    """The default ``Observe``: nothing is measured."""
+
+
+def _answered_code(exit_code: int, stdout: bytes) -> int:
+    """The CNI code of an answer: 0, or the ``code`` of the spec's error JSON (999 if an
+    answer that failed carries none, which only a bug of ours would produce)."""
+    if exit_code == 0:
+        return 0
+    try:
+        code = json.loads(stdout).get("code")
+    except (ValueError, AttributeError):
+        return int(ErrorCode.INTERNAL)
+    return code if isinstance(code, int) else int(ErrorCode.INTERNAL)
 
 
 def _text_env(env: Mapping[bytes, bytes]) -> dict[str, str]:
@@ -55,9 +81,10 @@ class CniServer:
     ``await wait_closed()`` (as ``asyncio.Server``) stops accepting and waits for the
     requests in flight."""
 
-    def __init__(self, listener: socket.socket, handle: Handle) -> None:
+    def __init__(self, listener: socket.socket, handle: Handle, observe: Observe = ignore) -> None:
         self._listener = listener
         self._handle = handle
+        self._observe = observe
         self._connections: set[asyncio.Task[None]] = set()
         self._accepting = asyncio.ensure_future(self._accept())
 
@@ -71,7 +98,7 @@ class CniServer:
                 await asyncio.sleep(_ACCEPT_BACKOFF_S)
                 continue
             conn.setblocking(False)
-            task = asyncio.ensure_future(_connection(self._handle, conn))
+            task = asyncio.ensure_future(_connection(self._handle, conn, self._observe))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
@@ -145,7 +172,7 @@ async def _read_request(conn: socket.socket, fds: list[int]) -> tuple[bytes, dic
     return magic, env, stdin
 
 
-async def _connection(handle: Handle, conn: socket.socket) -> None:
+async def _connection(handle: Handle, conn: socket.socket, observe: Observe = ignore) -> None:
     loop = asyncio.get_running_loop()
     fds: list[int] = []
     try:
@@ -154,9 +181,16 @@ async def _connection(handle: Handle, conn: socket.socket) -> None:
         except (asyncio.IncompleteReadError, shim.WireError) as err:
             log.warning("cni: dropped a malformed request: %s", err)
             return
+        started = time.perf_counter()
         task = asyncio.ensure_future(_answer(handle, env, stdin))
         code, stdout = await asyncio.shield(task)
         await loop.sock_sendall(conn, shim.encode_answer(code, stdout, magic=magic))
+        command = env.get("CNI_COMMAND", "")
+        observe(
+            command if command in _COMMANDS else "other",
+            _answered_code(code, stdout),
+            time.perf_counter() - started,
+        )
     except (ConnectionError, asyncio.CancelledError) as err:
         log.warning("cni: shim went away before its answer: %r", err)
     except Exception:  # a bug of ours: the shim sees a hang-up, so say why here
@@ -167,13 +201,13 @@ async def _connection(handle: Handle, conn: socket.socket) -> None:
         conn.close()
 
 
-async def serve(path: str | Path, handle: Handle) -> CniServer:
+async def serve(path: str | Path, handle: Handle, observe: Observe = ignore) -> CniServer:
     """Listen on the Unix socket ``path`` (mode 0600: only root execs CNI plugins).
 
     A stale socket file left by a killed daemon is replaced; any other file there is an
     error. The caller owns the server: ``server.close(); await server.wait_closed()``.
     A UCN2 request's namespace descriptor reaches ``handle`` as ``env[NETNS_FD]`` and is
-    closed once it has answered.
+    closed once it has answered. Every answer sent is reported to ``observe``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -190,7 +224,7 @@ async def serve(path: str | Path, handle: Handle) -> CniServer:
     except BaseException:
         listener.close()
         raise
-    return CniServer(listener, handle)
+    return CniServer(listener, handle, observe)
 
 
 async def call(path: str | Path, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:

@@ -109,7 +109,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         agent.metrics.stray_rules_reaped.inc(len(rules))
         if rules:
             log.warning("reaped %d stray host rule(s) no allocation accounts for", len(rules))
-        cni_server = await serve(config.cni_socket, handler.handle)
+        cni_server = await serve(config.cni_socket, handler.handle, agent.metrics.cni_command)
         log.info("serving IPAM on %s and CNI on %s", config.socket, config.cni_socket)
         failed: list[BaseException] = []
         if config.cni_conf_dir is not None:

@@ -4,8 +4,11 @@ Names are ``ultranet_ipamd_*``. The VPC CNI's equivalents, for users moving dash
 ``awscni_assigned_ip_addresses`` → ``ultranet_ipamd_addresses_assigned``,
 ``awscni_total_ip_addresses`` → ``ultranet_ipamd_addresses_total``,
 ``awscni_aws_api_latency_ms`` → ``ultranet_ipamd_ec2_request_seconds``,
-``awscni_aws_api_error_count`` → ``ultranet_ipamd_ec2_errors_total``. Each gauge has a
-``card`` label, because a p5.48xlarge has 32 pools, not one.
+``awscni_aws_api_error_count`` → ``ultranet_ipamd_ec2_errors_total``,
+``awscni_add_ip_req_count`` / ``awscni_del_ip_req_count`` → the ``_count`` of
+``ultranet_ipamd_cni_command_seconds{command="ADD"|"DEL"}``, which also times the whole
+command (the VPC CNI counts requests but times none). Each gauge has a ``card`` label,
+because a p5.48xlarge has 32 pools, not one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ALLOCATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 JOURNAL_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
+# A whole CNI command: a DEL or a warm ADD takes milliseconds; an ADD that waits for an
+# address or a multi-NIC pod's many veths, tens to hundreds.
+CNI_COMMAND_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 EC2_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -46,6 +52,14 @@ class IpamdMetrics:
             "Time from request to durable answer, by operation",
             ["op"],
             buckets=ALLOCATION_BUCKETS,
+            registry=r,
+        )
+        self.cni_command_seconds = Histogram(
+            p + "cni_command_seconds",
+            "CNI commands answered, from request read to answer sent, by command and "
+            "code (0: success, else the CNI error code)",
+            ["command", "code"],
+            buckets=CNI_COMMAND_BUCKETS,
             registry=r,
         )
         self.journal_sync_seconds = Histogram(
@@ -105,6 +119,11 @@ class IpamdMetrics:
             "deleted at start",
             registry=r,
         )
+
+    # -- cni.transport.Observe -------------------------------------------------------
+
+    def cni_command(self, command: str, code: int, seconds: float) -> None:
+        self.cni_command_seconds.labels(command, str(code)).observe(seconds)
 
     # -- ipam.ec2.Ec2Stats -------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 
 from cni import shim, transport
+from cni.errors import CniError, ErrorCode
+from cni.spec import error_json
 
 ANSWER = b'{"cniVersion": "1.1.0"}\n'
 
@@ -86,3 +89,58 @@ def test_accept_failing_for_want_of_descriptors_is_logged_and_serving_goes_on(
     with caplog.at_level(logging.WARNING, logger="ultranet.cni"):
         assert asyncio.run(scenario()) == (0, ANSWER)
     assert any("cannot accept a connection" in r.getMessage() for r in caplog.records)
+
+
+def test_each_answer_is_observed_with_its_command_its_cni_code_and_its_time(
+    tmp_path: Path,
+) -> None:
+    # The daemon's cni_command_seconds histogram is fed by this callable: a code read
+    # from the answer (not the exit status), a command outside the spec's as "other".
+    handler_took: dict[str, float] = {}
+
+    async def answer_per_command(env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
+        command = env["CNI_COMMAND"]
+        if command == "ADD":  # some work, so that its time cannot round to nothing
+            began = time.perf_counter()
+            await asyncio.sleep(0.02)
+            handler_took["ADD"] = time.perf_counter() - began
+            return 0, ANSWER
+        if command == "DEL":
+            return 1, error_json(CniError(ErrorCode.TRY_AGAIN_LATER, "IPAM not ready"))
+        if command == "STATUS":
+            raise RuntimeError("a bug")  # answered as 999 by the transport
+        if command == "CHECK":
+            return 1, b"not the spec's error JSON\n"  # only a bug would answer so
+        if command == "VERSION":
+            return 0, ANSWER
+        return 1, error_json(CniError(ErrorCode.INVALID_ENV, f"CNI_COMMAND={command!r}"))
+
+    observed: list[tuple[str, int, float]] = []
+
+    def observe(command: str, code: int, seconds: float) -> None:
+        observed.append((command, code, seconds))
+
+    async def scenario() -> float:
+        server = await transport.serve(tmp_path / "cni.sock", answer_per_command, observe)
+        try:
+            began = time.perf_counter()
+            await transport.call(tmp_path / "cni.sock", {"CNI_COMMAND": "ADD"}, b"{}")
+            round_trip = time.perf_counter() - began
+            for command in ("DEL", "STATUS", "CHECK", "NOT-A-COMMAND", "VERSION"):
+                await transport.call(tmp_path / "cni.sock", {"CNI_COMMAND": command}, b"{}")
+            return round_trip
+        finally:
+            server.close()
+            await server.wait_closed()  # every connection has answered, and been observed
+
+    add_round_trip = asyncio.run(scenario())
+    assert [(command, code) for command, code, _ in observed] == [
+        ("ADD", 0),
+        ("DEL", 11),
+        ("STATUS", 999),
+        ("CHECK", 999),
+        ("other", 4),
+        ("VERSION", 0),
+    ]
+    add_seconds = observed[0][2]
+    assert handler_took["ADD"] <= add_seconds <= add_round_trip

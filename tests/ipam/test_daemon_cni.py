@@ -107,6 +107,9 @@ def test_pods_added_through_the_shim_reach_the_vpc_and_each_other(
         assert code == 0, result
     state = host_state(lab)
     assert state["links"] == [] and state["rules"] == [] and state["routes"] == []
+    # Each command the shim ran is one sample of the daemon's histogram, by its outcome.
+    assert commands_answered(lab, "ADD", 0) == 2
+    assert commands_answered(lab, "DEL", 0) == 2
 
 
 def test_a_restart_keeps_live_pods_and_drops_those_whose_veth_is_gone(
@@ -182,6 +185,11 @@ def test_failed_adds_take_no_address_and_put_none_in_cooldown(
         assert held(daemon) == listed and host_state(lab) == host
     code, out = exec_shim(lab, shim, daemon, env("DEL", "first", ns_path(pod)), conf())
     assert code == 0, out
+    # The daemon's histogram tells the refusals apart by their CNI code; the gone netns
+    # never reached it (the shim, unable to open the path, answered 3 itself).
+    answered = {code: commands_answered(lab, "ADD", code) for code in (0, 3, 4, 102)}
+    assert answered == {0: 1, 3: 0, 4: 1, 102: 1}
+    assert commands_answered(lab, "DEL", 0) == 1
 
 
 def test_a_netns_only_the_runtimes_mount_namespace_sees_travels_as_a_descriptor(
@@ -341,14 +349,30 @@ def held(daemon: IpamdProcess) -> list[dict[str, Any]]:
 
 
 def strays_reaped(lab: Lab, metric: str = "ultranet_ipamd_stray_veths_reaped_total") -> float:
+    value = scraped(lab, metric)
+    assert value is not None, f"{metric} is not exported"
+    return value
+
+
+def scraped(lab: Lab, sample: str) -> float | None:
+    """The value of ``sample`` (a name, with its labels as the exposition writes them) in
+    the daemon's /metrics; None if it is not there."""
     fetch = f"""
 import urllib.request
 body = urllib.request.urlopen("http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read()
-print(next(l for l in body.decode().splitlines() if l.startswith("{metric} ")).split()[1])
+lines = [l for l in body.decode().splitlines() if l.startswith({sample + " "!r})]
+print(lines[0].split()[-1] if lines else "absent")
 """
     done = python_in(lab.node_ns, fetch)
     assert done.returncode == 0, done.stderr
-    return float(done.stdout)
+    return None if done.stdout.strip() == "absent" else float(done.stdout)
+
+
+def commands_answered(lab: Lab, command: str, code: int) -> float:
+    """The daemon's count of ``command`` answered with ``code`` (0 before the first)."""
+    name = "ultranet_ipamd_cni_command_seconds_count"
+    value = scraped(lab, f'{name}{{code="{code}",command="{command}"}}')  # labels sorted
+    return 0.0 if value is None else value
 
 
 def test_kill_9_after_a_del_answered_before_its_veth_went_leaves_the_host_clean(

@@ -14,12 +14,17 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from cni import transport
+from cni.handler import CniHandler
 from ipam import agent as agent_module
 from ipam.agent import NodeIdentity
+from ipam.cni_backend import AgentBackend
 from ipam.config import load_config
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Client, Ec2RetriesExhausted, boto3_client
 from ipam.metrics import IpamdMetrics
+from tests.cni.harness import conf, env
+from tests.cni.recording_plumbing import RecordingPlumbing
 from tests.ipam.agentenv import POD, AgentRun, ManualClock, key
 from tests.ipam.cloudnode import CloudNode, agent_on_cloud, cloud_node
 from tools.lab.ec2.faults import FaultKind, FaultRule
@@ -138,6 +143,62 @@ def test_ready_turns_1_once_the_warm_target_is_met(m5: CloudNode, tmp_path: Path
         assert sample(run, "ultranet_ipamd_ready") == 0  # one prefix of three
         run.converge()
         assert sample(run, "ultranet_ipamd_ready") == 1
+
+
+# -- whole CNI commands -----------------------------------------------------------------
+
+
+def test_cni_command_seconds_counts_each_answered_command_by_command_and_code(
+    m5: CloudNode, tmp_path: Path
+) -> None:
+    # The daemon's composition: the handler on the agent, served with the metrics as the
+    # transport's observer (ipam/cli.py); the plumbing recorded, so no root is needed.
+    with agent_on_cloud(m5, tmp_path / "state") as run:
+        handler = CniHandler(AgentBackend(run.agent), RecordingPlumbing())
+        sock = tmp_path / "cni.sock"
+        server = run.run(transport.serve(sock, handler.handle, run.agent.metrics.cni_command))
+        assert isinstance(server, transport.CniServer)
+
+        def call(variables: dict[str, str], stdin: bytes = conf()) -> int:
+            code, _ = run.run(transport.call(sock, variables, stdin))
+            assert isinstance(code, int)
+            return code
+
+        try:
+            for n in range(3):
+                assert call(env("ADD", f"c{n}", f"/run/netns/c{n}")) == 0
+            no_pod_name = env("ADD", "c9", "/run/netns/c9", CNI_ARGS="K8S_POD_NAMESPACE=a")
+            assert call(no_pod_name) == 1  # code 4, CNI_ARGS lacks K8S_POD_NAME
+            for n in range(2):
+                assert call(env("DEL", f"c{n}", f"/run/netns/c{n}")) == 0
+            assert call(env("CHECK", "c2", "/run/netns/c2")) == 1  # code 7: no prevResult
+            assert call(env("VERSION")) == 0
+            assert call(env("FROB")) == 1  # code 4, counted as "other"
+        finally:
+            server.close()
+            run.run(server.wait_closed())  # every answer sent has been observed
+
+    def count(command: str, code: str) -> float | None:
+        name = "ultranet_ipamd_cni_command_seconds_count"
+        return sample(run, name, command=command, code=code)
+
+    assert count("ADD", "0") == 3
+    assert count("ADD", "4") == 1
+    assert count("DEL", "0") == 2
+    assert count("CHECK", "7") == 1
+    assert count("VERSION", "0") == 1
+    assert count("other", "4") == 1
+    counted = sum(
+        s.value
+        for family in run.agent.metrics.registry.collect()
+        if family.name == "ultranet_ipamd_cni_command_seconds"
+        for s in family.samples
+        if s.name.endswith("_count")
+    )
+    assert counted == 9  # and no other command or code
+    # Each sample is one command's time: the ADDs' sum is the sum of three positive times.
+    added = sample(run, "ultranet_ipamd_cni_command_seconds_sum", command="ADD", code="0")
+    assert added is not None and added > 0
 
 
 # -- allocations and the journal ------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""``make demo``, reduced: 6 pods (2 multi-NIC) on the emulated p5.48xlarge, end to end,
-then a run failing on purpose; both must leave no namespace, process or temp dir."""
+"""``make demo``, reduced: 6 pods (2 multi-NIC) on the emulated p5.48xlarge, end to end
+through containerd's CRI, then through the libcni fallback when containerd cannot start,
+then runs failing on purpose; all must leave no namespace, process, containerd shim,
+mount, sandbox namespace file or temp dir."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def assert_nothing_left(output: str) -> None:
-    """No namespace of the run's lab, no process naming its temp dir, no temp dir."""
+    """No namespace of the run's lab, no process naming its temp dir (containerd and its
+    shims name it in their arguments), no mount under it, no temp dir."""
     lab = re.search(r"lab ([0-9a-f]{6}): namespaces", output)
     tmp = re.search(r"CNI: shim (/\S+/ultranet-demo-[^/]+)/", output)
     assert lab and tmp, output
@@ -36,14 +39,17 @@ def assert_nothing_left(output: str) -> None:
     assert not Path(tmp.group(1)).exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert tmp.group(1) not in ps
+    assert tmp.group(1) not in Path("/proc/self/mountinfo").read_text()
 
 
-@pytest.mark.netns
-def test_reduced_demo_runs_end_to_end_and_leaves_nothing() -> None:
-    done = run_demo()
-    out = done.stdout
-    assert done.returncode == 0, out + done.stderr
-    assert "ready in" in out and "from IMDS alone" in out
+def sandbox_netns_files() -> set[str]:
+    """containerd's sandbox namespace files (``cni-<uuid>``) present now."""
+    return {p.name for p in Path("/run/netns").glob("cni-*")}
+
+
+def assert_pods_and_dns(out: str) -> None:
+    """What both runtimes must show: addresses, NAU, DNS answered from the pods, no
+    allocation left, the plan."""
     assert re.search(r"single-NIC +4 pods +p50 +[\d.]+ ms +p99 +[\d.]+ ms", out), out
     assert re.search(r"multi-NIC +2 pods .* 32 interfaces each", out), out
     # 4 x 1 + 2 x 32 addresses, all distinct and inside the node's prefixes.
@@ -58,17 +64,70 @@ def test_reduced_demo_runs_end_to_end_and_leaves_nothing() -> None:
     assert "ultranet-ipamd holds 0 allocations after DEL" in out
     assert "VERDICT: DOES NOT FIT" in out
     assert "left behind: nothing (checked" in out
-    assert_nothing_left(out)
 
 
 @pytest.mark.netns
-def test_a_failing_demo_cleans_up() -> None:
-    done = run_demo("--fail-at", "queries")
+def test_reduced_demo_runs_its_pods_through_containerd_and_leaves_nothing() -> None:
+    before = sandbox_netns_files()
+    done = run_demo()
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "ready in" in out and "from IMDS alone" in out
+    assert re.search(r"containerd 1\.\d+\.\S+ \(CRI v1\); CNI from /tmp/ultranet-demo-", out), out
+    assert "6 pods (2 multi-NIC): RunPodSandbox via containerd CRI" in out
+    assert "StopPodSandbox (CNI DEL) + RemovePodSandbox via containerd CRI" in out
+    assert "CRI RunPodSandbox wall time through containerd" in out
+    assert re.search(r"DEL \(StopPodSandbox\) +6 pods +p50", out), out
+    assert re.search(r"RemovePodSandbox +6 pods +p50", out), out
+    # containerd's own timers counted exactly our calls: 6 ADDs, and a DEL at each Stop
+    # and again at each Remove.
+    assert re.search(r"CNI ADD timer .*: mean [\d.]+ ms over 6 calls", out), out
+    assert re.search(r"CNI DEL timer .*: mean [\d.]+ ms over 12 calls", out), out
+    assert "FALLBACK" not in out and "via libcni" not in out
+    assert_pods_and_dns(out)
+    assert "containerd's shims, mounts, pause processes" in out
+    assert_nothing_left(out)
+    assert sandbox_netns_files() <= before
+
+
+@pytest.mark.netns
+def test_when_containerd_cannot_start_it_says_why_and_falls_back_to_libcni() -> None:
+    # /bin/false is found and started, and exits at once: the demo's containerd start
+    # fails as a refused one would, and must stop it, say so and go on through libcni.
+    done = run_demo("--containerd", "/bin/false")
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "containerd cannot start here: ContainerdError: containerd exited 1" in out
+    assert "FALLBACK: the pods go through the libcni driver" in out
+    assert "6 pods (2 multi-NIC): netns + CNI ADD via libcni (FALLBACK" in out
+    assert "CNI DEL via libcni (FALLBACK)" in out
+    assert re.search(r"libcni AddNetworkList wall time .*FALLBACK: containerd could not start", out)
+    assert "RunPodSandbox" not in out and "containerd's own" not in out
+    assert_pods_and_dns(out)
+    assert_nothing_left(out)
+
+
+def test_a_missing_containerd_is_named_before_anything_starts() -> None:
+    from tools.demo.runtime import containerd_missing
+
+    assert containerd_missing("/nonexistent/containerd") == (
+        "not found: /nonexistent/containerd (containerd)"
+    )
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("step", ["containerd", "queries"])
+def test_a_failing_demo_cleans_up(step: str) -> None:
+    # At "containerd" before it starts; at "queries" with containerd, its shims and
+    # six sandboxes running.
+    before = sandbox_netns_files()
+    done = run_demo("--fail-at", step)
     assert done.returncode == 1
-    assert "failing on purpose at step 'queries'" in done.stderr
+    assert f"failing on purpose at step {step!r}" in done.stderr
     assert "demo failed: cleaning up ... done" in done.stdout
     assert "left behind: nothing" in done.stdout
     assert_nothing_left(done.stdout)
+    assert sandbox_netns_files() <= before
 
 
 def test_without_root_it_says_so_and_plans_alone(

@@ -1,17 +1,22 @@
 """``make demo``: ultranet on one emulated node, end to end, then the plan for 100K nodes.
 
 As root: the lab launches an emulated p5.48xlarge (32 network cards) with /28 prefixes
-pre-assigned; ``ultranet-ipamd`` starts in its namespace from IMDS alone; 100 pods (10 of
-them multi-NIC, one interface per card) are started through the real CNI shim by libcni,
-as a container runtime starts them; the pods resolve names through ``ultranet-dns`` in
-node-local mode, which forwards to a lab upstream; the pods are stopped (CNI DEL); the
-lab is removed. It prints ADD latency, the pods' addresses, prefixes and NAU on the
+pre-assigned; ``ultranet-ipamd`` starts in its namespace from IMDS alone; Debian's
+containerd starts in the node with ultranet's conflist, and 100 pods (10 of them
+multi-NIC by annotation, one interface per card) are started through its CRI as the
+kubelet starts them (RunPodSandbox: containerd execs the real CNI shim); the pods
+resolve names through ``ultranet-dns`` in node-local mode, which forwards to a lab
+upstream; the pods are stopped and removed (StopPodSandbox runs the CNI DEL); the lab
+is removed. It prints ADD/DEL latency, the pods' addresses, prefixes and NAU on the
 node, DNS hit rate and upstream queries, then ``ultranet-nau plan`` for 100,000 nodes.
 
+Where containerd cannot start (not installed, or refused by the machine), the demo
+prints why and starts the pods through the libcni driver instead, labelled FALLBACK.
 Without root there are no namespaces: it says so and runs the planner alone.
 
 ``--fail-at STEP`` fails on purpose at the start of a step (build, lab, imds, ipamd,
-dns, pods, warm, queries, del, teardown): it shows that clean-up leaves nothing behind.
+dns, containerd, pods, warm, queries, del, teardown): it shows that clean-up leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -26,7 +31,19 @@ from collections.abc import Sequence
 from tools.demo.node import NODE_STEPS, Options, run_node, summary
 from tools.demo.progress import DemoError, Progress
 
-STEP_KEYS = ("build", "lab", "imds", "ipamd", "dns", "pods", "warm", "queries", "del", "teardown")
+STEP_KEYS = (
+    "build",
+    "lab",
+    "imds",
+    "ipamd",
+    "dns",
+    "containerd",
+    "pods",
+    "warm",
+    "queries",
+    "del",
+    "teardown",
+)
 
 
 def parse(argv: Sequence[str] | None) -> Options:
@@ -37,6 +54,13 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--multi-nic", type=int, default=10, help="how many of the pods are multi-NIC")
     p.add_argument("--queries-per-pod", type=int, default=5)
     p.add_argument("--fail-at", choices=STEP_KEYS, help="fail on purpose there (tests clean-up)")
+    p.add_argument(
+        "--containerd",
+        default="containerd",
+        metavar="BINARY",
+        help="the containerd to run (default: containerd on PATH); one that cannot start "
+        "makes the demo say why and fall back to the libcni driver",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.pods <= 250:
         p.error("--pods must be 1..250 (250: the EKS max-pods ceiling)")
@@ -53,6 +77,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         multi_nic=args.multi_nic,
         queries_per_pod=args.queries_per_pod,
         fail_at=args.fail_at,
+        containerd=args.containerd,
     )
 
 

@@ -1,11 +1,16 @@
 """The root half of ``make demo``: a lab node running ultranet, pods and all.
 
+Pods start through containerd's CRI in the node (``tools/demo/runtime.py``); where
+containerd cannot start, the demo prints why and starts them through the libcni driver.
+
 Every step registers its undo on one ``ExitStack`` before it starts what it undoes, so
-the lab's namespaces, the processes (ultranet-ipamd, ultranet-dns, the upstream, the
-libcni driver and the shims it execs) and the temporary directory are removed on
-success, on failure and on Ctrl-C (SIGTERM is treated as Ctrl-C). Clean-up itself
-ignores both signals, so a second Ctrl-C cannot cut it short, and it ends by checking
-that nothing is left: no namespace of the lab, no process of ours, no temp dir.
+the lab's namespaces, the processes (ultranet-ipamd, ultranet-dns, the upstream,
+containerd with its shims and sandboxes, or the libcni driver and the shims it execs) and
+the temporary directory are removed on success, on failure and on Ctrl-C (SIGTERM is
+treated as Ctrl-C). Clean-up itself ignores both signals, so a second Ctrl-C cannot cut
+it short, and it ends by checking that nothing is left: no namespace of the lab, no
+process of ours, no containerd shim, mount, sandbox namespace file or libcni cache entry,
+no temp dir.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 from tools.demo.progress import DemoError, Progress, Step
+from tools.demo.runtime import CriPods, LibcniPods, Pod, RuntimeUnavailable, build_driver
 from tools.demo.services import (
     NODE_LOCAL_ADDRESS,
     Answer,
@@ -41,9 +46,7 @@ from tools.demo.services import (
     query_from_pod,
 )
 
-MULTI_NIC_ANNOTATION = {"k8s.amazonaws.com/nicConfig": "multi-nic-attachment"}
-NODE_STEPS = 10  # the steps run_node shows; the planner adds one
-ADD_RETRY_FIRST_S, ADD_RETRY_MAX_S, ADD_RETRY_FOR_S = 0.25, 2.0, 60.0
+NODE_STEPS = 11  # the steps run_node shows; the planner adds one
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,25 +57,7 @@ class Options:
     multi_nic: int = 10
     queries_per_pod: int = 5
     fail_at: str | None = None
-
-
-@dataclass(slots=True)
-class Pod:
-    index: int
-    ns: str
-    multi_nic: bool
-    add_ms: float = 0.0  # the ADD that succeeded
-    del_ms: float = 0.0
-    failures: list[str] = field(default_factory=list)  # ADDs that failed before it
-    addresses: list[tuple[str, str]] = field(default_factory=list)  # (ifname in pod, address)
-
-    @property
-    def name(self) -> str:
-        return f"pod-{self.index:03d}"
-
-    @property
-    def container(self) -> str:
-        return f"demo{self.index:03d}"
+    containerd: str = "containerd"  # the binary; one that cannot start means libcni
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +72,10 @@ class Report:
     """What the summary prints, gathered as the steps run."""
 
     lab_id: str = ""
+    runtime: str = ""  # CriPods.label or LibcniPods.label
+    runtime_calls: tuple[str, str] = ("", "")  # the ADD and DEL calls timed
+    fallback_reason: str = ""  # why not containerd, when the pods went through libcni
+    network_timers: dict[str, tuple[float, int]] = field(default_factory=dict)
     pods: list[Pod] = field(default_factory=list)
     cards_at_launch: dict[int, Card] = field(default_factory=dict)
     cards_now: dict[int, Card] = field(default_factory=dict)
@@ -102,12 +91,11 @@ class Report:
     # What leftovers() checks, filled in as things are made.
     sessions: list[int] = field(default_factory=list)  # our children that lead a session
     tmp: Path | None = None
+    runtime_left_behind: Callable[[], list[str]] | None = None
 
 
-def prerequisites() -> Path:
-    """The libcni driver, built (or cached); errors name the Debian packages."""
-    from tools.bench.cni.driver import DriverUnavailable, build
-
+def prerequisites() -> None:
+    """The tools every run needs; errors name the Debian packages."""
     missing = [
         pkg
         for tool, pkg in (("ip", "iproute2"), ("iptables", "iptables"))
@@ -115,12 +103,6 @@ def prerequisites() -> Path:
     ]
     if missing:
         raise DemoError(f"needs Debian packages: {' '.join(missing)} (make demo installs them)")
-    try:
-        return build()
-    except DriverUnavailable as err:
-        raise DemoError(f"libcni driver: {err} (make demo installs them)") from err
-    except subprocess.CalledProcessError as err:
-        raise DemoError(f"building tools/bench/cni/libcni_driver.go failed: {err}") from err
 
 
 def run_node(options: Options, progress: Progress) -> Report:
@@ -135,7 +117,12 @@ def run_node(options: Options, progress: Progress) -> Report:
                 _quiet_signals()
                 stack.close()
                 report.left_behind = leftovers(report)
-                checked = "nothing (checked: lab namespaces, our processes, the temp dir)"
+                checked = "nothing (checked: lab namespaces, our processes, the temp dir" + (
+                    ", containerd's shims, mounts, pause processes, sandbox namespace "
+                    "files and libcni cache entries)"
+                    if report.runtime_left_behind is not None
+                    else ")"
+                )
                 step.note(f"left behind: {', '.join(report.left_behind) or checked}")
         except BaseException:
             _quiet_signals()
@@ -198,6 +185,11 @@ def leftovers(report: Report) -> list[str]:
     for pid, ppid, sid, cmd in _processes():
         if ppid == os.getpid() or sid in sessions:
             found.append(f"process {pid} ({cmd})")
+    if report.runtime_left_behind is not None:
+        found += report.runtime_left_behind()
+    for pod in report.pods:
+        if pod.pid and Path(f"/proc/{pod.pid}").exists():
+            found.append(f"pause process {pod.pid} of {pod.name}")
     if report.tmp is not None and report.tmp.exists():
         found.append(f"temp dir {report.tmp}")
     return found
@@ -221,13 +213,11 @@ def _processes() -> Iterator[tuple[int, int, int, str]]:
 
 def _steps(options: Options, progress: Progress, stack: ExitStack, report: Report) -> None:
     from cni.install import conflist, install
-    from tools.bench.cni.driver import Driver
     from tools.lab.daemon import IpamdProcess
     from tools.lab.lab import Lab, LabConfig
 
-    with progress.step("build", "checking tools, building the libcni driver (cached)") as step:
-        driver_binary = prerequisites()
-        step.note(f"libcni driver: {driver_binary}")
+    with progress.step("build", "checking tools (iproute2, iptables)"):
+        prerequisites()
 
     tmp = Path(tempfile.mkdtemp(prefix="ultranet-demo-"))
     report.tmp = tmp
@@ -292,7 +282,13 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
         )
         daemon.wait_cni_socket()  # as on a node: no conflist before the CNI socket answers
         bin_dir, conf_dir = tmp / "cni" / "bin", tmp / "cni" / "net.d"
-        (shim,) = install(bin_dir, None, python=sys.executable)
+        (shim,) = install(
+            bin_dir,
+            None,
+            python=sys.executable,
+            socket_path=cni_env["ULTRANET_CNI_SOCKET"],
+            spool_dir=cni_env["ULTRANET_CNI_SPOOL"],
+        )
         conf_dir.mkdir(parents=True)
         body = conflist()
         body.pop("cniVersions")  # libcni 1.1 (Debian 12) reads cniVersion only
@@ -323,20 +319,46 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
             f"rules), metrics {dns.metrics} in the node"
         )
 
-    multi = multi_nic_indexes(options.pods, options.multi_nic)
-    driver_env = {**cni_env}
     with progress.step(
-        "pods",
-        f"{options.pods} pods ({len(multi)} multi-NIC): netns + CNI ADD via libcni",
+        "containerd", "container runtime: containerd with its CRI plugin in the node"
     ) as step:
-        driver = Driver(lab.node_ns, conf, tmp / "cni" / "cache", [bin_dir], driver_env)
-        stack.callback(_close_driver, driver)
+        runtime: CriPods | LibcniPods
+        try:
+            runtime = CriPods.start(
+                lab.node_ns, tmp / "containerd", bin_dir, conf_dir, options.containerd, stack
+            )
+            _session_pid(runtime.pid, report)
+            report.runtime_left_behind = runtime.left_behind
+            step.note(
+                f"{runtime.version()}; CNI from {bin_dir} and {conf_dir}; pause image "
+                "built here, imported with ctr (no registry)"
+            )
+        except RuntimeUnavailable as err:
+            report.fallback_reason = str(err).splitlines()[0][:300]
+            step.note(f"containerd cannot start here: {report.fallback_reason}")
+            step.note(
+                "FALLBACK: the pods go through the libcni driver (libcni's AddNetworkList on "
+                "namespaces the demo makes): the plugin's path without a container runtime"
+            )
+            runtime = _libcni(lab, conf, tmp, bin_dir, cni_env, stack)
+            step.note(f"libcni driver: {runtime.binary}")
+        report.runtime = runtime.label
+        report.runtime_calls = (runtime.add_call, runtime.del_call)
+
+    multi = multi_nic_indexes(options.pods, options.multi_nic)
+    how = (
+        "RunPodSandbox via containerd CRI"
+        if isinstance(runtime, CriPods)
+        else "netns + CNI ADD via libcni (FALLBACK, containerd could not start)"
+    )
+    with progress.step("pods", f"{options.pods} pods ({len(multi)} multi-NIC): {how}") as step:
         for i in range(options.pods):
-            with signals_held():
-                ns = lab.create_pod_namespace(f"{i:03d}")
-            pod = Pod(i, ns, i in multi)
+            pod = Pod(i, i in multi)
             report.pods.append(pod)
-            start_pod(driver, pod, daemon.log_tail)
+            try:
+                runtime.add(pod)
+            except DemoError as err:
+                raise DemoError(f"{err}\nultranet-ipamd log:\n{daemon.log_tail()}") from err
             step.count(i + 1, options.pods, f"last {pod.add_ms:.0f} ms")
         singles = options.pods - len(multi)
         per_multi = len(report.pods[min(multi)].addresses) if multi else 0
@@ -349,8 +371,8 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
             failed = sum(len(p.failures) for p in retried)
             who = ", ".join(p.name for p in retried)
             step.note(
-                f"{failed} failed ADD{'s' if failed > 1 else ''} ({who}) retried as containerd "
-                f"and the kubelet do (DEL, back-off, ADD); first error: {retried[0].failures[0]}"
+                f"{failed} failed ADD{'s' if failed > 1 else ''} ({who}) retried as the kubelet "
+                f"does (back-off, then again); first error: {retried[0].failures[0]}"
             )
 
     with progress.step("warm", "ultranet-ipamd refills its warm pools through EC2") as step:
@@ -390,49 +412,47 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
             f"p50 {median([a.ms for a in report.answers]):.2f} ms"
         )
 
-    with progress.step("del", f"{options.pods} pods stop: CNI DEL via libcni") as step:
+    how = (
+        "StopPodSandbox (CNI DEL) + RemovePodSandbox via containerd CRI"
+        if isinstance(runtime, CriPods)
+        else "CNI DEL via libcni (FALLBACK)"
+    )
+    with progress.step("del", f"{options.pods} pods stop: {how}") as step:
         for n, pod in enumerate(report.pods):
-            answer = driver.call("del", pod.container, f"/run/netns/{pod.ns}")
-            if not answer["ok"]:
-                raise DemoError(f"DEL of {pod.name} failed: {answer['error']}")
-            pod.del_ms = float(answer["ms"])
+            runtime.delete(pod)
             step.count(n + 1, len(report.pods))
+        report.network_timers = runtime.network_timers()
         held = asyncio.run(_allocations(daemon.socket))
         step.note(f"ultranet-ipamd holds {held} allocations after DEL")
         if held:
             raise DemoError(f"ultranet-ipamd still holds {held} allocations after every DEL")
 
 
-def start_pod(driver: Any, pod: Pod, daemon_log: Callable[[], str]) -> None:
-    """CNI ADD as a runtime does it: a failed ADD is torn down (DEL) and retried with
-    back-off, since the kubelet retries a sandbox whose network setup failed; ultranet
-    answers 11 (try again later) while a card has no free address."""
-    netns_path = f"/run/netns/{pod.ns}"
-    annotations = MULTI_NIC_ANNOTATION if pod.multi_nic else None
-    delay, deadline = ADD_RETRY_FIRST_S, time.monotonic() + ADD_RETRY_FOR_S
-    while True:
-        answer = driver.call("add", pod.container, netns_path, annotations=annotations)
-        if answer["ok"]:
-            pod.add_ms = float(answer["ms"])
-            pod.addresses = result_addresses(answer["result"])
-            return
-        error = str(answer["error"]).removeprefix('plugin type="ultranet" failed (add): ')
-        pod.failures.append(error)
-        if time.monotonic() + delay > deadline:
-            raise DemoError(
-                f"ADD of {pod.name} failed {len(pod.failures)} times in {ADD_RETRY_FOR_S:g} s; "
-                f"last: {error}\nultranet-ipamd log:\n{daemon_log()}"
-            )
-        undo = driver.call("del", pod.container, netns_path)
-        if not undo["ok"]:
-            raise DemoError(f"DEL after the failed ADD of {pod.name} failed: {undo['error']}")
-        time.sleep(delay)
-        delay = min(delay * 2, ADD_RETRY_MAX_S)
+def _libcni(
+    lab: Any, conf: Path, tmp: Path, bin_dir: Path, cni_env: dict[str, str], stack: ExitStack
+) -> LibcniPods:
+    from tools.bench.cni.driver import Driver
+
+    driver_binary = build_driver()
+    driver = Driver(lab.node_ns, conf, tmp / "cni" / "cache", [bin_dir], cni_env)
+    stack.callback(_close_driver, driver)
+
+    def make_namespace(suffix: str) -> str:
+        with signals_held():
+            name: str = lab.create_pod_namespace(suffix)
+        return name
+
+    return LibcniPods(driver, driver_binary, make_namespace)
 
 
 def _session(child: Child, report: Report) -> None:
     assert child.proc is not None
     report.sessions.append(child.proc.pid)
+
+
+def _session_pid(pid: int, report: Report) -> None:
+    if pid:
+        report.sessions.append(pid)
 
 
 def _close_driver(driver: Any) -> None:
@@ -466,17 +486,6 @@ def multi_nic_indexes(pods: int, multi: int) -> set[int]:
         return set()
     stride = pods / multi
     return {min(pods - 1, int(stride * (k + 1)) - 1) for k in range(multi)}
-
-
-def result_addresses(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """(pod interface, address) from a CNI result, in its order."""
-    interfaces = result.get("interfaces") or []
-    out = []
-    for ip in result.get("ips") or []:
-        index = ip.get("interface")
-        name = interfaces[index]["name"] if index is not None else "?"
-        out.append((str(name), str(ip["address"]).split("/")[0]))
-    return out
 
 
 def wait_warm(socket_path: Path, timeout: float, step: Step) -> bool:
@@ -522,21 +531,48 @@ def p99(samples: list[float]) -> float:
 def summary(report: Report, write: Callable[[str], None]) -> None:
     singles = [p for p in report.pods if not p.multi_nic]
     multis = [p for p in report.pods if p.multi_nic]
-    write("\n== pod ADD latency: libcni AddNetworkList wall time (the shim's exec included) ==")
-    for label, group, ms in (
+    add_call, del_call = report.runtime_calls
+    if report.fallback_reason:
+        write(
+            f"\n== pod ADD latency: libcni {add_call} wall time (the shim's exec included); "
+            f"FALLBACK: containerd could not start ({report.fallback_reason}) =="
+        )
+    else:
+        write(
+            f"\n== pod ADD latency: CRI {add_call} wall time through containerd (sandbox, "
+            "pause container and CNI ADD) =="
+        )
+    rows: list[tuple[str, list[Pod], list[float]]] = [
         ("single-NIC", singles, [p.add_ms for p in singles]),
         ("multi-NIC", multis, [p.add_ms for p in multis]),
-        ("DEL, all", report.pods, [p.del_ms for p in report.pods]),
-    ):
+        (f"DEL ({del_call})", report.pods, [p.del_ms for p in report.pods]),
+    ]
+    if any(p.remove_ms for p in report.pods):
+        rows.append(("RemovePodSandbox", report.pods, [p.remove_ms for p in report.pods]))
+    width_label = max(len(row[0]) for row in rows)
+    for label, group, ms in rows:
         if not group:
             continue
         top, slowest = max(zip(ms, (p.name for p in group), strict=True))
         width = len(group[0].addresses)
-        shape = f"  {width} interface{'s' if width > 1 else ''} each" if label[0] != "D" else ""
+        shape = f"  {width} interface{'s' if width > 1 else ''} each" if "NIC" in label else ""
         write(
-            f"{label:<10} {len(group):>4} pods  p50 {median(ms):7.1f} ms  p99 {p99(ms):7.1f} ms"
-            f"  max {top:7.1f} ms ({slowest}){shape}"
+            f"{label:<{width_label}} {len(group):>4} pods  p50 {median(ms):7.1f} ms  "
+            f"p99 {p99(ms):7.1f} ms  max {top:7.1f} ms ({slowest}){shape}"
         )
+    for op, call in (("add", "CNI ADD"), ("del", "CNI DEL")):
+        if op in report.network_timers:
+            mean, count = report.network_timers[op]
+            write(
+                f"containerd's own {call} timer (containerd_cri_sandbox_"
+                f"{'create' if op == 'add' else 'delete'}_network_seconds): mean {mean:.1f} ms "
+                f"over {count} calls"
+                + (
+                    " (StopPodSandbox runs the DEL, RemovePodSandbox runs it again)"
+                    if op == "del" and count == 2 * len(report.pods)
+                    else ""
+                )
+            )
     retried = [p for p in report.pods if p.failures]
     if retried:
         failed = sum(len(p.failures) for p in retried)

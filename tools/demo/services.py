@@ -177,21 +177,27 @@ class NodeDns(Child):
 
     def scrape(self) -> dict[str, float]:
         """``/metrics`` read from inside the node namespace, each metric summed."""
-        host, _, port = self.metrics.rpartition(":")
+        return scrape(self.node_ns, self.metrics, "/metrics", "ultranet-dns")
 
-        def get() -> str:
-            conn = http.client.HTTPConnection(host, int(port), timeout=5)
-            try:
-                conn.request("GET", "/metrics")
-                response = conn.getresponse()
-                body = response.read().decode()
-                if response.status != 200:
-                    raise DemoError(f"ultranet-dns /metrics answered {response.status}")
-                return body
-            finally:
-                conn.close()
 
-        return sum_metrics(netns.run_in(self.node_ns, get))
+def scrape(ns: str, address: str, path: str, who: str) -> dict[str, float]:
+    """Prometheus text at ``http://address/path``, fetched from inside namespace ``ns``,
+    each metric summed over its labels."""
+    host, _, port = address.rpartition(":")
+
+    def get() -> str:
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read().decode()
+            if response.status != 200:
+                raise DemoError(f"{who} {path} answered {response.status}")
+            return body
+        finally:
+            conn.close()
+
+    return sum_metrics(netns.run_in(ns, get))
 
 
 def sum_metrics(text: str) -> dict[str, float]:

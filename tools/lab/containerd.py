@@ -92,8 +92,14 @@ class Containerd:
         own_mount_namespace: bool = False,
         restrict_oom_score_adj: bool | None = None,
         env: Mapping[str, str] | None = None,
+        binary: str = "containerd",
+        metrics_address: str | None = None,
     ) -> None:
         self.node_ns = node_ns
+        self.binary = binary
+        # host:port in the node namespace for containerd's Prometheus /v1/metrics
+        # (its CRI timers among them); None: no metrics listener.
+        self.metrics_address = metrics_address
         self.base_dir = base_dir
         self.root = base_dir / "root"
         self.state = base_dir / "state"
@@ -135,6 +141,11 @@ class Containerd:
     def config(self) -> str:
         """containerd's config.toml (version 2) for this instance."""
         cri = '[plugins."io.containerd.grpc.v1.cri"]'
+        metrics = (
+            f"[metrics]\n  address = {_toml_str(self.metrics_address)}\n"
+            if self.metrics_address
+            else ""
+        )
         return f"""version = 2
 root = {_toml_str(self.root)}
 state = {_toml_str(self.state)}
@@ -150,7 +161,7 @@ disabled_plugins = [
 [grpc]
   address = {_toml_str(self.socket)}
 
-{cri}
+{metrics}{cri}
   sandbox_image = {_toml_str(PAUSE_IMAGE)}
   restrict_oom_score_adj = {str(self.restrict_oom_score_adj).lower()}
   netns_mounts_under_state_dir = {str(self.netns_mounts_under_state_dir).lower()}
@@ -176,7 +187,7 @@ disabled_plugins = [
 """
 
     def argv(self) -> list[str]:
-        run = ["containerd", "--config", str(self.config_path)]
+        run = [self.binary, "--config", str(self.config_path)]
         if self.own_mount_namespace:
             # Not `ip netns exec`: it also remounts /sys for the namespace, which hides the
             # cgroup mount runc needs; unshare gives the mount namespace alone.
@@ -371,6 +382,17 @@ disabled_plugins = [
             Path(real).unlink(missing_ok=True)
             for cached in LIBCNI_RESULTS.glob(f"*-{sandbox_id}-*"):
                 cached.unlink(missing_ok=True)
+
+    def left_behind(self) -> list[str]:
+        """What ``close`` should have removed and is still here: shims, mounts under root
+        and state, namespace files and libcni cache entries of our sandboxes."""
+        found = [f"containerd shim {pid}" for pid in self._shim_pids()]
+        found += [f"mount {m}" for m in mounts_under([self.root, self.state])]
+        for sandbox_id, path in sorted(self.sandboxes.items()):
+            if Path(path).exists():
+                found.append(f"netns file {path}")
+            found += [f"libcni cache {c}" for c in LIBCNI_RESULTS.glob(f"*-{sandbox_id}-*")]
+        return found
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path.exists():

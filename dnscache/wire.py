@@ -18,9 +18,7 @@ from .errors import OptNotLast, WireError
 
 HEADER_LEN = 12
 MIN_PAYLOAD = 512  # RFC 6891 §6.2.3: sizes below 512 are treated as 512
-TYPE_CNAME = 5
 TYPE_SOA = 6
-TYPE_DNAME = 39
 TYPE_OPT = 41
 TYPE_IXFR = 251
 TYPE_AXFR = 252
@@ -33,7 +31,6 @@ _CD = 0x10
 _DO = 0x80  # high bit of the OPT TTL's flags word (RFC 3225)
 # The key's last byte: DO << 1 | CD. Both change the answer, so both are in the key.
 KEY_SUFFIX = (b"\x00", b"\x01", b"\x02", b"\x03")
-MAX_POINTER_HOPS = 64
 
 
 # Plain ints for the hot paths (an IntEnum member is a slower attribute lookup).
@@ -254,10 +251,6 @@ class Walked(NamedTuple):
     upstream_ext_rcode: int
     max_ttl: int = -1  # largest TTL (-1 without records): min == max means one TTL throughout
     heads_key: bytes = b""  # header bytes 2-12 of the response (``heads_for`` keys on them)
-
-
-def response_id_matches(resp: bytes, qid: int) -> bool:
-    return len(resp) >= HEADER_LEN and resp[0] << 8 | resp[1] == qid
 
 
 def response_question_matches(resp: bytes, key: bytes) -> bool:

@@ -52,6 +52,9 @@ def test_a_small_wave_with_and_without_prefixes_at_launch(
         assert result["nodes_ready"] == result["nodes"] == 20
         assert result["pods_running_p99_s"] is not None
         assert result["clock"] == "real time"
+        conditions = result["conditions"]  # what a reader needs to rerun it
+        assert conditions["argv"][0] == "--nodes=20" and len(conditions["code"]["commit"]) == 40
+        assert conditions["machine"]["cpus"] >= 1
     launched = results["ultranet"]
     # Two prefixes at launch cover the warm prefix and both pods: no EC2 call at all.
     assert launched["prefixes_at_launch"] == 2

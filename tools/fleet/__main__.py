@@ -18,6 +18,7 @@ from typing import Any
 from ipam.config import load_config
 from ipam.errors import UltranetError
 from ipam.nau.throttle import BucketSpec, load_table
+from tools.bench.conditions import code, machine
 from tools.fleet.auto import choose
 from tools.fleet.runner import Fleet, FleetConfig, Scenario, quiet_agents
 
@@ -161,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"fleet: {err}", file=sys.stderr)
         return 2
+    conditions = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "code": code(),
+        "machine": machine(),
+    }
     for result in results.values():
+        result["conditions"] = conditions
         result["throttle"] = _throttle_note(args)
         result["state_dirs"] = "tmpfs (/dev/shm): the journal's fdatasync costs no disk I/O"
         result["host_network"] = "in memory (tools/lab/memory_host.py), not netlink"

@@ -4,6 +4,7 @@ the real ultranet-ipamd behind the shim against ptp + host-local, through libcni
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,56 @@ def test_a_tiny_run_against_the_real_daemon_records_its_conditions_and_both_dels
     other["config"]["code"]["commit"] = "0" * 40
     with pytest.raises(ValueError, match="differ in code"):
         combine([result, other])
+
+
+@pytest.mark.netns
+def test_a_tiny_cri_run_times_both_plugins_through_one_containerd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not (REFERENCE_PLUGINS / "ptp").exists():
+        pytest.skip("needs Debian package containernetworking-plugins")
+    missing = [tool for tool in ("containerd", "ctr", "runc", "gcc") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (make test installs them)")
+    try:
+        build()
+    except DriverUnavailable as err:
+        pytest.skip(str(err))
+    out = tmp_path / "cri.json"
+    argv = ["--mode", "cri", "-n", "3", "--rounds", "1", "--warmup", "1", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert "containerd CRI" in capsys.readouterr().out
+
+    config = result["config"]
+    assert config["command"][-len(argv) :] == argv
+    assert config["flags"]["mode"] == "cri" and config["headline_eligible"] is True
+    assert config["counts"]["counted_sandboxes_per_plugin_per_run"] == 3
+    assert config["concurrency"]["in_flight_calls"] == 1
+    assert config["versions"]["containerd"].startswith("containerd ")
+    assert len(config["code"]["commit"]) == 40 and config["machine"]["cpus"] >= 1
+
+    (run,) = result["runs"]
+    assert run["containerd"]["runtime"].startswith("containerd ")
+    # One containerd, a runtime handler per side, each with its own CNI conf dir.
+    for side in ("ultranet", "reference"):
+        assert f"containerd.runtimes.{side}]" in run["containerd"]["config"]
+    assert run["containerd"]["config"].count("cni_conf_dir") == 2
+    assert run["ultranet_node"]["env_overrides"] == {}
+    assert len(run["ultranet_waits_for_warm_pool_s"]) == 2
+    for side in ("ultranet", "reference"):
+        row = run[side]
+        for metric in ("run_ms", "cni_add_ms", "stop_ms", "cni_del_ms", "remove_ms"):
+            spread = row[metric]
+            assert spread["n"] == 3 and spread["min"] > 0, (side, metric)
+            assert spread["min"] <= spread["median"] <= spread["p90"] <= spread["max"]
+        # containerd's network timer is a part of the call that contains it.
+        assert row["cni_add_ms"]["max"] < row["run_ms"]["max"]
+        assert row["cni_del_ms"]["max"] < row["stop_ms"]["max"]
+        assert row["cpu_us_per_op"]["add"]["total"] >= row["cpu_us_per_op"]["add"]["containerd"]
+    assert "daemon" in run["ultranet"]["cpu_us_per_op"]["add"]
+    for key, bar in (("cni_add_ms_p50", 1.1), ("cni_del_ms_p50", 0.8), ("run_ms_p50", 1.05)):
+        assert run["bars"][key]["at_most"] == bar
+        assert run["bars"][key]["met"] is (run["ratio"][key] <= bar)
+    assert result["across_runs"]["ratio"]["run_ms_p50"]["median"] == run["ratio"]["run_ms_p50"]
+    assert combine([result, result])["across_runs"]["runs"] == 2

@@ -18,6 +18,11 @@ How it is started decides which mount namespace it lives in:
   seen by nothing outside it, as with a containerd started by a unit with
   ``PrivateMounts=``.
 
+``runtime_cni_conf_dirs={"handler": dir}`` adds runtime handlers (runc, as the default
+one) that each read their CNI network from a conf dir of their own (the runtime's
+``cni_conf_dir``, in containerd since 1.6): a pod started with that ``runtime_handler``
+gets that network, so two plugins are served by one containerd.
+
 ``netns_mounts_under_state_dir=True`` is containerd's own option: the pod namespaces are
 mounted under ``<state>/netns`` instead of ``/run/netns``.
 
@@ -94,6 +99,7 @@ class Containerd:
         env: Mapping[str, str] | None = None,
         binary: str = "containerd",
         metrics_address: str | None = None,
+        runtime_cni_conf_dirs: Mapping[str, Path] | None = None,
     ) -> None:
         self.node_ns = node_ns
         self.binary = binary
@@ -109,6 +115,7 @@ class Containerd:
         self.runc_root = self.state / "runc"
         self.cni_bin_dir = cni_bin_dir
         self.cni_conf_dir = cni_conf_dir
+        self.runtime_cni_conf_dirs = dict(runtime_cni_conf_dirs or {})
         self.netns_mounts_under_state_dir = netns_mounts_under_state_dir
         self.own_mount_namespace = own_mount_namespace
         self.restrict_oom_score_adj = (
@@ -145,6 +152,18 @@ class Containerd:
             f"[metrics]\n  address = {_toml_str(self.metrics_address)}\n"
             if self.metrics_address
             else ""
+        )
+        runtimes = "".join(
+            f"""
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}]
+      runtime_type = "io.containerd.runc.v2"
+      cni_conf_dir = {_toml_str(conf_dir)}
+      cni_max_conf_num = 1
+
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}.options]
+        Root = {_toml_str(self.runc_root)}
+"""
+            for name, conf_dir in sorted(self.runtime_cni_conf_dirs.items())
         )
         return f"""version = 2
 root = {_toml_str(self.root)}
@@ -184,7 +203,7 @@ disabled_plugins = [
 
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         Root = {_toml_str(self.runc_root)}
-"""
+{runtimes}"""
 
     def argv(self) -> list[str]:
         run = [self.binary, "--config", str(self.config_path)]

@@ -2,6 +2,8 @@
 
 ``python -m tools.bench.cni [-n 50] [--rounds 3] [--runs 1] [--python PATH]
 [--backend daemon|inprocess] [--json] [--output FILE]`` (root: it starts a lab);
+``python -m tools.bench.cni --mode cri [-n 50] [--rounds 3] [--runs 1] --output FILE``:
+the same two plugins behind Debian's containerd 1.6, timed through its CRI (``cri.py``);
 ``python -m tools.bench.cni --combine A.json B.json ...`` summarizes several invocations.
 
 Both plugins run in the same lab node namespace, driven by the same libcni 1.1 driver
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tools.bench.cni import conditions
+from tools.bench.cni import conditions, cri
 from tools.bench.cni.driver import REFERENCE_PLUGINS
 from tools.bench.cni.measure import REFERENCE, SIDES, Options, across_runs, run_once
 from tools.bench.cni.nodes import BACKENDS
@@ -40,6 +42,13 @@ def _env_pair(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.bench.cni", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("libcni", "cri"),
+        default="libcni",
+        help="libcni: our libcni driver execs the plugins; cri: containerd's CRI "
+        "(RunPodSandbox / StopPodSandbox / RemovePodSandbox and containerd's network timers)",
     )
     parser.add_argument("-n", "--pods", type=int, default=50, help="pods per round")
     parser.add_argument("--rounds", type=int, default=3, help="counted rounds per run")
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --runs must be >= 1, --warmup 0..n")
     if args.daemon_env and args.backend != "daemon":
         parser.error("--daemon-env needs --backend daemon")
+    if args.mode == "cri" and args.backend != "daemon":
+        parser.error("--mode cri runs the real daemon only (--backend daemon)")
     if not (REFERENCE_PLUGINS / "ptp").exists():
         print("needs Debian package containernetworking-plugins", file=sys.stderr)
         return 1
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         python=args.python,
         daemon_env=dict(args.daemon_env),
     )
-    result = measure(options, args.runs, argv if argv is not None else sys.argv[1:])
+    result = measure(options, args.runs, argv if argv is not None else sys.argv[1:], args.mode)
     text = json.dumps(result, indent=2)
     if args.output is not None:
         args.output.write_text(text + "\n")
@@ -109,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
+def measure(options: Options, runs: int, argv: list[str], mode: str = "libcni") -> dict[str, Any]:
+    if mode == "cri":
+        return measure_cri(options, runs, argv)
     config = {
         "command": ["python", "-m", "tools.bench.cni", *argv],
         "flags": {
@@ -149,6 +162,59 @@ def measure(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
     return {"config": config, "runs": results, "across_runs": across_runs(results)}
 
 
+def measure_cri(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
+    config = {
+        "command": ["python", "-m", "tools.bench.cni", *argv],
+        "flags": {
+            "mode": "cri",
+            "pods": options.pods,
+            "rounds": options.rounds,
+            "warmup": options.warmup,
+            "runs": runs,
+            "backend": options.backend,
+            "python": options.python,
+            "daemon_env": options.daemon_env,
+        },
+        "headline_eligible": not options.daemon_env,
+        "lab": {
+            "instance_type": options.lab_config().instance_type,
+            "prefixes_at_launch_per_card": options.lab_config().prefixes_per_card,
+        },
+        "counts": {
+            "pods_per_round": options.pods,
+            "rounds": options.rounds,
+            "warmup_pods_per_plugin": options.warmup,
+            "counted_sandboxes_per_plugin_per_run": options.pods * options.rounds,
+            "runs": runs,
+        },
+        "runtime": {
+            "containerd": "one Debian containerd 1.6 in the lab node, two runc runtime "
+            "handlers named after the sides, each with its own cni_conf_dir; pods are "
+            "started with the side's runtime_handler",
+            "metrics": cri.NETWORK_TIMERS,
+            "network_ms": "per call, the change of the histogram's _sum around it (its "
+            "_count must change by exactly one)",
+        },
+        "concurrency": {
+            "in_flight_calls": 1,
+            "order": "per round one cycle per plugin (RunPodSandbox for every pod, then "
+            "StopPodSandbox + RemovePodSandbox for each), the first plugin alternating "
+            "between rounds",
+        },
+        "bars": cri.BARS,
+        "reference": {"conflist": REFERENCE, "plugins_dir": str(REFERENCE_PLUGINS)},
+        "versions": {
+            **conditions.versions(),
+            "containerd": conditions.run(["containerd", "--version"]),
+            "runc": conditions.run(["runc", "--version"]).split("\n")[0],
+        },
+        "code": conditions.code(),
+        "machine": conditions.machine(),
+    }
+    results = [cri.run_once(options) for _ in range(runs)]
+    return {"config": config, "runs": results, "across_runs": cri.across_runs(results)}
+
+
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several invocations' runs as one result; refuses to mix code or flags."""
     first = results[0]["config"]
@@ -161,10 +227,13 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"the files differ in {key}: {mine} vs {theirs}")
     runs = [run for result in results for run in result["runs"]]
     config = {**first, "combined_from": len(results)}
-    return {"config": config, "runs": runs, "across_runs": across_runs(runs)}
+    summary = cri.across_runs if first["flags"].get("mode") == "cri" else across_runs
+    return {"config": config, "runs": runs, "across_runs": summary(runs)}
 
 
 def table(result: dict[str, Any]) -> str:
+    if result["config"]["flags"].get("mode") == "cri":
+        return cri_table(result)
     lines = []
     config = result["config"]
     for index, run in enumerate(result["runs"]):
@@ -213,6 +282,55 @@ def table(result: dict[str, Any]) -> str:
             for op in ("add", "del"):
                 cpu = row[f"{op}_cpu_us_per_op"]
                 cells.append(f"{op} CPU/op {cpu['median']} us [{cpu['min']}-{cpu['max']}]")
+            lines.append(f"  {side:10s} " + "; ".join(cells))
+        for key, spread in across["ratio"].items():
+            lines.append(f"  {key:18s} {spread['median']}x [{spread['min']}-{spread['max']}]")
+    return "\n".join(lines)
+
+
+def cri_table(result: dict[str, Any]) -> str:
+    lines = []
+    labels = [("Run", "run_ms"), ("cni_add", "cni_add_ms"), ("Stop", "stop_ms")]
+    labels += [("cni_del", "cni_del_ms"), ("Remove", "remove_ms")]
+    for index, run in enumerate(result["runs"]):
+        lines.append(
+            f"run {index + 1} (containerd CRI), load "
+            f"{run['load']['before']['loadavg'][0]} -> {run['load']['after']['loadavg'][0]}"
+        )
+        for side in SIDES:
+            row = run[side]
+            cpu = row["cpu_us_per_op"]
+            lines.append(
+                f"  {side:10s}"
+                + "".join(
+                    f" {label} {row[key]['median']:.1f}/{row[key]['p90']:.1f} ms"
+                    for label, key in labels
+                )
+                + f"  CPU/op run {cpu['add']['total']} us stop+rm {cpu['del']['total']} us"
+            )
+        lines.append("  ratio      " + "  ".join(f"{k} {v}x" for k, v in run["ratio"].items()))
+        lines.append(
+            "  bars       "
+            + "  ".join(
+                f"{k} {b['ratio']}x <= {b['at_most']}: {'met' if b['met'] else 'MISSED'}"
+                for k, b in run["bars"].items()
+            )
+        )
+    across = result["across_runs"]
+    if across["runs"] > 1:
+        loads = [x for run in result["runs"] for x in _loads(run)]
+        lines.append(
+            f"over {across['runs']} runs (1-min load {min(loads)}-{max(loads)}): median of the "
+            "runs' medians [their range] {all samples' range}"
+        )
+        for side in SIDES:
+            cells = []
+            for label, key in labels:
+                m, full = across[side][key]["run_medians"], across[side][key]
+                cells.append(
+                    f"{label} {m['median']} [{m['min']}-{m['max']}] "
+                    f"{{{full['samples_min']}-{full['samples_max']}}}"
+                )
             lines.append(f"  {side:10s} " + "; ".join(cells))
         for key, spread in across["ratio"].items():
             lines.append(f"  {key:18s} {spread['median']}x [{spread['min']}-{spread['max']}]")

@@ -11,7 +11,7 @@ from typing import Any
 from tools.bench.cni.driver import DEBIAN_PACKAGES, SOURCE, build
 from tools.bench.conditions import CHECKOUT, code, load, machine, run
 
-__all__ = ["code", "interpreter", "load", "machine", "versions"]
+__all__ = ["code", "interpreter", "load", "machine", "run", "versions"]
 
 
 def interpreter(path: str) -> dict[str, str]:

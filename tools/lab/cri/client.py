@@ -68,8 +68,10 @@ class RuntimeClient:
         uid: str | None = None,
         annotations: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        runtime_handler: str = "",
     ) -> str:
-        """RunPodSandbox of a pod in its own network namespace; returns the sandbox id."""
+        """RunPodSandbox of a pod in its own network namespace; returns the sandbox id.
+        ``runtime_handler``: a runtime of containerd's config ("": its default)."""
         config = api.PodSandboxConfig(
             metadata=api.PodSandboxMetadata(
                 name=name, namespace=namespace, uid=uid or f"uid-{name}", attempt=0
@@ -85,7 +87,7 @@ class RuntimeClient:
         )
         reply = self._call(
             "RunPodSandbox",
-            api.RunPodSandboxRequest(config=config),
+            api.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler),
             api.RunPodSandboxResponse,
             None,
         )

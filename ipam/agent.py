@@ -151,6 +151,7 @@ class NodeAgent:
         self.config = config
         self.metrics = metrics or IpamdMetrics()
         self._imds = imds or ImdsClient(config.imds_endpoint)
+        self._imds_reads: set[asyncio.Future[list[ImdsInterface]]] = set()  # on threads
         self._ec2_factory = ec2_factory or _default_ec2_factory(config)
         self._ec2_client: Ec2Client | None = None
         # pyroute2's IPRoute runs an event loop of its own and keeps state per thread, so
@@ -224,6 +225,9 @@ class NodeAgent:
             self._manager.cancel()
             await asyncio.gather(self._manager, return_exceptions=True)
             self._manager = None
+        # A read cancelled with the manager still runs on its thread and would reopen the
+        # IMDS connection after close(): let it finish first.
+        await asyncio.gather(*self._imds_reads, return_exceptions=True)
         if self._committing is not None:
             await asyncio.gather(self._committing, return_exceptions=True)
         if self.datastore is not None:
@@ -671,6 +675,16 @@ class NodeAgent:
                 log.error("pool step failed (%s); next try in %.0f s", err, delay)
                 await asyncio.sleep(delay)
 
+    async def _read_imds_interfaces(self) -> list[ImdsInterface]:
+        """IMDS's interfaces, read on a worker thread that ``stop`` waits for."""
+        read = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._imds.interfaces, primary_mac=None)
+        )
+        self._imds_reads.add(read)
+        read.add_done_callback(self._imds_reads.discard)
+        # shield: a cancelled caller must leave the future for stop() to wait on.
+        return await asyncio.shield(read)
+
     async def reconcile(self) -> None:
         """Compare the pool with IMDS now (tests drive this directly)."""
         async with self._busy:
@@ -688,7 +702,7 @@ class NodeAgent:
         """
         assert self.pool is not None and self.node is not None and self.datastore is not None
         self._reconciled_at = self._clock()
-        interfaces = await asyncio.to_thread(self._imds.interfaces, primary_mac=None)
+        interfaces = await self._read_imds_interfaces()
         seen = {i.interface_id: i for i in interfaces if i.network_card in self.pool.cards}
         freed_after = self._wall() - FREED_PREFIX_COOLDOWN_S
         disagree = False

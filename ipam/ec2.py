@@ -75,6 +75,7 @@ __all__ = [
     "Ec2Stats",
     "EniState",
     "SubnetState",
+    "ThrottlePacer",
     "TokenBucket",
     "boto3_client",
 ]
@@ -261,6 +262,71 @@ class TokenBucket:
             return 0.0 if self._tokens >= 0.0 else -self._tokens / self._rate
 
 
+class ThrottlePacer:
+    """One EC2 action's adaptive rate: AIMD on ``RequestLimitExceeded``.
+
+    EC2 throttles per account and per action, so a node's own ``TokenBucket`` cannot keep
+    a fleet under the account's refill rate: 2,000 nodes each retrying within their own
+    budget still offer EC2 hundreds of requests a second for its 5 Assigns. A throttled
+    answer is the only news a node gets of the others, so each one multiplies this
+    action's rate by ``decrease`` (down to ``min_rate_per_s``) and spaces every later
+    request of the action by a jittered ``uniform(0.5, 1) / rate``; each success adds
+    ``increase_per_s`` back until ``max_rate_per_s``, where pacing stops. This is the
+    additive-increase/multiplicative-decrease of TCP and the client-side rate limit of
+    botocore's ``adaptive`` retry mode, per action (EC2's buckets are per action) and with
+    a floor low enough for thousands of nodes sharing one bucket (botocore's is 0.5/s).
+    """
+
+    def __init__(
+        self,
+        max_rate_per_s: float,
+        min_rate_per_s: float,
+        decrease: float,
+        increase_per_s: float,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        if not 0 < min_rate_per_s <= max_rate_per_s:
+            raise ConfigError("min_rate_per_s", min_rate_per_s, "must be in (0, max_rate_per_s]")
+        if not 0 < decrease < 1:
+            raise ConfigError("decrease", decrease, "must be in (0, 1)")
+        self._max = max_rate_per_s
+        self._min = min_rate_per_s
+        self._decrease = decrease
+        self._increase = increase_per_s
+        self._clock = clock
+        self._rng = rng
+        self._lock = threading.Lock()
+        self.rate_per_s: float | None = None  # None: not paced
+        self._next_at = 0.0
+
+    def reserve(self) -> float:
+        """Seconds to wait before this action's next request."""
+        with self._lock:
+            if self.rate_per_s is None:
+                return 0.0
+            now = self._clock()
+            start = max(now, self._next_at)
+            self._next_at = start + self._interval()
+            return start - now
+
+    def throttled(self) -> None:
+        with self._lock:
+            rate = self._max if self.rate_per_s is None else self.rate_per_s
+            self.rate_per_s = max(self._min, rate * self._decrease)
+            self._next_at = max(self._next_at, self._clock() + self._interval())
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if self.rate_per_s is not None:
+                rate = self.rate_per_s + self._increase
+                self.rate_per_s = None if rate >= self._max else rate
+
+    def _interval(self) -> float:
+        assert self.rate_per_s is not None
+        return self._rng.uniform(0.5, 1.0) / self.rate_per_s
+
+
 # -- results ----------------------------------------------------------------------------
 
 
@@ -399,6 +465,10 @@ class Ec2Client:
         rate_per_s: float = 5.0,
         burst: int = 10,
         max_attempts: int = 8,
+        max_throttled_attempts: int = 3,
+        throttle_min_rate_per_s: float = 1 / 300,
+        throttle_decrease: float = 0.25,
+        throttle_increase_per_s: float = 0.5,
         base_delay_s: float = 0.2,
         max_delay_s: float = 20.0,
         subnet_cache_ttl_s: float = 300.0,
@@ -410,16 +480,30 @@ class Ec2Client:
     ) -> None:
         if max_attempts < 1:
             raise ConfigError("max_attempts", max_attempts, "must be >= 1")
+        if max_throttled_attempts < 1:
+            raise ConfigError("max_throttled_attempts", max_throttled_attempts, "must be >= 1")
         if base_delay_s < 0 or max_delay_s < base_delay_s:
             raise ConfigError("max_delay_s", max_delay_s, "must be >= base_delay_s >= 0")
         self._bucket = TokenBucket(rate_per_s, burst, clock)
         self._max_attempts = max_attempts
+        self._max_throttled_attempts = max_throttled_attempts
         self._base_delay = base_delay_s
         self._max_delay = max_delay_s
         self._subnet_ttl = subnet_cache_ttl_s
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._new_pacer = functools.partial(
+            ThrottlePacer,
+            rate_per_s,
+            min(rate_per_s, throttle_min_rate_per_s),
+            throttle_decrease,
+            throttle_increase_per_s,
+            clock,
+            self._rng,
+        )
+        self._pacers: dict[str, ThrottlePacer] = {}
+        self._pacers_lock = threading.Lock()
         self.stats: Ec2Stats = stats if stats is not None else Ec2Counters()
         self._ec2 = (client_factory or boto3_client)(region, endpoint_url)
         self._subnets: dict[tuple[str, str, str], tuple[float, list[SubnetState]]] = {}
@@ -427,13 +511,22 @@ class Ec2Client:
 
     # -- the retry loop --------------------------------------------------------------
 
+    def pacer(self, action: str) -> ThrottlePacer:
+        """``action``'s adaptive rate, made on first use."""
+        with self._pacers_lock:
+            pacer = self._pacers.get(action)
+            if pacer is None:
+                pacer = self._pacers[action] = self._new_pacer()
+            return pacer
+
     def _call(
         self, action: str, send: Callable[[], T], *, subject: str = "", subnet: str | None = None
     ) -> T:
+        pacer = self.pacer(action)
         attempt = 0
         while True:
             attempt += 1
-            wait = self._bucket.reserve()
+            wait = max(self._bucket.reserve(), pacer.reserve())
             if wait > 0:
                 self.stats.rate_limited(action, wait)
                 self._sleep(wait)
@@ -445,9 +538,12 @@ class Ec2Client:
                 if failure is None:
                     raise
                 self.stats.request(action, self._clock() - started, failure[0])
+                if failure[0] in THROTTLE_CODES:
+                    pacer.throttled()
                 self._backoff_or_raise(action, failure, attempt, subject, subnet, exc)
             else:
                 self.stats.request(action, self._clock() - started, None)
+                pacer.succeeded()
                 return result
 
     def _backoff_or_raise(
@@ -460,7 +556,10 @@ class Ec2Client:
         exc: Exception,
     ) -> None:
         code, message, retriable = failure
-        if not retriable or attempt >= self._max_attempts:
+        # A throttled call gives up sooner than a failing one: the action's pacer already
+        # slows every request of it, and the agent's next pool step asks again anyway.
+        limit = self._max_throttled_attempts if code in THROTTLE_CODES else self._max_attempts
+        if not retriable or attempt >= limit:
             cls = Ec2RetriesExhausted if retriable else _error_class(code)
             if code in SUBNET_SPACE_CODES:
                 LOG.warning(
@@ -477,7 +576,7 @@ class Ec2Client:
             subject,
             code,
             attempt,
-            self._max_attempts,
+            limit,
             delay,
         )
         self.stats.retry(action, code, delay)

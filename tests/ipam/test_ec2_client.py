@@ -25,6 +25,7 @@ from ipam.ec2 import (
     Ec2NauLimitExceeded,
     Ec2NotFound,
     Ec2RetriesExhausted,
+    ThrottlePacer,
     boto3_client,
 )
 from tests.lab.ec2env import CNI_TAG, Ec2Env, ManualClock, ec2_env
@@ -169,7 +170,7 @@ def test_describe_follows_pages(env: Ec2Env, sleep: FakeSleep) -> None:
 
 
 def test_throttled_three_times_succeeds_on_the_fourth(env: Ec2Env, sleep: FakeSleep) -> None:
-    ec2 = make(env, sleep)
+    ec2 = make(env, sleep, max_throttled_attempts=4)
     eni = env.cloud.enis_of(env.instance_id)[0].eni_id
     env.cloud.faults.throttle_next(3, ASSIGN)
     assert len(ec2.assign_prefixes(eni, 1)) == 1
@@ -183,7 +184,7 @@ def test_throttled_three_times_succeeds_on_the_fourth(env: Ec2Env, sleep: FakeSl
 
 def test_backoff_is_full_jitter_from_the_rng(env: Ec2Env, sleep: FakeSleep) -> None:
     ec2 = make(env, sleep, rng=random.Random(42))
-    env.cloud.faults.throttle_next(3, "DescribeSubnets")
+    env.cloud.faults.add(FaultRule(FaultKind.INTERNAL, "DescribeSubnets", count=3))
     ec2.describe_subnets([env.subnet_ids[0]])
     twin = random.Random(42)
     assert sleep.delays == [twin.uniform(0.0, cap) for cap in (0.2, 0.4, 0.8)]
@@ -192,7 +193,7 @@ def test_backoff_is_full_jitter_from_the_rng(env: Ec2Env, sleep: FakeSleep) -> N
 def test_persistent_throttling_gives_up_after_max_attempts(
     env: Ec2Env, sleep: FakeSleep, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ec2 = make(env, sleep, max_attempts=8, max_delay_s=1.0)
+    ec2 = make(env, sleep, max_throttled_attempts=8, max_delay_s=1.0)
     eni = env.cloud.enis_of(env.instance_id)[0].eni_id
     env.cloud.faults.add(FaultRule(FaultKind.THROTTLE, ASSIGN))
     with caplog.at_level(logging.WARNING, logger="ultranet.ipamd.ec2"):
@@ -202,10 +203,87 @@ def test_persistent_throttling_gives_up_after_max_attempts(
     assert err.code == "RequestLimitExceeded" and err.throttled and err.attempts == 8
     assert err.action == ASSIGN and "gave up after 8 attempts" in str(err) and eni in str(err)
     assert requests(env, ASSIGN) == 8
-    assert sleep.delays == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]  # capped at max_delay_s
+    backoffs = list(counters(ec2).backoffs[ASSIGN])
+    assert backoffs == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]  # capped at max_delay_s
+    assert sum(sleep.delays) > sum(backoffs)  # and the pacer spaced them further
     retries = [r.getMessage() for r in caplog.records]
     assert len(retries) == 7
     assert retries[0] == f"{ASSIGN} {eni}: RequestLimitExceeded, attempt 1/8, retrying in 0.200s"
+
+
+def test_a_throttled_call_gives_up_sooner_than_a_failing_one(env: Ec2Env, sleep: FakeSleep) -> None:
+    ec2 = make(env, sleep)  # shipped attempts: 3 throttled, 8 otherwise
+    env.cloud.faults.add(FaultRule(FaultKind.THROTTLE, "DescribeSubnets"))
+    with pytest.raises(Ec2RetriesExhausted) as excinfo:
+        ec2.describe_subnets([env.subnet_ids[0]])
+    assert excinfo.value.attempts == 3 and requests(env, "DescribeSubnets") == 3
+    env.cloud.faults.clear()
+    env.cloud.faults.add(FaultRule(FaultKind.INTERNAL, "DescribeNetworkInterfaces", count=7))
+    assert len(ec2.describe_instance_enis(env.instance_id)) == 1
+    assert requests(env, "DescribeNetworkInterfaces") == 8
+
+
+# -- adaptive rate on throttling ----------------------------------------------------------
+
+
+def pacer(env: Ec2Env, rng: random.Random | None = None) -> ThrottlePacer:
+    return ThrottlePacer(4.0, 0.01, 0.25, 0.5, env.clock, rng or CapRng())
+
+
+def test_pacer_decreases_multiplicatively_and_spaces_requests(env: Ec2Env) -> None:
+    paced = pacer(env)
+    assert paced.reserve() == 0.0 and paced.rate_per_s is None  # never throttled: free
+    paced.throttled()
+    assert paced.rate_per_s == 1.0
+    assert paced.reserve() == 1.0  # the throttled request's own interval first
+    assert paced.reserve() == 2.0  # then one interval (1 / rate, CapRng's top) each
+    env.clock.advance(2.0)
+    paced.throttled()
+    assert paced.rate_per_s == 0.25
+    # a new interval from now (t = 2 + 4) outlasts the queue (t = 3)
+    assert paced.reserve() == 4.0
+
+
+def test_pacer_floor_and_additive_recovery(env: Ec2Env) -> None:
+    paced = pacer(env)
+    for _ in range(10):
+        paced.throttled()
+    assert paced.rate_per_s == 0.01  # min_rate_per_s: 100 s between requests
+    paced.succeeded()
+    assert paced.rate_per_s == pytest.approx(0.51)
+    for _ in range(6):
+        paced.succeeded()
+    assert paced.rate_per_s == pytest.approx(3.51)
+    paced.succeeded()
+    assert paced.rate_per_s is None  # back at max_rate_per_s: pacing stops
+    env.clock.advance(1000.0)
+    assert paced.reserve() == 0.0
+
+
+def test_pacer_interval_is_jittered_from_the_rng(env: Ec2Env) -> None:
+    paced = pacer(env, random.Random(7))
+    paced.throttled()
+    twin = random.Random(7)
+    first = twin.uniform(0.5, 1.0) / 1.0
+    assert paced.reserve() == pytest.approx(first)
+    second = twin.uniform(0.5, 1.0) / 1.0
+    assert paced.reserve() == pytest.approx(first + second)
+
+
+def test_a_throttle_slows_later_calls_of_that_action_only(env: Ec2Env, sleep: FakeSleep) -> None:
+    ec2 = make(env, sleep, rate_per_s=5.0, burst=10)
+    eni = env.cloud.enis_of(env.instance_id)[0].eni_id
+    env.cloud.faults.throttle_next(1, ASSIGN)
+    assert len(ec2.assign_prefixes(eni, 1)) == 1
+    # throttled once: 5/s x 0.25 = 1.25/s, 0.8 s apart; the 0.2 s backoff sleeps first
+    assert sleep.delays == [0.2, pytest.approx(0.6)]
+    assert ec2.pacer(ASSIGN).rate_per_s == pytest.approx(1.75)  # + 0.5 for the success
+    sleep.delays.clear()
+    ec2.describe_subnets([env.subnet_ids[0]])
+    assert sleep.delays == []  # another action: EC2's buckets are per action
+    assert len(ec2.assign_prefixes(eni, 1)) == 1
+    assert sleep.delays == [pytest.approx(0.8)]  # still paced: 1 / 1.25, queued after
+    assert counters(ec2).throttles[ASSIGN] == 1
 
 
 @pytest.mark.parametrize(

@@ -302,12 +302,6 @@ class _Wave:
         if config.restart and not timed_out:
             result["restart"] = await self._restart_all()
         await asyncio.gather(*(n.agent.stop() for n in self.nodes), return_exceptions=True)
-        # stop() cancels an agent's manager but not an IMDS read it left on a worker
-        # thread, which may reopen the client's connection after stop() closed it: let the
-        # threads finish, then close again.
-        await loop.shutdown_default_executor()
-        for node in self.nodes:
-            node.imds.close()
         self.fleet.close_clients()
         emulator.call("terminate", [n.instance_id for n in self.nodes])
         return result

@@ -131,6 +131,7 @@ def test_a_tiny_cri_run_times_both_plugins_through_one_containerd(
         assert f"containerd.runtimes.{side}]" in run["containerd"]["config"]
     assert run["containerd"]["config"].count("cni_conf_dir") == 2
     assert run["ultranet_node"]["env_overrides"] == {}
+    assert run["shim_interpreter"]["version"]
     assert len(run["ultranet_waits_for_warm_pool_s"]) == 2
     for side in ("ultranet", "reference"):
         row = run[side]

@@ -194,9 +194,9 @@ def summarize(series: dict[str, CriSeries]) -> dict[str, Any]:
 
 def _write_cni(root: Path, python: str | None, shim_env: dict[str, str]) -> dict[str, Path]:
     """bin dir (ultranet's shim, Debian's ptp, host-local and loopback) and one conf dir per
-    side; returns {"bin": ..., side: conf dir}."""
+    side; returns {"bin": ..., "shim": ..., side: conf dir}."""
     bin_dir = root / "cni" / "bin"
-    install(
+    (shim,) = install(
         bin_dir,
         None,
         python=python,
@@ -209,7 +209,7 @@ def _write_cni(root: Path, python: str | None, shim_env: dict[str, str]) -> dict
     ours.pop("cniVersions")  # containerd 1.6's libcni 1.1 reads cniVersion only
     theirs = json.loads(json.dumps(REFERENCE))
     theirs["plugins"][0]["ipam"]["dataDir"] = str(root / "host-local")
-    dirs = {"bin": bin_dir}
+    dirs = {"bin": bin_dir, "shim": shim}
     for side, body in (("ultranet", ours), ("reference", theirs)):
         conf_dir = root / "cni" / side
         conf_dir.mkdir(parents=True)
@@ -261,9 +261,11 @@ def run_once(options: Options) -> dict[str, Any]:
             if left:
                 raise RuntimeError(f"containerd left behind: {left}")
             described = node.describe()
+            shim_interpreter = dirs["shim"].read_text().split("\n", 1)[0][2:].split()[0]
         finally:
             node.close()
     result = summarize(series)
+    result["shim_interpreter"] = conditions.interpreter(shim_interpreter)
     result["load"] = {"before": load_before, "after": conditions.load()}
     result["ec2_calls_during_cycles"] = ec2_calls
     result["ultranet_waits_for_warm_pool_s"] = waited

@@ -466,7 +466,7 @@ class Ec2Client:
         burst: int = 10,
         max_attempts: int = 8,
         max_throttled_attempts: int = 3,
-        throttle_min_rate_per_s: float = 1 / 300,
+        throttle_min_rate_per_s: float = 1 / 60,
         throttle_decrease: float = 0.25,
         throttle_increase_per_s: float = 0.5,
         base_delay_s: float = 0.2,

@@ -263,28 +263,8 @@ def table(result: dict[str, Any]) -> str:
             f"DEL+veth {ratio['del_removed_ms_p50']}x  CPU ADD {ratio['add_cpu']}x "
             f"DEL {ratio['del_cpu']}x"
         )
-    across = result["across_runs"]
-    if across["runs"] > 1:
-        loads = [x for run in result["runs"] for x in _loads(run)]
-        lines.append(
-            f"over {across['runs']} runs (1-min load {min(loads)}-{max(loads)}): median of the "
-            "runs' medians [their range] {all samples' range}"
-        )
-        for side in SIDES:
-            row = across[side]
-            cells = []
-            for key in ("add_ms", "del_answer_ms", "del_removed_ms"):
-                m, full = row[key]["run_medians"], row[key]
-                cells.append(
-                    f"{key} {m['median']} [{m['min']}-{m['max']}] "
-                    f"{{{full['samples_min']}-{full['samples_max']}}}"
-                )
-            for op in ("add", "del"):
-                cpu = row[f"{op}_cpu_us_per_op"]
-                cells.append(f"{op} CPU/op {cpu['median']} us [{cpu['min']}-{cpu['max']}]")
-            lines.append(f"  {side:10s} " + "; ".join(cells))
-        for key, spread in across["ratio"].items():
-            lines.append(f"  {key:18s} {spread['median']}x [{spread['min']}-{spread['max']}]")
+    keys = ("add_ms", "del_answer_ms", "del_removed_ms")
+    lines += _across_lines(result, [(key, key) for key in keys], cpu=True)
     return "\n".join(lines)
 
 
@@ -316,25 +296,38 @@ def cri_table(result: dict[str, Any]) -> str:
                 for k, b in run["bars"].items()
             )
         )
-    across = result["across_runs"]
-    if across["runs"] > 1:
-        loads = [x for run in result["runs"] for x in _loads(run)]
-        lines.append(
-            f"over {across['runs']} runs (1-min load {min(loads)}-{max(loads)}): median of the "
-            "runs' medians [their range] {all samples' range}"
-        )
-        for side in SIDES:
-            cells = []
-            for label, key in labels:
-                m, full = across[side][key]["run_medians"], across[side][key]
-                cells.append(
-                    f"{label} {m['median']} [{m['min']}-{m['max']}] "
-                    f"{{{full['samples_min']}-{full['samples_max']}}}"
-                )
-            lines.append(f"  {side:10s} " + "; ".join(cells))
-        for key, spread in across["ratio"].items():
-            lines.append(f"  {key:18s} {spread['median']}x [{spread['min']}-{spread['max']}]")
+    lines += _across_lines(result, labels, cpu=False)
     return "\n".join(lines)
+
+
+def _across_lines(result: dict[str, Any], labels: list[tuple[str, str]], *, cpu: bool) -> list[str]:
+    """The summary over several runs: each (label, key) series' median of the runs' medians,
+    their range and every sample's range, CPU per op with ``cpu``, then the ratios."""
+    across = result["across_runs"]
+    if across["runs"] <= 1:
+        return []
+    loads = [x for run in result["runs"] for x in _loads(run)]
+    lines = [
+        f"over {across['runs']} runs (1-min load {min(loads)}-{max(loads)}): median of the "
+        "runs' medians [their range] {all samples' range}"
+    ]
+    for side in SIDES:
+        row = across[side]
+        cells = []
+        for label, key in labels:
+            m, full = row[key]["run_medians"], row[key]
+            cells.append(
+                f"{label} {m['median']} [{m['min']}-{m['max']}] "
+                f"{{{full['samples_min']}-{full['samples_max']}}}"
+            )
+        if cpu:
+            for op in ("add", "del"):
+                spread = row[f"{op}_cpu_us_per_op"]
+                cells.append(f"{op} CPU/op {spread['median']} us [{spread['min']}-{spread['max']}]")
+        lines.append(f"  {side:10s} " + "; ".join(cells))
+    for key, spread in across["ratio"].items():
+        lines.append(f"  {key:18s} {spread['median']}x [{spread['min']}-{spread['max']}]")
+    return lines
 
 
 def _loads(run: dict[str, Any]) -> list[float]:

@@ -17,9 +17,9 @@ from typing import Any
 
 from ipam.config import load_config
 from ipam.errors import UltranetError
+from ipam.nau.launch_auto import choose
 from ipam.nau.throttle import BucketSpec, load_table
 from tools.bench.conditions import code, machine
-from tools.fleet.auto import choose
 from tools.fleet.runner import Fleet, FleetConfig, Scenario, quiet_agents
 
 SCENARIOS = ("ultranet", "ultranet-reactive")
@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         metavar="N|auto",
         help="/28 prefixes on each primary ENI at launch in the 'ultranet' scenario; auto: "
-        "the fewest, with warm settings that keep them, for 0 EC2 calls (tools/fleet/auto.py)",
+        "the fewest, with warm settings that keep them, for 0 EC2 calls (ipam/nau/launch_auto.py)",
     )
     p.add_argument(
         "--scenario",

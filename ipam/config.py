@@ -31,6 +31,11 @@ Where we deliberately differ from the VPC CNI:
   refused because the primary ENI always exists.
 * ``MAX_PODS`` is ours: unset, the daemon derives it (the VPC CNI reads the node's pod
   capacity).
+* ``ENABLE_IPv6=true`` (with ``ENABLE_IPv4=false`` and ``ENABLE_PREFIX_DELEGATION=true``
+  given explicitly, as the VPC CNI's ``isConfigValid`` in ``pkg/ipamd/ipamd.go`` demands:
+  single stack, prefix delegation) is checked the same way, but refused at load, not at
+  start. The warm-pool knobs and ``ENABLE_MULTI_NIC`` have no effect in IPv6 mode (one
+  /80 on the primary ENI); :meth:`IpamdConfig.effective` says so.
 * The metrics endpoint binds to loopback by default (the VPC CNI serves ``:61678`` on
   every interface). ``ULTRANET_EC2_RATE``/``ULTRANET_EC2_BURST`` are a client-side token
   bucket the VPC CNI does not have. ``ULTRANET_SUBNET_TAG`` makes the VPC CNI's
@@ -83,6 +88,8 @@ class IpamdConfig:
     max_eni: int | None = None  # None: the instance limit (MAX_ENI=-1)
     ip_cooldown_period: int = 30  # seconds
     enable_multi_nic: bool = False
+    enable_ipv4: bool = True  # single stack, as in the VPC CNI: exactly one of the two
+    enable_ipv6: bool = False
     max_pods: int | None = None  # None: derived by the daemon
     warm_eni_target: int | None = None  # accepted and ignored (prefix mode)
     socket: Path = Path("/run/ultranet/ipamd.sock")
@@ -104,6 +111,11 @@ class IpamdConfig:
     sources: Mapping[str, Source] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
+
+    @property
+    def ipv6(self) -> bool:
+        """IPv6 prefix mode: pods get /128s from the primary ENI's /80."""
+        return self.enable_ipv6
 
     def warm_targets(self) -> WarmTargets:
         """The warm-pool knobs for :func:`ipam.warm.plan` on network card 0."""
@@ -133,9 +145,16 @@ class IpamdConfig:
     def _ignored(self, env: str) -> str | None:
         if env == "WARM_ENI_TARGET":
             return "not used in prefix-delegation mode, the only mode ultranet has"
+        if self.ipv6 and env in _IPV4_POOL_KNOBS:
+            return "not used in IPv6 mode: pods take /128s from one /80, no warm pool"
         if env == "WARM_PREFIX_TARGET" and self.warm_targets().ip_targets_set:
             return "overridden by WARM_IP_TARGET/MINIMUM_IP_TARGET"
         return None
+
+
+_IPV4_POOL_KNOBS = frozenset(
+    {"WARM_PREFIX_TARGET", "WARM_IP_TARGET", "MINIMUM_IP_TARGET", "MAX_ENI", "ENABLE_MULTI_NIC"}
+)
 
 
 # -- parsers: (knob, text) -> value; text is never empty -------------------------------
@@ -295,6 +314,8 @@ KNOBS: Mapping[str, Knob] = MappingProxyType(
             Knob("MAX_ENI", "max_eni", _max_eni, show=lambda v: -1 if v is None else v),
             Knob("IP_COOLDOWN_PERIOD", "ip_cooldown_period", _count),
             Knob("ENABLE_MULTI_NIC", "enable_multi_nic", _bool),
+            Knob("ENABLE_IPv4", "enable_ipv4", _bool),
+            Knob("ENABLE_IPv6", "enable_ipv6", _bool),
             Knob("ENABLE_PREFIX_DELEGATION", None, _prefix_delegation),
             Knob("WARM_ENI_TARGET", "warm_eni_target", _count),
             Knob("MAX_PODS", "max_pods", _positive),
@@ -340,7 +361,32 @@ def load_config(env: Mapping[str, str] | None = None, file: Path | None = None) 
             if knob.field is not None:
                 kwargs[knob.field] = value
             sources[name] = source
-    return IpamdConfig(**kwargs, sources=MappingProxyType(sources))
+    config = IpamdConfig(**kwargs, sources=MappingProxyType(sources))
+    _check_address_family(config)
+    return config
+
+
+def _check_address_family(config: IpamdConfig) -> None:
+    """The VPC CNI's ``isConfigValid`` (``pkg/ipamd/ipamd.go``): one family, and IPv6
+    only with prefix delegation asked for explicitly."""
+    if config.enable_ipv4 and config.enable_ipv6:
+        raise ConfigError(
+            "ENABLE_IPv6",
+            "true",
+            "IPv4 and IPv6 are both enabled; like the VPC CNI, ultranet is single stack:"
+            " set ENABLE_IPv4=false for an IPv6 node",
+        )
+    if not config.enable_ipv4 and not config.enable_ipv6:
+        raise ConfigError(
+            "ENABLE_IPv4", "false", "IPv4 and IPv6 are both disabled: enable one of them"
+        )
+    if config.enable_ipv6 and "ENABLE_PREFIX_DELEGATION" not in config.sources:
+        raise ConfigError(
+            "ENABLE_PREFIX_DELEGATION",
+            "",
+            "IPv6 is supported only in prefix-delegation mode (one /80 per node): set"
+            " ENABLE_PREFIX_DELEGATION=true with ENABLE_IPv6=true, as the VPC CNI requires",
+        )
 
 
 def _file_text(knob: Knob, value: object) -> str | None:

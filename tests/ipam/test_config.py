@@ -46,6 +46,8 @@ def test_every_knob_parsed_from_the_environment() -> None:
         "MAX_ENI": "3",
         "IP_COOLDOWN_PERIOD": "0",
         "ENABLE_MULTI_NIC": "true",
+        "ENABLE_IPv4": "false",
+        "ENABLE_IPv6": "true",
         "ENABLE_PREFIX_DELEGATION": "true",
         "WARM_ENI_TARGET": "1",
         "MAX_PODS": "250",
@@ -73,6 +75,8 @@ def test_every_knob_parsed_from_the_environment() -> None:
         max_eni=3,
         ip_cooldown_period=0,
         enable_multi_nic=True,
+        enable_ipv4=False,
+        enable_ipv6=True,
         max_pods=250,
         warm_eni_target=1,
         socket=Path("/run/u/i.sock"),
@@ -355,3 +359,54 @@ def test_config_is_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.warm_prefix_target = 3  # type: ignore[misc]
     assert hash(config) == hash(IpamdConfig(warm_prefix_target=2))
+
+
+# -- IPv6 prefix mode: the VPC CNI's isConfigValid, at load ---------------------------------
+
+IPV6 = {"ENABLE_IPv4": "false", "ENABLE_IPv6": "true", "ENABLE_PREFIX_DELEGATION": "true"}
+
+
+def test_ipv6_mode_with_what_the_vpc_cni_demands() -> None:
+    config = load_config(IPV6)
+    assert config.ipv6 and not config.enable_ipv4
+    assert not load_config({}).ipv6
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "reason"),
+    [
+        (
+            {"ENABLE_IPv6": "true", "ENABLE_PREFIX_DELEGATION": "true"},
+            "ENABLE_IPv6",
+            "single stack",
+        ),
+        ({"ENABLE_IPv4": "false"}, "ENABLE_IPv4", "both disabled"),
+        ({"ENABLE_IPv4": "false", "ENABLE_IPv6": "true"}, "ENABLE_PREFIX_DELEGATION", "only in"),
+        ({**IPV6, "ENABLE_PREFIX_DELEGATION": "false"}, "ENABLE_PREFIX_DELEGATION", "only"),
+        ({**IPV6, "ENABLE_IPv6": "yes"}, "ENABLE_IPv6", "not a boolean"),
+    ],
+)
+def test_ipv6_mode_refused_as_the_vpc_cni_refuses(
+    env: dict[str, str], field: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(env)
+    assert caught.value.field == field
+    assert reason in str(caught.value)
+
+
+def test_ipv6_mode_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "ipamd.json"
+    path.write_text(json.dumps({"ENABLE_IPv4": False, "ENABLE_IPv6": True}))
+    with pytest.raises(ConfigError, match="ENABLE_PREFIX_DELEGATION"):
+        load_config({}, path)
+    assert load_config({"ENABLE_PREFIX_DELEGATION": "true"}, path).ipv6
+
+
+def test_ipv6_mode_says_the_warm_pool_knobs_do_nothing() -> None:
+    effective = load_config({**IPV6, "WARM_IP_TARGET": "5"}).effective()
+    for knob in ("WARM_PREFIX_TARGET", "WARM_IP_TARGET", "MINIMUM_IP_TARGET", "MAX_ENI"):
+        entry = effective[knob]
+        assert isinstance(entry, dict) and "IPv6 mode" in str(entry.get("ignored")), knob
+    ipv4_entry = load_config({}).effective()["MAX_ENI"]
+    assert isinstance(ipv4_entry, dict) and "ignored" not in ipv4_entry

@@ -8,7 +8,7 @@ node namespace (real EC2 is slower; IMDS staleness models that separately).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
 
@@ -27,6 +27,10 @@ class EniView:
     primary_ip: IPv4Address | None  # None for efa-only
     secondary_ips: tuple[IPv4Address, ...]
     prefixes: tuple[IPv4Network, ...]
+    # IPv6: the subnet's /64 (None without one), /128 addresses and /80 prefixes
+    ipv6_subnet: IPv6Network | None = None
+    ipv6_addresses: tuple[IPv6Address, ...] = ()
+    ipv6_prefixes: tuple[IPv6Network, ...] = ()
 
 
 class CloudListener(Protocol):

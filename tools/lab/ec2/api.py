@@ -30,6 +30,7 @@ from tools.lab.ec2.state import (
     Cloud,
     Eni,
     Instance,
+    Ipv6Block,
     LaunchInterface,
     NatGateway,
     Subnet,
@@ -164,13 +165,19 @@ def _private_ips(eni: Eni) -> list[dict[str, Any]]:
     return [{"PrivateIpAddress": str(a), "Primary": a == eni.primary_ip} for a in eni.addresses]
 
 
+def _ipv6_addresses(eni: Eni) -> list[dict[str, Any]]:
+    # EnablePrimaryIpv6 is not modelled: no address is the interface's primary IPv6.
+    return [{"Ipv6Address": str(a), "IsPrimaryIpv6": False} for a in eni.ipv6_addresses]
+
+
 def _eni_view(eni: Eni) -> dict[str, Any]:
     out: dict[str, Any] = {
         "AvailabilityZone": eni.availability_zone,
         "Description": eni.description,
         "Groups": _group_list(eni),
         "InterfaceType": eni.shown_type,
-        "Ipv6Addresses": [],
+        "Ipv6Addresses": _ipv6_addresses(eni),
+        "Ipv6Native": False,
         "MacAddress": eni.mac,
         "NetworkInterfaceId": eni.eni_id,
         "OwnerId": OWNER_ID,
@@ -186,6 +193,8 @@ def _eni_view(eni: Eni) -> dict[str, Any]:
         out["PrivateIpAddress"] = str(eni.primary_ip)
     if eni.prefixes:
         out["Ipv4Prefixes"] = [{"Ipv4Prefix": str(p)} for p in eni.prefixes]
+    if eni.ipv6_prefixes:
+        out["Ipv6Prefixes"] = [{"Ipv6Prefix": str(p)} for p in eni.ipv6_prefixes]
     if eni.requester_id is not None:
         out["RequesterId"] = eni.requester_id
     if eni.attachment is not None:
@@ -232,11 +241,36 @@ def _instance_eni_view(eni: Eni) -> dict[str, Any]:
         out["PrivateIpAddress"] = str(eni.primary_ip)
     if eni.prefixes:
         out["Ipv4Prefixes"] = [{"Ipv4Prefix": str(p)} for p in eni.prefixes]
+    if eni.ipv6_addresses:
+        out["Ipv6Addresses"] = _ipv6_addresses(eni)
+    if eni.ipv6_prefixes:
+        out["Ipv6Prefixes"] = [{"Ipv6Prefix": str(p)} for p in eni.ipv6_prefixes]
     return out
+
+
+def _cidr_association(block: Ipv6Block) -> dict[str, Any]:
+    return {
+        "AssociationId": block.association_id,
+        "Ipv6CidrBlock": str(block.cidr),
+        "Ipv6CidrBlockState": {"State": "associated"},
+    }
+
+
+def _vpc_ipv6_association(block: Ipv6Block, region: str) -> dict[str, Any]:
+    return {
+        **_cidr_association(block),
+        "Ipv6Pool": "Amazon",
+        "NetworkBorderGroup": region,
+    }
 
 
 def _subnet_view(subnet: Subnet) -> dict[str, Any]:
     return {
+        "AssignIpv6AddressOnCreation": subnet.assign_ipv6_on_creation,
+        "Ipv6CidrBlockAssociationSet": (
+            [_cidr_association(subnet.ipv6_block)] if subnet.ipv6_block is not None else []
+        ),
+        "Ipv6Native": False,
         "AvailabilityZone": subnet.availability_zone,
         "AvailabilityZoneId": subnet.availability_zone_id,
         "AvailableIpAddressCount": subnet.space.stats().free,
@@ -352,7 +386,10 @@ class Ec2Api:
         self._throttle_lock = threading.Lock()
         self.filter_names: dict[str, frozenset[str]] = {}
         self._handlers: dict[str, Handler] = {
+            "AssignIpv6Addresses": self.assign_ipv6_addresses,
             "AssignPrivateIpAddresses": self.assign_private_ip_addresses,
+            "AssociateSubnetCidrBlock": self.associate_subnet_cidr_block,
+            "AssociateVpcCidrBlock": self.associate_vpc_cidr_block,
             "AttachNetworkInterface": self.attach_network_interface,
             "CreateNetworkInterface": self.create_network_interface,
             "CreateSubnetCidrReservation": self.create_subnet_cidr_reservation,
@@ -370,8 +407,10 @@ class Ec2Api:
             "DetachNetworkInterface": self.detach_network_interface,
             "GetSubnetCidrReservations": self.get_subnet_cidr_reservations,
             "ModifyNetworkInterfaceAttribute": self.modify_network_interface_attribute,
+            "ModifySubnetAttribute": self.modify_subnet_attribute,
             "RunInstances": self.run_instances,
             "TerminateInstances": self.terminate_instances,
+            "UnassignIpv6Addresses": self.unassign_ipv6_addresses,
             "UnassignPrivateIpAddresses": self.unassign_private_ip_addresses,
         }
 
@@ -470,6 +509,19 @@ class Ec2Api:
         )
         if not subnet_id:
             raise Ec2Error("MissingParameter", "RunInstances needs a SubnetId")
+        for spec in specs:
+            if spec.get("Ipv6Addresses") or spec.get("Ipv6Prefixes"):
+                # Named IPv6 addresses or prefixes fit one instance only; the lab takes counts.
+                raise invalid(
+                    "the emulator takes Ipv6AddressCount and Ipv6PrefixCount at launch, not "
+                    "Ipv6Addresses or Ipv6Prefixes"
+                )
+        top_ipv6 = params.get("Ipv6AddressCount")
+        if top_ipv6 is not None and specs:
+            raise combination(
+                "Network interfaces and an instance-level IPv6 address count may not be "
+                "specified on the same request"
+            )
         interfaces = [
             LaunchInterface(
                 network_card=spec.get("NetworkCardIndex", 0),
@@ -479,9 +531,13 @@ class Ec2Api:
                 secondary_ip_count=spec.get("SecondaryPrivateIpAddressCount", 0),
                 subnet_id=spec.get("SubnetId"),
                 delete_on_termination=spec.get("DeleteOnTermination", True),
+                ipv6_prefix_count=spec.get("Ipv6PrefixCount", 0),
+                ipv6_address_count=spec.get("Ipv6AddressCount"),
             )
             for spec in specs
         ]
+        if top_ipv6 is not None:
+            interfaces = [LaunchInterface(0, 0, ipv6_address_count=top_ipv6)]
         tags = _tag_specs(params.get("TagSpecifications"), "instance")
         launched = [
             self.cloud.launch_instance(
@@ -528,6 +584,12 @@ class Ec2Api:
             "instance-type": lambda i: [i.instance_type.name],
             "network-interface.network-interface-id": lambda i: [
                 e.eni_id for e in self.cloud.enis_of(i.instance_id)
+            ],
+            "network-interface.ipv6-addresses.ipv6-address": lambda i: [
+                str(a) for e in self.cloud.enis_of(i.instance_id) for a in e.ipv6_addresses
+            ],
+            "network-interface.ipv6-prefixes.ipv6-prefix": lambda i: [
+                str(p) for e in self.cloud.enis_of(i.instance_id) for p in e.ipv6_prefixes
             ],
             "subnet-id": lambda i: [i.subnet_id],
             "vpc-id": lambda i: [i.vpc_id],
@@ -603,6 +665,14 @@ class Ec2Api:
             "available-ip-address-count": lambda s: [str(s.space.stats().free)],
             "cidr-block": lambda s: [str(s.cidr)],
             "default-for-az": lambda s: ["false"],
+            "ipv6-cidr-block-association.association-id": lambda s: (
+                [s.ipv6_block.association_id] if s.ipv6_block else []
+            ),
+            "ipv6-cidr-block-association.ipv6-cidr-block": lambda s: (
+                [str(s.ipv6_block.cidr)] if s.ipv6_block else []
+            ),
+            "ipv6-cidr-block-association.state": lambda s: ["associated"] if s.ipv6_block else [],
+            "ipv6-native": lambda s: ["false"],
             "state": lambda s: ["available"],
             "subnet-id": lambda s: [s.subnet_id],
             "vpc-id": lambda s: [s.vpc_id],
@@ -670,6 +740,12 @@ class Ec2Api:
         fields: FilterFields = {
             "cidr": lambda v: [str(v.cidrs[0])],
             "cidr-block-association.cidr-block": lambda v: [str(c) for c in v.cidrs],
+            "ipv6-cidr-block-association.association-id": lambda v: [
+                b.association_id for b in v.ipv6_blocks
+            ],
+            "ipv6-cidr-block-association.ipv6-cidr-block": lambda v: [str(c) for c in v.ipv6_cidrs],
+            "ipv6-cidr-block-association.ipv6-pool": lambda v: ["Amazon"] if v.ipv6_blocks else [],
+            "ipv6-cidr-block-association.state": lambda v: ["associated"] if v.ipv6_blocks else [],
             "state": lambda v: ["available"],
             "vpc-id": lambda v: [v.vpc_id],
         }
@@ -687,6 +763,9 @@ class Ec2Api:
                     for i, c in enumerate(v.cidrs)
                 ],
                 "InstanceTenancy": "default",
+                "Ipv6CidrBlockAssociationSet": [
+                    _vpc_ipv6_association(b, self._region()) for b in v.ipv6_blocks
+                ],
                 "IsDefault": False,
                 "OwnerId": OWNER_ID,
                 "State": "available",
@@ -785,6 +864,7 @@ class Ec2Api:
 
         fields: FilterFields = {
             "addresses.private-ip-address": lambda e: [str(a) for a in e.addresses],
+            "ipv6-addresses.ipv6-address": lambda e: [str(a) for a in e.ipv6_addresses],
             "attachment.attachment-id": lambda e: attached(e, lambda a: a.attachment_id),
             "attachment.delete-on-termination": lambda e: attached(
                 e, lambda a: a.delete_on_termination
@@ -839,6 +919,10 @@ class Ec2Api:
                 description=params.get("Description", ""),
                 groups=params.get("Groups"),
                 tags=_tag_specs(params.get("TagSpecifications"), "network-interface"),
+                ipv6_address_count=params.get("Ipv6AddressCount"),
+                ipv6_addresses=[a["Ipv6Address"] for a in params.get("Ipv6Addresses") or []],
+                ipv6_prefix_count=params.get("Ipv6PrefixCount", 0),
+                ipv6_prefixes=[p["Ipv6Prefix"] for p in params.get("Ipv6Prefixes") or []],
             )
             return eni.eni_id
 
@@ -900,6 +984,86 @@ class Ec2Api:
         if assigned.prefixes:
             result["AssignedIpv4Prefixes"] = [{"Ipv4Prefix": str(p)} for p in assigned.prefixes]
         return result
+
+    def assign_ipv6_addresses(self, params: Params) -> Result:
+        eni_id = params["NetworkInterfaceId"]
+        assigned = self.cloud.assign_ipv6_addresses(
+            eni_id,
+            address_count=params.get("Ipv6AddressCount", 0),
+            addresses=params.get("Ipv6Addresses") or [],
+            prefix_count=params.get("Ipv6PrefixCount", 0),
+            prefixes=params.get("Ipv6Prefixes") or [],
+        )
+        result: Result = {"NetworkInterfaceId": eni_id}
+        if assigned.addresses:
+            result["AssignedIpv6Addresses"] = [str(a) for a in assigned.addresses]
+        if assigned.prefixes:
+            result["AssignedIpv6Prefixes"] = [str(p) for p in assigned.prefixes]
+        return result
+
+    def unassign_ipv6_addresses(self, params: Params) -> Result:
+        eni_id = params["NetworkInterfaceId"]
+        gone = self.cloud.unassign_ipv6_addresses(
+            eni_id,
+            addresses=params.get("Ipv6Addresses") or [],
+            prefixes=params.get("Ipv6Prefixes") or [],
+        )
+        result: Result = {"NetworkInterfaceId": eni_id}
+        if gone.addresses:
+            result["UnassignedIpv6Addresses"] = [str(a) for a in gone.addresses]
+        if gone.prefixes:
+            result["UnassignedIpv6Prefixes"] = [str(p) for p in gone.prefixes]
+        return result
+
+    # -- IPv6 blocks of VPCs and subnets ---------------------------------------------
+
+    def _region(self) -> str:
+        subnets = self.cloud.subnets()
+        return subnets[0].availability_zone[:-1] if subnets else "us-west-2"
+
+    def associate_vpc_cidr_block(self, params: Params) -> Result:
+        """IPv6 only: AmazonProvidedIpv6CidrBlock (the lab picks a unique-local /56) or
+        Ipv6CidrBlock (a unique-local /56 the caller names)."""
+        if params.get("CidrBlock") or params.get("Ipv4IpamPoolId"):
+            raise invalid("the emulator associates IPv6 blocks only; IPv4 blocks are set up front")
+        if params.get("Ipv6IpamPoolId"):
+            raise invalid("IPAM pools are not modelled; use AmazonProvidedIpv6CidrBlock")
+        amazon = bool(params.get("AmazonProvidedIpv6CidrBlock"))
+        named = params.get("Ipv6CidrBlock")
+        if amazon == bool(named):
+            raise Ec2Error(
+                "MissingParameter" if not amazon else "InvalidParameterCombination",
+                "Specify exactly one of AmazonProvidedIpv6CidrBlock or Ipv6CidrBlock",
+            )
+        block = self.cloud.associate_vpc_ipv6_cidr(params["VpcId"], named)
+        return {
+            "Ipv6CidrBlockAssociation": _vpc_ipv6_association(block, self._region()),
+            "VpcId": params["VpcId"],
+        }
+
+    def associate_subnet_cidr_block(self, params: Params) -> Result:
+        if params.get("Ipv6IpamPoolId"):
+            raise invalid("IPAM pools are not modelled; name the /64 in Ipv6CidrBlock")
+        if not params.get("Ipv6CidrBlock"):
+            raise Ec2Error("MissingParameter", "The request must contain Ipv6CidrBlock")
+        block = self.cloud.associate_subnet_ipv6_cidr(params["SubnetId"], params["Ipv6CidrBlock"])
+        return {
+            "Ipv6CidrBlockAssociation": _cidr_association(block),
+            "SubnetId": params["SubnetId"],
+        }
+
+    def modify_subnet_attribute(self, params: Params) -> Result:
+        """AssignIpv6AddressOnCreation only, the one attribute the lab's subnets act on."""
+        others = set(params) - {"SubnetId", "AssignIpv6AddressOnCreation"}
+        if others:
+            raise invalid(
+                f"the emulator modifies AssignIpv6AddressOnCreation only, not {sorted(others)}"
+            )
+        setting = params.get("AssignIpv6AddressOnCreation")
+        if setting is None or "Value" not in setting:
+            raise Ec2Error("MissingParameter", "The request must contain an attribute to modify")
+        self.cloud.set_assign_ipv6_on_creation(params["SubnetId"], bool(setting["Value"]))
+        return {}
 
     def unassign_private_ip_addresses(self, params: Params) -> Result:
         self.cloud.unassign_private_ip_addresses(

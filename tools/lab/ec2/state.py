@@ -21,7 +21,11 @@ EC2 semantics modelled (the AWS pages listed in ``ipam/nau/README.md``, Sources)
   CreateNetworkInterface is not among them: the NAU page), with ``ipam.nau.rules``;
   ``NetworkAddressUsageLimitExceeded`` refuses a change that would pass the quota;
 * IMDS can lag EC2 by a set number of seconds (``set_imds_lag``), as real IMDS does
-  after attach, detach and address changes.
+  after attach, detach and address changes;
+* IPv6 (``tools/lab/ec2/ipv6.py``): a VPC takes /56 blocks (unique-local only), a subnet
+  one /64 of them, an interface /128 addresses and /80 prefixes up to its type's
+  ``Ipv6AddressesPerInterface`` (each address and each prefix one slot, as in IPv4);
+  each counts 1 NAU, as each IPv4 address and /28 do.
 
 Every public method holds one lock; listeners are called under it, after the change and
 before the method returns, so the API answers only once the node has followed.
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from ipam.errors import SubnetSpaceError, UnknownInstanceType
@@ -52,10 +56,30 @@ from ipam.nau.throttle import AccountThrottle
 from tools.lab.ec2.errors import Ec2Error, combination, invalid, not_found
 from tools.lab.ec2.faults import Faults, RequestLog
 from tools.lab.ec2.imds import JsonLeaf
+from tools.lab.ec2.ipv6 import (
+    SUBNET_PREFIXLEN,
+    VPC_PREFIXLEN,
+    Ipv6SubnetSpace,
+    parse_block,
+    random_vpc_block,
+)
+from tools.lab.ec2.ipv6 import parse_address as parse_ipv6_address
+from tools.lab.ec2.ipv6 import parse_prefix as parse_ipv6_prefix
 from tools.lab.events import CloudListener, EniView
 
 OWNER_ID = "111122223333"
 DEFAULT_SECURITY_GROUP = "sg-0a1b2c3d4e5f60789"
+
+
+VPC_IPV6_BLOCKS_MAX = 5  # IPv6 CIDR blocks per VPC ("Amazon VPC quotas"; not adjustable)
+
+
+@dataclass(frozen=True, slots=True)
+class Ipv6Block:
+    """An IPv6 CIDR block associated with a VPC or a subnet."""
+
+    association_id: str
+    cidr: IPv6Network
 
 
 @dataclass(slots=True)
@@ -64,6 +88,11 @@ class Vpc:
     cidrs: list[IPv4Network]
     nau_quota: int = NAU_QUOTA_DEFAULT
     tags: dict[str, str] = field(default_factory=dict)
+    ipv6_blocks: list[Ipv6Block] = field(default_factory=list)
+
+    @property
+    def ipv6_cidrs(self) -> list[IPv6Network]:
+        return [b.cidr for b in self.ipv6_blocks]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +115,19 @@ class Subnet:
     space: SubnetSpace
     tags: dict[str, str] = field(default_factory=dict)
     reservations: dict[str, CidrReservation] = field(default_factory=dict)
+    ipv6_block: Ipv6Block | None = None
+    ipv6_space: Ipv6SubnetSpace | None = None
+    # ModifySubnetAttribute AssignIpv6AddressOnCreation: a new interface gets one IPv6
+    # address unless the request asks for a count (0 included), as EKS IPv6 subnets do.
+    assign_ipv6_on_creation: bool = False
 
     @property
     def gateway(self) -> IPv4Address:
         return self.space.gateway
+
+    @property
+    def ipv6_cidr(self) -> IPv6Network | None:
+        return self.ipv6_block.cidr if self.ipv6_block is not None else None
 
 
 @dataclass(slots=True)
@@ -119,6 +157,8 @@ class Eni:
     groups: list[str] = field(default_factory=lambda: [DEFAULT_SECURITY_GROUP])
     secondary_ips: list[IPv4Address] = field(default_factory=list)
     prefixes: list[IPv4Network] = field(default_factory=list)
+    ipv6_addresses: list[IPv6Address] = field(default_factory=list)
+    ipv6_prefixes: list[IPv6Network] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     source_dest_check: bool = True
     attachment: Attachment | None = None
@@ -147,6 +187,21 @@ class Eni:
     @property
     def slots_used(self) -> int:
         return len(self.addresses) + len(self.prefixes)
+
+    @property
+    def ipv6_slots_used(self) -> int:
+        """Against ``Ipv6AddressesPerInterface``: each IPv6 address and each /80 one."""
+        return len(self.ipv6_addresses) + len(self.ipv6_prefixes)
+
+    @property
+    def nau_addresses(self) -> int:
+        """Addresses NAU counts: every IPv4 and every IPv6 address on the interface."""
+        return len(self.addresses) + len(self.ipv6_addresses)
+
+    @property
+    def nau_prefixes(self) -> int:
+        """Prefixes NAU counts: IPv4 /28s and IPv6 /80s alike."""
+        return len(self.prefixes) + len(self.ipv6_prefixes)
 
 
 @dataclass(slots=True)
@@ -216,12 +271,21 @@ class LaunchInterface:
     secondary_ip_count: int = 0
     subnet_id: str | None = None  # None: the instance's subnet
     delete_on_termination: bool = True
+    ipv6_prefix_count: int = 0
+    # None: the subnet's AssignIpv6AddressOnCreation decides (1 or 0), as EC2 does
+    ipv6_address_count: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Assigned:
     addresses: tuple[IPv4Address, ...]
     prefixes: tuple[IPv4Network, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ipv6Assigned:
+    addresses: tuple[IPv6Address, ...]
+    prefixes: tuple[IPv6Network, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +297,7 @@ class ImdsInterface:
     vpc_id: str
     vpc_cidrs: tuple[IPv4Network, ...]
     security_groups: tuple[str, ...]
+    vpc_ipv6_cidrs: tuple[IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +350,7 @@ class Cloud:
         self._imds_history: dict[str, list[_ImdsSnapshot]] = {}
         self._imds_trees: dict[str, tuple[tuple[ImdsInterface, ...], dict[str, Any]]] = {}
         self._max_slots = max(t.ipv4_per_eni for t in catalog().values())
+        self._max_ipv6_slots = max(t.ipv6_per_eni or 0 for t in catalog().values())
 
     # -- ids and clocks --------------------------------------------------------------
 
@@ -357,6 +423,84 @@ class Cloud:
             except KeyError:
                 raise not_found("vpc", vpc_id) from None
 
+    def associate_vpc_ipv6_cidr(self, vpc_id: str, cidr: str | None = None) -> Ipv6Block:
+        """AssociateVpcCidrBlock with an IPv6 /56: the given one, or one the lab picks.
+
+        "Amazon-provided" blocks are drawn from fd00::/8 (see ``ipv6.py``); a given block
+        must be a unique-local /56 too, and no other VPC of the lab may hold it.
+        """
+        with self._lock:
+            vpc = self.vpc(vpc_id)
+            if len(vpc.ipv6_blocks) >= VPC_IPV6_BLOCKS_MAX:
+                raise Ec2Error(
+                    "CidrLimitExceeded",
+                    f"VPC {vpc_id} already has {VPC_IPV6_BLOCKS_MAX} IPv6 CIDR blocks, the "
+                    "most a VPC can have",
+                )
+            taken = {c for v in self._vpcs.values() for c in v.ipv6_cidrs}
+            if cidr is None:
+                block = random_vpc_block(self._rng, taken)
+            else:
+                block = parse_block(cidr, VPC_PREFIXLEN, "VPC")
+                if block in taken:
+                    raise Ec2Error("InvalidVpc.Range", f"The IPv6 CIDR '{block}' is already in use")
+            association = Ipv6Block(self._new_id("vpc-cidr-assoc"), block)
+            vpc.ipv6_blocks.append(association)
+            self._record_vpc_imds(vpc_id)
+            return association
+
+    def associate_subnet_ipv6_cidr(self, subnet_id: str, cidr: str) -> Ipv6Block:
+        """AssociateSubnetCidrBlock: one /64 of the VPC's IPv6 blocks per subnet."""
+        with self._lock:
+            subnet = self.subnet(subnet_id)
+            vpc = self.vpc(subnet.vpc_id)
+            block = parse_block(cidr, SUBNET_PREFIXLEN, "subnet")
+            if subnet.ipv6_block is not None:
+                raise Ec2Error(
+                    "InvalidParameterValue",
+                    f"Subnet {subnet_id} already has the IPv6 CIDR block "
+                    f"{subnet.ipv6_block.cidr}; a subnet has at most one",
+                )
+            if not any(block.subnet_of(v) for v in vpc.ipv6_cidrs):
+                raise Ec2Error(
+                    "InvalidSubnet.Range",
+                    f"The IPv6 CIDR '{block}' is not within the IPv6 blocks of {vpc.vpc_id} "
+                    f"({', '.join(str(c) for c in vpc.ipv6_cidrs) or 'none'})",
+                )
+            for other in self._subnets.values():
+                if other.vpc_id == vpc.vpc_id and other.ipv6_cidr == block:
+                    raise Ec2Error(
+                        "InvalidSubnet.Conflict",
+                        f"The IPv6 CIDR '{block}' conflicts with subnet {other.subnet_id}",
+                    )
+            subnet.ipv6_block = Ipv6Block(self._new_id("subnet-cidr-assoc"), block)
+            subnet.ipv6_space = Ipv6SubnetSpace(block, random.Random(self._rng.getrandbits(64)))
+            for eni in self._enis.values():
+                if eni.subnet_id == subnet_id and eni.attachment is not None:
+                    self._record_imds(eni.attachment.instance_id)
+            return subnet.ipv6_block
+
+    def set_assign_ipv6_on_creation(self, subnet_id: str, enabled: bool) -> None:
+        """ModifySubnetAttribute AssignIpv6AddressOnCreation."""
+        with self._lock:
+            subnet = self.subnet(subnet_id)
+            if enabled and subnet.ipv6_block is None:
+                raise invalid(
+                    f"Subnet {subnet_id} has no IPv6 CIDR block: AssignIpv6AddressOnCreation "
+                    "needs one"
+                )
+            subnet.assign_ipv6_on_creation = enabled
+
+    def _record_vpc_imds(self, vpc_id: str) -> None:
+        """IMDS shows the VPC's blocks on every interface of it (vpc-ipv6-cidr-blocks)."""
+        instances = {
+            e.attachment.instance_id
+            for e in self._enis.values()
+            if e.vpc_id == vpc_id and e.attachment is not None
+        }
+        for instance_id in sorted(instances):
+            self._record_imds(instance_id)
+
     def set_nau_quota(self, vpc_id: str, quota: int) -> None:
         with self._lock:
             if quota < 1:
@@ -399,8 +543,8 @@ class Cloud:
         return self.rules.interface_units(
             eni.interface_type,
             primary=eni.attachment.primary,
-            addresses=len(eni.addresses),
-            prefixes=len(eni.prefixes),
+            addresses=eni.nau_addresses,
+            prefixes=eni.nau_prefixes,
         )
 
     def _check_nau(self, vpc_id: str, extra: int) -> None:
@@ -643,6 +787,8 @@ class Cloud:
                         interface_type=spec.interface_type,
                         prefix_count=spec.ipv4_prefix_count,
                         secondary_count=spec.secondary_ip_count,
+                        ipv6_prefix_count=spec.ipv6_prefix_count,
+                        ipv6_address_count=spec.ipv6_address_count,
                         description="",
                         groups=None,
                         tags={},
@@ -707,6 +853,10 @@ class Cloud:
         description: str = "",
         groups: Sequence[str] | None = None,
         tags: dict[str, str] | None = None,
+        ipv6_address_count: int | None = None,
+        ipv6_addresses: Sequence[str] = (),
+        ipv6_prefix_count: int = 0,
+        ipv6_prefixes: Sequence[str] = (),
     ) -> Eni:
         with self._lock:
             return self._create_eni(
@@ -720,6 +870,10 @@ class Cloud:
                 description=description,
                 groups=groups,
                 tags=tags or {},
+                ipv6_address_count=ipv6_address_count,
+                ipv6_addresses=ipv6_addresses,
+                ipv6_prefix_count=ipv6_prefix_count,
+                ipv6_prefixes=ipv6_prefixes,
             )
 
     def _create_eni(
@@ -735,6 +889,10 @@ class Cloud:
         description: str,
         groups: Sequence[str] | None,
         tags: dict[str, str],
+        ipv6_address_count: int | None = None,
+        ipv6_addresses: Sequence[str] = (),
+        ipv6_prefix_count: int = 0,
+        ipv6_prefixes: Sequence[str] = (),
     ) -> Eni:
         subnet = self.subnet(subnet_id)
         try:
@@ -743,7 +901,19 @@ class Cloud:
             raise invalid(
                 f"InterfaceType '{interface_type}' is invalid: use interface, efa or efa-only"
             ) from None
-        wants_ips = prefix_count or prefixes or secondary_count or private_ips or primary_ip
+        wants_ipv6 = ipv6_address_count or ipv6_addresses or ipv6_prefix_count or ipv6_prefixes
+        # The subnet's AssignIpv6AddressOnCreation gives one address unless the request
+        # names a count or addresses; it applies beside requested prefixes too (an EKS IPv6
+        # node has its own address and the /80 its launch template asks for).
+        auto_ipv6 = (
+            ipv6_address_count is None
+            and not ipv6_addresses
+            and subnet.assign_ipv6_on_creation
+            and kind is not InterfaceType.EFA_ONLY
+        )
+        wants_ips = (
+            prefix_count or prefixes or secondary_count or private_ips or primary_ip or wants_ipv6
+        )
         if kind is InterfaceType.EFA_ONLY and wants_ips:
             raise combination("An EFA-only network interface cannot have IP addresses or prefixes")
         eni = Eni(
@@ -769,6 +939,23 @@ class Cloud:
                 prefixes=prefixes,
                 limit=self._max_slots,
             )
+            self._assign_ipv6(
+                eni,
+                address_count=ipv6_address_count or 0,
+                addresses=ipv6_addresses,
+                prefix_count=ipv6_prefix_count,
+                prefixes=ipv6_prefixes,
+                limit=self._max_ipv6_slots,
+            )
+            if auto_ipv6:
+                self._assign_ipv6(
+                    eni,
+                    address_count=1,
+                    addresses=(),
+                    prefix_count=0,
+                    prefixes=(),
+                    limit=self._max_ipv6_slots,
+                )
         except (Ec2Error, SubnetSpaceError):
             self._release_all(eni)
             self._macs.discard(eni.mac)
@@ -916,6 +1103,7 @@ class Cloud:
                 f"Network interface {eni.eni_id} holds {eni.slots_used} addresses and prefixes; "
                 f"{itype.name} allows {itype.ipv4_per_eni} per interface",
             )
+        _check_ipv6_type(eni, itype, eni.ipv6_slots_used, bool(eni.ipv6_prefixes))
         attachment = Attachment(
             self._new_id("eni-attach"),
             instance.instance_id,
@@ -930,8 +1118,8 @@ class Cloud:
             self.rules.interface_units(
                 eni.interface_type,
                 primary=attachment.primary,
-                addresses=len(eni.addresses),
-                prefixes=len(eni.prefixes),
+                addresses=eni.nau_addresses,
+                prefixes=eni.nau_prefixes,
             ),
         )
         eni.attachment = attachment
@@ -1190,6 +1378,153 @@ class Cloud:
                 subnet.space.release_prefix(network)
             self._changed(eni)
 
+    # -- IPv6 addresses and prefixes -------------------------------------------------
+
+    def assign_ipv6_addresses(
+        self,
+        eni_id: str,
+        *,
+        address_count: int = 0,
+        addresses: Sequence[str] = (),
+        prefix_count: int = 0,
+        prefixes: Sequence[str] = (),
+    ) -> Ipv6Assigned:
+        """AssignIpv6Addresses: /128 addresses or /80 prefixes from the subnet's /64."""
+        with self._lock:
+            eni = self._own_eni(eni_id)
+            if not (address_count or addresses or prefix_count or prefixes):
+                raise Ec2Error(
+                    "MissingParameter",
+                    "The request must contain one of Ipv6Addresses, Ipv6AddressCount, "
+                    "Ipv6Prefixes or Ipv6PrefixCount",
+                )
+            limit = self._max_ipv6_slots
+            if eni.attachment is not None:
+                itype = self.instance(eni.attachment.instance_id).instance_type
+                wanted = address_count + len(addresses) + prefix_count + len(prefixes)
+                _check_ipv6_type(
+                    eni, itype, eni.ipv6_slots_used + wanted, bool(prefix_count or prefixes)
+                )
+                limit = itype.ipv6_per_eni or 0
+            assigned = self._assign_ipv6(
+                eni,
+                address_count=address_count,
+                addresses=addresses,
+                prefix_count=prefix_count,
+                prefixes=prefixes,
+                limit=limit,
+                check_nau=eni.attachment is not None,
+            )
+            self._changed(eni)
+            return assigned
+
+    def _assign_ipv6(
+        self,
+        eni: Eni,
+        *,
+        address_count: int,
+        addresses: Sequence[str],
+        prefix_count: int,
+        prefixes: Sequence[str],
+        limit: int,
+        check_nau: bool = False,
+    ) -> Ipv6Assigned:
+        """Assign IPv6 addresses and /80 prefixes to ``eni``, all or nothing."""
+        if address_count and addresses:
+            raise combination("Ipv6AddressCount and Ipv6Addresses cannot be combined")
+        if prefix_count and prefixes:
+            raise combination("Ipv6PrefixCount and Ipv6Prefixes cannot be combined")
+        # API reference, Ipv6PrefixCount: not with "specific IPv6 addresses, or a count of
+        # IPv6 addresses" (and the other way round).
+        if (prefix_count or prefixes) and (address_count or addresses):
+            raise combination("IPv6 prefixes and IPv6 addresses cannot be combined")
+        if address_count < 0 or prefix_count < 0:
+            raise invalid("IPv6 address and prefix counts must be positive")
+        wanted_addresses = [parse_ipv6_address(a) for a in addresses]
+        wanted_prefixes = [parse_ipv6_prefix(p) for p in prefixes]
+        _refuse_duplicates(wanted_addresses, "IPv6 address")
+        _refuse_duplicates(wanted_prefixes, "IPv6 prefix")
+        wanted = address_count + len(wanted_addresses) + prefix_count + len(wanted_prefixes)
+        if wanted == 0:
+            return Ipv6Assigned((), ())
+        if eni.interface_type is InterfaceType.EFA_ONLY:
+            raise combination(f"EFA-only network interface {eni.eni_id} cannot have IP addresses")
+        subnet = self.subnet(eni.subnet_id)
+        space = subnet.ipv6_space
+        if space is None:
+            raise invalid(
+                f"Subnet {subnet.subnet_id} of {eni.eni_id} has no IPv6 CIDR block; associate "
+                "one (AssociateSubnetCidrBlock) before assigning IPv6 addresses or prefixes"
+            )
+        if eni.ipv6_slots_used + wanted > limit:
+            raise invalid(
+                f"Number of IPv6 addresses and prefixes will exceed the limit: {eni.eni_id} "
+                f"has {eni.ipv6_slots_used} of {limit} used and {wanted} were asked for"
+            )
+        if check_nau:
+            self._check_nau(
+                eni.vpc_id,
+                (address_count + len(wanted_addresses)) * self.rules.address
+                + (prefix_count + len(wanted_prefixes)) * self.rules.prefix,
+            )
+        new_addresses: list[IPv6Address] = []
+        new_prefixes: list[IPv6Network] = []
+        try:
+            for address in wanted_addresses:
+                new_addresses.append(space.claim_address(address))
+            for _ in range(address_count):
+                new_addresses.append(space.allocate_address())
+            for prefix in wanted_prefixes:
+                new_prefixes.append(space.claim_prefix(prefix))
+            for _ in range(prefix_count):
+                new_prefixes.append(space.allocate_prefix())
+        except Ec2Error:
+            for address in new_addresses:
+                space.release_address(address)
+            for prefix in new_prefixes:
+                space.release_prefix(prefix)
+            raise
+        eni.ipv6_addresses.extend(new_addresses)
+        eni.ipv6_prefixes.extend(new_prefixes)
+        return Ipv6Assigned(tuple(new_addresses), tuple(new_prefixes))
+
+    def unassign_ipv6_addresses(
+        self, eni_id: str, *, addresses: Sequence[str] = (), prefixes: Sequence[str] = ()
+    ) -> Ipv6Assigned:
+        """UnassignIpv6Addresses; all named must be on the interface, or nothing changes."""
+        with self._lock:
+            eni = self._own_eni(eni_id)
+            if not addresses and not prefixes:
+                raise Ec2Error(
+                    "MissingParameter", "The request must contain Ipv6Addresses or Ipv6Prefixes"
+                )
+            gone_addresses = [parse_ipv6_address(a) for a in addresses]
+            gone_prefixes = [parse_ipv6_prefix(p) for p in prefixes]
+            _refuse_duplicates(gone_addresses, "IPv6 address")
+            _refuse_duplicates(gone_prefixes, "IPv6 prefix")
+            for address in gone_addresses:
+                if address not in eni.ipv6_addresses:
+                    raise invalid(
+                        f"Some of the specified addresses are not assigned to interface "
+                        f"{eni_id}: {address}"
+                    )
+            for prefix in gone_prefixes:
+                if prefix not in eni.ipv6_prefixes:
+                    raise invalid(
+                        f"Some of the specified prefixes are not assigned to interface "
+                        f"{eni_id}: {prefix}"
+                    )
+            space = self.subnet(eni.subnet_id).ipv6_space
+            assert space is not None  # the interface holds IPv6, so its subnet has a block
+            for address in gone_addresses:
+                eni.ipv6_addresses.remove(address)
+                space.release_address(address)
+            for prefix in gone_prefixes:
+                eni.ipv6_prefixes.remove(prefix)
+                space.release_prefix(prefix)
+            self._changed(eni)
+            return Ipv6Assigned(tuple(gone_addresses), tuple(gone_prefixes))
+
     def _take_address(self, subnet: Subnet, wanted: str | None) -> IPv4Address:
         if wanted is None:
             try:
@@ -1212,9 +1547,16 @@ class Cloud:
             subnet.space.release_address(address)
         for prefix in eni.prefixes:
             subnet.space.release_prefix(prefix)
+        if subnet.ipv6_space is not None:
+            for address6 in eni.ipv6_addresses:
+                subnet.ipv6_space.release_address(address6)
+            for prefix6 in eni.ipv6_prefixes:
+                subnet.ipv6_space.release_prefix(prefix6)
         eni.primary_ip = None
         eni.secondary_ips.clear()
         eni.prefixes.clear()
+        eni.ipv6_addresses.clear()
+        eni.ipv6_prefixes.clear()
 
     # -- tags ------------------------------------------------------------------------
 
@@ -1273,6 +1615,7 @@ class Cloud:
                 eni.vpc_id,
                 tuple(self._vpcs[eni.vpc_id].cidrs),
                 tuple(eni.groups),
+                tuple(self._vpcs[eni.vpc_id].ipv6_cidrs),
             )
             for eni in self.enis_of(instance_id)
         )
@@ -1346,6 +1689,8 @@ class Cloud:
             meta["mac"] = primary.mac
             if primary.primary_ip is not None:
                 meta["local-ipv4"] = str(primary.primary_ip)
+            if primary.ipv6_addresses:  # absent (404) without one, as IMDS answers
+                meta["ipv6"] = str(primary.ipv6_addresses[0])
         identity = {
             "accountId": OWNER_ID,
             "architecture": "x86_64",
@@ -1380,6 +1725,9 @@ class Cloud:
             primary_ip=eni.primary_ip,
             secondary_ips=tuple(eni.secondary_ips),
             prefixes=tuple(eni.prefixes),
+            ipv6_subnet=subnet.ipv6_cidr,
+            ipv6_addresses=tuple(eni.ipv6_addresses),
+            ipv6_prefixes=tuple(eni.ipv6_prefixes),
         )
 
     def _changed(self, eni: Eni) -> None:
@@ -1420,7 +1768,33 @@ def _imds_interface(interface: ImdsInterface) -> dict[str, Any]:
         node["local-ipv4s"] = [str(view.primary_ip), *(str(a) for a in view.secondary_ips)]
     if view.prefixes:
         node["ipv4-prefix"] = [str(p) for p in view.prefixes]
+    # The IPv6 keys follow the same rule: absent until the VPC, subnet or interface has one.
+    if interface.vpc_ipv6_cidrs:
+        node["vpc-ipv6-cidr-blocks"] = [str(c) for c in interface.vpc_ipv6_cidrs]
+    if view.ipv6_subnet is not None:
+        node["subnet-ipv6-cidr-blocks"] = [str(view.ipv6_subnet)]
+    if view.ipv6_addresses:
+        node["ipv6s"] = [str(a) for a in view.ipv6_addresses]
+    if view.ipv6_prefixes:
+        node["ipv6-prefix"] = [str(p) for p in view.ipv6_prefixes]
     return dict(sorted(node.items()))
+
+
+def _check_ipv6_type(eni: Eni, itype: InstanceType, slots: int, prefixes: bool) -> None:
+    """The instance type's IPv6 limits for what ``eni`` holds or is about to hold."""
+    if slots == 0:
+        return
+    limit = itype.ipv6_per_eni or 0
+    if limit == 0:
+        raise invalid(f"Instance type {itype.name} does not support IPv6 addresses")
+    if prefixes and not itype.nitro:
+        # EC2 User Guide, "Assign prefixes": prefixes are for Nitro instances only.
+        raise invalid(f"IPv6 prefixes are supported on Nitro instances only, not {itype.name}")
+    if slots > limit:
+        raise invalid(
+            f"Number of IPv6 addresses and prefixes will exceed the limit: {eni.eni_id} "
+            f"would hold {slots}; {itype.name} allows {limit} per interface"
+        )
 
 
 def _placement(eni: Eni) -> tuple[int, int]:

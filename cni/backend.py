@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
 from cni.errors import UltranetError
@@ -33,10 +33,17 @@ __all__ = [
     "IpamBackend",
     "Lease",
     "NoFreeAddress",
+    "PodAddress",
+    "PodPrefix",
 ]
 
 # Linux's main routing table (RT_TABLE_MAIN): the primary ENI's routes live there.
 MAIN_TABLE = 254
+
+# A node is single stack, as in the VPC CNI: IPv4 pods take addresses from /28 prefixes,
+# IPv6 pods /128s from the primary ENI's /80 (ENABLE_IPv6).
+PodAddress = IPv4Address | IPv6Address
+PodPrefix = IPv4Network | IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +51,13 @@ class Lease:
     """One interface's address of an allocation, with what the plumbing needs."""
 
     card: int
-    address: IPv4Address
-    prefix: IPv4Network
+    address: PodAddress
+    prefix: PodPrefix
     eni_id: str
     device: int
     route_table: int
-    gateway: IPv4Address
-    subnet: IPv4Network
+    gateway: PodAddress  # the subnet's VPC router
+    subnet: PodPrefix
 
 
 @dataclass(frozen=True, slots=True)

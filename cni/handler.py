@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_interface
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +38,7 @@ from cni.backend import (
     BackendUnavailable,
     IpamBackend,
     NoFreeAddress,
+    PodAddress,
 )
 from cni.errors import CheckFailed, CniError, ErrorCode
 from cni.keys import InvalidKey, IpamKey, PodRef
@@ -58,7 +59,10 @@ from cni.spec import (
 __all__ = ["CniHandler", "HandlerConfig", "PlumbingPort"]
 
 log = logging.getLogger("ultranet.cni")
-_DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+_DEFAULT_ROUTES: dict[int, IPv4Network | IPv6Network] = {
+    4: IPv4Network("0.0.0.0/0"),
+    6: IPv6Network("::/0"),
+}
 
 
 class PlumbingPort(Protocol):
@@ -83,7 +87,7 @@ class PlumbingPort(Protocol):
     async def teardown(
         self,
         key: IpamKey,
-        addresses: Mapping[int, IPv4Address],
+        addresses: Mapping[int, PodAddress],
         *,
         veth_prefix: str,
         netns: str,
@@ -216,7 +220,7 @@ class CniHandler:
         if errors:
             raise CniError(ErrorCode.PLUMBING_FAILED, f"DEL of {key} incomplete", "; ".join(errors))
 
-    def _held(self, key: IpamKey, conf: NetConf) -> tuple[dict[int, IPv4Address], bool]:
+    def _held(self, key: IpamKey, conf: NetConf) -> tuple[dict[int, PodAddress], bool]:
         """Interface index -> address, from the backend, else from prevResult; and
         whether it came from the backend (then it lists every interface)."""
         try:
@@ -364,21 +368,21 @@ def _result(plumbed: list[PlumbedInterface], netns: str, mtu: int) -> Result:
     for iface in plumbed:
         interfaces.append(PodInterface(iface.host_ifname, iface.host_mac, "", mtu))
         interfaces.append(PodInterface(iface.pod_ifname, iface.pod_mac, netns, mtu))
-        address = IPv4Interface(f"{iface.address}/32")
+        address = ip_interface(f"{iface.address}/{iface.address.max_prefixlen}")
         ips.append(IpConfig(address, iface.gateway, len(interfaces) - 1))
         table = None if iface.index == 0 else iface.index
-        routes.append(Route(_DEFAULT_ROUTE, iface.gateway, table))
+        routes.append(Route(_DEFAULT_ROUTES[address.version], iface.gateway, table))
     return Result(tuple(interfaces), tuple(ips), tuple(routes))
 
 
-def _from_prev_result(key: IpamKey, prev: Result | None) -> dict[int, IPv4Address]:
+def _from_prev_result(key: IpamKey, prev: Result | None) -> dict[int, PodAddress]:
     """Our interfaces' addresses in a prevResult, by pod interface name (the host names
     are derived from the key, so only the pod side is needed)."""
     if prev is None:
         return {}
     names = {pod_ifname(key, 0): 0}
     names.update({pod_ifname(key, i): i for i in range(1, len(prev.interfaces) + 1)})
-    found = {}
+    found: dict[int, PodAddress] = {}
     for ip in prev.ips:
         if ip.interface is None or not 0 <= ip.interface < len(prev.interfaces):
             continue

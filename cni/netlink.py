@@ -15,6 +15,9 @@
   grace period) inside ``sendmsg``; issued from the event loop that would stall every
   other request, so it gets its own threads, each with a raw socket made here. Its
   backlog is bounded (``max_pending``): past it, callers wait for room.
+* :func:`write_sysctls` writes ``/proc/sys`` keys in a namespace given by path, from a
+  thread that entered it once and stays (``/proc/sys/net`` shows the namespace of the
+  thread that opens a key).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "iproute_in",
     "same_namespace",
     "socket_in",
+    "write_sysctls",
 ]
 
 _CLONE_NEWNET = 0x40000000
@@ -65,6 +69,46 @@ def _setns(fd: int) -> None:
     if _libc.setns(fd, _CLONE_NEWNET) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+_sysctl_threads: dict[str, ThreadPoolExecutor] = {}
+_sysctl_lock = threading.Lock()
+
+
+def _enter_for_good(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_sysctls(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        with open(f"/proc/sys/{key}", "w") as handle:
+            handle.write(value)
+
+
+def write_sysctls(netns: str | None, values: dict[str, str]) -> None:
+    """Write ``/proc/sys/<key>`` values in the namespace at ``netns`` (None: this
+    thread's); OSError names what failed. The thread that does it for a path entered
+    that namespace once and never serves another."""
+    if netns is None:
+        _write_sysctls(values)
+        return
+    with _sysctl_lock:
+        executor = _sysctl_threads.get(netns)
+        if executor is None:
+            executor = ThreadPoolExecutor(
+                1, thread_name_prefix="netns-sysctl", initializer=_enter_for_good, initargs=(netns,)
+            )
+            _sysctl_threads[netns] = executor
+    try:
+        executor.submit(_write_sysctls, values).result()
+    except RuntimeError as err:  # BrokenThreadPool: the thread could not enter ``netns``
+        with _sysctl_lock:
+            _sysctl_threads.pop(netns, None)
+        raise OSError(errno.EINVAL, f"cannot enter {netns} to write sysctls: {err}") from err
 
 
 class _Worker:

@@ -16,6 +16,15 @@ For each pod interface i (one per lease; i > 0 only for multi-NIC pods):
   primary), ``from <address> lookup <ENI table>`` (priority 1536). Card k's ENI table
   sends the traffic out of card k's ENI.
 
+IPv6 pods (``ENABLE_IPv6``) get the same shape with the VPC CNI's IPv6 values (the same
+``driver.go``, ``createVethPairContext.run`` and ``setupVeth``): the /128 on the pod end,
+gateway ``fe80::(i+1)`` as a scope-link route with ``default via`` it and a permanent
+neighbour entry, ``<address>/128 dev <host end>`` and the priority-512 rule on the host,
+and ``accept_ra=0`` on the host end, so a pod cannot install routes on the node with a
+router advertisement. The pod's address is added with ``nodad``: usable at once, where
+the VPC CNI waits for DAD to finish (``WaitForAddressesToBeStable``, up to 10 s); the
+address is the pod's alone by its allocation, so there is nothing for DAD to find.
+
 Where we differ from the VPC CNI, on purpose:
 
 * The host name hashes the CNI attachment key (network, container id, ifname) and i,
@@ -43,14 +52,14 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import rtnl
-from cni.backend import MAIN_TABLE, Lease
+from cni.backend import MAIN_TABLE, Lease, PodAddress
 from cni.errors import CheckFailed, CniError, ErrorCode
 from cni.keys import IpamKey
 from cni.netlink import (
@@ -60,6 +69,7 @@ from cni.netlink import (
     iproute_in,
     same_namespace,
     socket_in,
+    write_sysctls,
 )
 from cni.pausepoint import pause_point
 from cni.rtnl import Rtnl, RtnlError
@@ -88,6 +98,7 @@ HOST_VETH_ALIAS = "ultranet-cni"  # marks the host ends this plugin made
 _HASH_DIGITS = 11
 _NUD_PERMANENT = 0x80
 _AF_INET = socket.AF_INET
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def host_ifname(key: IpamKey, index: int, prefix: str) -> str:
@@ -99,7 +110,11 @@ def pod_ifname(key: IpamKey, index: int) -> str:
     return key.ifname if index == 0 else f"mNicIf{index}"
 
 
-def gateway(index: int) -> IPv4Address:
+def gateway(index: int, version: int = 4) -> PodAddress:
+    """The pod's next hop on interface ``index``: a link-local address no one has, which
+    the pod reaches through a permanent neighbour entry (the host end's MAC)."""
+    if version == 6:
+        return IPv6Address("fe80::1") + index
     return IPv4Address("169.254.1.1") + index
 
 
@@ -128,8 +143,8 @@ class PlumbedInterface:
     host_mac: str
     pod_ifname: str
     pod_mac: str
-    address: IPv4Address
-    gateway: IPv4Address
+    address: PodAddress
+    gateway: PodAddress
     host_table: int  # the ENI table of the lease (main for the primary ENI)
 
 
@@ -345,9 +360,11 @@ class Plumbing:
                 ) from err
             raise _plumbing_error(err.what, err) from err
         undo.push_async_callback(self._delete_link_now, host_name)
-        gw = gateway(index)
+        gw = gateway(index, lease.address.version)
         self._run(pod, self._pod_side(pod, pod_name, index, lease.address, gw, host_mac, undo))
         self._run(self._rtnl, self._host_side(host_name, lease, undo))
+        if lease.address.version == 6:
+            self._host_ipv6_sysctls(host_name)
         return PlumbedInterface(
             index, host_name, host_mac, pod_name, pod_mac, lease.address, gw, lease.route_table
         )
@@ -357,8 +374,8 @@ class Plumbing:
         pod: Rtnl,
         name: str,
         index: int,
-        address: IPv4Address,
-        gw: IPv4Address,
+        address: PodAddress,
+        gw: PodAddress,
         host_mac: str,
         undo: contextlib.AsyncExitStack,
     ) -> list[rtnl.Message]:
@@ -367,7 +384,7 @@ class Plumbing:
         where = f"in the pod ({name})"
         messages = [
             rtnl.link_up(link, f"set {name} up {where}"),
-            rtnl.address(link, address, f"add {address}/32 {where}"),
+            rtnl.address(link, address, f"add {address}/{address.max_prefixlen} {where}"),
             rtnl.route(link, gw, table=table, what=f"route {gw} scope link {where}"),
             rtnl.route(link, None, table=table, gateway=gw, what=f"default via {gw} {where}"),
             rtnl.neighbour(link, gw, host_mac, f"neighbour {gw} lladdr {host_mac} {where}"),
@@ -387,12 +404,27 @@ class Plumbing:
         undo.callback(self._quiet, self._rtnl, _rule_deletes(address))
         messages = [
             rtnl.link_alias(link, HOST_VETH_ALIAS, f"alias {HOST_VETH_ALIAS} on {name}"),
-            rtnl.route(link, address, table=MAIN_TABLE, what=f"route {address}/32 dev {name}"),
+            rtnl.route(
+                link,
+                address,
+                table=MAIN_TABLE,
+                what=f"route {address}/{address.max_prefixlen} dev {name}",
+            ),
             rtnl.rule("dst", address, RULE_TO_POD, MAIN_TABLE),
         ]
         if lease.route_table != MAIN_TABLE:
             messages.append(rtnl.rule("src", address, RULE_FROM_POD, lease.route_table))
         return messages
+
+    def _host_ipv6_sysctls(self, name: str) -> None:
+        """``accept_ra=0`` on the host end, as the VPC CNI's ``setupVeth`` sets it: a
+        pod must not be able to give the node routes by router advertisement. Written
+        from a thread in the host namespace (``host_netns``), never this process's own
+        when that is another one (the lab)."""
+        try:
+            write_sysctls(self._host_netns, {f"net/ipv6/conf/{name}/accept_ra": "0"})
+        except OSError as err:
+            raise _plumbing_error(f"accept_ra=0 on {name}", err) from err
 
     def _index_or_none(self, sock: Rtnl, name: str) -> int | None:
         try:
@@ -431,7 +463,8 @@ class Plumbing:
         async with self._pod_iproute(net.netns, net.netns_fd) as pod:
             pod_routes = {
                 (r.get("RTA_DST"), r.get("RTA_GATEWAY"), r.get("RTA_TABLE"), r.get("RTA_OIF"))
-                async for r in await pod.route("dump", family=_AF_INET)
+                for family in {lease.address.version for lease in net.leases}
+                async for r in await pod.route("dump", family=_family(family))
             }
             for index, lease in enumerate(net.leases):
                 await self._check_one(net, index, lease, pod, pod_routes, host_rules)
@@ -445,7 +478,9 @@ class Plumbing:
         pod_routes: set[tuple[Any, ...]],
         host_rules: set[tuple[int, str, str, int]],
     ) -> None:
-        address, gw = str(lease.address), gateway(index)
+        address, gw = str(lease.address), gateway(index, lease.address.version)
+        length = lease.address.max_prefixlen
+        any_address = "0.0.0.0" if lease.address.version == 4 else "::"
         host_name, pod_name = (
             host_ifname(net.key, index, net.veth_prefix),
             pod_ifname(net.key, index),
@@ -459,10 +494,10 @@ class Plumbing:
         pod_index = pod_link["index"]
         addrs = {a.get("IFA_ADDRESS") async for a in await pod.addr("dump", index=pod_index)}
         if address not in addrs:
-            raise CheckFailed(f"{pod_name} lacks its address {address}/32")
+            raise CheckFailed(f"{pod_name} lacks its address {address}/{length}")
         table = MAIN_TABLE if index == 0 else index
-        if ("0.0.0.0", str(gw), table, pod_index) not in {
-            (dst or "0.0.0.0", g, t, o) for dst, g, t, o in pod_routes if g is not None
+        if (any_address, str(gw), table, pod_index) not in {
+            (dst or any_address, g, t, o) for dst, g, t, o in pod_routes if g is not None
         }:
             raise CheckFailed(f"{pod_name}: default route via {gw} (table {table}) is missing")
         neigh = {
@@ -474,10 +509,12 @@ class Plumbing:
             raise CheckFailed(f"{pod_name}: permanent neighbour {gw} -> {host_mac} is missing")
         host_routes = {
             (r.get("RTA_DST"), r["dst_len"], r.get("RTA_OIF"))
-            async for r in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE)
+            async for r in await self._host.route(
+                "dump", family=_family(lease.address.version), table=MAIN_TABLE
+            )
         }
-        if (address, 32, host_link["index"]) not in host_routes:
-            raise CheckFailed(f"host route {address}/32 dev {host_name} is missing")
+        if (address, length, host_link["index"]) not in host_routes:
+            raise CheckFailed(f"host route {address}/{length} dev {host_name} is missing")
         if (RULE_TO_POD, "dst", address, MAIN_TABLE) not in host_rules:
             raise CheckFailed(f"host rule to {address} lookup main (prio 512) is missing")
         wanted = (RULE_FROM_POD, "src", address, lease.route_table)
@@ -491,7 +528,7 @@ class Plumbing:
     async def teardown(
         self,
         key: IpamKey,
-        addresses: Mapping[int, IPv4Address],
+        addresses: Mapping[int, PodAddress],
         *,
         veth_prefix: str,
         netns: str,
@@ -572,7 +609,7 @@ class Plumbing:
         return reaped
 
     async def reap_stray_rules(
-        self, accounted: Callable[[], Collection[IPv4Address]]
+        self, accounted: Callable[[], Collection[PodAddress]]
     ) -> list[tuple[int, IPv4Address]]:
         """Delete the host rules of pod addresses no pod has any more: rules of exactly
         the shapes an ADD makes (priority 512 ``to <addr>/32 lookup main``, 1536 ``from
@@ -612,19 +649,19 @@ class Plumbing:
         return reaped
 
     async def _teardown_one(self, name: str, address: str) -> None:
-        addr = IPv4Address(address)
+        addr = ip_address(address)
         link = self._rtnl.link_index(name)
         if link is None and await self._routed_elsewhere(address):
             log.info("cni: %s now routes to another veth; its rules stay", address)
             return
         messages = _rule_deletes(addr)
         if link is not None:
-            what = f"delete route {address}/32 dev {name}"
+            what = f"delete route {address}/{addr.max_prefixlen} dev {name}"
             messages.insert(0, rtnl.route(link, addr, table=MAIN_TABLE, delete=True, what=what))
         self._rtnl.batch(messages)
 
     async def _teardown_pod_rules(
-        self, netns: str, addresses: Sequence[IPv4Address], netns_fd: int | None
+        self, netns: str, addresses: Sequence[PodAddress], netns_fd: int | None
     ) -> list[str]:
         """The pod-side rules of interfaces > 0 (they outlive the veth if the namespace
         does)."""
@@ -643,7 +680,7 @@ class Plumbing:
 
     async def _routed_addresses(
         self, key: IpamKey, indexes: Sequence[int], veth_prefix: str
-    ) -> dict[int, IPv4Address]:
+    ) -> dict[int, PodAddress]:
         """The addresses the host routes to the veths of ``indexes`` (``<addr>/32 dev
         <veth>`` in main), for a DEL that has neither the allocation nor prevResult: while
         that route exists no other pod can have the address plumbed, so its rules are
@@ -655,16 +692,18 @@ class Plumbing:
                 links[link] = index
         if not links:
             return {}
-        found = {}
-        async for route in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE):
-            oif, dst = route.get("RTA_OIF"), route.get("RTA_DST")
-            if oif in links and dst is not None and route["dst_len"] == 32:
-                found[links[oif]] = IPv4Address(dst)
+        found: dict[int, PodAddress] = {}
+        for family in _FAMILIES:
+            async for route in await self._host.route("dump", family=family, table=MAIN_TABLE):
+                oif, dst = route.get("RTA_OIF"), route.get("RTA_DST")
+                if oif in links and dst is not None and _is_host_route(route):
+                    found[links[oif]] = ip_address(dst)
         return found
 
     async def _routed_elsewhere(self, address: str) -> bool:
-        async for route in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE):
-            if route.get("RTA_DST") == address and route["dst_len"] == 32:
+        family = _family(ip_address(address).version)
+        async for route in await self._host.route("dump", family=family, table=MAIN_TABLE):
+            if route.get("RTA_DST") == address and _is_host_route(route):
                 return True
         return False
 
@@ -683,12 +722,14 @@ class Plumbing:
 
     async def _rules(self, ipr: Any) -> set[tuple[int, str, str, int]]:
         found = set()
-        async for rule in await ipr.rule("dump", family=_AF_INET):
-            table = rule.get("FRA_TABLE") or rule["table"]
-            for side in ("src", "dst"):
-                value = rule.get(f"FRA_{side.upper()}")
-                if value is not None and rule[f"{side}_len"] == 32:
-                    found.add((rule.get("FRA_PRIORITY", 0), side, value, table))
+        for family in _FAMILIES:
+            async for rule in await ipr.rule("dump", family=family):
+                table = rule.get("FRA_TABLE") or rule["table"]
+                full = 32 if family == _AF_INET else 128
+                for side in ("src", "dst"):
+                    value = rule.get(f"FRA_{side.upper()}")
+                    if value is not None and rule[f"{side}_len"] == full:
+                        found.add((rule.get("FRA_PRIORITY", 0), side, value, table))
         return found
 
 
@@ -722,7 +763,16 @@ def _pod_rule(rule: Any) -> tuple[int, IPv4Address, int] | None:
     return priority, IPv4Address(rule.get(side)), table
 
 
-def _rule_deletes(address: IPv4Address) -> list[rtnl.Message]:
+def _family(version: int) -> int:
+    return _AF_INET if version == 4 else socket.AF_INET6
+
+
+def _is_host_route(route: Any) -> bool:
+    """A route to one address: /32 or /128."""
+    return bool(route["dst_len"] == (32 if route["family"] == _AF_INET else 128))
+
+
+def _rule_deletes(address: PodAddress) -> list[rtnl.Message]:
     """Both host rules of ``address``, twice each: an older agent may have left a
     duplicate, and the second delete answers ENOENT when there was none."""
     to_pod = rtnl.rule("dst", address, RULE_TO_POD, None, delete=True)

@@ -3,8 +3,8 @@
 CNI spec 1.1.0 §"Success" / "ADD Success": ``interfaces``, ``ips`` (``interface`` is an
 index into ``interfaces``), ``routes``, ``dns``. Differences by version:
 
-* 0.4.0 (and 0.3.x): each ``ips[]`` entry carries ``"version": "4"|"6"``; interfaces
-  have name/mac/sandbox only; routes have dst/gw only.
+* 0.4.0 (and 0.3.x): each ``ips[]`` entry carries ``"version": "4"|"6"``, by its
+  address's family; interfaces have name/mac/sandbox only; routes have dst/gw only.
 * 1.0.0: ``ips[].version`` is gone.
 * 1.1.0: adds ``interfaces[].mtu/socketPath/pciID`` and
   ``routes[].mtu/advmss/priority/table/scope``.
@@ -18,7 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address, ip_interface, ip_network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_interface,
+    ip_network,
+)
 from typing import Any
 
 from cni.errors import CniError, ErrorCode
@@ -45,15 +55,15 @@ class PodInterface:
 
 @dataclass(frozen=True, slots=True)
 class IpConfig:
-    address: IPv4Interface
-    gateway: IPv4Address | None = None
+    address: IPv4Interface | IPv6Interface
+    gateway: IPv4Address | IPv6Address | None = None
     interface: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    dst: IPv4Network
-    gw: IPv4Address | None = None
+    dst: IPv4Network | IPv6Network
+    gw: IPv4Address | IPv6Address | None = None
     table: int | None = None  # 1.1.0 only
     scope: int | None = None  # 1.1.0 only
     priority: int | None = None  # 1.1.0 only
@@ -114,8 +124,8 @@ def chain(prev: Mapping[str, Any], ours: Mapping[str, Any], version: str) -> dic
     """Our rendered result appended to a raw ``prevResult`` (CNI spec §"Chained plugins":
     a plugin given prevResult outputs it, modified as needed).
 
-    The raw object is kept, not a typed view, so what ultranet does not model (IPv6
-    entries, unknown keys) passes through. libcni converts prevResult to the config's
+    The raw object is kept, not a typed view, so what ultranet does not model (other
+    plugins' fields, unknown keys) passes through. libcni converts prevResult to the config's
     version before the call, so both halves share ``version``; our interface indexes are
     shifted past the earlier plugins' interfaces.
     """
@@ -139,7 +149,7 @@ def render_result(result: Result, version: str) -> dict[str, Any]:
     for ip in result.ips:
         entry: dict[str, Any] = {"address": str(ip.address)}
         if not _is_v1(version):
-            entry["version"] = "4"
+            entry["version"] = str(ip.address.version)
         if ip.gateway is not None:
             entry["gateway"] = str(ip.gateway)
         if ip.interface is not None:
@@ -196,32 +206,34 @@ def _obj(value: object, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _parse_ip(raw: object, i: int) -> IpConfig | None:
-    """An ``ips[]`` entry; None for IPv6 ones (ultranet is IPv4 only and keeps them opaque)."""
+def _parse_ip(raw: object, i: int) -> IpConfig:
+    """An ``ips[]`` entry, IPv4 or IPv6 (a gateway of the other family is refused)."""
     obj = _obj(raw, f"ips[{i}]")
     try:
         address = ip_interface(_str(obj, "address", f"ips[{i}]"))
         gateway = ip_address(obj["gateway"]) if obj.get("gateway") else None
     except ValueError as err:
         raise _bad(f"ips[{i}]", raw, str(err)) from err
-    if not isinstance(address, IPv4Interface):
-        return None
-    if gateway is not None and not isinstance(gateway, IPv4Address):
-        raise _bad(f"ips[{i}].gateway", str(gateway), "IPv6 gateway for an IPv4 address")
+    if gateway is not None and gateway.version != address.version:
+        raise _bad(
+            f"ips[{i}].gateway",
+            str(gateway),
+            f"IPv{gateway.version} gateway for an IPv{address.version} address",
+        )
     return IpConfig(address, gateway, _opt_int(obj, "interface", f"ips[{i}]"))
 
 
-def _parse_route(raw: object, i: int) -> Route | None:
+def _parse_route(raw: object, i: int) -> Route:
     obj = _obj(raw, f"routes[{i}]")
     try:
         dst = ip_network(_str(obj, "dst", f"routes[{i}]"), strict=False)
         gw = ip_address(obj["gw"]) if obj.get("gw") else None
     except ValueError as err:
         raise _bad(f"routes[{i}]", raw, str(err)) from err
-    if not isinstance(dst, IPv4Network):
-        return None
-    if gw is not None and not isinstance(gw, IPv4Address):
-        raise _bad(f"routes[{i}].gw", str(gw), "IPv6 gateway for an IPv4 route")
+    if gw is not None and gw.version != dst.version:
+        raise _bad(
+            f"routes[{i}].gw", str(gw), f"IPv{gw.version} gateway for an IPv{dst.version} route"
+        )
     path = f"routes[{i}]"
     return Route(
         dst,
@@ -235,10 +247,9 @@ def _parse_route(raw: object, i: int) -> Route | None:
 
 
 def parse_result(raw: object) -> Result:
-    """A ``prevResult`` of any supported version (0.4.0 ``version`` fields are ignored).
-
-    IPv6 entries are dropped from the typed view; a chained plugin's pass-through keeps
-    the raw object instead (``spec.NetConf.prev_raw``), so nothing is lost downstream.
+    """A ``prevResult`` of any supported version (0.4.0 ``version`` fields are ignored;
+    the address says its family). A chained plugin's pass-through keeps the raw object
+    (``spec.NetConf.prev_raw``), so what the typed view leaves out is not lost downstream.
     """
     obj = _obj(raw, "")
     interfaces = []
@@ -252,8 +263,8 @@ def parse_result(raw: object) -> Result:
                 _opt_int(iface, "mtu", f"interfaces[{i}]"),
             )
         )
-    ips = [ip for i, raw_ip in enumerate(_list(obj, "ips")) if (ip := _parse_ip(raw_ip, i))]
-    routes = [r for i, raw_r in enumerate(_list(obj, "routes")) if (r := _parse_route(raw_r, i))]
+    ips = [_parse_ip(raw_ip, i) for i, raw_ip in enumerate(_list(obj, "ips"))]
+    routes = [_parse_route(raw_r, i) for i, raw_r in enumerate(_list(obj, "routes"))]
     dns_obj = _obj(obj.get("dns") or {}, "dns")
     dns = Dns(
         tuple(str(x) for x in dns_obj.get("nameservers") or ()),

@@ -20,7 +20,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 __all__ = ["Message", "Rtnl", "RtnlError"]
 
@@ -51,7 +51,10 @@ FRA_DST, FRA_SRC, FRA_PRIORITY, FRA_TABLE = 1, 2, 6, 15
 RTN_UNICAST, RTPROT_BOOT, FR_ACT_TO_TBL = 1, 3, 1
 SCOPE_UNIVERSE, SCOPE_LINK = 0, 253
 NUD_PERMANENT = 0x80
-AF_INET = socket.AF_INET
+AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
+IFA_F_NODAD = 0x02
+
+Address = IPv4Address | IPv6Address
 
 
 class RtnlError(OSError):
@@ -86,6 +89,10 @@ def _mac(mac: str) -> bytes:
 
 def _u32(value: int) -> bytes:
     return struct.pack("=I", value)
+
+
+def _family(addr: Address) -> int:
+    return AF_INET if addr.version == 4 else AF_INET6
 
 
 def _table(table: int) -> int:
@@ -138,26 +145,34 @@ def get_link(name: str) -> Message:
     return Message(RTM_GETLINK, F_REQUEST, body, f"find link {name}")
 
 
-def address(index: int, addr: IPv4Address, what: str) -> Message:
+def address(index: int, addr: Address, what: str) -> Message:
+    """``addr/32`` or ``addr/128``; an IPv6 one with ``nodad``: usable at once, not
+    tentative for DAD's second (the address is the pod's alone, by its allocation)."""
     packed = addr.packed
-    body = _IFADDR.pack(AF_INET, 32, 0, SCOPE_UNIVERSE, index)
+    flags = IFA_F_NODAD if addr.version == 6 else 0
+    body = _IFADDR.pack(_family(addr), addr.max_prefixlen, flags, SCOPE_UNIVERSE, index)
     body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
     return Message(RTM_NEWADDR, _NEW, body, what)
 
 
 def route(
     index: int,
-    dst: IPv4Address | None,
+    dst: Address | None,
     *,
     table: int,
-    gateway: IPv4Address | None = None,
+    gateway: Address | None = None,
     delete: bool = False,
     what: str,
 ) -> Message:
-    """``dst/32`` (None: the default route) ``dev index``; scope link without gateway."""
+    """``dst/32`` or ``dst/128`` (None: the default route of the gateway's family)
+    ``dev index``; scope link without gateway."""
     scope = SCOPE_UNIVERSE if gateway is not None else SCOPE_LINK
+    given = dst if dst is not None else gateway
+    if given is None:
+        raise ValueError("a route needs a destination or a gateway")
+    length = 0 if dst is None else dst.max_prefixlen
     body = _RTMSG.pack(
-        AF_INET, 0 if dst is None else 32, 0, 0, _table(table), RTPROT_BOOT, scope, RTN_UNICAST, 0
+        _family(given), length, 0, 0, _table(table), RTPROT_BOOT, scope, RTN_UNICAST, 0
     )
     if dst is not None:
         body += _attr(RTA_DST, dst.packed)
@@ -169,21 +184,22 @@ def route(
     return Message(RTM_NEWROUTE, _NEW, body, what)
 
 
-def neighbour(index: int, dst: IPv4Address, mac: str, what: str) -> Message:
-    body = _NDMSG.pack(AF_INET, index, NUD_PERMANENT, 0, 0)
+def neighbour(index: int, dst: Address, mac: str, what: str) -> Message:
+    body = _NDMSG.pack(_family(dst), index, NUD_PERMANENT, 0, 0)
     body += _attr(NDA_DST, dst.packed) + _attr(NDA_LLADDR, _mac(mac))
     return Message(RTM_NEWNEIGH, _NEW, body, what)
 
 
 def rule(
-    side: str, addr: IPv4Address, priority: int, table: int | None, *, delete: bool = False
+    side: str, addr: Address, priority: int, table: int | None, *, delete: bool = False
 ) -> Message:
-    """``from|to addr/32 lookup table`` at ``priority``; a delete with table None
+    """``from|to addr/32 (/128) lookup table`` at ``priority``; a delete with table None
     matches any table (``fib_nl_delrule`` treats unset fields as wildcards)."""
-    src_len, dst_len = (32, 0) if side == "src" else (0, 32)
+    full = addr.max_prefixlen
+    src_len, dst_len = (full, 0) if side == "src" else (0, full)
     action = 0 if delete and table is None else FR_ACT_TO_TBL
     head_table = 0 if table is None else _table(table)
-    body = _FIBRULE.pack(AF_INET, dst_len, src_len, 0, head_table, 0, 0, action, 0)
+    body = _FIBRULE.pack(_family(addr), dst_len, src_len, 0, head_table, 0, 0, action, 0)
     body += _attr(FRA_SRC if side == "src" else FRA_DST, addr.packed)
     body += _attr(FRA_PRIORITY, _u32(priority))
     if table is not None:

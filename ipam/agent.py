@@ -388,7 +388,7 @@ class NodeAgent:
             r
             for r in records
             for a in r.addresses
-            if a.card in self.pool.cards and not self.pool.card(a.card).holds(a.address)
+            if a.card in self.pool.cards and not self.pool.holds(a.card, a.address)
         ]
         if unknown:
             # IMDS does not show a prefix the journal uses: IMDS may lag, so ask EC2.

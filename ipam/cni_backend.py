@@ -7,10 +7,9 @@ place the two meet, so neither package imports the other's internals.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
-from ipaddress import IPv4Address
 from pathlib import Path
 
-from cni.backend import Allocation, BackendStatus, BackendUnavailable
+from cni.backend import Allocation, BackendStatus, BackendUnavailable, PodAddress
 from cni.keys import IpamKey, PodRef
 from ipam.agent import AgentError, NodeAgent
 
@@ -63,7 +62,7 @@ def accounted_veths(allocations: Iterable[Allocation], veth_prefix: str) -> set[
     }
 
 
-def accounted_addresses(allocations: Iterable[Allocation]) -> set[IPv4Address]:
+def accounted_addresses(allocations: Iterable[Allocation]) -> set[PodAddress]:
     """The pod addresses the allocations hold: every lease's."""
     return {lease.address for a in allocations for lease in a.leases}
 

@@ -23,7 +23,7 @@ Messages name the object (card, ENI id, prefix, address) so a log line is enough
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 from cni.backend import BackendError, NoFreeAddress
 
@@ -56,7 +56,7 @@ class UnknownEni(DatastoreError):
 
 
 class UnknownPrefix(DatastoreError):
-    def __init__(self, prefix: IPv4Network) -> None:
+    def __init__(self, prefix: object) -> None:
         self.prefix = prefix
         super().__init__(f"unknown prefix {prefix}")
 
@@ -96,7 +96,7 @@ class PrefixInUse(DatastoreError):
 
 
 class DuplicateAddress(DatastoreError):
-    def __init__(self, address: IPv4Address, keys: Iterable[object]) -> None:
+    def __init__(self, address: object, keys: Iterable[object]) -> None:
         self.address = address
         self.keys = tuple(keys)
         owners = " and ".join(str(k) for k in self.keys)

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from cni.backend import MAIN_TABLE, Allocation, Lease
+from cni.backend import MAIN_TABLE, Allocation, Lease, PodAddress
 from cni.keys import IpamKey, PodRef
 from ipam.datastore_errors import (
     Conflict,
@@ -237,10 +237,12 @@ class CardPool:
         raise PoolExhausted([self.card], self._exhausted_detail())
 
     def give_back(
-        self, address: IPv4Address, key: IpamKey, now: float, *, cooldown: bool = True
+        self, address: PodAddress, key: IpamKey, now: float, *, cooldown: bool = True
     ) -> None:
         """Release ``address`` held by ``key`` into cooldown (free at once without
         ``cooldown``); nothing if its prefix is gone (it went with a force-removed ENI)."""
+        if address.version != 4:
+            return  # never one of this pool's
         value = int(address)
         base = value & ~(PREFIX_SIZE - 1)
         prefix = self._by_base.get(base)
@@ -253,7 +255,7 @@ class CardPool:
         self._vacate(prefix, offset, now, cooldown=cooldown)
         self._bucket(prefix)
 
-    def claim(self, address: IPv4Address, key: IpamKey) -> Lease:
+    def claim(self, address: PodAddress, key: IpamKey) -> Lease:
         """Mark a specific address as ``key``'s (restore after a restart)."""
         prefix, offset = self._locate(address)
         owner = prefix.assigned.get(offset)
@@ -293,7 +295,7 @@ class CardPool:
             enis=len(self._enis),
         )
 
-    def holds(self, address: IPv4Address) -> bool:
+    def holds(self, address: PodAddress) -> bool:
         """Whether ``address`` is inside one of this card's prefixes."""
         try:
             self._locate(address)
@@ -315,7 +317,9 @@ class CardPool:
         except KeyError:
             raise UnknownPrefix(network) from None
 
-    def _locate(self, address: IPv4Address) -> tuple[_Prefix, int]:
+    def _locate(self, address: PodAddress) -> tuple[_Prefix, int]:
+        if address.version != 4:
+            raise UnknownPrefix(address)
         value = int(address)
         base = value & ~(PREFIX_SIZE - 1)
         prefix = self._by_base.get(base)
@@ -468,6 +472,11 @@ class AddressPool:
                 self._give_back(allocation, now)
                 lost.append(allocation)
         return lost
+
+    def holds(self, card: int, address: PodAddress) -> bool:
+        """Whether ``address`` is inside a prefix of the managed ``card``."""
+        pool = self._cards.get(card)
+        return pool is not None and pool.holds(address)
 
     def _missing_address(self, record: AllocationRecord) -> str:
         """Why a record cannot be restored ("" if it can): a card or prefix it needs is gone."""

@@ -10,9 +10,8 @@ and pod but no ENI: only what the node alone knows is persisted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 
-from cni.backend import Allocation
+from cni.backend import Allocation, PodAddress
 from cni.keys import IpamKey, PodRef
 
 
@@ -25,7 +24,7 @@ class RecordedAddress:
     """
 
     card: int
-    address: IPv4Address
+    address: PodAddress  # IPv6 on an ENABLE_IPv6 node
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
-from cni.backend import Allocation, BackendStatus, BackendUnavailable
+from cni.backend import Allocation, BackendStatus, BackendUnavailable, PodAddress
 from cni.keys import IpamKey, PodRef
 from ipam.pool import PREFIX_SIZE, AddressPool, EniInfo
 
@@ -66,7 +66,7 @@ class PoolBackend:
         reason = "an ENI with pods is gone" if self.connectivity_limited else ""
         return BackendStatus(True, reason, free, self.connectivity_limited)
 
-    def held(self) -> set[IPv4Address]:
+    def held(self) -> set[PodAddress]:
         return {lease.address for a in self.pool.allocations() for lease in a.leases}
 
 

@@ -50,7 +50,15 @@ import logging
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
@@ -192,12 +200,16 @@ class PodEntry:
     """The pod's namespace, entered and checked: an open descriptor of it (the veth's pod
     end is created into it by descriptor) and a netlink socket inside it."""
 
-    def __init__(self, netns: str, fd: int, pod: Rtnl) -> None:
+    def __init__(
+        self, netns: str, fd: int, pod: Rtnl, done: Callable[[], None] = lambda: None
+    ) -> None:
         self.netns = netns
         self.fd = fd
         self.pod = pod
+        self._done = done  # the ADD is no longer in flight (its veths may be swept)
 
     def close(self) -> None:
+        self._done()
         self.pod.close()
         os.close(self.fd)
 
@@ -210,6 +222,11 @@ class Plumbing:
         self._rtnl = rtnl  # raw batches, for ADD and DEL
         self._reaper = reaper
         self._host_netns = host_netns
+        # Host veth names of ADDs in flight (from enter() to their entry's close()), and
+        # the sets of the sweeps looking now, which every such name is added to: a sweep
+        # never takes a veth, or an attachment, an ADD is plumbing or plumbed meanwhile.
+        self._adding: dict[str, int] = {}
+        self._sweeps: list[set[str]] = []
 
     @classmethod
     async def open(
@@ -254,18 +271,24 @@ class Plumbing:
         end is not a live interface. ``netns_fd`` (borrowed), when given, is the namespace
         and ``netns`` only names it: the daemon may not see the runtime's mounts."""
         names = [] if key is None else [pod_ifname(key, i) for i in range(interfaces)]
-        if key is not None:
-            for index in range(interfaces):
-                waiting = self._reaper.pending(host_ifname(key, index, veth_prefix))
+        hosts = [] if key is None else [host_ifname(key, i, veth_prefix) for i in range(interfaces)]
+        done = self._adding_now(hosts)  # before any wait: a sweep from here on skips them
+        try:
+            for host in hosts:
+                waiting = self._reaper.pending(host)
                 if waiting is not None:
                     await _wait_quietly(waiting)
-        fd = _open_namespace(netns, netns_fd)
+            fd = _open_namespace(netns, netns_fd)
+        except BaseException:
+            done()
+            raise
         try:
             pod = Rtnl(self._pod_socket(netns, fd))
         except BaseException:
             os.close(fd)
+            done()
             raise
-        entry = PodEntry(netns, fd, pod)
+        entry = PodEntry(netns, fd, pod, done)
         try:
             for name in names:
                 if self._index_or_none(pod, name) is not None:
@@ -277,6 +300,40 @@ class Plumbing:
             entry.close()
             raise
         return entry
+
+    def _adding_now(self, names: Sequence[str]) -> Callable[[], None]:
+        """Mark ``names`` as an ADD's until the returned callable runs (once)."""
+        for name in names:
+            self._adding[name] = self._adding.get(name, 0) + 1
+        for seen in self._sweeps:
+            seen.update(names)
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            for name in names:
+                left = self._adding[name] - 1
+                if left:
+                    self._adding[name] = left
+                else:
+                    del self._adding[name]
+
+        return done
+
+    @contextlib.contextmanager
+    def _adds_meanwhile(self) -> Iterator[set[str]]:
+        """The host veth names of ADDs in flight now or at any point until the block
+        ends: a sweep lists the links, then decides with no await in between, and an
+        ADD that finished while it listed is as untouchable as one still running."""
+        seen = set(self._adding)
+        self._sweeps.append(seen)
+        try:
+            yield seen
+        finally:
+            self._sweeps.remove(seen)
 
     def _pod_socket(self, netns: str, fd: int) -> socket.socket:
         """A netlink socket in the namespace ``fd`` (``netns`` names it in errors)."""
@@ -579,22 +636,25 @@ class Plumbing:
         ``accounted`` is called after the links are listed, and the deletions are queued
         without an await in between: an attachment allocates before it creates its veth,
         and an ADD waits for a pending deletion of its name, so no veth of a live
-        allocation is taken even if ADDs run meanwhile.
+        allocation is taken even if ADDs run meanwhile. The veths of an ADD in flight,
+        or of one that ran while the links were listed, are kept whatever ``accounted``
+        says (a repeated ADD, an ADD rolling back): the next sweep decides.
         """
         pattern = re.compile(re.escape(veth_prefix) + f"[0-9a-f]{{{_HASH_DIGITS}}}")
         ours = []
-        async for link in await self._host.link("dump"):
-            name = link.get("IFLA_IFNAME")
-            info = link.get("IFLA_LINKINFO")
-            kind = info.get("IFLA_INFO_KIND") if info is not None else None
-            if (
-                kind == "veth"
-                and link.get("IFLA_IFALIAS") == HOST_VETH_ALIAS
-                and pattern.fullmatch(name or "")
-            ):
-                ours.append(name)
-        await self._reaper.reserve(len(ours))
-        keep = set(accounted())
+        with self._adds_meanwhile() as adding:
+            async for link in await self._host.link("dump"):
+                name = link.get("IFLA_IFNAME")
+                info = link.get("IFLA_LINKINFO")
+                kind = info.get("IFLA_INFO_KIND") if info is not None else None
+                if (
+                    kind == "veth"
+                    and link.get("IFLA_IFALIAS") == HOST_VETH_ALIAS
+                    and pattern.fullmatch(name or "")
+                ):
+                    ours.append(name)
+            await self._reaper.reserve(len(ours))
+            keep = set(accounted()) | adding
         # A name being deleted already (a DEL replayed from the spool) is not a stray.
         strays = [n for n in ours if n not in keep and self._reaper.pending(n) is None]
         deletions = [self._reaper.delete(name) for name in strays]
@@ -608,6 +668,32 @@ class Plumbing:
                 reaped.append(name)
         return reaped
 
+    async def release_vanished(
+        self,
+        veth_prefix: str,
+        held: Callable[[], Iterable[tuple[IpamKey, int]]],
+        release: Callable[[IpamKey], object],
+    ) -> list[IpamKey]:
+        """Call ``release(key)`` for each attachment ``held()`` lists (key, interface
+        count) none of whose host veths exists: its pod's namespace went without a DEL (a
+        runtime that never sent it, or crashed first), and the kernel took the veths
+        with it. Returns those keys. An attachment an ADD is plumbing, or plumbed while
+        the links were listed, is kept: its veths may not exist yet. ``held`` and
+        ``release`` run with no await between them and the check."""
+        with self._adds_meanwhile() as adding:
+            present = set()
+            async for link in await self._host.link("dump"):
+                present.add(link.get("IFLA_IFNAME"))
+            busy = present | adding
+            gone = [
+                key
+                for key, count in held()
+                if busy.isdisjoint(host_ifname(key, i, veth_prefix) for i in range(count))
+            ]
+        for key in gone:
+            release(key)
+        return gone
+
     async def reap_stray_rules(
         self, accounted: Callable[[], Collection[PodAddress]]
     ) -> list[tuple[int, IPv4Address]]:
@@ -619,8 +705,10 @@ class Plumbing:
         its allocation, and the spooled DEL then finds neither allocation nor veth to
         read the address from. Returns (priority, address) of each rule deleted.
 
-        Call it with no ADD running (before serving): ``accounted`` is read after the
-        dumps, and an ADD allocates before it creates its route and rules."""
+        ADDs may run meanwhile (the periodic sweep): ``accounted`` is read after the
+        dumps and the deletions are sent with no await in between, and an ADD allocates
+        before it creates its route and rules, so a rule dumped is either accounted for
+        or already deleted by whoever released its address."""
         found: list[tuple[int, IPv4Address, int]] = []
         async for rule in await self._host.rule("dump", family=_AF_INET):
             shaped = _pod_rule(rule)

@@ -27,7 +27,9 @@ Why this is crash-safe:
   ``add`` replayed over a newer, not yet durable release and re-allocation of the same
   address gave two records one address, and the next start refused to restore.)
 
-Only allocations are persisted; ENIs and prefixes come back from IMDS and EC2.
+Only allocations are persisted; ENIs and prefixes come back from IMDS and EC2. An
+address is written under ``"ipv4"`` or ``"ipv6"`` by its family (an ``ENABLE_IPv6`` node's
+/128s), so one format serves both modes and the datastore does not care which it holds.
 """
 
 from __future__ import annotations
@@ -38,16 +40,15 @@ import os
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from cni.backend import Allocation
+from cni.backend import Allocation, PodAddress
 from cni.keys import IpamKey, PodRef
 from cni.pausepoint import pause_point
 from ipam.datastore_errors import DatastoreError
-from ipam.pool import AddressPool
 from ipam.records import AllocationRecord, RecordedAddress
 
 log = logging.getLogger("ultranet.ipamd.datastore")
@@ -65,6 +66,15 @@ class DatastoreWriteError(DatastoreError):
     """A commit failed; the changes it covered were not acknowledged."""
 
 
+def _family_key(address: PodAddress) -> str:
+    return "ipv4" if address.version == 4 else "ipv6"
+
+
+def _address_from_json(raw: dict[str, Any]) -> RecordedAddress:
+    address: PodAddress = IPv6Address(raw["ipv6"]) if "ipv6" in raw else IPv4Address(raw["ipv4"])
+    return RecordedAddress(int(raw["card"]), address)
+
+
 def _record_to_json(record: AllocationRecord) -> dict[str, Any]:
     return {
         "network": record.key.network,
@@ -72,7 +82,9 @@ def _record_to_json(record: AllocationRecord) -> dict[str, Any]:
         "ifName": record.key.ifname,
         "k8sPodNamespace": record.pod.namespace,
         "k8sPodName": record.pod.name,
-        "addresses": [{"card": a.card, "ipv4": str(a.address)} for a in record.addresses],
+        "addresses": [
+            {"card": a.card, _family_key(a.address): str(a.address)} for a in record.addresses
+        ],
         "allocatedAt": record.allocated_at,
         "origin": record.origin,
     }
@@ -86,9 +98,7 @@ def _record_from_json(raw: dict[str, Any]) -> AllocationRecord:
     return AllocationRecord(
         key=_key_from_json(raw),
         pod=PodRef(str(raw["k8sPodNamespace"]), str(raw["k8sPodName"])),
-        addresses=tuple(
-            RecordedAddress(int(a["card"]), IPv4Address(a["ipv4"])) for a in raw["addresses"]
-        ),
+        addresses=tuple(_address_from_json(a) for a in raw["addresses"]),
         allocated_at=float(raw["allocatedAt"]),
         origin=str(raw.get("origin", "api")),
     )
@@ -103,7 +113,9 @@ def _add_line(record: AllocationRecord) -> bytes:
     directly: one is written for every allocation, and a generic dump of the dict cost
     four times this."""
     key, pod = record.key, record.pod
-    addresses = ",".join(f'{{"card":{a.card},"ipv4":"{a.address}"}}' for a in record.addresses)
+    addresses = ",".join(
+        f'{{"card":{a.card},"{_family_key(a.address)}":"{a.address}"}}' for a in record.addresses
+    )
     return _checksummed(
         (
             f'{{"op":"add","network":{_json_str(key.network)},'
@@ -335,10 +347,31 @@ class RestoreReport:
     torn_tail_bytes: int
 
 
+class AllocationPool(Protocol):
+    """What the datastore needs of a pool: ``ipam.pool.AddressPool`` (/28 prefixes) or
+    ``ipam.pool6.Ipv6PrefixPool`` (/128s of a /80)."""
+
+    def get(self, key: IpamKey) -> Allocation | None: ...
+
+    def allocations(self) -> Iterable[Allocation]: ...
+
+    def allocate(
+        self, key: IpamKey, pod: PodRef, now: float, *, cards: Sequence[int], origin: str
+    ) -> Allocation: ...
+
+    def release(self, key: IpamKey, now: float, *, cooldown: bool = True) -> Allocation | None: ...
+
+    def restore(
+        self, records: Iterable[AllocationRecord]
+    ) -> list[tuple[AllocationRecord, str]]: ...
+
+
 class Datastore:
     """The pool and its journal. Not thread-safe: one event loop drives it."""
 
-    def __init__(self, pool: AddressPool, journal: Journal, *, snapshot_every: int = 5000) -> None:
+    def __init__(
+        self, pool: AllocationPool, journal: Journal, *, snapshot_every: int = 5000
+    ) -> None:
         self.pool = pool
         self.journal = journal
         self.snapshot_every = snapshot_every

@@ -36,6 +36,11 @@ Where we deliberately differ from the VPC CNI:
   single stack, prefix delegation) is checked the same way, but refused at load, not at
   start. The warm-pool knobs and ``ENABLE_MULTI_NIC`` have no effect in IPv6 mode (one
   /80 on the primary ENI); :meth:`IpamdConfig.effective` says so.
+* The egress knobs (``AWS_VPC_K8S_CNI_EXTERNALSNAT``, ``..._EXCLUDE_SNAT_CIDRS``,
+  ``..._RANDOMIZESNAT``, ``..._CONNMARK``, ``AWS_VPC_CNI_NODE_PORT_SUPPORT``,
+  ``AWS_VPC_K8S_CNI_VETHPREFIX``; :mod:`ipam.egress`) take the VPC CNI's values, but a
+  value it would log and replace by its default (a CIDR that does not parse, an IPv6 CIDR,
+  an unknown randomization, a mark out of 1..0xffffffff) is refused here.
 * The metrics endpoint binds to loopback by default (the VPC CNI serves ``:61678`` on
   every interface). ``ULTRANET_EC2_RATE``/``ULTRANET_EC2_BURST`` are a client-side token
   bucket the VPC CNI does not have. ``ULTRANET_SUBNET_TAG`` makes the VPC CNI's
@@ -50,13 +55,13 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address, ip_network
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from cni.spec import DEFAULT_MTU, MTU_MAX, MTU_MIN
+from cni.spec import DEFAULT_MTU, DEFAULT_VETH_PREFIX, MTU_MAX, MTU_MIN, VETH_PREFIX_MAX
 from ipam.errors import ConfigError
 from ipam.warm import WarmTargets
 
@@ -108,6 +113,13 @@ class IpamdConfig:
     ec2_rate: float = 5.0  # EC2 calls per second, refilled into the bucket
     ec2_burst: int = 10  # bucket size
     subnet_tag: str = "kubernetes.io/role/cni"
+    # Egress (ipam/egress.py), the VPC CNI's knobs and defaults.
+    external_snat: bool = False
+    exclude_snat_cidrs: tuple[IPv4Network, ...] = ()
+    randomize_snat: Literal["prng", "hashrandom", "none"] = "prng"
+    connmark: int = 0x80
+    node_port_support: bool = True
+    veth_prefix: str = DEFAULT_VETH_PREFIX
     sources: Mapping[str, Source] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
@@ -291,7 +303,68 @@ def _tag_key(env: str, text: str) -> str:
     return text
 
 
+_CONNMARK = re.compile(  # strconv.ParseInt(s, 0, 64)'s bases, without its underscores
+    r"[+-]?(?:0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO][0-7]+|0[0-7]*|[1-9][0-9]*)"
+)
+_VETH_PREFIX = re.compile(rf"[a-z][a-z0-9]{{0,{VETH_PREFIX_MAX - 1}}}")
+# Host interfaces a `<prefix>+` match would take for pod veths (the VPC CNI refuses them).
+_RESERVED_VETH_PREFIXES = frozenset({"eth", "lo", "vlan"})
+
+
+def _ipv4_cidrs(env: str, text: str) -> tuple[IPv4Network, ...]:
+    out: list[IPv4Network] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if "/" not in item:
+                raise ValueError(item)
+            # Host bits are masked off, as Go's net.ParseCIDR (the VPC CNI's) does.
+            network = ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(env, text, f"{item!r} is not an IPv4 CIDR like 10.1.0.0/16") from None
+        if not isinstance(network, IPv4Network):
+            raise ConfigError(env, text, f"{item} is IPv6: the list takes IPv4 CIDRs only")
+        out.append(network)
+    return tuple(dict.fromkeys(out))
+
+
+def _randomize_snat(env: str, text: str) -> str:
+    if text not in ("prng", "hashrandom", "none"):
+        raise ConfigError(
+            env, text, "expected prng (--random-fully), hashrandom (--random) or none"
+        )
+    return text
+
+
+def _connmark(env: str, text: str) -> int:
+    if not _CONNMARK.fullmatch(text):
+        raise ConfigError(env, text, "not an integer (decimal, 0x hex, 0o or 0 octal, 0b)")
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    if digits[:2].lower() in ("0x", "0o", "0b"):
+        value = int(digits, 0)
+    elif digits.startswith("0") and len(digits) > 1:
+        value = int(digits, 8)
+    else:
+        value = int(digits)
+    value *= sign
+    if not 0 < value <= 0xFFFFFFFF:
+        raise ConfigError(env, text, "must be 1..0xffffffff (a fwmark); the default is 0x80")
+    return value
+
+
+def _veth_prefix(env: str, text: str) -> str:
+    if not _VETH_PREFIX.fullmatch(text):
+        raise ConfigError(
+            env, text, f"must be 1..{VETH_PREFIX_MAX} lower-case letters/digits, a letter first"
+        )
+    if text in _RESERVED_VETH_PREFIXES:
+        raise ConfigError(env, text, "would match the host's own interfaces (eth, lo, vlan)")
+    return text
+
+
 def _show(value: object) -> object:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
     return str(value) if isinstance(value, Path | BindAddress) else value
 
 
@@ -334,6 +407,17 @@ KNOBS: Mapping[str, Knob] = MappingProxyType(
             Knob("ULTRANET_EC2_RATE", "ec2_rate", _rate),
             Knob("ULTRANET_EC2_BURST", "ec2_burst", _positive),
             Knob("ULTRANET_SUBNET_TAG", "subnet_tag", _tag_key, text_only=True),
+            Knob("AWS_VPC_K8S_CNI_EXTERNALSNAT", "external_snat", _bool),
+            Knob(
+                "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+                "exclude_snat_cidrs",
+                _ipv4_cidrs,
+                text_only=True,
+            ),
+            Knob("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "randomize_snat", _randomize_snat),
+            Knob("AWS_VPC_K8S_CNI_CONNMARK", "connmark", _connmark, show=lambda v: f"{v:#x}"),
+            Knob("AWS_VPC_CNI_NODE_PORT_SUPPORT", "node_port_support", _bool),
+            Knob("AWS_VPC_K8S_CNI_VETHPREFIX", "veth_prefix", _veth_prefix, text_only=True),
         )
     }
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,12 @@ def test_every_knob_parsed_from_the_environment() -> None:
         "ULTRANET_SUBNET_TAG": "ultranet.io/pods",
         "ULTRANET_CNI_CONF_DIR": "/host/etc/cni/net.d",
         "AWS_VPC_ENI_MTU": "1500",
+        "AWS_VPC_K8S_CNI_EXTERNALSNAT": "true",
+        "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": "198.19.0.0/24",
+        "AWS_VPC_K8S_CNI_RANDOMIZESNAT": "none",
+        "AWS_VPC_K8S_CNI_CONNMARK": "0x100",
+        "AWS_VPC_CNI_NODE_PORT_SUPPORT": "false",
+        "AWS_VPC_K8S_CNI_VETHPREFIX": "pod",
         "PATH": "/usr/bin",  # unknown environment variables are ignored
         "WARM_PREFIX_TARGETS": "junk",
     }
@@ -92,6 +98,12 @@ def test_every_knob_parsed_from_the_environment() -> None:
         subnet_tag="ultranet.io/pods",
         cni_conf_dir=Path("/host/etc/cni/net.d"),
         pod_mtu=1500,
+        external_snat=True,
+        exclude_snat_cidrs=(IPv4Network("198.19.0.0/24"),),
+        randomize_snat="none",
+        connmark=0x100,
+        node_port_support=False,
+        veth_prefix="pod",
     )
     assert set(config.sources) == set(KNOBS)
     assert set(config.sources.values()) == {"env"}

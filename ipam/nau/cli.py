@@ -121,6 +121,10 @@ def plan_mapping(args: argparse.Namespace) -> dict[str, Any]:
         raw = {"name": f"{group['nodes']:,} x {group['instance_type']}", "node_groups": [group]}
     else:
         raw = json.loads(json.dumps(DEFAULT_PLAN))  # a deep copy
+        if args.mode == "ipv6":
+            # The default's WARM_PREFIX_TARGET is a prefix-mode knob; IPv6 mode has no warm
+            # pool, so `plan --mode ipv6` plans the default without it rather than refusing.
+            raw.pop("warm", None)
     for flag in _PLAN_FLAGS:
         if getattr(args, flag) is not None:
             raw[flag] = getattr(args, flag)

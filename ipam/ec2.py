@@ -42,7 +42,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -345,6 +345,7 @@ class EniState:
     prefixes: tuple[IPv4Network, ...]
     status: str  # available, in-use, ...
     tags: Mapping[str, str] = field(hash=False)
+    ipv6_prefixes: tuple[IPv6Network, ...] = ()  # the /80s (IPv6 prefix mode)
 
     @property
     def is_primary(self) -> bool:
@@ -391,6 +392,9 @@ def _eni_state(raw: NetworkInterfaceTypeDef) -> EniState:
         prefixes=tuple(IPv4Network(p["Ipv4Prefix"]) for p in raw.get("Ipv4Prefixes", [])),
         status=raw.get("Status", ""),
         tags=_tags(raw.get("TagSet", [])),
+        ipv6_prefixes=tuple(
+            IPv6Network(p["Ipv6Prefix"]) for p in raw.get("Ipv6Prefixes", []) if "Ipv6Prefix" in p
+        ),
     )
 
 
@@ -700,6 +704,16 @@ class Ec2Client:
             ),
             subject=f"{eni_id} ({', '.join(names)})",
         )
+
+    def assign_ipv6_prefix(self, eni_id: str) -> list[IPv6Network]:
+        """One IPv6 /80 on the ENI (``AssignIpv6Addresses Ipv6PrefixCount=1``), as the VPC
+        CNI's IPv6 mode asks for the primary ENI's."""
+        resp = self._call(
+            "AssignIpv6Addresses",
+            lambda: self._ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6PrefixCount=1),
+            subject=eni_id,
+        )
+        return [IPv6Network(p) for p in resp.get("AssignedIpv6Prefixes", [])]
 
     # -- interfaces ----------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ at start, so connection set-up would otherwise dominate exec-to-ready time.
 
 Keys are the ones the VPC CNI reads (``aws/amazon-vpc-cni-k8s``, ``pkg/awsutils/imds.go``).
 An interface with no ``local-ipv4s`` is an efa-only candidate, as in the VPC CNI;
-only EC2's InterfaceType can confirm it.
+only EC2's InterfaceType can confirm it. The IPv6 keys (``ipv6s``, ``ipv6-prefix``) are
+read only when asked (``ipv6=True``, an ``ENABLE_IPv6`` node), as the VPC CNI reads them
+only in IPv6 mode.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from urllib.parse import urlsplit
 
 from ipam.errors import UltranetError
@@ -47,6 +49,8 @@ class ImdsInterface:
     security_group_ids: tuple[str, ...]
     local_ipv4s: tuple[IPv4Address, ...]  # primary first; empty for efa-only
     ipv4_prefixes: tuple[IPv4Network, ...]
+    ipv6s: tuple[IPv6Address, ...] = ()  # read only with ipv6=True
+    ipv6_prefixes: tuple[IPv6Network, ...] = ()  # the /80s; read only with ipv6=True
 
     @property
     def primary_ip(self) -> IPv4Address | None:
@@ -86,6 +90,7 @@ class ImdsClient:
         self._token = ""
         self._token_expiry = 0.0
         self.requests = 0
+        self.read_ipv6 = False  # an ENABLE_IPv6 node's agent sets it
 
     def close(self) -> None:
         if self._conn is not None:
@@ -132,7 +137,9 @@ class ImdsClient:
         listing = self.require("network/interfaces/macs/")
         return [line.rstrip("/") for line in listing.splitlines() if line.strip()]
 
-    def interface(self, mac: str, *, same_vpc_as: ImdsInterface | None = None) -> ImdsInterface:
+    def interface(
+        self, mac: str, *, same_vpc_as: ImdsInterface | None = None, ipv6: bool = False
+    ) -> ImdsInterface:
         """One interface's keys. With ``same_vpc_as``, its VPC id, VPC CIDRs and security
         groups are taken from that interface instead of read: every ENI of an instance is
         in the instance's VPC, and on a p5.48xlarge that saves 93 of 325 requests."""
@@ -159,15 +166,22 @@ class ImdsClient:
             security_group_ids=groups,
             local_ipv4s=tuple(IPv4Address(a) for a in _lines(self.get(base + "local-ipv4s"))),
             ipv4_prefixes=tuple(IPv4Network(p) for p in _lines(self.get(base + "ipv4-prefix"))),
+            ipv6s=tuple(IPv6Address(a) for a in _lines(self.get(base + "ipv6s"))) if ipv6 else (),
+            ipv6_prefixes=(
+                tuple(IPv6Network(p) for p in _lines(self.get(base + "ipv6-prefix")))
+                if ipv6
+                else ()
+            ),
         )
 
     def interfaces(self, *, primary_mac: str | None = None) -> list[ImdsInterface]:
-        """Every interface; given the primary's MAC, the others' VPC keys come from it."""
+        """Every interface; given the primary's MAC, the others' VPC keys come from it.
+        With ``read_ipv6`` set the primary's IPv6 keys are read too (pods use its /80)."""
         macs = self.macs()
         found = []
         primary = None
         if primary_mac is not None and primary_mac in macs:
-            primary = self.interface(primary_mac)
+            primary = self.interface(primary_mac, ipv6=self.read_ipv6)
             found.append(primary)
         found += [self.interface(m, same_vpc_as=primary) for m in macs if m != primary_mac]
         return sorted(found, key=lambda i: (i.network_card, i.device_number))

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cni.keys import IpamKey, PodRef
-from ipam.agent import NodeAgent, NodeIdentity
+from ipam.agent import NodeIdentity
+from ipam.agent6 import agent_class
 from ipam.config import IpamdConfig, load_config
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Client, boto3_client
@@ -85,7 +86,7 @@ class AgentRun:
     ) -> None:
         self.lab = lab
         self.loop = asyncio.new_event_loop()
-        self.agent = NodeAgent(
+        self.agent = agent_class(config.ipv6)(
             config,
             imds=ImdsClient(lab.imds_url),
             ec2_factory=ec2 or ec2_factory(lab),

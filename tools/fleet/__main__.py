@@ -1,9 +1,11 @@
 """``python -m tools.fleet``: a launch wave of real node agents against a throttled EC2.
 
-Runs two scenarios in the same emulator, one after the other: ``ultranet`` (every node
-launched with ``--prefixes-at-launch`` /28 prefixes on its primary ENI, the launch
-template's ``Ipv4PrefixCount``) and ``ultranet-reactive`` (none at launch: the agent asks
-EC2). Prints a table, or with ``--json`` one object per scenario keyed by its name.
+Runs scenarios in the same emulator, one after the other, each with fresh request
+buckets: ``ultranet`` (every node launched with ``--prefixes-at-launch`` /28 prefixes on
+its primary ENI, the launch template's ``Ipv4PrefixCount``) and ``ultranet-reactive``
+(none at launch: the agent asks EC2); with ``--baseline vpc-cni`` the AWS VPC CNI's own
+calls in the same two launch templates (``vpc-cni``, ``vpc-cni-reactive``). Prints a
+table, or with ``--json`` one object per scenario keyed by its name.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from ipam.errors import UltranetError
 from ipam.nau.launch_auto import choose
 from ipam.nau.throttle import BucketSpec, load_table
 from tools.bench.conditions import code, machine
-from tools.fleet.runner import Fleet, FleetConfig, Scenario, quiet_agents
+from tools.fleet.emulator import FaultSpec
+from tools.fleet.runner import VPC_CNI, Fleet, FleetConfig, Scenario, quiet_agents
 
-SCENARIOS = ("ultranet", "ultranet-reactive")
+SCENARIOS = ("ultranet", "ultranet-reactive", "vpc-cni", "vpc-cni-reactive")
+BASELINE = {"ultranet": "vpc-cni", "ultranet-reactive": "vpc-cni-reactive"}
+VPCCNI_SETTINGS = ("WARM_PREFIX_TARGET", "DISABLE_LEAKED_ENI_CLEANUP")
+FAULT_HELP = "5xx=P (500 InternalError), 503=P (503 Unavailable), latency=Nms|Ns"
 
 
 def _rate(text: str) -> float:
@@ -55,6 +61,53 @@ def _launch_prefixes(text: str) -> int | None:
     return value
 
 
+def _duration_s(text: str) -> float:
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s)", text)
+    if match is None:
+        raise ValueError(f"{text!r}: give a duration such as 50ms or 0.2s")
+    value = float(match.group(1))
+    return value / 1000 if match.group(2) == "ms" else value
+
+
+def _faults(text: str) -> tuple[FaultSpec, ...]:
+    """``5xx=0.01,latency=50ms``: latency first, so a faulted request is slow too."""
+    specs: list[FaultSpec] = []
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError(f"{part!r}: give NAME=VALUE")
+            if name == "latency":
+                specs.insert(0, FaultSpec("latency", latency_s=_duration_s(value)))
+                continue
+            kind = {"5xx": "internal", "500": "internal", "503": "unavailable"}.get(name)
+            if kind is None:
+                raise ValueError(f"{name!r}: not a fault ({FAULT_HELP})")
+            probability = float(value)
+            if not 0 < probability <= 1:
+                raise ValueError(f"{part!r}: a probability in (0, 1]")
+            specs.append(FaultSpec(kind, probability=probability))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return tuple(specs)
+
+
+def _burst(text: str) -> tuple[int, float]:
+    """``500/30s``: 500 instances at once, every 30 s (a Karpenter-like provisioner)."""
+    match = re.fullmatch(r"([0-9]+)/([0-9.]+(?:ms|s|min))", text)
+    try:
+        if match is None:
+            raise ValueError(f"{text!r}: give N/EVERY, such as 500/30s or 1000/1min")
+        size = int(match.group(1))
+        every = match.group(2)
+        seconds = float(every[:-3]) * 60 if every.endswith("min") else _duration_s(every)
+        if size < 1 or seconds <= 0:
+            raise ValueError(f"{text!r}: N >= 1 and a period > 0")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return size, seconds
+
+
 def _env(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -66,6 +119,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.fleet", description=__doc__)
     p.add_argument("--nodes", type=int, required=True, help="instances in the wave")
     p.add_argument("--rate", type=_rate, default=2000.0, help="launches, N/min or N/s")
+    p.add_argument(
+        "--burst",
+        type=_burst,
+        metavar="N/EVERY",
+        help="Karpenter-like: N instances at once every EVERY (e.g. 500/30s) instead of --rate",
+    )
     p.add_argument("--instance-type", default="m5.large")
     p.add_argument("--pods-per-node", type=int, default=2)
     p.add_argument("--pod-rate", type=float, default=500.0, help="scheduler, pods/s")
@@ -81,8 +140,38 @@ def parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="run only this scenario (repeatable; default both)",
+        help="run only this scenario (repeatable; default ultranet and ultranet-reactive)",
     )
+    p.add_argument(
+        "--baseline",
+        choices=[VPC_CNI],
+        help="also run the AWS VPC CNI's EC2 calls (tools/fleet/vpccni_agent.py) for each "
+        "ultranet scenario, same launch template, same emulator",
+    )
+    p.add_argument(
+        "--faults",
+        type=_faults,
+        default=(),
+        metavar="SPEC",
+        help=f"inject into every EC2 request of the run: {FAULT_HELP}; comma-separated",
+    )
+    p.add_argument(
+        "--vpccni-env",
+        type=_env,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"a VPC CNI setting for the baseline ({', '.join(VPCCNI_SETTINGS)})",
+    )
+    p.add_argument(
+        "--vpccni-cleanup-delay-max",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="the VPC CNI's leaked-ENI sweep runs at a random 0..S s after start (its "
+        "source: 300); a scenario settles only once every sweep ran",
+    )
+    p.add_argument("--chart", metavar="FILE", help="Ready nodes over time, .png or .svg")
     p.add_argument(
         "--env",
         type=_env,
@@ -128,6 +217,24 @@ def main(argv: list[str] | None = None) -> int:
         print("fleet: --nodes must be >= 1 and --pods-per-node >= 0", file=sys.stderr)
         return 2
     env = dict(args.env)
+    vpccni_env = dict(args.vpccni_env)
+    unknown = sorted(set(vpccni_env) - set(VPCCNI_SETTINGS))
+    if unknown:
+        print(f"fleet: --vpccni-env {unknown[0]}: one of {VPCCNI_SETTINGS}", file=sys.stderr)
+        return 2
+    if not vpccni_env.get("WARM_PREFIX_TARGET", "1").isdigit():
+        print("fleet: --vpccni-env WARM_PREFIX_TARGET must be a count >= 0", file=sys.stderr)
+        return 2
+    if vpccni_env.get("DISABLE_LEAKED_ENI_CLEANUP", "false") not in ("true", "false"):
+        print("fleet: --vpccni-env DISABLE_LEAKED_ENI_CLEANUP is true or false", file=sys.stderr)
+        return 2
+    if args.chart is not None:
+        from tools.fleet.chart import check_chart_path
+
+        problem = check_chart_path(args.chart)
+        if problem:
+            print(f"fleet: {problem}", file=sys.stderr)
+            return 2
     auto = None
     try:
         load_config(env)  # a bad setting is refused here, not by 2,000 agents
@@ -154,9 +261,22 @@ def main(argv: list[str] | None = None) -> int:
         timeout_s=args.timeout,
         restart=args.restart,
         efa_only_cards=args.efa_only_cards,
+        burst=args.burst,
+        faults=args.faults,
+        vpccni_env=vpccni_env,
+        vpccni_cleanup_delay_max_s=args.vpccni_cleanup_delay_max,
     )
-    wanted = args.scenario or list(SCENARIOS)
-    scenarios = [Scenario(name, prefixes if name == "ultranet" else 0) for name in wanted]
+    wanted = list(args.scenario or SCENARIOS[:2])
+    if args.baseline:
+        wanted += [BASELINE[n] for n in wanted if n in BASELINE and BASELINE[n] not in wanted]
+    scenarios = [
+        Scenario(
+            name,
+            0 if name.endswith("-reactive") else prefixes,
+            VPC_CNI if name.startswith(VPC_CNI) else "ultranet",
+        )
+        for name in wanted
+    ]
     try:
         results = Fleet(config).run(scenarios)
     except ValueError as err:
@@ -173,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         result["state_dirs"] = "tmpfs (/dev/shm): the journal's fdatasync costs no disk I/O"
         result["host_network"] = "in memory (tools/lab/memory_host.py), not netlink"
         result["clock"] = "real time"
-        result["env"] = env
+        result["env"] = env if result["agent"] == "ultranet" else vpccni_env
         if auto is not None:
             result["prefixes_at_launch_auto"] = {
                 "prefixes": auto.prefixes,
@@ -185,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
     else:
         print(render(results))
+    if args.chart is not None:
+        from tools.fleet.chart import write_chart
+
+        write_chart(results, args.chart)
     ok = all(
         r["nodes_ready"] == r["nodes"]
         and ("restart" not in r or r["restart"]["nodes_ready_again"] == r["restart"]["nodes"])

@@ -46,21 +46,43 @@ class RequestSummary:
     by_action: dict[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class FaultSpec:
+    """One injected fault for every EC2 request (``tools.lab.ec2.faults``): ``kind`` is a
+    ``FaultKind`` value, hit with ``probability``; ``latency_s`` for latency."""
+
+    kind: str
+    probability: float = 1.0
+    latency_s: float = 0.0
+
+
 def _serve(
     conn: multiprocessing.connection.Connection,
     seed: int,
     throttle: ThrottleTable | None,
     blocks: list[str],
+    faults: tuple[FaultSpec, ...],
 ) -> None:
     from ipam.instance_types import lookup
     from tools.fleet.imds_mux import ImdsMux
+    from tools.lab.ec2.faults import FaultKind, FaultRule
     from tools.lab.ec2.server import Ec2Server
     from tools.lab.ec2.state import Cloud, LaunchInterface
     from tools.lab.memory_host import LinkTable
 
     cloud = Cloud(seed=seed)
-    if throttle is not None:
-        cloud.throttle = AccountThrottle(throttle, cloud.clock)
+    for spec in faults:
+        cloud.faults.add(
+            FaultRule(FaultKind(spec.kind), probability=spec.probability, latency_s=spec.latency_s)
+        )
+
+    def fresh_account() -> None:
+        """Full request buckets, as a new account has: AWS's limits are the account's, so
+        each scenario of a run gets its own (the VPC and its addresses stay)."""
+        if throttle is not None:
+            cloud.throttle = AccountThrottle(throttle, cloud.clock)
+
+    fresh_account()
     links = LinkTable()
     cloud.subscribe(links)
     vpc_id = cloud.create_vpc(blocks).vpc_id
@@ -108,6 +130,7 @@ def _serve(
 
     commands: dict[str, Any] = {
         "info": lambda: EmulatorInfo(server_url, vpc_id, subnet_ids),
+        "fresh_account": fresh_account,
         "launch": launch,
         "terminate": terminate,
         "link": links.link,
@@ -137,12 +160,22 @@ def _serve(
 class EmulatorProcess:
     """The child process; ``call`` runs one command there and returns its answer."""
 
-    def __init__(self, *, seed: int, throttle: ThrottleTable | None, blocks: list[str]) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int,
+        throttle: ThrottleTable | None,
+        blocks: list[str],
+        faults: tuple[FaultSpec, ...] = (),
+    ) -> None:
         context = multiprocessing.get_context("spawn")  # no threads or sockets inherited
         self._conn, child = context.Pipe()
         self._lock = threading.Lock()
         self._process = context.Process(
-            target=_serve, args=(child, seed, throttle, blocks), name="fleet-emulator", daemon=True
+            target=_serve,
+            args=(child, seed, throttle, blocks, faults),
+            name="fleet-emulator",
+            daemon=True,
         )
         self._process.start()
         child.close()

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import resource
 import shutil
 import tempfile
@@ -51,9 +52,13 @@ from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import THROTTLE_CODES, Ec2Client, boto3_client
 from ipam.hostnet import HostNetworkPort
 from ipam.imds import ImdsClient
+from ipam.instance_types import lookup
 from ipam.metrics import IpamdMetrics
+from ipam.nau.maxpods import Mode, max_pods
 from ipam.nau.throttle import ThrottleTable
-from tools.fleet.emulator import EmulatorProcess, RequestSummary
+from ipam.nau.vpccni_calls import DEFAULT_WARM_PREFIX_TARGET, TIMERS, NodeShape
+from tools.fleet.emulator import EmulatorProcess, FaultSpec, RequestSummary
+from tools.fleet.vpccni_agent import VpcCniAgent, VpcCniSettings
 from tools.lab.memory_host import MemoryHost
 
 log = logging.getLogger("ultranet.fleet")
@@ -65,12 +70,17 @@ PHASES = ("start", "pods", "restart")
 SETTLE_POLL_S = 0.1
 LAG_TICK_S = 0.05
 SHM = "/dev/shm"  # tmpfs: each agent's journal fdatasync costs no disk I/O here
+READY_CURVE_POINTS = 200
+ULTRANET = "ultranet"
+VPC_CNI = "vpc-cni"
+AGENTS = (ULTRANET, VPC_CNI)
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
     prefixes_at_launch: int
+    agent: str = ULTRANET  # or VPC_CNI: the AWS VPC CNI's calls (vpccni_agent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,12 @@ class FleetConfig:
     seed: int = 1
     efa_only_cards: bool = False  # an efa-only interface on every card but 0 at launch
     restart: bool = False  # once settled, restart every agent at once (a DaemonSet roll)
+    # Karpenter-like bursts: (N, every_s) launches N instances at once every every_s
+    # seconds; None: the steady rate_per_min.
+    burst: tuple[int, float] | None = None
+    faults: tuple[FaultSpec, ...] = ()  # injected into every EC2 request of the run
+    vpccni_env: Mapping[str, str] = field(default_factory=dict)  # the VPC CNI's settings
+    vpccni_cleanup_delay_max_s: float = TIMERS.leaked_eni_cleanup_delay_max_s
 
 
 class NodeStats:
@@ -130,7 +146,7 @@ class NodeRun:
     index: int
     instance_id: str
     launched_at: float
-    agent: NodeAgent
+    agent: NodeAgent | VpcCniAgent
     host: MemoryHost
     imds: ImdsClient
     stats: NodeStats
@@ -192,7 +208,10 @@ class Fleet:
     def run(self, scenarios: list[Scenario]) -> dict[str, dict[str, Any]]:
         """Each scenario in turn; a scenario's instances are terminated before the next."""
         emulator = EmulatorProcess(
-            seed=self.config.seed, throttle=self.config.throttle, blocks=self.blocks
+            seed=self.config.seed,
+            throttle=self.config.throttle,
+            blocks=self.blocks,
+            faults=self.config.faults,
         )
         root = Path(tempfile.mkdtemp(prefix="ultranet-fleet-", dir=self.config.state_root or SHM))
         try:
@@ -268,6 +287,7 @@ class _Wave:
         )
         self.root.mkdir(parents=True)
         emulator = self.emulator
+        emulator.call("fresh_account")
         requests_before = emulator.call("request_mark")
         load_before = os.getloadavg()
         cpu_before = _cpu_s()
@@ -299,7 +319,7 @@ class _Wave:
         result = self._result(wall, cpu, timed_out, load_before, requests)
         result["emulator_cpu_s"] = round(emulator_cpu, 2)
         result["all_pods_running_wall_s"] = round(pods_wall, 2)
-        if config.restart and not timed_out:
+        if config.restart and not timed_out and self.scenario.agent == ULTRANET:
             result["restart"] = await self._restart_all()
         await asyncio.gather(*(n.agent.stop() for n in self.nodes), return_exceptions=True)
         self.fleet.close_clients()
@@ -310,10 +330,8 @@ class _Wave:
         """Wait until every agent's warm pool is met again: the top-ups the last pods
         caused are part of the wave's EC2 calls."""
         while True:
-            statuses = await asyncio.gather(
-                *(n.agent.status() for n in self.nodes if n.error is None)
-            )
-            if all(s.reason == "warm pool met" for s in statuses):
+            reasons = [(await n.agent.status()).reason for n in self.nodes if n.error is None]
+            if all(r == "warm pool met" for r in reasons):
                 return
             await asyncio.sleep(SETTLE_POLL_S)
 
@@ -323,10 +341,16 @@ class _Wave:
             await asyncio.sleep(LAG_TICK_S)
             self.lags.append(max(0.0, time.monotonic() - due))
 
+    def launch_offset_s(self, index: int) -> float:
+        """When instance ``index`` launches, from the wave's start."""
+        if self.config.burst is not None:
+            size, every = self.config.burst
+            return (index // size) * every
+        return index * 60.0 / self.config.rate_per_min
+
     async def _launch_all(self, started: float) -> None:
-        interval = 60.0 / self.config.rate_per_min
         for index in range(self.config.nodes):
-            delay = started + index * interval - time.monotonic()
+            delay = started + self.launch_offset_s(index) - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             node = self._launch(index)
@@ -349,7 +373,11 @@ class _Wave:
         stats = NodeStats(IpamdMetrics())
         host = MemoryHost(self.emulator, instance_id)
         imds = ImdsClient(imds_url)
-        agent = self._agent(state, imds, stats, host)
+        agent: NodeAgent | VpcCniAgent
+        if self.scenario.agent == VPC_CNI:
+            agent = self._vpccni_agent(index, imds, stats)
+        else:
+            agent = self._agent(state, imds, stats, host)
         node = NodeRun(index, instance_id, launched_at, agent, host, imds, stats, imds_url, state)
         self.nodes.append(node)
         return node
@@ -370,11 +398,35 @@ class _Wave:
             metrics=stats.metrics,
         )
 
+    def _vpccni_agent(self, index: int, imds: ImdsClient, stats: NodeStats) -> VpcCniAgent:
+        config = self.config
+        itype = lookup(config.instance_type)
+        env = config.vpccni_env
+        shape = NodeShape(
+            max_prefixes_per_eni=itype.max_prefixes_per_eni,
+            max_enis=itype.max_enis_default_card,
+            max_pods=max_pods(itype, Mode.PREFIX).value,
+            warm_prefix_target=int(env.get("WARM_PREFIX_TARGET", DEFAULT_WARM_PREFIX_TARGET)),
+        )
+        settings = VpcCniSettings(
+            shape,
+            leaked_eni_cleanup=env.get("DISABLE_LEAKED_ENI_CLEANUP", "false") != "true",
+            cleanup_delay_max_s=config.vpccni_cleanup_delay_max_s,
+        )
+        fleet = self.fleet
+
+        def client(region: str) -> Any:
+            with fleet._boto3_lock:  # see Fleet.ec2_factory
+                return fleet._boto3_client(region, self.url)
+
+        rng = random.Random(config.seed * 1_000_003 + index)
+        return VpcCniAgent(imds, client, stats, settings, rng)
+
     async def _restart_all(self) -> dict[str, Any]:
         """Stop every agent and start a new one on the same state directory and IMDS, all
         at once: what rolling the DaemonSet does to a running fleet, at its worst."""
         nodes = [n for n in self.nodes if n.error is None]
-        before = {n.index: _held(n.agent) for n in nodes}
+        before = {n.index: _held(n.agent) for n in nodes if isinstance(n.agent, NodeAgent)}
         mark = self.emulator.call("request_mark")
         started = time.monotonic()
         await asyncio.gather(*(n.agent.stop() for n in nodes))
@@ -386,6 +438,7 @@ class _Wave:
             node.agent = self._agent(node.state_dir, node.imds, node.stats, node.host)
 
         async def start(node: NodeRun) -> float | None:
+            assert isinstance(node.agent, NodeAgent)
             begun = time.monotonic()
             await node.agent.start()
             if not await node.agent.wait_ready(self.config.timeout_s):
@@ -396,7 +449,7 @@ class _Wave:
         ready = await asyncio.gather(*(start(n) for n in nodes), return_exceptions=True)
         wall = time.monotonic() - started
         times = [t for t in ready if isinstance(t, float)]
-        after = {n.index: _held(n.agent) for n in nodes}
+        after = {n.index: _held(n.agent) for n in nodes if isinstance(n.agent, NodeAgent)}
         lost = sum(
             1
             for i, held in before.items()
@@ -512,8 +565,28 @@ class _Wave:
         first_launch = min((n.launched_at for n in nodes), default=0.0)
         ready_span = (ready_at[-1] - first_launch) if ready_at else 0.0
         per_minute = Counter(int((t - first_launch) // 60) for t in ready_at)
+        step = max(1, math.ceil(len(ready_at) / READY_CURVE_POINTS))
+        curve = [
+            [round(t - first_launch, 3), i + 1]
+            for i, t in enumerate(ready_at)
+            if i % step == 0 or i == len(ready_at) - 1
+        ]
         return {
             "scenario": self.scenario.name,
+            "agent": self.scenario.agent,
+            "account": "fresh request buckets for this scenario (AWS throttles per account)",
+            "launch": (
+                f"bursts of {config.burst[0]} every {config.burst[1]:g} s"
+                if config.burst
+                else f"steady {config.rate_per_min:g}/min"
+            ),
+            "faults": [
+                {"kind": f.kind, "probability": f.probability, "latency_s": f.latency_s}
+                for f in config.faults
+            ],
+            "vpccni_init_failures": sum(
+                n.agent.init_failures for n in nodes if isinstance(n.agent, VpcCniAgent)
+            ),
             "nodes": config.nodes,
             "nodes_launched": launched,
             "nodes_ready": len(ready),
@@ -556,6 +629,7 @@ class _Wave:
             "ready_nodes_by_minute": [
                 per_minute[m] for m in range(max(per_minute, default=-1) + 1)
             ],
+            "ready_curve": curve,  # [seconds from the first launch, nodes Ready by then]
             "nau_used": usage["nau_used"],
             "subnet_addresses_used": usage["subnet_addresses_used"],
             "agent_errors": dict(self.agent_errors),

@@ -1,0 +1,164 @@
+"""The VPC CNI baseline, injected faults, bursts and the JSON shape of a fleet run: small
+waves of real boto3 clients and IMDS over HTTP against the emulator, bounded in time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ipam.instance_types import lookup
+from ipam.nau.maxpods import Mode, max_pods
+from ipam.nau.vpccni_calls import NodeShape, node_calls
+from tools.fleet.__main__ import main
+
+KEYS = {  # issue 15 item 6: what every scenario object carries
+    "nodes",
+    "nodes_ready",
+    "prefixes_at_launch",
+    "ec2_calls_per_node",
+    "ec2_calls_by_action",
+    "throttled_calls",
+    "ready_p50_s",
+    "ready_p99_s",
+    "ready_max_s",
+    "pods_running_p99_s",
+}
+QUICK_SWEEP = "--vpccni-cleanup-delay-max=0.2"  # the leaked-ENI sweep, 0..0.2 s after start
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, dict[str, object]]:
+    code = main([*args, "--json"])
+    results: dict[str, dict[str, object]] = json.loads(capsys.readouterr().out)
+    assert code == 0, {n: r["errors"] for n, r in results.items()}
+    return results
+
+
+def _per_node(result: dict[str, object]) -> dict[str, tuple[float, int]]:
+    by_action = result["ec2_calls_by_action"]
+    assert isinstance(by_action, dict)
+    return {a: (v["per_node_mean"], v["per_node_max"]) for a, v in by_action.items()}
+
+
+def test_each_vpc_cni_node_makes_the_calls_its_source_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    results = _run(
+        capsys,
+        "--nodes=3",
+        "--rate=6000/min",
+        "--pods-per-node=10",
+        "--prefixes-at-launch=2",
+        "--scenario=vpc-cni",
+        "--scenario=vpc-cni-reactive",
+        "--no-throttle",
+        QUICK_SWEEP,
+        "--timeout=60",
+    )
+    itype = lookup("m5.large")
+    shape = NodeShape(
+        itype.max_prefixes_per_eni,
+        itype.max_enis_default_card,
+        max_pods(itype, Mode.PREFIX).value,
+    )
+    for name, at_launch in (("vpc-cni", 2), ("vpc-cni-reactive", 0)):
+        result = results[name]
+        assert result["agent"] == "vpc-cni" and result["nodes_ready"] == 3
+        expected = node_calls(shape, at_launch, pods=10)
+        # Every node made exactly the data file's calls (mean == max == expected).
+        assert _per_node(result) == {a: (float(n), n) for a, n in expected.items()}, name
+        assert result["ec2_requests_seen_by_emulator"] == 3 * sum(expected.values())
+    # With prefixes at launch the start still describes, tags and modifies the ENI...
+    launched = _per_node(results["vpc-cni"])
+    assert {"DescribeNetworkInterfaces", "CreateTags", "ModifyNetworkInterfaceAttribute"} <= set(
+        launched
+    )
+    assert "AssignPrivateIpAddresses" not in launched
+    # ...and without them it also assigns one to become Ready and one as the pods land.
+    assign = results["vpc-cni-reactive"]["ec2_calls_by_action"]["AssignPrivateIpAddresses"]  # type: ignore[index]
+    assert (assign["start"], assign["pods"]) == (3, 3)
+
+
+def test_baseline_json_and_chart(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    chart = tmp_path / "ready.png"
+    results = _run(
+        capsys,
+        "--nodes=4",
+        "--rate=6000/min",
+        "--pods-per-node=2",
+        "--scenario=ultranet",
+        "--baseline=vpc-cni",
+        QUICK_SWEEP,
+        f"--chart={chart}",
+        "--timeout=60",
+    )
+    assert list(results) == ["ultranet", "vpc-cni"]
+    for name, result in results.items():
+        assert KEYS <= set(result), KEYS - set(result)
+        assert result["nodes_ready"] == result["nodes"] == 4
+        assert result["agent"] == name
+        assert result["prefixes_at_launch"] == 2  # the same launch template for both
+        curve = result["ready_curve"]
+        assert isinstance(curve, list) and curve[-1][1] == 4
+        assert "fresh request buckets" in str(result["account"])
+    assert results["ultranet"]["ec2_calls_per_node"] == 0
+    assert results["vpc-cni"]["ec2_calls_per_node"] == 4  # DescribeENIs, tag, SGs, sweep
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_injected_5xx_are_retried_and_latency_slows_every_call(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    results = _run(
+        capsys,
+        "--nodes=4",
+        "--rate=6000/min",
+        "--pods-per-node=2",
+        "--scenario=ultranet-reactive",
+        "--baseline=vpc-cni",
+        "--faults=5xx=0.3,latency=100ms",
+        QUICK_SWEEP,
+        "--timeout=120",
+    )
+    for result in results.values():
+        assert result["nodes_ready"] == 4
+        assert result["faults"] == [
+            {"kind": "latency", "probability": 1.0, "latency_s": 0.1},
+            {"kind": "internal", "probability": 0.3, "latency_s": 0.0},
+        ]
+        errors = result["ec2_errors"]
+        assert isinstance(errors, dict) and errors.get("InternalError", 0) > 0
+        assert isinstance(result["retries"], int) and result["retries"] > 0
+    # The VPC CNI makes four calls in a row before Ready (describe, tag, groups, assign),
+    # each at least 100 ms now.
+    ready = results["vpc-cni-reactive"]["ready_p50_s"]
+    assert isinstance(ready, float) and ready >= 0.4
+
+
+def test_bursts_launch_n_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    results = _run(
+        capsys,
+        "--nodes=4",
+        "--burst=2/1s",
+        "--pods-per-node=1",
+        "--scenario=ultranet",
+        "--timeout=60",
+    )
+    result = results["ultranet"]
+    assert result["launch"] == "bursts of 2 every 1 s"
+    times = [t for t, _ in result["ready_curve"]]  # type: ignore[union-attr]
+    # Two launched at 0 s, two at 1 s; each Ready within a fraction of a second.
+    assert sum(1 for t in times if t < 0.9) == 2
+    assert sum(1 for t in times if t >= 1.0) == 2
+
+
+def test_bad_fault_and_burst_specs_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("--faults=5xx=2", "--faults=teapot=0.1", "--burst=0/1s", "--burst=10"):
+        with pytest.raises(SystemExit) as caught:
+            main(["--nodes=2", bad])
+        assert caught.value.code == 2
+        assert capsys.readouterr().err
+    assert main(["--nodes=2", "--vpccni-env=MAX_ENI=2"]) == 2
+    assert "WARM_PREFIX_TARGET" in capsys.readouterr().err

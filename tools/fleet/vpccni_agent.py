@@ -1,0 +1,514 @@
+"""The AWS VPC CNI's node daemon, as far as EC2 sees it: the baseline of a fleet run.
+
+Plays the call sequence of ``ipam.nau.vpccni_calls`` (read from the VPC CNI's source:
+each step below names the function it stands for) against the emulated account, through
+real boto3 over HTTP, one client and one IMDS view per node, so it meets the same
+throttling as ultranet's agents in the same run:
+
+* start (``ipamd.New`` -> ``nodeInit``): IMDS, ``DescribeNetworkInterfaces`` of every
+  attached ENI (``DescribeAllENIs``, up to 12 tries), ``CreateTags`` on each ENI lacking
+  the node tag (``TagENI``, 5 tries with back-off), ``ModifyNetworkInterfaceAttribute``
+  (security groups) on each ENI (``RefreshSGIDs``' first run), then an
+  ``AssignPrivateIpAddresses`` if the pool is below ``WARM_PREFIX_TARGET``
+  (``handlePreScaling``; on failure one more asking for 1 prefix). A failed start exits
+  the daemon, and the kubelet restarts it after its crash-loop back-off (10 s, doubled,
+  at most 300 s): the node is not Ready until a start succeeds;
+* then a pool pass every 5 s (``StartNodeIPPoolManager``): a top-up when too low, a new
+  ENI when every ENI is full (``tryAllocateENI``: DescribeSubnets, CreateNetworkInterface,
+  DescribeInstances, AttachNetworkInterface, ModifyNetworkInterfaceAttribute), a release
+  of prefixes beyond the target at most every 30 s;
+* the leaked-ENI sweep's ``DescribeNetworkInterfaces``, at a random 0-300 s after start;
+* every EC2 request through the Go SDK's standard retryer (``vpccni_calls.SDK``: 3
+  attempts, full-jitter back-off, a per-client retry quota).
+
+A pod's address comes from the in-memory datastore (the CNI ADD path makes no EC2 call);
+when none is free the ADD fails and the kubelet retries, as with ultranet.
+
+Departures, by design: no host networking (the runner's in-memory host is not used); no
+IMDS-versus-datastore reconcile (the emulator's IMDS is never stale, so it would make no
+EC2 call); a failed release puts its prefixes back in the datastore at once, where the
+VPC CNI's reconcile would re-add them 60 s later after a DescribeNetworkInterfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from ipam.datastore_errors import PoolExhausted
+from ipam.imds import ImdsClient, ImdsInterface
+from ipam.nau.vpccni_calls import (
+    ADDRESSES_PER_PREFIX,
+    SDK,
+    TIMERS,
+    NodeShape,
+    free_prefixes,
+    pool_too_low,
+    prefixes_to_assign,
+    prefixes_to_release,
+)
+
+log = logging.getLogger("ultranet.fleet.vpccni")
+
+NODE_TAG = "node.k8s.amazonaws.com/instance_id"  # awsutils.go: eniNodeTagKey
+CREATED_AT_TAG = "node.k8s.amazonaws.com/createdAt"
+SUBNET_DISCOVERY_TAG = "kubernetes.io/role/cni"
+ENI_DESCRIPTION_PREFIX = "aws-K8S-"
+INSUFFICIENT = frozenset({"InsufficientCidrBlocks", "InsufficientFreeAddressesInSubnet"})
+# aws-sdk-go-v2 aws/retry/standard.go: DefaultThrottleErrorCodes (the EC2 subset)
+SDK_THROTTLE_CODES = frozenset(
+    {"Throttling", "ThrottlingException", "RequestLimitExceeded", "EC2ThrottledException"}
+)
+TRANSPORT_ERROR = "RequestError"  # no HTTP answer: the SDK's timeout / connection error
+
+
+class CallStats(Protocol):
+    """The runner's per-node counters (``runner.NodeStats``)."""
+
+    def request(self, action: str, latency_s: float, error_code: str | None) -> None: ...
+    def retry(self, action: str, code: str, delay_s: float) -> None: ...
+
+
+class Ec2CallFailed(Exception):
+    """An EC2 request failed after the SDK's retries; ``code`` is EC2's error code."""
+
+    def __init__(self, action: str, code: str, why: str = "") -> None:
+        self.action = action
+        self.code = code
+        super().__init__(f"{action}: {code}{f' ({why})' if why else ''}")
+
+
+class InitFailed(Exception):
+    """nodeInit returned an error: aws-k8s-agent exits 1 and is restarted."""
+
+
+@dataclass(frozen=True, slots=True)
+class VpcCniSettings:
+    shape: NodeShape
+    leaked_eni_cleanup: bool = True  # DISABLE_LEAKED_ENI_CLEANUP unset
+    cleanup_delay_max_s: float = TIMERS.leaked_eni_cleanup_delay_max_s
+    restart_backoff_s: float = TIMERS.restart_backoff_s
+
+
+@dataclass(frozen=True, slots=True)
+class VpcCniStatus:
+    reason: str
+
+
+@dataclass(slots=True)
+class _Eni:
+    eni_id: str
+    device: int
+    used: dict[str, int] = field(default_factory=dict)  # prefix -> addresses assigned
+
+    @property
+    def prefixes(self) -> int:
+        return len(self.used)
+
+
+class VpcCniAgent:
+    """One node's aws-node, EC2-wise. Same surface as ``ipam.agent.NodeAgent`` where the
+    fleet runner touches it: start, wait_ready, ready_at, allocate, status, stop."""
+
+    def __init__(
+        self,
+        imds: ImdsClient,
+        client_factory: Callable[[str], Any],
+        stats: CallStats,
+        settings: VpcCniSettings,
+        rng: random.Random,
+    ) -> None:
+        self.imds = imds
+        self._client_factory = client_factory
+        self._client: Any = None
+        self.stats = stats
+        self.settings = settings
+        self._rng = rng
+        self.ready_at: float | None = None
+        self.init_failures = 0
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._enis: list[_Eni] = []
+        self._instance_id = ""
+        self._vpc_id = ""
+        self._az = ""
+        self._subnet_id = ""
+        self._groups: tuple[str, ...] = ()
+        self._quota = SDK.quota_tokens
+        self._last_decrease = -1e9
+        self._cleanup_done = not settings.leaked_eni_cleanup
+        self._insufficient_until = 0.0
+
+    # -- the runner's surface ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._run(), name="vpc-cni"))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def allocate(self, key: Any, ref: Any, *, multi_nic: bool, origin: str) -> None:
+        """CNI ADD: the first prefix with a free address (datastore.AssignPodIPv4Address);
+        none free is the error the kubelet retries."""
+        for eni in self._enis:
+            for prefix, used in eni.used.items():
+                if used < ADDRESSES_PER_PREFIX:
+                    eni.used[prefix] = used + 1
+                    return
+        raise PoolExhausted([0], "vpc-cni datastore has no free address")
+
+    async def status(self) -> VpcCniStatus:
+        settled = self._ready.is_set() and self._cleanup_done and not self._wants_change()
+        return VpcCniStatus("warm pool met" if settled else "warming")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.imds.close()  # its keep-alive connection, as the daemon's exit would
+
+    # -- the daemon ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = self.settings.restart_backoff_s
+        while True:
+            try:
+                await self._node_init()
+                break
+            except InitFailed as err:
+                self.init_failures += 1
+                log.warning("aws-node start failed (%s); restarting in %.0f s", err, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, TIMERS.restart_backoff_max_s)
+        self.ready_at = time.monotonic()
+        self._ready.set()
+        if self.settings.leaked_eni_cleanup:
+            delay = self._rng.uniform(0, self.settings.cleanup_delay_max_s)
+            self._tasks.append(asyncio.create_task(self._leaked_eni_sweep(delay)))
+        await self._pool_manager()
+
+    async def _node_init(self) -> None:
+        """ipamd.New -> nodeInit. Every restart starts from IMDS again (the datastore's
+        prefixes come from IMDS; the security-group cache starts empty)."""
+        if self._client is None:
+            self._client = await asyncio.to_thread(self._client_factory, "us-west-2")
+        identity = await asyncio.to_thread(self.imds.identity)
+        interfaces = await asyncio.to_thread(
+            partial(self.imds.interfaces, primary_mac=identity.primary_mac)
+        )
+        primary = next(i for i in interfaces if i.mac == identity.primary_mac)
+        self._instance_id = identity.instance_id
+        self._az = identity.availability_zone
+        self._vpc_id, self._subnet_id = primary.vpc_id, primary.subnet_id
+        managed = [i for i in interfaces if i.network_card == 0 and not i.maybe_efa_only]
+        # awsutils.DescribeAllENIs: one request for every attached ENI, 12 tries
+        ids = [i.interface_id for i in interfaces]
+        described = None
+        for attempt in range(TIMERS.describe_all_enis_tries):
+            try:
+                described = await self._call("DescribeNetworkInterfaces", NetworkInterfaceIds=ids)
+                break
+            except Ec2CallFailed:
+                await asyncio.sleep(attempt * TIMERS.describe_all_enis_sleep_s)
+        if described is None:
+            raise InitFailed("DescribeAllENIs failed")
+        tags = {
+            ni["NetworkInterfaceId"]: {t["Key"]: t.get("Value", "") for t in ni.get("TagSet", [])}
+            for ni in described.get("NetworkInterfaces", [])
+        }
+        for interface in managed:  # nodeInit -> TagENI
+            if tags.get(interface.interface_id, {}).get(NODE_TAG) != self._instance_id:
+                await self._tag(interface.interface_id)
+        self._enis = [self._eni(i) for i in managed]  # setupENI
+        # RefreshSGIDs: the cache starts empty, so every group is "added"; errors ignored
+        self._groups = primary.security_group_ids
+        if self._groups:
+            for eni in self._enis:
+                with contextlib.suppress(Ec2CallFailed):
+                    await self._call(
+                        "ModifyNetworkInterfaceAttribute",
+                        NetworkInterfaceId=eni.eni_id,
+                        Groups=list(self._groups),
+                    )
+        # handlePreScaling -> increaseDatastorePool
+        if self._too_low():
+            try:
+                await self._increase()
+            except Ec2CallFailed as err:
+                if err.code not in INSUFFICIENT:
+                    raise InitFailed(f"increase datastore pool: {err}") from err
+
+    def _eni(self, interface: ImdsInterface) -> _Eni:
+        return _Eni(
+            interface.interface_id,
+            interface.device_number,
+            {str(p): 0 for p in interface.ipv4_prefixes},
+        )
+
+    async def _tag(self, eni_id: str) -> None:
+        """TagENI: retry.NWithBackoff(500 ms, x2, jitter 0.3), 5 tries."""
+        delay = TIMERS.tag_backoff_s
+        for attempt in range(TIMERS.tag_tries):
+            try:
+                await self._call(
+                    "CreateTags",
+                    Resources=[eni_id],
+                    Tags=[{"Key": NODE_TAG, "Value": self._instance_id}],
+                )
+                return
+            except Ec2CallFailed as err:
+                if attempt == TIMERS.tag_tries - 1:
+                    raise InitFailed(f"tag ENI {eni_id}: {err}") from err
+                jitter = delay * TIMERS.tag_jitter
+                await asyncio.sleep(delay + self._rng.uniform(-jitter, jitter))
+                delay = min(delay * TIMERS.tag_backoff_factor, 60.0)
+
+    # -- the pool --------------------------------------------------------------------------
+
+    def _counts(self) -> tuple[int, int]:
+        total = sum(e.prefixes for e in self._enis)
+        assigned = sum(sum(e.used.values()) for e in self._enis)
+        return total, assigned
+
+    def _free(self) -> int:
+        return sum(1 for e in self._enis for used in e.used.values() if used == 0)
+
+    def _too_low(self) -> bool:
+        total, assigned = self._counts()
+        shape = self.settings.shape
+        return pool_too_low(total, assigned, shape.warm_prefix_target, shape.max_pods)
+
+    def _wants_change(self) -> bool:
+        if self._too_low():
+            # A full node (no ENI room, no slot left) cannot grow: nothing pending.
+            shape = self.settings.shape
+            room = any(e.prefixes < shape.max_prefixes_per_eni for e in self._enis)
+            return room or len(self._enis) < shape.max_enis
+        return prefixes_to_release(self._free(), self.settings.shape.warm_prefix_target) > 0
+
+    async def _pool_manager(self) -> None:
+        """StartNodeIPPoolManager: sleep 2.5 s, pool pass, sleep 2.5 s, reconcile."""
+        await asyncio.sleep(TIMERS.first_pass_after_s)
+        while True:
+            await self._pool_pass()
+            await asyncio.sleep(TIMERS.pool_pass_s)
+
+    async def _pool_pass(self) -> None:
+        """updateIPPoolIfRequired."""
+        target = self.settings.shape.warm_prefix_target
+        if self._too_low():
+            if time.monotonic() < self._insufficient_until:
+                return
+            try:
+                await self._increase()
+            except Ec2CallFailed as err:
+                log.info("vpc-cni top-up failed: %s", err)
+            return
+        over = prefixes_to_release(self._free(), target)
+        now = time.monotonic()
+        if over and now - self._last_decrease > TIMERS.decrease_interval_s:
+            self._last_decrease = now
+            await self._release(over)
+
+    async def _increase(self) -> None:
+        """increaseDatastorePool: tryAssignPrefixes, else tryAllocateENI."""
+        shape = self.settings.shape
+        total, assigned = self._counts()
+        need = prefixes_to_assign(free_prefixes(total, assigned), shape.warm_prefix_target)
+        for eni in self._enis:
+            if eni.prefixes >= shape.max_prefixes_per_eni:
+                continue
+            count = min(shape.max_prefixes_per_eni - eni.prefixes, need)
+            try:
+                answer = await self._assign(eni.eni_id, count)
+            except Ec2CallFailed as err:
+                if err.code in INSUFFICIENT:
+                    self._insufficient_until = (
+                        time.monotonic() + TIMERS.insufficient_cidr_cooldown_s
+                    )
+                log.info("vpc-cni: %s; trying 1 prefix", err)
+                answer = await self._assign(eni.eni_id, 1)
+            for prefix in answer.get("AssignedIpv4Prefixes", []):
+                eni.used.setdefault(prefix["Ipv4Prefix"], 0)
+            return
+        if len(self._enis) < shape.max_enis:
+            with contextlib.suppress(Ec2CallFailed):  # an ENI failure never fails init
+                await self._allocate_eni(min(need, shape.max_prefixes_per_eni))
+
+    async def _assign(self, eni_id: str, count: int) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._call(
+            "AssignPrivateIpAddresses", NetworkInterfaceId=eni_id, Ipv4PrefixCount=count
+        )
+        return answer
+
+    async def _release(self, over: int) -> None:
+        """decreaseDatastorePool -> tryUnassignCidrsFromAll -> DeallocCidrs."""
+        for eni in reversed(self._enis):
+            free = [p for p, used in eni.used.items() if used == 0][:over]
+            if not free:
+                continue
+            for prefix in free:
+                del eni.used[prefix]
+            try:
+                await self._call(
+                    "UnassignPrivateIpAddresses", NetworkInterfaceId=eni.eni_id, Ipv4Prefixes=free
+                )
+            except Ec2CallFailed as err:
+                log.info("vpc-cni release failed: %s", err)
+                for prefix in free:  # the reconcile would add them back (see module doc)
+                    eni.used[prefix] = 0
+            over -= len(free)
+            if over <= 0:
+                return
+
+    async def _allocate_eni(self, prefixes: int) -> None:
+        """tryAllocateENI -> AllocENI (createENI, attachENI, DeleteOnTermination) ->
+        WaitForENIAndIPsAttached (IMDS)."""
+        subnets = [self._subnet_id]
+        try:  # getVpcSubnets: most free addresses first, own subnet or CNI-tagged ones
+            answer = await self._call(
+                "DescribeSubnets",
+                Filters=[
+                    {"Name": "vpc-id", "Values": [self._vpc_id]},
+                    {"Name": "availability-zone", "Values": [self._az]},
+                ],
+            )
+            found = sorted(
+                answer.get("Subnets", []),
+                key=lambda s: -int(s.get("AvailableIpAddressCount", 0)),
+            )
+            subnets = [
+                s["SubnetId"]
+                for s in found
+                if s["SubnetId"] == self._subnet_id
+                or any(t["Key"] == SUBNET_DISCOVERY_TAG for t in s.get("Tags", []))
+            ]
+        except Ec2CallFailed as err:
+            log.info("vpc-cni DescribeSubnets failed (%s): the primary ENI's subnet", err)
+        eni_id = ""
+        for subnet_id in subnets:
+            try:
+                created = await self._call(
+                    "CreateNetworkInterface",
+                    Description=ENI_DESCRIPTION_PREFIX + self._instance_id,
+                    Groups=list(self._groups),
+                    SubnetId=subnet_id,
+                    Ipv4PrefixCount=prefixes,
+                    TagSpecifications=[
+                        {
+                            "ResourceType": "network-interface",
+                            "Tags": [
+                                {"Key": NODE_TAG, "Value": self._instance_id},
+                                {"Key": CREATED_AT_TAG, "Value": str(int(time.time()))},
+                            ],
+                        }
+                    ],
+                )
+                eni_id = created["NetworkInterface"]["NetworkInterfaceId"]
+                break
+            except Ec2CallFailed as err:
+                log.info("vpc-cni CreateNetworkInterface in %s failed: %s", subnet_id, err)
+        if not eni_id:
+            raise Ec2CallFailed("CreateNetworkInterface", "every subnet failed")
+        instances = await self._call("DescribeInstances", InstanceIds=[self._instance_id])
+        used = {
+            ni["Attachment"]["DeviceIndex"]
+            for r in instances["Reservations"]
+            for inst in r["Instances"]
+            for ni in inst.get("NetworkInterfaces", [])
+            if ni.get("Attachment", {}).get("NetworkCardIndex", 0) == 0
+        }
+        device = next(i for i in range(100) if i not in used)
+        attached = await self._call(
+            "AttachNetworkInterface",
+            DeviceIndex=device,
+            InstanceId=self._instance_id,
+            NetworkInterfaceId=eni_id,
+            NetworkCardIndex=0,
+        )
+        await self._call(
+            "ModifyNetworkInterfaceAttribute",
+            NetworkInterfaceId=eni_id,
+            Attachment={"AttachmentId": attached["AttachmentId"], "DeleteOnTermination": True},
+        )
+        delay = 0.1  # waitForENIAndIPsAttached: 100 ms back-off x2, 12 tries, via IMDS
+        for _ in range(TIMERS.describe_all_enis_tries):
+            interfaces = await asyncio.to_thread(self.imds.interfaces)
+            match = [i for i in interfaces if i.interface_id == eni_id and i.ipv4_prefixes]
+            if match:
+                self._enis.append(self._eni(match[0]))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+        raise Ec2CallFailed("WaitForENIAndIPsAttached", "not in IMDS")
+
+    async def _leaked_eni_sweep(self, delay: float) -> None:
+        """cleanUpLeakedENIs' first run: one filtered, paginated DescribeNetworkInterfaces."""
+        await asyncio.sleep(delay)
+        with contextlib.suppress(Ec2CallFailed):
+            await self._call(
+                "DescribeNetworkInterfaces",
+                Filters=[
+                    {"Name": "tag-key", "Values": [NODE_TAG]},
+                    {"Name": "status", "Values": ["available"]},
+                    {"Name": "vpc-id", "Values": [self._vpc_id]},
+                ],
+                MaxResults=1000,
+            )
+        self._cleanup_done = True
+
+    # -- the SDK ---------------------------------------------------------------------------
+
+    async def _call(self, action: str, **params: Any) -> Any:
+        """One EC2 operation through the Go SDK's standard retryer."""
+        from botocore import xform_name
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        method = getattr(self._client, xform_name(action))
+        last_cost = 0
+        for attempt in range(1, SDK.max_attempts + 1):
+            started = time.monotonic()
+            status = 0
+            try:
+                answer = await asyncio.to_thread(partial(method, **params))
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", "Unknown"))
+                status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            except BotoCoreError:
+                code = TRANSPORT_ERROR
+            else:
+                self.stats.request(action, time.monotonic() - started, None)
+                refund = SDK.success_refund if attempt == 1 else last_cost
+                self._quota = min(SDK.quota_tokens, self._quota + refund)
+                return answer
+            self.stats.request(action, time.monotonic() - started, code)
+            retryable = (
+                code == TRANSPORT_ERROR
+                or status in SDK.retryable_status
+                or code in SDK_THROTTLE_CODES
+            )
+            if not retryable or attempt == SDK.max_attempts:
+                raise Ec2CallFailed(action, code)
+            cost = SDK.timeout_retry_cost if code == TRANSPORT_ERROR else SDK.retry_cost
+            if self._quota < cost:
+                raise Ec2CallFailed(action, code, "retry quota exceeded")
+            self._quota -= cost
+            last_cost = cost
+            bound = SDK.backoff_bound_s(attempt)
+            delay = bound if SDK.backoff_is_fixed(attempt) else self._rng.uniform(0, bound)
+            self.stats.retry(action, code, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")

@@ -410,6 +410,7 @@ class NodeAgent:
                 self.datastore.release(allocation.key, self._clock())
             if gone:
                 self.datastore.commit(self._clock())
+                self.metrics.stray_allocations_released.inc(len(gone))
         log.info(
             "restored %d allocation(s), dropped %d whose prefix is gone",
             report.restored,

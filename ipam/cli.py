@@ -17,6 +17,8 @@ from ipam.config import IpamdConfig, load_config
 from ipam.errors import ConfigError, UltranetError
 
 if TYPE_CHECKING:
+    from cni.keys import IpamKey
+    from cni.plumbing import Plumbing
     from ipam.agent import NodeAgent
     from ipam.hostnet import HostNetwork
 
@@ -44,15 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from cni.handler import CniHandler, HandlerConfig
     from cni.plumbing import Plumbing
-    from cni.spec import DEFAULT_VETH_PREFIX
     from cni.transport import CniServer, replay_spool, serve
     from ipam.agent import NodeAgent
-    from ipam.cni_backend import (
-        AgentBackend,
-        accounted_addresses,
-        accounted_veths,
-        host_veth_alive,
-    )
+    from ipam.cni_backend import AgentBackend, host_veth_alive
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
     def hostnet() -> HostNetwork:
@@ -66,6 +62,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     cni_server: CniServer | None = None
     plumbing: Plumbing | None = None
     conflist: asyncio.Task[None] | None = None
+    sweeps: asyncio.Task[None] | None = None
     try:
         await agent.start()
         api = ApiServer(agent, config.socket)
@@ -92,24 +89,14 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         still_failing = await replay_spool(config.cni_spool, handler.handle)
         if still_failing:
             log.warning("%d spooled DEL(s) still fail; kept for the next start", len(still_failing))
-        # Veths a DEL answered for but a crash kept (their allocation is released), and
-        # any other of ours no allocation accounts for: gone before the first ADD. The
-        # daemon writes the conflist, so its vethPrefix is the default.
-        reaped = await plumbing.reap_strays(
-            DEFAULT_VETH_PREFIX,
-            lambda: accounted_veths(agent.allocations(), DEFAULT_VETH_PREFIX),
-        )
-        agent.metrics.stray_veths_reaped.inc(len(reaped))
-        if reaped:
-            log.warning("reaped %d stray veth(s) no allocation accounts for", len(reaped))
-        # Host rules of addresses whose pod went while no daemon ran (its veth gone, so the
-        # restore dropped its allocation and the replayed DEL found nothing to go by): an
-        # ADD given the address would meet them. After the veths above: theirs go too.
-        rules = await plumbing.reap_stray_rules(lambda: accounted_addresses(agent.allocations()))
-        agent.metrics.stray_rules_reaped.inc(len(rules))
-        if rules:
-            log.warning("reaped %d stray host rule(s) no allocation accounts for", len(rules))
+        # Before the first ADD: veths a DEL answered for but a crash kept, and rules of
+        # pods that went while no daemon ran.
+        await sweep_strays(agent, plumbing, log)
         cni_server = await serve(config.cni_socket, handler.handle, agent.metrics.cni_command)
+        if config.stray_sweep_interval > 0:
+            sweeps = asyncio.create_task(
+                _sweep_periodically(agent, plumbing, config.stray_sweep_interval, log)
+            )
         log.info("serving IPAM on %s and CNI on %s", config.socket, config.cni_socket)
         failed: list[BaseException] = []
         if config.cni_conf_dir is not None:
@@ -127,6 +114,8 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
             raise failed[0]
         return 0
     finally:
+        if sweeps is not None:
+            sweeps.cancel()
         if conflist is not None:
             conflist.cancel()
         if cni_server is not None:
@@ -137,6 +126,70 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         for server in reversed(servers):
             await server.close()
         await agent.stop()
+
+
+async def sweep_strays(agent: NodeAgent, plumbing: Plumbing, log: logging.Logger) -> None:
+    """What pods left behind without a DEL that finished, in this order, so each step's
+    leftovers are the next one's: CNI allocations none of whose host veths exists (the
+    pod's namespace went, and no DEL came: a runtime that never sends it, or crashed
+    first), released into cooldown; host veths of ours no allocation accounts for (a
+    DEL answered before a crash took its queued deletion, a deletion the kernel
+    refused); host rules 512/1536 of addresses no allocation holds and no route reaches.
+    Safe beside ADDs: the plumbing never takes what an ADD in flight has or makes.
+    The daemon writes the conflist, so its vethPrefix is the default."""
+    from cni.spec import DEFAULT_VETH_PREFIX
+    from ipam.cni_backend import accounted_addresses, accounted_veths
+
+    durable: list[asyncio.Future[None]] = []
+
+    def release(key: IpamKey) -> None:
+        _, done = agent.release_staged(key)
+        if done is not None:
+            durable.append(done)
+
+    released = await plumbing.release_vanished(
+        DEFAULT_VETH_PREFIX,
+        lambda: [(a.key, len(a.leases)) for a in agent.allocations() if a.origin == "cni"],
+        release,
+    )
+    await asyncio.gather(*durable)  # journaled before their rules go
+    agent.metrics.stray_allocations_released.inc(len(released))
+    if released:
+        log.warning(
+            "released %d allocation(s) whose pod's host veths are gone: %s",
+            len(released),
+            ", ".join(str(key) for key in released),
+        )
+    reaped = await plumbing.reap_strays(
+        DEFAULT_VETH_PREFIX,
+        lambda: accounted_veths(agent.allocations(), DEFAULT_VETH_PREFIX),
+    )
+    agent.metrics.stray_veths_reaped.inc(len(reaped))
+    if reaped:
+        log.warning("reaped %d stray veth(s) no allocation accounts for", len(reaped))
+    rules = await plumbing.reap_stray_rules(lambda: accounted_addresses(agent.allocations()))
+    agent.metrics.stray_rules_reaped.inc(len(rules))
+    if rules:
+        log.warning("reaped %d stray host rule(s) no allocation accounts for", len(rules))
+
+
+async def _sweep_periodically(
+    agent: NodeAgent, plumbing: Plumbing, interval: int, log: logging.Logger
+) -> None:
+    """:func:`sweep_strays` every ``interval`` seconds (ULTRANET_STRAY_SWEEP_INTERVAL)
+    while the daemon serves: strays also appear between restarts. A sweep that fails is
+    logged and counted, and the next one tries again."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    while True:
+        await asyncio.sleep(interval)  # a timer: nothing to wait for but the interval
+        try:
+            await sweep_strays(agent, plumbing, log)
+        except (NetlinkError, OSError, UltranetError) as err:
+            agent.metrics.stray_sweeps.labels("failed").inc()
+            log.error("stray sweep failed; the next in %d s: %s", interval, err)
+        else:
+            agent.metrics.stray_sweeps.labels("ok").inc()
 
 
 async def _conflist_when_ready(agent: NodeAgent, config: IpamdConfig, log: logging.Logger) -> None:

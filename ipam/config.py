@@ -113,6 +113,9 @@ class IpamdConfig:
     ec2_rate: float = 5.0  # EC2 calls per second, refilled into the bucket
     ec2_burst: int = 10  # bucket size
     subnet_tag: str = "kubernetes.io/role/cni"
+    # Seconds between sweeps for what pods left without a DEL that finished (stray
+    # veths and rules, allocations whose veths are gone); 0: only at start.
+    stray_sweep_interval: int = 60
     # Egress (ipam/egress.py), the VPC CNI's knobs and defaults.
     external_snat: bool = False
     exclude_snat_cidrs: tuple[IPv4Network, ...] = ()
@@ -407,6 +410,7 @@ KNOBS: Mapping[str, Knob] = MappingProxyType(
             Knob("ULTRANET_EC2_RATE", "ec2_rate", _rate),
             Knob("ULTRANET_EC2_BURST", "ec2_burst", _positive),
             Knob("ULTRANET_SUBNET_TAG", "subnet_tag", _tag_key, text_only=True),
+            Knob("ULTRANET_STRAY_SWEEP_INTERVAL", "stray_sweep_interval", _count),
             Knob("AWS_VPC_K8S_CNI_EXTERNALSNAT", "external_snat", _bool),
             Knob(
                 "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",

@@ -110,13 +110,26 @@ class IpamdMetrics:
         )
         self.stray_veths_reaped = Counter(
             p + "stray_veths_reaped_total",
-            "Host veths of this CNI that no allocation accounted for, deleted at start",
+            "Host veths of this CNI that no allocation accounted for, deleted at start "
+            "or by the periodic sweep",
             registry=r,
         )
         self.stray_rules_reaped = Counter(
             p + "stray_rules_reaped_total",
             "Host rules 512/1536 of pod addresses no allocation or veth accounted for, "
-            "deleted at start",
+            "deleted at start or by the periodic sweep",
+            registry=r,
+        )
+        self.stray_allocations_released = Counter(
+            p + "stray_allocations_released_total",
+            "CNI allocations released because none of their host veths existed (the pod's "
+            "namespace went without a DEL), at start or by the periodic sweep",
+            registry=r,
+        )
+        self.stray_sweeps = Counter(
+            p + "stray_sweeps_total",
+            "Periodic stray sweeps, by outcome: ok, or failed (logged; the next one retries)",
+            ["outcome"],
             registry=r,
         )
 

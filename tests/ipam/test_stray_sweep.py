@@ -1,0 +1,104 @@
+"""The periodic stray sweep of the real ``ultranet-ipamd`` (ULTRANET_STRAY_SWEEP_INTERVAL):
+what a pod leaves behind while the daemon runs goes without a restart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cni.install import install
+from cni.keys import IpamKey
+from cni.plumbing import HOST_VETH_ALIAS, host_ifname
+from tests.cni.harness import NETWORK, conf, env, host_state, ns_path
+from tests.conftest import LabFactory
+from tests.ipam.test_daemon_cni import METRICS_PORT, exec_shim, held, scraped
+from tools.lab import netns
+from tools.lab.daemon import IpamdProcess
+from tools.lab.lab import Lab, LabConfig
+
+pytestmark = pytest.mark.netns
+
+RELEASED = "ultranet_ipamd_stray_allocations_released_total"
+VETHS = "ultranet_ipamd_stray_veths_reaped_total"
+RULES = "ultranet_ipamd_stray_rules_reaped_total"
+SWEEPS = "ultranet_ipamd_stray_sweeps_total"
+
+
+@pytest.fixture
+def sweeping(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab, IpamdProcess, Path]]:
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    daemon = IpamdProcess(
+        lab,
+        tmp_path / "d",
+        {
+            "ULTRANET_CNI_SPOOL": str(tmp_path / "d" / "spool"),
+            "ULTRANET_METRICS_ADDR": f"127.0.0.1:{METRICS_PORT}",
+            "ULTRANET_STRAY_SWEEP_INTERVAL": "1",
+        },
+    )
+    daemon.start()
+    (shim,) = install(tmp_path / "bin", None, python=sys.executable)
+    try:
+        daemon.wait_ready()
+        daemon.wait_cni_socket()
+        yield lab, daemon, shim
+    finally:
+        daemon.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.1)  # polling the daemon's work, bounded by the deadline
+
+
+def counted(lab: Lab, sample: str) -> float:
+    value = scraped(lab, sample)
+    return 0.0 if value is None else value
+
+
+def test_the_periodic_sweep_cleans_after_a_pod_gone_without_a_del_and_a_stray_veth(
+    sweeping: tuple[Lab, IpamdProcess, Path],
+) -> None:
+    lab, daemon, shim = sweeping
+    kept_pod, gone_pod = lab.create_pod_namespace("kept"), lab.create_pod_namespace("gone")
+    for container, pod in (("kept", kept_pod), ("gone", gone_pod)):
+        code, out = exec_shim(lab, shim, daemon, env("ADD", container, ns_path(pod)), conf())
+        assert code == 0, out
+    kept = host_state(lab)
+    kept_veth = host_ifname(IpamKey(NETWORK, "kept", "eth0"), 0, "eni")
+    # A veth of ours no allocation accounts for (a deletion the kernel refused, say).
+    stray = host_ifname(IpamKey(NETWORK, "never-added", "eth0"), 0, "eni")
+    node = ["ip", "-n", lab.node_ns, "link"]
+    subprocess.run([*node, "add", stray, "type", "veth", "peer", "name", "ul-peer"], check=True)
+    subprocess.run([*node, "set", stray, "alias", HOST_VETH_ALIAS], check=True)
+    # The runtime removes the pod's namespace and never sends its DEL: the kernel takes
+    # its veth and host route; its allocation and host rule stay.
+    netns.delete(gone_pod)
+
+    def only_kept_left() -> bool:
+        state = host_state(lab)
+        return [a["container_id"] for a in held(daemon)] == ["kept"] and state["links"] == [
+            kept_veth
+        ]
+
+    wait_until(only_kept_left, "sweep")
+    wait_until(lambda: counted(lab, RULES) == 1, "rule reaped")
+    kept_address = next(r[2] for r in kept["rules"] if r[2])
+    assert [r[2] for r in host_state(lab)["rules"]] == [kept_address]
+    assert counted(lab, RELEASED) == 1
+    assert counted(lab, VETHS) == 1
+    assert counted(lab, f'{SWEEPS}{{outcome="ok"}}') >= 1
+    assert counted(lab, f'{SWEEPS}{{outcome="failed"}}') == 0
+    assert "released 1 allocation(s) whose pod's host veths are gone" in daemon.log_tail(80)
+    code, out = exec_shim(lab, shim, daemon, env("DEL", "kept", ns_path(kept_pod)), conf())
+    assert code == 0, out
+    wait_until(lambda: host_state(lab) == {"links": [], "rules": [], "routes": []}, "clean host")
+    assert held(daemon) == []

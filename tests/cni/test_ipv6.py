@@ -255,7 +255,7 @@ def test_gc_through_the_shim_releases_an_ipv6_attachment_and_its_plumbing(
     before = host_v6(spaces.node)
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        async with node(spaces, pools) as n, serving(n, sock):
+        async with node(spaces, pools) as n, serving(n, sock):  # type: ignore[arg-type]
             for name, pod in (("keep", pod_a), ("stale", pod_b)):
                 code, out = await exec_shim(
                     shim, sock, env("ADD", name, ns_path(pod)), conf("1.1.0")

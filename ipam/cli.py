@@ -47,7 +47,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from cni.handler import CniHandler, HandlerConfig
     from cni.plumbing import Plumbing
     from cni.transport import CniServer, replay_spool, serve
-    from ipam.agent import NodeAgent
+    from ipam.agent6 import agent_class
     from ipam.cni_backend import AgentBackend, host_veth_alive
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
@@ -57,7 +57,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         return HostNetwork()
 
     log = logging.getLogger("ultranet.ipamd")
-    agent = NodeAgent(config, hostnet=hostnet, pod_alive=host_veth_alive())
+    agent = agent_class(config.ipv6)(config, hostnet=hostnet, pod_alive=host_veth_alive())
     servers: list[ApiServer | HttpServer] = []
     cni_server: CniServer | None = None
     plumbing: Plumbing | None = None

@@ -15,7 +15,11 @@ primary ENI's prefix), and so this agent:
   torn-tail and crash rules), so a restart restores them; a journal address outside the
   /80 IMDS shows is checked against EC2 before it is dropped, as in IPv4;
 * the reconcile compares IMDS with the /80 held; if IMDS stops listing it, EC2 decides,
-  and a /80 EC2 says is gone takes its pods' allocations with it (counted as force-removed).
+  and a /80 EC2 says is gone takes its pods' allocations with it (counted as force-removed);
+* the host gets what the VPC CNI's init container sets in IPv6 mode
+  (``cmd/aws-vpc-cni-init/main.go``, ``configureIPv6Settings``): IPv6 on, forwarding on,
+  and ``accept_ra=2`` on the primary interface so it keeps its router-advertised default
+  route with forwarding on (:meth:`Ipv6NodeAgent.configure_host`, called by the daemon).
 
 Everything else (socket API, CNI backend, commits, metrics names) is the
 :class:`~ipam.agent.NodeAgent`'s.
@@ -27,6 +31,7 @@ import asyncio
 import functools
 import logging
 from ipaddress import IPv6Network
+from pathlib import Path
 from typing import Any
 
 from ipam import warm
@@ -94,6 +99,35 @@ class Ipv6NodeAgent(NodeAgent):
         ec2 = await self._ec2()
         (state,) = await asyncio.to_thread(ec2.describe_network_interfaces, [self.pool6.eni_id])
         return state.ipv6_prefixes
+
+    def configure_host(
+        self, sys_class_net: Path = Path("/sys/class/net"), proc_sys: Path = Path("/proc/sys")
+    ) -> dict[str, str]:
+        """IPv6 on, forwarding on, ``accept_ra=2`` on the primary interface (found by its
+        MAC), in this process's namespace; returns what was written."""
+        primary = next(
+            (
+                link.name
+                for link in sys_class_net.iterdir()
+                if (link / "address").is_file()
+                and (link / "address").read_text().strip() == self._primary_mac
+            ),
+            None,
+        )
+        if primary is None:
+            raise AgentError(f"no link has the primary ENI's MAC {self._primary_mac}")
+        values = {
+            "net/ipv6/conf/all/disable_ipv6": "0",
+            "net/ipv6/conf/all/forwarding": "1",
+            f"net/ipv6/conf/{primary}/accept_ra": "2",
+        }
+        try:
+            for key, value in values.items():
+                (proc_sys / key).write_text(value)
+        except OSError as err:
+            raise AgentError(f"cannot set the host's IPv6 sysctls: {err}") from err
+        log.info("host IPv6: forwarding on, accept_ra=2 on %s", primary)
+        return values
 
     # -- the pool: one /80, nothing to keep warm -----------------------------------------
 

@@ -47,7 +47,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from cni.handler import CniHandler, HandlerConfig
     from cni.plumbing import Plumbing
     from cni.transport import CniServer, replay_spool, serve
-    from ipam.agent6 import agent_class
+    from ipam.agent6 import Ipv6NodeAgent, agent_class
     from ipam.cni_backend import AgentBackend, host_veth_alive
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
@@ -65,6 +65,8 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     sweeps: asyncio.Task[None] | None = None
     try:
         await agent.start()
+        if isinstance(agent, Ipv6NodeAgent):
+            agent.configure_host()  # forwarding on before the first pod
         api = ApiServer(agent, config.socket)
         await api.start()
         servers.append(api)

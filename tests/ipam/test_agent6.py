@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ipam.agent import AgentError
 from ipam.agent6 import Ipv6NodeAgent
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Error
@@ -196,3 +197,29 @@ def test_introspection_names_the_80_and_the_mode(tmp_path: Path) -> None:
             assert doc["mode"] == "ipv6"
             assert doc["cards"]["0"]["enis"][0]["ipv6_prefixes"] == [str(prefix)]
             assert doc["allocations"][0]["addresses"] == [f"0:{prefix.network_address + 1}"]
+
+
+def test_the_host_gets_the_vpc_cni_init_ipv6_settings(tmp_path: Path) -> None:
+    """IPv6 on, forwarding on, accept_ra=2 on the primary interface (found by MAC), as
+    the VPC CNI's aws-vpc-cni-init sets them; here in a stand-in /sys and /proc/sys."""
+    with ipv6_node(prefix_at_launch=True) as node:
+        (eni,) = node.cloud.enis_of(node.instance_id)
+        with agent_on_cloud(node, tmp_path / "state", IPV6) as run:
+            agent = run.agent
+            assert isinstance(agent, Ipv6NodeAgent)
+            sys_net, proc = tmp_path / "sys", tmp_path / "proc"
+            for name, mac in (("lo", "00:00:00:00:00:00"), ("ens5", eni.mac)):
+                (sys_net / name).mkdir(parents=True)
+                (sys_net / name / "address").write_text(mac + "\n")
+            for key in ("all/disable_ipv6", "all/forwarding", "ens5/accept_ra"):
+                (proc / "net/ipv6/conf" / key).parent.mkdir(parents=True, exist_ok=True)
+            written = agent.configure_host(sys_net, proc)
+            assert written == {
+                "net/ipv6/conf/all/disable_ipv6": "0",
+                "net/ipv6/conf/all/forwarding": "1",
+                "net/ipv6/conf/ens5/accept_ra": "2",
+            }
+            assert (proc / "net/ipv6/conf/ens5/accept_ra").read_text() == "2"
+            (sys_net / "ens5" / "address").write_text("02:00:00:00:00:99\n")
+            with pytest.raises(AgentError, match="no link has the primary ENI's MAC"):
+                agent.configure_host(sys_net, proc)

@@ -179,11 +179,13 @@ def test_reconcile_drops_the_pods_of_a_prefix_ec2_took_back(tmp_path: Path) -> N
                 NetworkInterfaceId=node.primary_eni(), Ipv6Prefixes=[str(prefix)]
             )
             run.run(run.agent.reconcile())
-            assert run.agent.lookup(key(0)) is None
-            assert not ready(run) or run.agent.pool6.prefix is None
-            run.run(run.agent.step())  # a new /80 from EC2
+            agent = run.agent
+            assert isinstance(agent, Ipv6NodeAgent)
+            assert agent.lookup(key(0)) is None and agent.pool6.prefix is None
+            run.run(agent.step())  # a new /80 from EC2
             (fresh,) = ec2_ipv6_prefixes(node)
-            assert run.agent.pool6.prefix == fresh and fresh != prefix
+            assert agent.pool6.prefix == fresh and fresh != prefix
+            assert address(run, 1) in fresh
         with agent_on_cloud(node, tmp_path, IPV6) as again:  # the drop was journaled
             assert again.agent.lookup(key(0)) is None
 

@@ -53,6 +53,7 @@ from ipam.pool import AddressPool, CardPool, EniInfo
 
 if TYPE_CHECKING:
     from ipam.ec2 import Ec2Client, EniState
+    from ipam.egress import Egress
     from ipam.hostnet import EniLink, HostNetworkPort
 
 log = logging.getLogger("ultranet.ipamd")
@@ -144,6 +145,7 @@ class NodeAgent:
         ec2_factory: Callable[[NodeIdentity, IpamdMetrics], Ec2Client] | None = None,
         hostnet: Callable[[], HostNetworkPort] | None = None,
         pod_alive: Callable[[Allocation], bool] | None = None,
+        egress: Egress | None = None,
         metrics: IpamdMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -161,6 +163,9 @@ class NodeAgent:
         self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._pending_hosts: list[tuple[EniInfo, str]] = []
         self._pod_alive = pod_alive
+        # SNAT and connection marks (ipam/egress.py), set up for these VPC CIDRs.
+        self._egress = egress
+        self._egress_vpc: tuple[IPv4Network, ...] | None = None
         self._clock = clock
         self._wall = wall
         self.node: NodeIdentity | None = None
@@ -209,6 +214,7 @@ class NodeAgent:
         self._build_pool(identity, interfaces)
         assert self.pool is not None
         await self._setup_pending_hosts()
+        await self._apply_egress(identity.vpc_cidrs)
         self.datastore = Datastore(self.pool, Journal(self.config.state_dir / "journal"))
         await self._restore()
         self._update_metrics()
@@ -378,6 +384,45 @@ class NodeAgent:
     async def _setup_pending_hosts(self) -> None:
         pending, self._pending_hosts = self._pending_hosts, []
         await self._on_netlink(self._setup_hosts_blocking, pending)
+
+    # -- egress ----------------------------------------------------------------------
+
+    async def _apply_egress(self, vpc_cidrs: tuple[IPv4Network, ...]) -> None:
+        """The VPC CNI's SNAT and connection marks for these VPC CIDRs (at start, and when
+        IMDS shows the VPC's blocks changed); idempotent, and a no-op without ``egress``."""
+        if self._egress is None:
+            return
+        if not vpc_cidrs:
+            raise AgentError("IMDS lists no vpc-ipv4-cidr-blocks: SNAT would take VPC traffic")
+        from ipam.egress import NodeFacts
+
+        primary = next(
+            (e for e in self._enis.values() if (e.info.card, e.info.device) == (0, 0)), None
+        )
+        if primary is None:
+            raise AgentError("egress: the primary ENI (card 0, device 0) is not in the pool")
+        host = await self._on_netlink(self._host)
+        ifname = None if host is None else await self._on_netlink(host.find_link, primary.mac)
+        if ifname is None:
+            raise AgentError(f"egress: no link has the primary ENI's MAC {primary.mac}")
+        facts = NodeFacts(ifname, primary.info.primary_ip, vpc_cidrs)
+        changed = await asyncio.to_thread(self._egress.apply, facts)
+        if changed:
+            log.info("egress for VPC %s: %d change(s)", ",".join(map(str, vpc_cidrs)), len(changed))
+        self._egress_vpc = vpc_cidrs
+
+    async def _follow_vpc_cidrs(self, interfaces: Iterable[ImdsInterface]) -> None:
+        """Re-apply egress when the VPC's CIDR blocks IMDS shows differ (a block was
+        associated or removed), as the VPC CNI's ``updateCIDRsRulesOnChange`` does."""
+        if self._egress is None:
+            return
+        primary = next((i for i in interfaces if (i.network_card, i.device_number) == (0, 0)), None)
+        if primary is None or set(primary.vpc_cidrs) == set(self._egress_vpc or ()):
+            return
+        if not primary.vpc_cidrs:
+            log.error("IMDS lists no vpc-ipv4-cidr-blocks now; egress rules kept as they are")
+            return
+        await self._apply_egress(primary.vpc_cidrs)
 
     # -- restore ---------------------------------------------------------------------
 
@@ -704,6 +749,7 @@ class NodeAgent:
         assert self.pool is not None and self.node is not None and self.datastore is not None
         self._reconciled_at = self._clock()
         interfaces = await self._read_imds_interfaces()
+        await self._follow_vpc_cidrs(interfaces)
         seen = {i.interface_id: i for i in interfaces if i.network_card in self.pool.cards}
         freed_after = self._wall() - FREED_PREFIX_COOLDOWN_S
         disagree = False

@@ -43,6 +43,8 @@ def _config_from(args: argparse.Namespace) -> LabConfig:
         other_cards=args.other_cards,
         nau_quota=args.nau_quota,
         seed=args.seed,
+        ipv6=args.ipv6,
+        ipv6_prefixes=args.ipv6_prefixes,
     )
 
 
@@ -62,6 +64,19 @@ def _add_lab_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nau-quota", type=int, default=None, help="VPC NAU quota")
     parser.add_argument("--seed", type=int, default=0, help="seed of the emulator's choices")
+    parser.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="dual-stack VPC as EKS IPv6 uses it: a unique-local /56, a /64 per subnet, "
+        "the node's own IPv6 address",
+    )
+    parser.add_argument(
+        "--ipv6-prefixes",
+        type=int,
+        default=1,
+        help="with --ipv6: /80 prefixes on the primary interface at launch (default 1; "
+        "0: the node agent assigns one)",
+    )
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -73,6 +88,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.prefixes_per_card < 0:
         print("ultranet-lab: --prefixes-per-card must be >= 0", file=sys.stderr)
         return 2
+    if args.ipv6_prefixes < 0:
+        print("ultranet-lab: --ipv6-prefixes must be >= 0", file=sys.stderr)
+        return 2
     read_fd, write_fd = os.pipe()
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "tools.lab.cli", "serve", "--ready-fd", str(write_fd)]
@@ -81,6 +99,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     argv += ["--other-cards", args.other_cards, "--seed", str(args.seed)]
     if args.nau_quota is not None:
         argv += ["--nau-quota", str(args.nau_quota)]
+    if args.ipv6:
+        argv += ["--ipv6", "--ipv6-prefixes", str(args.ipv6_prefixes)]
     with open(STATE_ROOT / "serve.log", "ab") as log_file:
         child = subprocess.Popen(
             argv,

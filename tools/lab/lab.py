@@ -6,10 +6,10 @@ by ``ultranet-lab up`` (in a detached process) and by ``make demo``. Whatever ha
 each running lab is written *before* its first namespace exists, so a start can find
 and remove what a killed lab left behind (``remove_leftovers``).
 
-Only 100.64.0.0/10 and 198.18.0.0/15 are used, and only inside the lab's namespaces;
-nothing is added to the machine's root namespace. The one exception to those ranges
-is 169.254.169.254 inside the node namespace, because that is where software on an
-EC2 instance finds IMDS.
+Only 100.64.0.0/10 and 198.18.0.0/15 (and, with ``ipv6``, fd00::/8 and link-local
+fe80::/64) are used, and only inside the lab's namespaces; nothing is added to the
+machine's root namespace. The one exception to those ranges is 169.254.169.254 inside
+the node namespace, because that is where software on an EC2 instance finds IMDS.
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ class LabConfig:
     subnets: tuple[SubnetSpec, ...] = DEFAULT_SUBNETS
     nau_quota: int | None = None  # None: the emulator's default (the 64,000 default quota)
     seed: int = 0
+    # IPv6 as an EKS IPv6 cluster's VPC has it: a /56 (unique-local, the lab's choice), a
+    # /64 per subnet with AssignIpv6AddressOnCreation (the node's own IPv6 address), and
+    # ``ipv6_prefixes`` /80s on the primary interface at launch (0: none; the node agent
+    # assigns its own).
+    ipv6: bool = False
+    ipv6_prefixes: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,14 +151,17 @@ def remove_leftovers(state_root: Path = STATE_ROOT) -> list[str]:
 
 
 def launch_interfaces(
-    instance_type: str, prefixes_per_card: int, other_cards: str
+    instance_type: str, prefixes_per_card: int, other_cards: str, ipv6_prefixes: int = 0
 ) -> list[LaunchInterface]:
     """A launch template's NetworkInterfaces: the primary, and one per other network card.
 
     Cards > 0 get device index 1, as AWS's EFA guide launches them; ``other_cards`` is
-    their InterfaceType, or "none". Every interface with IPs gets the same prefix count.
+    their InterfaceType, or "none". Every interface with IPs gets the same prefix count;
+    the primary also ``ipv6_prefixes`` /80s (EKS IPv6 puts its one /80 there).
     """
-    interfaces = [LaunchInterface(0, 0, ipv4_prefix_count=prefixes_per_card)]
+    interfaces = [
+        LaunchInterface(0, 0, ipv4_prefix_count=prefixes_per_card, ipv6_prefix_count=ipv6_prefixes)
+    ]
     if other_cards == "none":
         return interfaces
     prefixes = 0 if other_cards == "efa-only" else prefixes_per_card
@@ -216,6 +225,10 @@ class Lab:
         self._netlink.run(self._loopbacks_up)
         netns.sysctl(self.vpc_ns, "net.ipv4.ip_forward", "1")
         netns.sysctl(self.node_ns, "net.ipv4.ip_forward", "1")
+        if self.config.ipv6:
+            for ns in (self.vpc_ns, self.node_ns):
+                netns.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
+            netns.sysctl(self.vpc_ns, "net.ipv6.conf.default.accept_dad", "0")  # the router
         self._build_vpc()
         ec2 = Ec2Server(self.cloud)
         self._servers.append(ec2)
@@ -283,11 +296,21 @@ class Lab:
                 self.vpc_id, spec.cidr, spec.availability_zone, dict(spec.tags)
             )
             self.subnet_ids.append(subnet.subnet_id)
+        if self.config.ipv6:
+            block = self.cloud.associate_vpc_ipv6_cidr(self.vpc_id).cidr
+            for subnet_id, sub64 in zip(
+                self.subnet_ids, block.subnets(new_prefix=64), strict=False
+            ):
+                self.cloud.associate_subnet_ipv6_cidr(subnet_id, str(sub64))
+                self.cloud.set_assign_ipv6_on_creation(subnet_id, True)
 
     def _launch(self) -> None:
         itype = lookup(self.config.instance_type)
         interfaces = launch_interfaces(
-            self.config.instance_type, self.config.prefixes_per_card, self.config.other_cards
+            self.config.instance_type,
+            self.config.prefixes_per_card,
+            self.config.other_cards,
+            self.config.ipv6_prefixes if self.config.ipv6 else 0,
         )
         per_card = max(card.max_interfaces for card in itype.network_cards)
         # The node must listen before launch: launch attaches every interface at once,

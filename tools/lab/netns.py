@@ -107,10 +107,12 @@ def run_in(name: str, work: Callable[[], T]) -> T:
 
 
 def listening_socket(name: str, host: str, port: int) -> socket.socket:
-    """A TCP socket bound and listening on ``host:port`` inside namespace ``name``."""
+    """A TCP socket bound and listening on ``host:port`` inside namespace ``name``
+    (IPv4, or IPv6 when ``host`` is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     def bind() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))

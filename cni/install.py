@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cni import shim
-from cni.spec import DEFAULT_MTU, SUPPORTED_VERSIONS
+from cni.spec import DEFAULT_MTU, DEFAULT_VETH_PREFIX, SUPPORTED_VERSIONS
 
 __all__ = [
     "InstallError",
@@ -151,7 +151,10 @@ def _code_path_in(script: Path) -> Path | None:
 
 
 def conflist(
-    name: str = "ultranet", mtu: int = DEFAULT_MTU, chain: list[dict[str, Any]] | None = None
+    name: str = "ultranet",
+    mtu: int = DEFAULT_MTU,
+    chain: list[dict[str, Any]] | None = None,
+    veth_prefix: str = DEFAULT_VETH_PREFIX,
 ) -> dict[str, Any]:
     """The network config list: ultranet first, then ``chain`` (e.g. portmap).
 
@@ -161,7 +164,7 @@ def conflist(
     plugin = {
         "type": PLUGIN_TYPE,
         "mtu": mtu,
-        "vethPrefix": "eni",
+        "vethPrefix": veth_prefix,
         "capabilities": {"io.kubernetes.cri.pod-annotations": True},
     }
     return {
@@ -223,13 +226,18 @@ def install(
 
 
 def install_conflist(
-    conf_dir: Path, *, mtu: int = DEFAULT_MTU, chain: list[dict[str, Any]] | None = None
+    conf_dir: Path,
+    *,
+    mtu: int = DEFAULT_MTU,
+    chain: list[dict[str, Any]] | None = None,
+    veth_prefix: str = DEFAULT_VETH_PREFIX,
 ) -> Path:
     """Write ``conf_dir/10-ultranet.conflist`` atomically; returns its path. The kubelet
     reports the node's network ready from the moment it exists."""
     path = conf_dir / CONFLIST_NAME
-    body = json.dumps(conflist(mtu=mtu, chain=chain), indent=2).encode() + b"\n"
-    _atomic_write(path, body, 0o644)
+    body = json.dumps(conflist(mtu=mtu, chain=chain, veth_prefix=veth_prefix), indent=2)
+    body += "\n"
+    _atomic_write(path, body.encode(), 0o644)
     return path
 
 

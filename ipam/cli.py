@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the effective configuration and exit",
     )
+    parser.add_argument(
+        "--uninstall-egress",
+        action="store_true",
+        help="remove the SNAT and connmark rules and chains (AWS-SNAT-CHAIN-0, "
+        "AWS-CONNMARK-CHAIN-0, the primary-ENI marks) and the fwmark rule the daemon "
+        "installs, then exit; run it after the daemon is gone for good",
+    )
     return parser
 
 
@@ -49,6 +56,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     from cni.transport import CniServer, replay_spool, serve
     from ipam.agent6 import Ipv6NodeAgent, agent_class
     from ipam.cni_backend import AgentBackend, host_veth_alive
+    from ipam.egress import Egress, egress_config
     from ipam.server import ApiServer, HttpServer, introspection_routes, metrics_routes
 
     def hostnet() -> HostNetwork:
@@ -57,7 +65,11 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         return HostNetwork()
 
     log = logging.getLogger("ultranet.ipamd")
-    agent = agent_class(config.ipv6)(config, hostnet=hostnet, pod_alive=host_veth_alive())
+    # IPv4 egress as the VPC CNI: SNAT and connection marks (an IPv6 node has none).
+    egress = None if config.ipv6 else Egress(egress_config(config))
+    agent = agent_class(config.ipv6)(
+        config, hostnet=hostnet, pod_alive=host_veth_alive(), egress=egress
+    )
     servers: list[ApiServer | HttpServer] = []
     cni_server: CniServer | None = None
     plumbing: Plumbing | None = None
@@ -138,8 +150,7 @@ async def sweep_strays(agent: NodeAgent, plumbing: Plumbing, log: logging.Logger
     DEL answered before a crash took its queued deletion, a deletion the kernel
     refused); host rules 512/1536 of addresses no allocation holds and no route reaches.
     Safe beside ADDs: the plumbing never takes what an ADD in flight has or makes.
-    The daemon writes the conflist, so its vethPrefix is the default."""
-    from cni.spec import DEFAULT_VETH_PREFIX
+    The daemon writes the conflist, so its vethPrefix is AWS_VPC_K8S_CNI_VETHPREFIX."""
     from ipam.cni_backend import accounted_addresses, accounted_veths
 
     durable: list[asyncio.Future[None]] = []
@@ -149,8 +160,9 @@ async def sweep_strays(agent: NodeAgent, plumbing: Plumbing, log: logging.Logger
         if done is not None:
             durable.append(done)
 
+    veth_prefix = agent.config.veth_prefix
     released = await plumbing.release_vanished(
-        DEFAULT_VETH_PREFIX,
+        veth_prefix,
         lambda: [(a.key, len(a.leases)) for a in agent.allocations() if a.origin == "cni"],
         release,
     )
@@ -163,8 +175,7 @@ async def sweep_strays(agent: NodeAgent, plumbing: Plumbing, log: logging.Logger
             ", ".join(str(key) for key in released),
         )
     reaped = await plumbing.reap_strays(
-        DEFAULT_VETH_PREFIX,
-        lambda: accounted_veths(agent.allocations(), DEFAULT_VETH_PREFIX),
+        veth_prefix, lambda: accounted_veths(agent.allocations(), veth_prefix)
     )
     agent.metrics.stray_veths_reaped.inc(len(reaped))
     if reaped:
@@ -204,12 +215,31 @@ async def _conflist_when_ready(agent: NodeAgent, config: IpamdConfig, log: loggi
     while not await agent.wait_ready(3600):
         pass
     try:
-        path = await asyncio.to_thread(install_conflist, config.cni_conf_dir, mtu=config.pod_mtu)
+        path = await asyncio.to_thread(
+            install_conflist,
+            config.cni_conf_dir,
+            mtu=config.pod_mtu,
+            veth_prefix=config.veth_prefix,
+        )
     except OSError as err:
         raise UltranetError(
             f"cannot write the CNI conflist in {config.cni_conf_dir}: {err}"
         ) from err
     log.info("warm pool met: wrote %s", path)
+
+
+def _uninstall_egress(config: IpamdConfig) -> int:
+    from ipam.egress import Egress, egress_config
+
+    try:
+        changed = Egress(egress_config(config)).remove()
+    except UltranetError as err:
+        print(f"ultranet-ipamd: {err}", file=sys.stderr)
+        return 1
+    for line in changed:
+        print(f"ultranet-ipamd: removed: {line}")
+    print(f"ultranet-ipamd: egress uninstalled ({len(changed)} change(s))")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(config.effective(), indent=2, default=str))
         return 0
+    if args.uninstall_egress:
+        return _uninstall_egress(config)
 
     # The journal's fdatasync runs on a worker thread; with the default 5 ms GIL switch
     # interval a busy event loop keeps that thread from reporting back for up to 5 ms, and

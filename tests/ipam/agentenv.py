@@ -17,6 +17,7 @@ from ipam.agent6 import agent_class
 from ipam.config import IpamdConfig, load_config
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Client, boto3_client
+from ipam.egress import Egress
 from ipam.hostnet import HostNetwork, HostNetworkPort
 from ipam.imds import ImdsClient
 from ipam.metrics import IpamdMetrics
@@ -83,6 +84,7 @@ class AgentRun:
         clock: ManualClock,
         hostnet: Callable[[], HostNetworkPort],
         ec2: Ec2Factory | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.lab = lab
         self.loop = asyncio.new_event_loop()
@@ -92,6 +94,7 @@ class AgentRun:
             ec2_factory=ec2 or ec2_factory(lab),
             hostnet=hostnet,
             clock=clock,
+            egress=egress,
         )
         self.clock = clock
 
@@ -145,8 +148,10 @@ def agent_on(
     env: Mapping[str, str] | None = None,
     clock: ManualClock | None = None,
     ec2: Ec2Factory | None = None,
+    egress: Egress | None = None,
 ) -> Iterator[AgentRun]:
-    run = AgentRun(endpoints, config_for(state_dir, env), clock or ManualClock(), hostnet, ec2)
+    config = config_for(state_dir, env)
+    run = AgentRun(endpoints, config, clock or ManualClock(), hostnet, ec2, egress)
     try:
         run.start()
         yield run

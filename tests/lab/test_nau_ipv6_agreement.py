@@ -4,13 +4,15 @@ The planner runs as its command (`ultranet-nau plan --mode ipv6 --json`); the em
 the node as EKS launches it in an IPv6 cluster, through boto3: a subnet with a /64 and
 AssignIpv6AddressOnCreation (the node's own IPv6 address), one /80 on the primary
 interface from the launch template, and, on p5.48xlarge, the EFA layout of the planner's
-default (EFA primary, EFA-only interfaces on the other cards). Each reading of the
-ambiguous EFA row is checked on both sides.
+default (EFA primary, EFA-only interfaces on the other cards). `ultranet-nau inspect`
+reading that VPC through boto3 must count the same. Each reading of the ambiguous EFA row
+is checked on every side.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,44 +31,50 @@ from tools.lab.ec2.state import Cloud
 READINGS: dict[str, NauRules] = {"adds": CONSERVATIVE_RULES, "restate": DEFAULT_RULES}
 
 
-def planner_nau_per_node(instance_type: str, efa_counting: str, *extra: str) -> int:
+def nau_command(*argv: str) -> dict[str, Any]:
+    # inspect reads the emulator through boto3, which wants credentials (any will do).
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "lab", "AWS_SECRET_ACCESS_KEY": "lab"}
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ipam.nau.cli",
-            "plan",
-            "--nodes",
-            "1",
-            "--instance-type",
-            instance_type,
-            "--mode",
-            "ipv6",
-            "--efa-counting",
-            efa_counting,
-            *extra,
-            "--json",
-        ],
+        [sys.executable, "-m", "ipam.nau.cli", *argv, "--json"],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
+        env=env,
     )
-    per_node: int = json.loads(done.stdout)["nau_per_node"][instance_type]
+    doc: dict[str, Any] = json.loads(done.stdout)
+    return doc
+
+
+def planner_nau_per_node(instance_type: str, efa_counting: str, *extra: str) -> int:
+    doc = nau_command(
+        "plan",
+        "--nodes",
+        "1",
+        "--instance-type",
+        instance_type,
+        "--mode",
+        "ipv6",
+        "--efa-counting",
+        efa_counting,
+        *extra,
+    )
+    per_node: int = doc["nau_per_node"][instance_type]
     return per_node
 
 
 @contextmanager
-def ipv6_vpc(rules: NauRules) -> Iterator[tuple[Cloud, Any, str, str]]:
-    """An empty dual-stack VPC served on loopback: (cloud, boto3 client, vpc, subnet)."""
+def ipv6_vpc(rules: NauRules) -> Iterator[tuple[Cloud, Any, str, str, str]]:
+    """An empty dual-stack VPC served on loopback: (cloud, boto3, url, vpc, subnet)."""
     cloud = Cloud(seed=3, rules=rules)
     vpc = cloud.create_vpc(["100.64.0.0/16"]).vpc_id
     subnet = cloud.create_subnet(vpc, "100.64.0.0/18", "us-west-2a").subnet_id
     server = Ec2Server(cloud)
     try:
+        url = server.start()
         ec2 = boto3.client(
             "ec2",
-            endpoint_url=server.start(),
+            endpoint_url=url,
             region_name="us-west-2",
             aws_access_key_id="lab",
             aws_secret_access_key="lab",
@@ -77,15 +85,18 @@ def ipv6_vpc(rules: NauRules) -> Iterator[tuple[Cloud, Any, str, str]]:
         sub64 = next(vpc56.subnets(new_prefix=64))
         ec2.associate_subnet_cidr_block(SubnetId=subnet, Ipv6CidrBlock=str(sub64))
         ec2.modify_subnet_attribute(SubnetId=subnet, AssignIpv6AddressOnCreation={"Value": True})
-        yield cloud, ec2, vpc, subnet
+        yield cloud, ec2, url, vpc, subnet
     finally:
         server.close()
 
 
 def emulator_nau(
-    rules: NauRules, instance_type: str, primary_type: str, efa_only_cards: int
+    efa_counting: str, instance_type: str, primary_type: str, efa_only_cards: int
 ) -> int:
-    with ipv6_vpc(rules) as (cloud, ec2, vpc, subnet):
+    """The node's NAU as the emulator counts it, checked against `ultranet-nau inspect`
+    reading the same VPC through boto3 (DescribeNetworkInterfaces' Ipv6Prefixes and
+    Ipv6Addresses) under the same reading of the EFA row."""
+    with ipv6_vpc(READINGS[efa_counting]) as (cloud, ec2, url, vpc, subnet):
         interfaces: list[dict[str, Any]] = [
             {
                 "DeviceIndex": 0,
@@ -106,19 +117,32 @@ def emulator_nau(
         primary = instance["NetworkInterfaces"][0]
         assert len(primary["Ipv6Prefixes"]) == 1 and len(primary["Ipv6Addresses"]) == 1
         assert len(instance["NetworkInterfaces"]) == 1 + efa_only_cards
-        return cloud.nau_used(vpc)
+        inspected = nau_command(
+            "inspect",
+            "--vpc",
+            vpc,
+            "--endpoint-url",
+            url,
+            "--region",
+            "us-west-2",
+            "--efa-counting",
+            efa_counting,
+        )
+        used = cloud.nau_used(vpc)
+        assert inspected["nau_total"] == used
+        return used
 
 
 @pytest.mark.parametrize("efa_counting", sorted(READINGS))
 def test_m5_large_ipv6_node(efa_counting: str) -> None:
-    emulated = emulator_nau(READINGS[efa_counting], "m5.large", "interface", 0)
+    emulated = emulator_nau(efa_counting, "m5.large", "interface", 0)
     assert emulated == 3  # its IPv4, its IPv6 address, its /80
     assert planner_nau_per_node("m5.large", efa_counting) == emulated
 
 
 @pytest.mark.parametrize("efa_counting", sorted(READINGS))
 def test_p5_48xlarge_ipv6_node_with_the_default_efa_layout(efa_counting: str) -> None:
-    emulated = emulator_nau(READINGS[efa_counting], "p5.48xlarge", "efa", 31)
+    emulated = emulator_nau(efa_counting, "p5.48xlarge", "efa", 31)
     planned = planner_nau_per_node("p5.48xlarge", efa_counting, "--efa-primary", "--efa-only", "31")
     assert planned == emulated
     # The primary (IPv4 + IPv6 + /80 + EFA) is 4; 31 EFA-only interfaces 1 or 2 each.
@@ -126,5 +150,5 @@ def test_p5_48xlarge_ipv6_node_with_the_default_efa_layout(efa_counting: str) ->
 
 
 def test_p5_48xlarge_ipv6_node_plain_primary() -> None:
-    emulated = emulator_nau(DEFAULT_RULES, "p5.48xlarge", "interface", 0)
+    emulated = emulator_nau("restate", "p5.48xlarge", "interface", 0)
     assert planner_nau_per_node("p5.48xlarge", "restate") == emulated == 3

@@ -292,3 +292,17 @@ def test_nau_counts_each_ipv6_address_and_prefix(
     # An unattached interface's IPv6 is not counted (nor is its IPv4).
     ec2.create_network_interface(SubnetId=env.subnet_ids[0], Ipv6PrefixCount=3)
     assert env.cloud.nau_used(env.vpc_id) == before + 5
+
+
+def test_faults_reach_the_ipv6_calls_before_the_state(
+    env: Ec2Env, dual: tuple[IPv6Network, IPv6Network]
+) -> None:
+    """A throttled AssignIpv6Addresses changes nothing, as on EC2; the retry then succeeds."""
+    ec2 = env.client(retries=3)  # boto3's standard retry mode, as the node agent's client
+    eni_id = env.cloud.enis_of(env.instance_id)[0].eni_id
+    env.cloud.faults.throttle_next(2, "AssignIpv6Addresses")
+    answer = ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6PrefixCount=1)
+    assert len(answer["AssignedIpv6Prefixes"]) == 1
+    assert len(env.cloud.eni(eni_id).ipv6_prefixes) == 1  # one /80, not three
+    counts = env.cloud.requests.counts()
+    assert counts["AssignIpv6Addresses"] == 3

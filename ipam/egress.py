@@ -19,8 +19,11 @@ ENI. Two cases need the primary ENI instead:
   the primary ENI instead of the pod's ENI, where the VPC would drop them (their source is
   the node's primary address once the DNAT is undone). The primary interface's
   ``rp_filter`` is set loose (2), as the VPC CNI's init container does
-  (``cmd/aws-vpc-cni-init/main.go``): strict filtering would drop the DNAT'd packet,
-  whose reverse route from the pod's address points at the pod's ENI.
+  (``cmd/aws-vpc-cni-init/main.go``): strict filtering would drop the DNAT'd packet and
+  the reply to a SNAT'd one, whose reverse route from the pod's address points at the
+  pod's ENI. It is written over netlink (``RTM_NEWLINK`` with ``IFLA_INET_CONF``, what
+  ``CAP_NET_ADMIN`` allows), not through ``/proc/sys``, which a container runtime mounts
+  read-only: the VPC CNI needs a privileged init container for it, ultranet does not.
 
 ``AWS_VPC_K8S_CNI_EXTERNALSNAT=true`` (an external NAT gateway translates) installs
 neither chain, and removes them if present; ``AWS_VPC_CNI_NODE_PORT_SUPPORT`` (default
@@ -51,8 +54,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
+import socket
+import struct
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -314,7 +320,9 @@ class EgressHost(Protocol):
 
     def read_sysctl(self, key: str) -> str: ...
 
-    def write_sysctl(self, key: str, value: str) -> None: ...
+    def set_rp_filter(self, interface: str, value: int) -> None:
+        """The interface's ``net.ipv4.conf.<interface>.rp_filter``; OSError on failure."""
+        ...
 
 
 class LocalHost:
@@ -330,12 +338,47 @@ class LocalHost:
     def read_sysctl(self, key: str) -> str:
         return _sysctl_path(key).read_text().strip()
 
-    def write_sysctl(self, key: str, value: str) -> None:
-        _sysctl_path(key).write_text(f"{value}\n")
+    def set_rp_filter(self, interface: str, value: int) -> None:
+        set_ipv4_devconf(interface, IPV4_DEVCONF_RP_FILTER, value)
 
 
 def _sysctl_path(key: str) -> Path:
     return Path("/proc/sys", *key.split("."))
+
+
+IPV4_DEVCONF_RP_FILTER = 8  # linux/ip.h: the index of rp_filter in IFLA_INET_CONF
+_NLA_F_NESTED = 0x8000
+_IFLA_AF_SPEC, _IFLA_INET_CONF = 26, 1
+_RTM_NEWLINK, _NLM_F_REQUEST, _NLM_F_ACK, _NLMSG_ERROR = 16, 0x1, 0x4, 2
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
+
+
+def set_ipv4_devconf(interface: str, index: int, value: int) -> None:
+    """Set one ``net.ipv4.conf.<interface>.*`` value over rtnetlink (``inet_set_link_af``
+    in the kernel): an ``RTM_NEWLINK`` carrying ``IFLA_AF_SPEC`` / ``AF_INET`` /
+    ``IFLA_INET_CONF`` / ``<index> = value``. Needs CAP_NET_ADMIN in the namespace of
+    the calling thread, and no writable ``/proc/sys``."""
+    ifindex = socket.if_nametoindex(interface)
+    conf = _nla(index, struct.pack("=I", value))
+    spec = _nla(
+        _IFLA_AF_SPEC | _NLA_F_NESTED,
+        _nla(socket.AF_INET | _NLA_F_NESTED, _nla(_IFLA_INET_CONF | _NLA_F_NESTED, conf)),
+    )
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0) + spec
+    header = struct.pack("=IHHII", 16 + len(body), _RTM_NEWLINK, _NLM_F_REQUEST | _NLM_F_ACK, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5)
+        sock.bind((0, 0))
+        sock.send(header + body)
+        reply = sock.recv(65536)
+    _, kind, _, _, _ = struct.unpack_from("=IHHII", reply)
+    (error,) = struct.unpack_from("=i", reply, 16) if kind == _NLMSG_ERROR else (0,)
+    if error:
+        raise OSError(-error, f"RTM_NEWLINK {interface}: {os.strerror(-error)}")
 
 
 class Egress:
@@ -459,12 +502,11 @@ class Egress:
         try:
             if self.host.read_sysctl(key) == RP_FILTER_LOOSE:
                 return []
-            self.host.write_sysctl(key, RP_FILTER_LOOSE)
+            self.host.set_rp_filter(interface, int(RP_FILTER_LOOSE))
         except OSError as exc:
             raise EgressError(
                 "rp_filter",
-                f"cannot set {key}={RP_FILTER_LOOSE} ({exc.strerror or exc}); NodePort replies"
-                " through pods on secondary ENIs need it: set it on the node, or give the"
-                " daemon a writable /proc/sys",
+                f"cannot set {key}={RP_FILTER_LOOSE} ({exc.strerror or exc}): replies to"
+                " pods on secondary ENIs that come in by the primary ENI need it",
             ) from None
         return [f"{key}={RP_FILTER_LOOSE}"]

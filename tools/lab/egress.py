@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from ipam.egress import IPV4_DEVCONF_RP_FILTER, set_ipv4_devconf
 from tools.lab import netns
 
 INTERNET_LINK = IPv4Network("198.18.0.0/24")
@@ -45,8 +46,8 @@ class NetnsEgressHost:
         path = Path("/proc/sys", *key.split("."))
         return netns.run_in(self.name, lambda: path.read_text().strip())
 
-    def write_sysctl(self, key: str, value: str) -> None:
-        netns.sysctl(self.name, key, value)
+    def set_rp_filter(self, interface: str, value: int) -> None:
+        netns.run_in(self.name, lambda: set_ipv4_devconf(interface, IPV4_DEVCONF_RP_FILTER, value))
 
 
 @dataclass(frozen=True, slots=True)

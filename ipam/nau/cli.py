@@ -216,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     rules.set_defaults(func=cmd_rules)
     _add_simulate(sub)
     _add_inspect(sub)
+    _add_launch(sub)
     return parser
+
+
+def _add_launch(sub: Any) -> None:
+    from ipam.nau.launch_cli import add_launch
+
+    add_launch(sub)
 
 
 def _add_simulate(sub: Any) -> None:

@@ -1,0 +1,809 @@
+"""A discrete-event model of a launch wave: N node agents against one throttled EC2 account.
+
+``tools/fleet`` runs the real ``ultranet-ipamd`` agent on thousands of nodes; this plays
+the same wave for 100,000 nodes in seconds, on a simulated clock, with state machines
+that make the calls the agents make:
+
+* **nodes** launched at ``rate_per_min``, one at a time or in bursts of ``burst`` (a
+  Karpenter-like batch every ``burst / rate``), each with ``prefixes_at_launch`` /28s on
+  its primary ENI (the launch template's ``Ipv4PrefixCount``);
+* **ultranet**: the agent's own loop (``ipam.agent.NodeAgent``): start from IMDS
+  (``Timings.start_s``); Ready at once if the warm plan (``ipam.warm.plan``, the function
+  the agent runs) asks for nothing, else an urgent pool step; the manager re-plans when
+  an allocation wakes it (after ``MANAGE_DEBOUNCE_S``, none when the pool ran dry) or
+  every ``MANAGE_INTERVAL_S``; a failed step backs off ``ERROR_BACKOFF_S`` (constants
+  imported from ``ipam.agent``). Each EC2 request goes through the client's own bucket
+  and the per-action AIMD pacer (``ipam.ec2.TokenBucket`` and ``ThrottlePacer``, the
+  daemon's classes driven by the simulated clock, with ``Ec2Client``'s defaults), gives up
+  after 3 throttled or 8 failed attempts with the client's full-jitter backoff;
+* **vpc-cni**: the AWS VPC CNI's ``ipamd`` in prefix mode as ``ipam.nau.vpccni_calls``
+  reads it from its source: start-up (DescribeNetworkInterfaces, CreateTags per ENI,
+  ModifyNetworkInterfaceAttribute per ENI, a pre-scaling Assign when the launch prefixes
+  leave the pool too low; a failed start exits and the kubelet restarts it after 10 s,
+  doubling to 300 s), a pool pass every 5 s (first 2.5 s after start) that tops up or
+  (at most every 30 s) releases, the leaked-ENI scan at a random 0-300 s, and the Go SDK's
+  standard retryer (3 attempts, full jitter, a 500-token retry quota per client);
+* **EC2**: the account's token bucket per action (``ipam.nau.throttle``, AWS's published
+  numbers), ``RequestLimitExceeded`` when empty; optional faults: a share of requests
+  answered ``InternalError`` and extra latency on each;
+* **pods**: once a node is Ready its pods are bound by one cluster-wide scheduler at
+  ``pod_rate_per_s`` in the order nodes became Ready; a pod lands if the node's pool has
+  a free address, else it is retried after ``pod_retry_s`` (the kubelet retrying the
+  sandbox), and the dry pool wakes the agent.
+
+A scenario ends when every pod runs and every agent's pool is settled (the heap of events
+is empty), or at ``timeout_s`` of simulated time. Latencies (``Timings``) come from
+``data/launch-timings.json``, measured on the real agents (the file says how).
+
+What it leaves out: host networking, IMDS lag (the reconcile's DescribeNetworkInterfaces
+when IMDS and the pool disagree), pods leaving (no cooldown churn), subnet exhaustion,
+multi-NIC, the machine's own CPU (every node runs on its own), and instance launches
+(``RunInstances`` is the launcher's, not the CNI's). Pure: no I/O but the data file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import json
+import math
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from ipam import warm
+from ipam.agent import ERROR_BACKOFF_S, MANAGE_DEBOUNCE_S, MANAGE_INTERVAL_S
+from ipam.config import load_config
+from ipam.ec2 import THROTTLE_CODES, Ec2Client, ThrottlePacer, TokenBucket
+from ipam.instance_types import lookup
+from ipam.nau import vpccni_calls as vpccni
+from ipam.nau.rules import DEFAULT_RULES, InterfaceType
+from ipam.nau.throttle import AccountThrottle, ThrottleTable
+
+__all__ = [
+    "Faults",
+    "LaunchConfig",
+    "Timings",
+    "load_timings",
+    "percentile",
+    "run",
+]
+
+TIMINGS_FILE = "launch-timings.json"
+AGENTS = ("ultranet", "vpc-cni")
+SERVER_ERROR = "InternalError"
+SUBNET_CACHE_S = 300.0  # Ec2Client.subnets_in's cache (subnet_cache_ttl_s)
+SETTLE_TICK = "tick"  # the manager waits for a wake, or this long
+
+
+def _client_defaults() -> dict[str, Any]:
+    """``Ec2Client``'s retry and pacer defaults, read from its signature: the model plays
+    the numbers the daemon ships, not a copy of them."""
+    params = inspect.signature(Ec2Client.__init__).parameters
+    names = (
+        "max_attempts",
+        "max_throttled_attempts",
+        "throttle_min_rate_per_s",
+        "throttle_decrease",
+        "throttle_increase_per_s",
+        "base_delay_s",
+        "max_delay_s",
+    )
+    return {n: params[n].default for n in names}
+
+
+CLIENT = _client_defaults()
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds, as measured on the real agents (``data/launch-timings.json``)."""
+
+    start_s: float  # launch -> the agent's first plan (IMDS discovery, journal, pool)
+    ec2_client_s: float  # the first EC2 call builds the client
+    ec2_call_s: float  # one EC2 request, there and back
+    allocate_s: float  # one pod's allocation, the CNI ADD path
+    source: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+def load_timings() -> Timings:
+    doc = json.loads(resources.files("ipam.nau").joinpath("data", TIMINGS_FILE).read_text())
+    values = doc["timings"]
+    return Timings(
+        float(values["start_s"]),
+        float(values["ec2_client_s"]),
+        float(values["ec2_call_s"]),
+        float(values["allocate_s"]),
+        source=doc["source"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    server_error_rate: float = 0.0  # share of EC2 requests answered InternalError (500)
+    extra_latency_s: float = 0.0  # added to every EC2 request
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.server_error_rate < 1.0:
+            raise ValueError(f"5xx rate {self.server_error_rate}: must be in [0, 1)")
+        if self.extra_latency_s < 0:
+            raise ValueError(f"latency {self.extra_latency_s}: must be >= 0")
+
+    def describe(self) -> str:
+        if not self.server_error_rate and not self.extra_latency_s:
+            return "none"
+        return f"5xx={self.server_error_rate:g},latency={self.extra_latency_s:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchConfig:
+    nodes: int
+    rate_per_min: float
+    instance_type: str = "m5.large"
+    pods_per_node: int = 10
+    pod_rate_per_s: float = 500.0
+    prefixes_at_launch: int = 0
+    agent: str = "ultranet"  # or "vpc-cni"
+    env: Mapping[str, str] = field(default_factory=dict)  # ipamd settings, VPC CNI names
+    throttle: ThrottleTable | None = None  # None: EC2 never throttles
+    burst: int = 1  # nodes launched together
+    faults: Faults = Faults()
+    pod_retry_s: float = 1.0
+    timeout_s: float | None = None  # simulated seconds; None: until settled
+    seed: int = 1
+    timings: Timings | None = None  # None: the shipped data file
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"nodes {self.nodes}: must be >= 1")
+        if self.rate_per_min <= 0 or self.pod_rate_per_s <= 0:
+            raise ValueError("the launch and pod rates must be > 0")
+        if self.pods_per_node < 0 or self.prefixes_at_launch < 0 or self.burst < 1:
+            raise ValueError("pods per node and prefixes at launch >= 0, burst >= 1")
+        if self.agent not in AGENTS:
+            raise ValueError(f"agent {self.agent!r}: one of {', '.join(AGENTS)}")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100), as ``tools/fleet`` reports it."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+class _Node:
+    __slots__ = (
+        "index",
+        "launched_at",
+        "ready_at",
+        "pods_done_at",
+        "enis",
+        "assigned",
+        "running",
+        "refused",
+        "wake_set",
+        "urgent",
+        "wait_token",
+        "waiting",
+        "phase",
+        "calls",
+        "throttled",
+        "retries",
+        "client",
+        "bucket",
+        "pacers",
+        "subnets_until",
+        "quota",
+        "tagged",
+        "proc",
+    )
+
+    def __init__(self, index: int, launched_at: float, prefixes: int) -> None:
+        self.index = index
+        self.launched_at = launched_at
+        self.ready_at: float | None = None
+        self.pods_done_at: float | None = None
+        self.enis = [prefixes]  # prefixes per pod ENI, the primary first
+        self.assigned = 0
+        self.running = 0
+        self.refused = 0
+        self.wake_set = False
+        self.urgent = False
+        self.wait_token: object | None = None
+        self.waiting = False
+        self.phase = "start"
+        self.calls: dict[str, Counter[str]] | None = None
+        self.throttled = 0
+        self.retries = 0
+        self.client = False
+        self.bucket: TokenBucket | None = None
+        self.pacers: dict[str, ThrottlePacer] = {}
+        self.subnets_until = -math.inf
+        self.quota = vpccni.SDK.quota_tokens
+        self.tagged = False
+        self.proc: Generator[Any, None, None] | None = None
+
+    @property
+    def prefixes(self) -> int:
+        return sum(self.enis)
+
+
+# What a process yields: a float, sleep that long; or a _Wait, until the node's agent is
+# woken (an allocation) or ``timeout`` passes (None: only a wake).
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    timeout: float | None
+
+
+Proc = Generator[float | _Wait, None, Any]
+
+
+class _Wave:
+    def __init__(self, config: LaunchConfig) -> None:
+        self.config = config
+        self.timings = config.timings or load_timings()
+        self.itype = lookup(config.instance_type)
+        self.slots = self.itype.max_prefixes_per_eni
+        self.max_enis = self.itype.card(0).max_interfaces
+        if config.prefixes_at_launch > self.slots:
+            raise ValueError(
+                f"{config.prefixes_at_launch} prefixes at launch: a {self.itype.name}'s "
+                f"primary ENI holds at most {self.slots}"
+            )
+        self.agent_config = load_config(dict(config.env))
+        self.targets = self.agent_config.warm_targets()
+        self.rng = random.Random(config.seed)
+        self.now = 0.0
+        self._seq = 0
+        self.heap: list[tuple[float, int, Any, Any, _Node | None]] = []
+        self.account = (
+            AccountThrottle(config.throttle, self.clock) if config.throttle is not None else None
+        )
+        self.nodes: list[_Node] = []
+        self.pending: deque[list[Any]] = deque()  # [node, pods left to bind]
+        self.scheduler_busy = False
+        self.next_bind = 0.0
+        self.events = 0
+        self.call_latency = self.timings.ec2_call_s + config.faults.extra_latency_s
+        shape_env = self.agent_config
+        self.vpccni_shape = vpccni.NodeShape(
+            self.slots,
+            self.max_enis,
+            max_pods=shape_env.max_pods or vpccni.DEFAULT_MAX_PODS,
+            warm_prefix_target=self.targets.warm_prefix_target,
+        )
+
+    def clock(self) -> float:
+        return self.now
+
+    # -- the engine --------------------------------------------------------------
+
+    def push(self, at: float, target: Any, token: Any = None, node: _Node | None = None) -> None:
+        self._seq += 1
+        heapq.heappush(self.heap, (at, self._seq, target, token, node))
+
+    def start(self, node: _Node, proc: Proc) -> None:
+        node.proc = proc
+        self.push(self.now, proc, None, node)
+
+    def _resume(self, proc: Proc, node: _Node | None) -> None:
+        try:
+            command = next(proc)
+        except StopIteration:
+            return
+        if isinstance(command, _Wait):
+            assert node is not None
+            token = object()
+            node.wait_token = token
+            node.waiting = True
+            if command.timeout is not None:
+                self.push(self.now + command.timeout, proc, token, node)
+        else:
+            self.push(self.now + command, proc, None, node)
+
+    def wake(self, node: _Node, *, urgent: bool) -> None:
+        node.wake_set = True
+        if urgent:
+            node.urgent = True
+        if node.waiting:
+            node.waiting = False
+            self.push(self.now, node.proc, node.wait_token, node)
+
+    def play(self) -> bool:
+        """Run until nothing is left to happen; False if the timeout came first."""
+        limit = self.config.timeout_s
+        heap = self.heap
+        pop = heapq.heappop
+        while heap:
+            at, _, target, token, node = pop(heap)
+            if limit is not None and at > limit:
+                self.now = limit
+                return False
+            self.now = at
+            self.events += 1
+            if token is not None:
+                assert node is not None
+                if node.wait_token is not token:
+                    continue  # a timeout overtaken by a wake, or the reverse
+                node.wait_token = None
+                node.waiting = False
+            if node is None:
+                target()
+            else:
+                self._resume(target, node)
+        return True
+
+    # -- the wave ------------------------------------------------------------------
+
+    def launch_all(self) -> None:
+        self.push(0.0, self._launch_burst)
+
+    def _launch_burst(self) -> None:
+        """``burst`` nodes now; the next burst ``burst / rate`` later."""
+        config = self.config
+        agent = self._ultranet if config.agent == "ultranet" else self._vpccni
+        first = len(self.nodes)
+        for index in range(first, min(first + config.burst, config.nodes)):
+            node = _Node(index, self.now, config.prefixes_at_launch)
+            self.nodes.append(node)
+            self.start(node, agent(node))
+        if len(self.nodes) < config.nodes:
+            self.push(len(self.nodes) * 60.0 / config.rate_per_min, self._launch_burst)
+
+    def ready(self, node: _Node) -> None:
+        if node.ready_at is not None:
+            return
+        node.ready_at = self.now
+        node.phase = "pods"
+        if self.config.pods_per_node == 0:
+            node.pods_done_at = self.now
+            return
+        self.pending.append([node, self.config.pods_per_node])
+        if not self.scheduler_busy:
+            self.scheduler_busy = True
+            self.push(max(self.now, self.next_bind), self._bind)
+
+    def _bind(self) -> None:
+        """The scheduler binds one pod; the next one ``1 / pod_rate`` later."""
+        entry = self.pending[0]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.pending.popleft()
+        self.land(entry[0])
+        self.next_bind = self.now + 1.0 / self.config.pod_rate_per_s
+        if self.pending:
+            self.push(self.next_bind, self._bind)
+        else:
+            self.scheduler_busy = False
+
+    def land(self, node: _Node) -> None:
+        if node.assigned < warm.IPS_PER_PREFIX * node.prefixes:
+            node.assigned += 1
+            node.running += 1
+            if node.running == self.config.pods_per_node:
+                node.pods_done_at = self.now + self.timings.allocate_s
+            self.wake(node, urgent=False)
+            return
+        node.refused += 1
+        self.wake(node, urgent=True)
+        self.push(self.now + self.config.pod_retry_s, lambda: self.land(node))
+
+    # -- EC2 ---------------------------------------------------------------------
+
+    def request(self, node: _Node, action: str) -> str | None:
+        """One request reaches EC2: counted, then admitted or refused."""
+        if node.calls is None:
+            node.calls = {"start": Counter(), "pods": Counter()}
+        node.calls[node.phase][action] += 1
+        faults = self.config.faults
+        if faults.server_error_rate and self.rng.random() < faults.server_error_rate:
+            return SERVER_ERROR
+        if self.account is not None:
+            verdict = self.account.admit(action)
+            if not verdict.allowed:
+                node.throttled += 1
+                return "RequestLimitExceeded"
+        return None
+
+    def ultranet_call(self, node: _Node, action: str) -> Generator[float | _Wait, None, bool]:
+        """``Ec2Client._call``: client bucket and pacer, request, retries; True if done."""
+        if not node.client:
+            node.client = True
+            node.bucket = TokenBucket(
+                self.agent_config.ec2_rate, self.agent_config.ec2_burst, self.clock
+            )
+            yield self.timings.ec2_client_s
+        assert node.bucket is not None
+        pacer = node.pacers.get(action)
+        if pacer is None:
+            pacer = node.pacers[action] = ThrottlePacer(
+                self.agent_config.ec2_rate,
+                min(self.agent_config.ec2_rate, CLIENT["throttle_min_rate_per_s"]),
+                CLIENT["throttle_decrease"],
+                CLIENT["throttle_increase_per_s"],
+                self.clock,
+                self.rng,
+            )
+        attempt = 0
+        while True:
+            attempt += 1
+            wait = max(node.bucket.reserve(), pacer.reserve())
+            if wait > 0:
+                yield wait
+            code = self.request(node, action)
+            yield self.call_latency
+            if code is None:
+                pacer.succeeded()
+                return True
+            throttled = code in THROTTLE_CODES
+            if throttled:
+                pacer.throttled()
+            limit = CLIENT["max_throttled_attempts"] if throttled else CLIENT["max_attempts"]
+            if attempt >= limit:
+                return False
+            cap = min(CLIENT["max_delay_s"], CLIENT["base_delay_s"] * 2 ** (attempt - 1))
+            node.retries += 1
+            yield self.rng.uniform(0.0, cap)
+
+    def sdk_call(self, node: _Node, action: str) -> Generator[float | _Wait, None, bool]:
+        """The Go SDK's standard retryer (the VPC CNI's client): 3 attempts, full jitter,
+        a retry quota per client."""
+        sdk = vpccni.SDK
+        if not node.client:
+            node.client = True
+            yield self.timings.ec2_client_s
+        attempt = 0
+        while True:
+            attempt += 1
+            code = self.request(node, action)
+            yield self.call_latency
+            if code is None:
+                if attempt == 1:
+                    node.quota = min(sdk.quota_tokens, node.quota + sdk.success_refund)
+                else:
+                    node.quota = min(sdk.quota_tokens, node.quota + sdk.retry_cost)
+                return True
+            if attempt >= sdk.max_attempts or node.quota < sdk.retry_cost:
+                return False
+            node.quota -= sdk.retry_cost
+            node.retries += 1
+            yield self.rng.uniform(0.0, sdk.backoff_bound_s(attempt))
+
+    # -- ultranet's agent ----------------------------------------------------------
+
+    def usage(self, node: _Node) -> warm.CardUsage:
+        prefixes = node.prefixes
+        held = -(-node.assigned // warm.IPS_PER_PREFIX)
+        return warm.CardUsage(
+            assigned=node.assigned,
+            cooldown=0,
+            prefixes=prefixes,
+            releasable_prefixes=prefixes - held,
+            slots_free=sum(self.slots - p for p in node.enis),
+            enis=len(node.enis),
+            max_enis=self.max_enis,
+            slots_per_eni=self.slots,
+        )
+
+    def plan(self, node: _Node) -> warm.Plan:
+        return warm.plan(self.usage(node), self.targets)
+
+    def _ultranet(self, node: _Node) -> Proc:
+        """``NodeAgent.start`` then ``NodeAgent._manage``."""
+        yield self.timings.start_s
+        if not self.plan(node).add_prefixes:
+            self.ready(node)
+        else:
+            node.wake_set = node.urgent = True
+        failures = 0
+        while True:
+            if not node.wake_set:
+                plan = self.plan(node)
+                quiet = not plan.add_prefixes and not plan.release_prefixes
+                # A pass that would plan nothing does nothing: skip it until a wake.
+                yield _Wait(None if quiet else MANAGE_INTERVAL_S)
+            if node.wake_set and not node.urgent:
+                yield MANAGE_DEBOUNCE_S
+            node.wake_set = node.urgent = False
+            if (yield from self._step(node)):
+                failures = 0
+            else:
+                failures += 1
+                yield min(ERROR_BACKOFF_S[1], ERROR_BACKOFF_S[0] * 2 ** (failures - 1))
+
+    def _step(self, node: _Node) -> Generator[float | _Wait, None, bool]:
+        """``NodeAgent._step`` on card 0: grow, or shrink once; False if EC2 failed."""
+        stuck = shrunk = False
+        for _ in range(2):
+            plan = self.plan(node)
+            if plan.add_prefixes and not stuck:
+                before = node.prefixes
+                if not (yield from self._grow(node, plan.add_prefixes)):
+                    return False
+                stuck = node.prefixes == before
+                continue
+            if plan.release_prefixes and not shrunk:
+                if not (yield from self._shrink(node, plan.release_prefixes)):
+                    return False
+                shrunk = True
+                continue
+            break
+        if not self.plan(node).add_prefixes:
+            self.ready(node)
+        return True
+
+    def _grow(self, node: _Node, need: int) -> Generator[float | _Wait, None, bool]:
+        for i in range(len(node.enis)):
+            if need <= 0:
+                return True
+            room = self.slots - node.enis[i]
+            if room <= 0:
+                continue
+            count = min(room, need)
+            if not (yield from self.ultranet_call(node, "AssignPrivateIpAddresses")):
+                return False
+            node.enis[i] += count
+            need -= count
+        while need > 0:
+            if len(node.enis) >= self.max_enis:
+                return True  # no slot left: the step counts the card stuck
+            if self.now >= node.subnets_until:
+                if not (yield from self.ultranet_call(node, "DescribeSubnets")):
+                    return False
+                node.subnets_until = self.now + SUBNET_CACHE_S
+            if not (yield from self.ultranet_call(node, "CreateNetworkInterface")):
+                return False
+            attached = yield from self.ultranet_call(node, "AttachNetworkInterface")
+            if attached:
+                attached = yield from self.ultranet_call(node, "ModifyNetworkInterfaceAttribute")
+            if not attached:
+                yield from self.ultranet_call(node, "DeleteNetworkInterface")
+                return False
+            count = min(need, self.slots)
+            node.enis.append(count)
+            need -= count
+        return True
+
+    def _shrink(self, node: _Node, count: int) -> Generator[float | _Wait, None, bool]:
+        """Releasable prefixes, newest ENI first (``AddressPool.releasable_prefixes``);
+        pods fill the oldest prefixes first. One Unassign per ENI."""
+        used = -(-node.assigned // warm.IPS_PER_PREFIX)
+        free_on = []
+        for held in node.enis:
+            in_use = min(held, used)
+            used -= in_use
+            free_on.append(held - in_use)
+        for i in reversed(range(len(node.enis))):
+            take = min(count, free_on[i])
+            if not take:
+                continue
+            node.enis[i] -= take  # out of the pool first: no pod may take them meanwhile
+            if not (yield from self.ultranet_call(node, "UnassignPrivateIpAddresses")):
+                node.enis[i] += take
+                return False
+            count -= take
+            if not count:
+                break
+        return True
+
+    # -- the VPC CNI's ipamd -----------------------------------------------------
+
+    def _vpccni(self, node: _Node) -> Proc:
+        timers = vpccni.TIMERS
+        restart_in = timers.restart_backoff_s
+        while True:
+            yield self.timings.start_s
+            if (yield from self._vpccni_init(node)):
+                break
+            yield restart_in  # aws-node exited; the kubelet's crash-loop back-off
+            restart_in = min(timers.restart_backoff_max_s, restart_in * 2)
+        self.ready(node)
+        self.start_leak_scan(node)
+        yield timers.first_pass_after_s
+        shape = self.vpccni_shape
+        target = shape.warm_prefix_target
+        last_decrease = -math.inf
+        while True:
+            total, assigned = node.prefixes, node.assigned
+            over = 0
+            if vpccni.pool_too_low(total, assigned, target, shape.max_pods):
+                yield from self._vpccni_top_up(node)
+            else:
+                over = vpccni.prefixes_to_release(vpccni.free_prefixes(total, assigned), target)
+                if over and self.now - last_decrease >= timers.decrease_interval_s:
+                    last_decrease = self.now
+                    yield from self._vpccni_release(node, over)
+                elif not over:
+                    # This pass and every later one do nothing until a pod lands: skip
+                    # them, and resume at the first pass after the pod.
+                    passed = self.now
+                    yield _Wait(None)
+                    passes = math.ceil((self.now - passed) / timers.pool_pass_s)
+                    yield passed + max(1, passes) * timers.pool_pass_s - self.now
+                    continue
+            yield timers.pool_pass_s
+
+    def _vpccni_init(self, node: _Node) -> Generator[float | _Wait, None, bool]:
+        """``nodeInit``: describe, tag and refresh groups of every ENI, then pre-scale."""
+        timers = vpccni.TIMERS
+        for attempt in range(1, timers.describe_all_enis_tries + 1):
+            if (yield from self.sdk_call(node, "DescribeNetworkInterfaces")):
+                break
+            if attempt == timers.describe_all_enis_tries:
+                return False
+            yield timers.describe_all_enis_sleep_s * attempt
+        if not node.tagged:
+            delay = timers.tag_backoff_s
+            for attempt in range(1, timers.tag_tries + 1):
+                if (yield from self.sdk_call(node, "CreateTags")):
+                    node.tagged = True
+                    break
+                if attempt == timers.tag_tries:
+                    return False
+                yield delay * (1 + self.rng.uniform(0, timers.tag_jitter))
+                delay *= timers.tag_backoff_factor
+        for _ in node.enis:
+            yield from self.sdk_call(node, "ModifyNetworkInterfaceAttribute")  # errors ignored
+        shape = self.vpccni_shape
+        if vpccni.pool_too_low(node.prefixes, 0, shape.warm_prefix_target, shape.max_pods):
+            return (yield from self._vpccni_top_up(node))
+        return True
+
+    def _vpccni_top_up(self, node: _Node) -> Generator[float | _Wait, None, bool]:
+        """``increaseDatastorePool``: Assign on the first ENI with room (falling back to
+        one prefix), or a new ENI."""
+        shape = self.vpccni_shape
+        free = vpccni.free_prefixes(node.prefixes, node.assigned)
+        need = vpccni.prefixes_to_assign(free, shape.warm_prefix_target)
+        for i, held in enumerate(node.enis):
+            if held >= self.slots:
+                continue
+            count = min(need, self.slots - held)
+            if (yield from self.sdk_call(node, "AssignPrivateIpAddresses")):
+                node.enis[i] += count
+                return True
+            if count > 1 and (yield from self.sdk_call(node, "AssignPrivateIpAddresses")):
+                node.enis[i] += 1
+                return True
+            return False
+        if len(node.enis) >= self.max_enis:
+            return True
+        for action in ("DescribeSubnets", "CreateNetworkInterface", "DescribeInstances"):
+            if not (yield from self.sdk_call(node, action)):
+                return False
+        if not (yield from self.sdk_call(node, "AttachNetworkInterface")):
+            yield from self.sdk_call(node, "DeleteNetworkInterface")
+            return False
+        yield from self.sdk_call(node, "ModifyNetworkInterfaceAttribute")
+        node.enis.append(min(need, self.slots))
+        return True
+
+    def _vpccni_release(self, node: _Node, count: int) -> Generator[float | _Wait, None, bool]:
+        if not (yield from self.sdk_call(node, "UnassignPrivateIpAddresses")):
+            return False
+        for i in reversed(range(len(node.enis))):
+            taken = min(count, node.enis[i])
+            node.enis[i] -= taken
+            count -= taken
+            if not count:
+                break
+        return True
+
+    def start_leak_scan(self, node: _Node) -> None:
+        """``cleanUpLeakedENIs``: one DescribeNetworkInterfaces at a random 0-300 s."""
+        delay = self.rng.uniform(0.0, vpccni.TIMERS.leaked_eni_cleanup_delay_max_s)
+
+        def scan() -> Proc:
+            yield delay
+            yield from self.sdk_call(node, "DescribeNetworkInterfaces")
+
+        self.push(self.now, scan(), None, node)
+
+    # -- results -------------------------------------------------------------------
+
+    def result(self, settled: bool, wall_s: float) -> dict[str, Any]:
+        config = self.config
+        nodes = self.nodes
+        count = max(1, len(nodes))
+        ready = [n.ready_at - n.launched_at for n in nodes if n.ready_at is not None]
+        running = [n.pods_done_at - n.launched_at for n in nodes if n.pods_done_at is not None]
+        by_phase: dict[str, Counter[str]] = {"start": Counter(), "pods": Counter()}
+        per_node_total: list[int] = []
+        per_node_by_action: dict[str, list[int]] = {}
+        for node in nodes:
+            combined: Counter[str] = Counter()
+            if node.calls is not None:
+                for phase, calls in node.calls.items():
+                    by_phase[phase].update(calls)
+                    combined.update(calls)
+            per_node_total.append(sum(combined.values()))
+            for action in combined:
+                per_node_by_action.setdefault(action, []).append(combined[action])
+        ready_at = sorted(n.ready_at for n in nodes if n.ready_at is not None)
+        span = ready_at[-1] if ready_at else 0.0  # the first launch is at 0
+        per_minute = Counter(int(t // 60) for t in ready_at)
+        nau, addresses = self.addresses_used()
+        return {
+            "scenario": None,  # named by the caller
+            "agent": config.agent,
+            "nodes": config.nodes,
+            "nodes_launched": len(nodes),
+            "nodes_ready": len(ready),
+            "timed_out": not settled,
+            "instance_type": config.instance_type,
+            "prefixes_at_launch": config.prefixes_at_launch,
+            "pods_per_node": config.pods_per_node,
+            "rate_per_min": config.rate_per_min,
+            "burst": config.burst,
+            "pod_rate_per_s": config.pod_rate_per_s,
+            "ec2_calls_per_node": round(sum(per_node_total) / count, 3),
+            "ec2_calls_per_node_max": max(per_node_total, default=0),
+            "ec2_calls_by_action": {
+                action: {
+                    "total": sum(values),
+                    "per_node_mean": round(sum(values) / count, 3),
+                    "per_node_max": max(values),
+                    "start": by_phase["start"][action],
+                    "pods": by_phase["pods"][action],
+                }
+                for action, values in sorted(per_node_by_action.items())
+            },
+            "ec2_calls_start_per_node": round(sum(by_phase["start"].values()) / count, 3),
+            "ec2_calls_pods_per_node": round(sum(by_phase["pods"].values()) / count, 3),
+            "throttled_calls": sum(n.throttled for n in nodes),
+            "retries": sum(n.retries for n in nodes),
+            "pods_refused_pool_dry": sum(n.refused for n in nodes),
+            "ready_p50_s": _round(percentile(ready, 50)),
+            "ready_p99_s": _round(percentile(ready, 99)),
+            "ready_max_s": _round(max(ready) if ready else None),
+            "pods_running_p50_s": _round(percentile(running, 50)),
+            "pods_running_p99_s": _round(percentile(running, 99)),
+            "pods_running_max_s": _round(max(running) if running else None),
+            "ready_nodes_per_min": round(len(ready) / span * 60, 1) if span else None,
+            "ready_nodes_by_minute": [
+                per_minute[m] for m in range(max(per_minute, default=-1) + 1)
+            ],
+            "nau_used": nau,
+            "subnet_addresses_used": addresses,
+            "faults": config.faults.describe(),
+            "clock": "simulated",
+            "simulated_s": round(self.now, 3),
+            "events": self.events,
+            "model_wall_s": round(wall_s, 2),
+            "timings": {
+                "start_s": self.timings.start_s,
+                "ec2_client_s": self.timings.ec2_client_s,
+                "ec2_call_s": self.timings.ec2_call_s,
+                "allocate_s": self.timings.allocate_s,
+            },
+        }
+
+    def addresses_used(self) -> tuple[int, int]:
+        """NAU (``ipam.nau.rules``, AWS's units) and subnet addresses of every node's pod
+        ENIs at the end: each ENI's primary address and its prefixes."""
+        nau = addresses = 0
+        for node in self.nodes:
+            for i, prefixes in enumerate(node.enis):
+                nau += DEFAULT_RULES.interface_units(
+                    InterfaceType.INTERFACE, primary=i == 0, addresses=1, prefixes=prefixes
+                )
+                addresses += 1 + warm.IPS_PER_PREFIX * prefixes
+        return nau, addresses
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def run(config: LaunchConfig) -> dict[str, Any]:
+    """Play one scenario; the result carries the keys ``tools/fleet`` reports."""
+    started = time.perf_counter()
+    wave = _Wave(config)
+    wave.launch_all()
+    settled = wave.play()
+    return wave.result(settled, time.perf_counter() - started)

@@ -1,0 +1,62 @@
+"""``ultranet-nau launch --chart FILE``: Ready nodes over the wave, per scenario.
+
+Like the planner's chart (:mod:`ipam.nau.chart`): matplotlib is the ``chart`` extra,
+imported only when a chart is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from ipam.errors import ConfigError
+from ipam.nau.chart import FORMATS, MATPLOTLIB_EXTRA
+
+
+def write_launch_chart(results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError("--chart", str(path), "must end in .png or .svg")
+    try:
+        import matplotlib
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        raise ConfigError(
+            "--chart", str(path), f"needs matplotlib: pip install '{MATPLOTLIB_EXTRA}'"
+        ) from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    first = next(iter(results.values()))
+    nodes, rate = first["nodes"], first["rate_per_min"]
+    launch_minutes = nodes / rate
+    ax.plot([0, launch_minutes], [0, nodes], color="grey", linestyle=":", label="launched")
+    for name, result in results.items():
+        by_minute = result["ready_nodes_by_minute"]
+        ready = [0, *accumulate(by_minute)]
+        label = (
+            f"{name} ({result['prefixes_at_launch']} at launch, "
+            f"{result['ec2_calls_per_node']} EC2 calls/node, "
+            f"{result['throttled_calls']:,} throttled)"
+        )
+        ax.step(range(len(ready)), ready, where="post", label=label)
+    ax.set_xlabel("minutes since the first launch")
+    ax.set_ylabel("nodes Ready")
+    ax.set_title(
+        f"{nodes:,} x {first['instance_type']} at {rate:,.0f}/min, "
+        f"{first['pods_per_node']} pods each (model)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format=fmt)
+    except OSError as err:
+        raise ConfigError("--chart", str(path), err.strerror or str(err)) from None
+    finally:
+        plt.close(fig)

@@ -1,0 +1,362 @@
+"""``ultranet-nau launch``: the flags, table and JSON around :mod:`ipam.nau.launch`.
+
+The flags and the JSON keys are those of the real-agent fleet (``python -m tools.fleet``),
+so one command line runs either; what only the model has (``--seed``, a simulated
+``--timeout``) says so in its help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ipam.config import load_config
+from ipam.errors import ConfigError, UltranetError
+from ipam.instance_types import lookup
+from ipam.nau.chart import FORMATS
+from ipam.nau.launch import Faults, LaunchConfig, run
+from ipam.nau.launch_auto import choose
+from ipam.nau.throttle import BucketSpec, ThrottleTable, load_table
+
+SCENARIOS = ("ultranet", "ultranet-reactive", "vpc-cni", "vpc-cni-reactive")
+BASELINES = ("vpc-cni",)
+
+
+def _rate(text: str) -> float:
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(?:/(min|s))?", text)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a rate such as 2000/min or 30/s")
+    value = float(match.group(1))
+    return value * 60 if match.group(2) == "s" else value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0")
+    return value
+
+
+def _launch_prefixes(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0, or auto")
+    return value
+
+
+def _bucket(text: str) -> tuple[str, BucketSpec]:
+    match = re.fullmatch(r"([A-Za-z]+)=([0-9.]+):([0-9.]+)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ACTION=CAPACITY:REFILL_PER_S")
+    try:
+        return match.group(1), BucketSpec(float(match.group(2)), float(match.group(3)))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def _env(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=VALUE (an ipamd setting)")
+    return name, value
+
+
+def parse_faults(text: str) -> Faults:
+    """``5xx=RATE,latency=SECONDS`` (either part may be left out); ``none``."""
+    if text == "none":
+        return Faults()
+    values: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, raw = part.partition("=")
+        if not sep or name not in ("5xx", "latency") or name in values:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give 5xx=RATE,latency=SECONDS (e.g. 5xx=0.05,latency=0.2) or none"
+            )
+        try:
+            values[name] = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {raw!r} is not a number") from None
+    try:
+        return Faults(values.get("5xx", 0.0), values.get("latency", 0.0))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def add_launch(sub: Any) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="model a launch wave's EC2 calls, throttling and time to Ready (100K nodes)",
+        description=(
+            "A discrete-event model of a launch wave: every node's CNI agent as a state "
+            "machine making the EC2 calls the real agent makes, against one account's "
+            "throttling buckets (AWS's published numbers), on a simulated clock. Flags and "
+            "--json keys are those of the real-agent fleet (python -m tools.fleet)."
+        ),
+    )
+    p.add_argument("--nodes", type=_positive_int, required=True, help="instances in the wave")
+    p.add_argument("--rate", type=_rate, default=2000.0, help="launches, N/min or N/s")
+    p.add_argument(
+        "--burst",
+        type=_positive_int,
+        default=1,
+        help="nodes launched at once, every BURST/rate (Karpenter-like batches; default 1)",
+    )
+    p.add_argument("--instance-type", default="m5.large")
+    p.add_argument("--pods-per-node", type=_count, default=2, help="pods with a VPC address")
+    p.add_argument("--pod-rate", type=_positive_float, default=500.0, help="scheduler, pods/s")
+    p.add_argument(
+        "--prefixes-at-launch",
+        type=_launch_prefixes,
+        default=2,
+        metavar="N|auto",
+        help="/28s on each primary ENI at launch in 'ultranet' and 'vpc-cni'; auto: the "
+        "fewest, with warm settings that keep them, for 0 EC2 calls",
+    )
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run this scenario (repeatable; default 'ultranet', and 'vpc-cni' with "
+        "--baseline); the -reactive ones launch with no prefix",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        help="also model the AWS VPC CNI's calls (ipam/nau/vpccni_calls.py)",
+    )
+    p.add_argument(
+        "--env",
+        type=_env,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="ipamd setting for every agent, e.g. WARM_PREFIX_TARGET=1 (repeatable)",
+    )
+    p.add_argument(
+        "--faults",
+        type=parse_faults,
+        default=Faults(),
+        metavar="5xx=RATE,latency=S",
+        help="a share of EC2 requests answered InternalError, and latency added to each",
+    )
+    p.add_argument("--no-throttle", action="store_true", help="EC2 never throttles")
+    p.add_argument(
+        "--refill-scale",
+        type=_positive_float,
+        default=1.0,
+        help="multiply every refill rate of AWS's published buckets (a raised account)",
+    )
+    p.add_argument(
+        "--bucket",
+        type=_bucket,
+        action="append",
+        default=[],
+        metavar="ACTION=CAPACITY:REFILL",
+        help="override one action's request bucket (repeatable)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        help="simulated seconds per scenario; nodes not Ready by then are reported "
+        "(default: until every pod runs and every pool is settled)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="model only: the random seed")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--chart", type=Path, help="write Ready nodes over time (.png/.svg)")
+    p.set_defaults(func=cmd_launch)
+
+
+def _scenarios(args: argparse.Namespace) -> list[str]:
+    if args.scenario:
+        wanted = list(dict.fromkeys(args.scenario))
+        if args.baseline is None and any(s.startswith("vpc-cni") for s in wanted):
+            raise ConfigError("--scenario", "vpc-cni", "needs --baseline vpc-cni")
+        return wanted
+    return ["ultranet"] + (["vpc-cni"] if args.baseline else [])
+
+
+def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str, Any]]]:
+    """Each scenario's model input, and what the output should say about its choices."""
+    try:
+        itype = lookup(args.instance_type)
+    except (KeyError, ValueError, UltranetError) as err:
+        raise ConfigError("--instance-type", args.instance_type, str(err)) from None
+    env = dict(args.env)
+    try:
+        load_config(env)  # a bad setting is refused here, with the knob named
+    except ValueError as err:
+        raise ConfigError("--env", ",".join(f"{k}={v}" for k, v in env.items()), str(err)) from None
+    throttle: ThrottleTable | None = None
+    if not args.no_throttle:
+        throttle = load_table().scaled(args.refill_scale).with_buckets(dict(args.bucket))
+    base = LaunchConfig(
+        nodes=args.nodes,
+        rate_per_min=args.rate,
+        instance_type=itype.name,
+        pods_per_node=args.pods_per_node,
+        pod_rate_per_s=args.pod_rate,
+        env=env,
+        throttle=throttle,
+        burst=args.burst,
+        faults=args.faults,
+        timeout_s=args.timeout,
+        seed=args.seed,
+    )
+    notes: dict[str, Any] = {"env": env}
+    prefixes = args.prefixes_at_launch
+    ultranet_env = env
+    if prefixes is None:
+        try:
+            auto = choose(itype.name, args.pods_per_node, env)
+        except ValueError as err:
+            raise ConfigError("--prefixes-at-launch", "auto", str(err)) from None
+        prefixes = auto.prefixes
+        ultranet_env = {**env, **auto.env}
+        notes["prefixes_at_launch_auto"] = {
+            "prefixes": auto.prefixes,
+            "warm_settings_added": auto.env,
+            "addresses_per_node": auto.addresses_per_node,
+            "choice": auto.describe(),
+        }
+    if prefixes > itype.max_prefixes_per_eni:
+        raise ConfigError(
+            "--prefixes-at-launch",
+            prefixes,
+            f"a {itype.name}'s primary ENI holds at most {itype.max_prefixes_per_eni}",
+        )
+    out: dict[str, tuple[LaunchConfig, dict[str, Any]]] = {}
+    for name in _scenarios(args):
+        at_launch = 0 if name.endswith("-reactive") else prefixes
+        if name.startswith("vpc-cni"):
+            config = replace(base, agent="vpc-cni", prefixes_at_launch=at_launch)
+            extra = {"env": env, "warm_mode": "WARM_PREFIX_TARGET only (vpccni_calls.py)"}
+        else:
+            chosen = ultranet_env if at_launch else env
+            config = replace(base, prefixes_at_launch=at_launch, env=chosen)
+            extra = {**notes, "env": chosen}
+        out[name] = (config, extra)
+    return out
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    if args.chart is not None and args.chart.suffix.lower() not in FORMATS:
+        raise ConfigError("--chart", str(args.chart), "must end in .png or .svg")
+    planned = configs(args)
+    results: dict[str, dict[str, Any]] = {}
+    conditions = {"argv": sys.argv[1:]}
+    for name, (config, extra) in planned.items():
+        result = run(config)
+        result["scenario"] = name
+        result.update(extra)
+        result["throttle"] = _throttle_note(args)
+        result["conditions"] = conditions
+        results[name] = result
+    if args.chart is not None:
+        from ipam.nau.launch_chart import write_launch_chart
+
+        write_launch_chart(results, args.chart)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(render(results))
+    return 0 if all(r["nodes_ready"] == r["nodes"] for r in results.values()) else 1
+
+
+def _throttle_note(args: argparse.Namespace) -> str:
+    if args.no_throttle:
+        return "off"
+    parts = ["AWS published buckets (ipam/nau/data/ec2-throttling.json)"]
+    if args.refill_scale != 1.0:
+        parts.append(f"refill x{args.refill_scale:g}")
+    parts += [f"{a}={s.capacity:g}:{s.refill_per_s:g}" for a, s in args.bucket]
+    return ", ".join(parts)
+
+
+ROWS = (
+    ("nodes ready / launched", lambda r: f"{r['nodes_ready']:,} / {r['nodes_launched']:,}"),
+    ("prefixes at launch", lambda r: r["prefixes_at_launch"]),
+    ("EC2 calls per node (start + pods)", lambda r: r["ec2_calls_per_node"]),
+    (
+        "  at start / while pods land",
+        lambda r: f"{r['ec2_calls_start_per_node']} / {r['ec2_calls_pods_per_node']}",
+    ),
+    ("  max on one node", lambda r: r["ec2_calls_per_node_max"]),
+    ("throttled calls / retries", lambda r: f"{r['throttled_calls']:,} / {r['retries']:,}"),
+    (
+        "launch -> Ready p50 / p99 / max (s)",
+        lambda r: f"{r['ready_p50_s']} / {r['ready_p99_s']} / {r['ready_max_s']}",
+    ),
+    (
+        "launch -> all pods running p50 / p99 / max (s)",
+        lambda r: (
+            f"{r['pods_running_p50_s']} / {r['pods_running_p99_s']} / {r['pods_running_max_s']}"
+        ),
+    ),
+    ("Ready nodes per minute", lambda r: r["ready_nodes_per_min"]),
+    (
+        "NAU / subnet addresses used at the end",
+        lambda r: f"{r['nau_used']:,} / {r['subnet_addresses_used']:,}",
+    ),
+    (
+        "simulated s / model wall s",
+        lambda r: f"{r['simulated_s']} / {r['model_wall_s']}",
+    ),
+)
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    width = max(len(label) for label, _ in ROWS)
+    cols = [max(len(n), 22) for n in names]
+    lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True))]
+    for label, cell in ROWS:
+        values = [str(cell(results[n])).rjust(c) for n, c in zip(names, cols, strict=True)]
+        lines.append(label.ljust(width) + "  " + "  ".join(values))
+    for name in names:
+        result = results[name]
+        auto = result.get("prefixes_at_launch_auto")
+        if auto and result["prefixes_at_launch"]:
+            lines.append(f"{name}: --prefixes-at-launch auto: {auto['choice']}")
+        actions = result["ec2_calls_by_action"]
+        if actions:
+            detail = ", ".join(
+                f"{a} {v['per_node_mean']} (max {v['per_node_max']})" for a, v in actions.items()
+            )
+            lines.append(f"{name}: calls per node by action: {detail}")
+        if result["timed_out"]:
+            lines.append(f"{name}: stopped at --timeout {result['simulated_s']} s (simulated)")
+    lines.append("model: simulated clock; latencies from ipam/nau/data/launch-timings.json")
+    return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""The launch model: the agents' calls, EC2's buckets, and the CLI around them."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ipam.instance_types import lookup
+from ipam.nau import vpccni_calls as vpccni
+from ipam.nau.cli import main
+from ipam.nau.launch import Faults, LaunchConfig, Timings, run
+from ipam.nau.throttle import BucketSpec, load_table
+
+KEYS = {  # what issue 15 asks every scenario object to carry, as tools/fleet does
+    "nodes",
+    "nodes_ready",
+    "prefixes_at_launch",
+    "ec2_calls_per_node",
+    "ec2_calls_by_action",
+    "throttled_calls",
+    "ready_p50_s",
+    "ready_p99_s",
+    "ready_max_s",
+    "pods_running_p99_s",
+    "ready_nodes_per_min",
+    "nau_used",
+    "subnet_addresses_used",
+}
+TIMINGS = Timings(start_s=0.01, ec2_client_s=0.02, ec2_call_s=0.001, allocate_s=0.002)
+
+
+def _calls(result: dict[str, object]) -> dict[str, int]:
+    by_action = result["ec2_calls_by_action"]
+    assert isinstance(by_action, dict)
+    return {a: v["total"] for a, v in by_action.items()}
+
+
+def test_prefixes_at_launch_the_warm_plan_keeps_make_no_call() -> None:
+    # 1 prefix with MINIMUM_IP_TARGET=16 holds 10 pods (auto's m5.large choice).
+    config = LaunchConfig(
+        nodes=300,
+        rate_per_min=2000,
+        pods_per_node=10,
+        prefixes_at_launch=1,
+        env={"MINIMUM_IP_TARGET": "16"},
+        throttle=load_table(),
+        timings=TIMINGS,
+    )
+    result = run(config)
+    assert result["nodes_ready"] == 300 and not result["timed_out"]
+    assert result["ec2_calls_per_node"] == 0 and result["throttled_calls"] == 0
+    assert result["ready_p99_s"] == TIMINGS.start_s
+    # The planner's units: the primary address and one prefix (2 NAU), 1 + 16 addresses.
+    assert (result["nau_used"], result["subnet_addresses_used"]) == (600, 300 * 17)
+
+
+def test_shipped_warm_target_gives_back_a_spare_launch_prefix_before_slow_pods() -> None:
+    # Two at launch, WARM_PREFIX_TARGET=1: the pass 5 s after Ready releases one, and the
+    # pods, bound at 10/s over 20 s, need it again (tools/fleet measured the same).
+    config = LaunchConfig(
+        nodes=20,
+        rate_per_min=6000,
+        pods_per_node=10,
+        pod_rate_per_s=10,
+        prefixes_at_launch=2,
+        timings=TIMINGS,
+    )
+    calls = _calls(run(config))
+    assert calls["UnassignPrivateIpAddresses"] > 0
+    assert calls["AssignPrivateIpAddresses"] == calls["UnassignPrivateIpAddresses"]
+    pinned = run(replace(config, env={"MINIMUM_IP_TARGET": "26"}))
+    assert pinned["ec2_calls_per_node"] == 0
+
+
+def test_reactive_node_calls_once_to_be_ready_and_once_when_its_pods_land() -> None:
+    config = LaunchConfig(nodes=40, rate_per_min=600, pods_per_node=10, timings=TIMINGS)
+    result = run(config)
+    assert _calls(result) == {"AssignPrivateIpAddresses": 80}
+    assert result["ec2_calls_by_action"]["AssignPrivateIpAddresses"]["start"] == 40
+    # start, the EC2 client, one request: nothing else stands between launch and Ready.
+    expected = TIMINGS.start_s + TIMINGS.ec2_client_s + TIMINGS.ec2_call_s
+    assert result["ready_max_s"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_the_accounts_bucket_sets_the_pace_of_a_reactive_wave() -> None:
+    # 300 nodes need 600 Assigns; the bucket gives 100 at once, then 5 a second, so the
+    # last can come no sooner than (600 - 100) / 5 = 100 s after the first.
+    table = load_table()
+    config = LaunchConfig(
+        nodes=300, rate_per_min=6000, pods_per_node=10, throttle=table, timings=TIMINGS
+    )
+    result = run(config)
+    spec = table.limit("AssignPrivateIpAddresses").spec
+    earliest = (600 - spec.capacity) / spec.refill_per_s
+    assert result["nodes_ready"] == 300
+    assert _calls(result)["AssignPrivateIpAddresses"] == 600 + result["throttled_calls"]
+    assert result["throttled_calls"] > 0
+    assert result["simulated_s"] >= earliest  # the wave settles with its last Assign
+    # The pacer keeps the storm down: a handful of refusals per success, not dozens.
+    assert result["throttled_calls"] / 600 < 3
+    raised = run(
+        replace(
+            config, throttle=table.with_buckets({"AssignPrivateIpAddresses": BucketSpec(1000, 100)})
+        )
+    )
+    assert raised["throttled_calls"] == 0
+    assert raised["ready_max_s"] < 1.0
+
+
+def test_vpc_cni_counts_match_the_call_table_when_nothing_is_throttled() -> None:
+    itype = lookup("m5.large")
+    shape = vpccni.NodeShape(itype.max_prefixes_per_eni, itype.card(0).max_interfaces)
+    for prefixes in (0, 2):
+        config = LaunchConfig(
+            nodes=30,
+            rate_per_min=600,
+            pods_per_node=10,
+            prefixes_at_launch=prefixes,
+            agent="vpc-cni",
+            timings=TIMINGS,
+        )
+        result = run(config)
+        expected = vpccni.node_calls(shape, prefixes, 10)
+        assert _calls(result) == {a: n * 30 for a, n in expected.items()}, prefixes
+
+
+def test_server_errors_are_retried_and_every_node_gets_ready() -> None:
+    config = LaunchConfig(
+        nodes=200,
+        rate_per_min=6000,
+        pods_per_node=10,
+        faults=Faults(server_error_rate=0.3, extra_latency_s=0.5),
+        timings=TIMINGS,
+    )
+    result = run(config)
+    assert result["nodes_ready"] == 200
+    assert result["retries"] > 0 and result["throttled_calls"] == 0
+    # Every node's start Assign takes at least the injected latency.
+    assert result["ready_p50_s"] >= 0.5
+
+
+def test_bursts_launch_nodes_together() -> None:
+    config = LaunchConfig(nodes=100, rate_per_min=600, pods_per_node=0, burst=50, timings=TIMINGS)
+    result = run(config)
+    # Two bursts: at 0 s and 5 s (50 nodes at 10 a second).
+    assert result["ready_nodes_by_minute"] == [100]
+    assert result["simulated_s"] >= 5.0
+
+
+def test_a_timeout_reports_the_nodes_not_ready() -> None:
+    config = LaunchConfig(
+        nodes=400,
+        rate_per_min=60000,
+        pods_per_node=10,
+        throttle=load_table(),
+        timeout_s=20.0,
+        timings=TIMINGS,
+    )
+    result = run(config)
+    assert result["timed_out"] and result["nodes_ready"] < 400
+
+
+def test_same_seed_same_wave() -> None:
+    config = LaunchConfig(
+        nodes=150, rate_per_min=6000, pods_per_node=10, throttle=load_table(), seed=7
+    )
+    assert run(config)["ec2_calls_by_action"] == run(config)["ec2_calls_by_action"]
+
+
+def test_cli_json_is_keyed_by_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "launch",
+            "--nodes=50",
+            "--rate=2000/min",
+            "--pods-per-node=10",
+            "--prefixes-at-launch=auto",
+            "--baseline=vpc-cni",
+            "--json",
+        ]
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(results) == {"ultranet", "vpc-cni"}
+    for result in results.values():
+        assert KEYS <= set(result), KEYS - set(result)
+        assert result["clock"] == "simulated"
+    ultranet = results["ultranet"]
+    assert ultranet["prefixes_at_launch"] == 1
+    assert ultranet["prefixes_at_launch_auto"]["warm_settings_added"] == {"MINIMUM_IP_TARGET": "16"}
+    assert ultranet["ec2_calls_per_node"] == 0
+    # The VPC CNI's start still describes, tags and modifies the ENI.
+    assert set(Counter(_calls(results["vpc-cni"]))) >= {
+        "DescribeNetworkInterfaces",
+        "CreateTags",
+        "ModifyNetworkInterfaceAttribute",
+    }
+
+
+def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["launch", "--nodes=20", "--scenario=ultranet-reactive"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "ultranet-reactive" in out and "EC2 calls per node" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nodes=0"], "give a whole number >= 1"),
+        (["--nodes=5", "--rate=fast"], "give a rate such as 2000/min"),
+        (["--nodes=5", "--instance-type=m0.tiny"], "unknown instance type"),
+        (["--nodes=5", "--prefixes-at-launch=10"], "holds at most 9"),
+        (["--nodes=5", "--prefixes-at-launch=-1"], "give a count >= 0, or auto"),
+        (["--nodes=5", "--faults=5xx=1.5"], "must be in [0, 1)"),
+        (["--nodes=5", "--faults=slow"], "give 5xx=RATE,latency=SECONDS"),
+        (["--nodes=5", "--env=WARM_PREFIX_TARGET=lots"], "WARM_PREFIX_TARGET"),
+        (["--nodes=5", "--scenario=vpc-cni"], "needs --baseline vpc-cni"),
+        (["--nodes=5", "--bucket=Assign"], "ACTION=CAPACITY:REFILL_PER_S"),
+        (["--nodes=5", "--chart=out.gif"], "must end in .png or .svg"),
+        (["--nodes=5", "--pods-per-node=160", "--prefixes-at-launch=auto"], "at most 9"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["launch", *argv])
+    except SystemExit as exc:  # argparse's own checks exit, as every planner command's
+        code = exc.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "wave.svg"
+    code = main(["launch", "--nodes=30", "--baseline=vpc-cni", f"--chart={out}", "--json"])
+    assert code == 0
+    assert "<svg" in out.read_text()[:400]
+    assert set(json.loads(capsys.readouterr().out)) == {"ultranet", "vpc-cni"}

@@ -34,7 +34,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # container -> capabilities it adds; deploy/README.md's table must say the same.
 CAPABILITIES = {
     "install-cni": set(),
-    "ultranet-ipamd": {"NET_ADMIN", "SYS_ADMIN"},
+    "ultranet-ipamd": {"NET_ADMIN", "NET_RAW", "SYS_ADMIN"},
     "node-setup": {"NET_ADMIN", "NET_RAW"},
     "ultranet-dns": {"NET_BIND_SERVICE"},
 }
@@ -45,6 +45,7 @@ NODE_HOST_PATHS = {
     "/run/ultranet",
     "/var/lib/ultranet",
     "/run/netns",
+    "/run/xtables.lock",
 }
 
 

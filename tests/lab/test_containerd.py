@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from cni.install import CONFLIST_NAME, install
 from cni.spec import MULTI_NIC_ANNOTATION, MULTI_NIC_VALUE
 from ipam.client import AsyncIpamClient
 from tests.cni.harness import host_state
+from tools.bench.cni import crash
 from tools.lab.containerd import Containerd, mounts_under
 from tools.lab.cri.client import RuntimeClient
 from tools.lab.daemon import IpamdProcess
@@ -404,3 +406,40 @@ def test_netns_mounts_under_state_dir(node: Node) -> None:
 
 def test_containerd_in_a_mount_namespace_of_its_own(node: Node) -> None:
     run_in_other_layout(node, "ownmnt", own_mount_namespace=True)
+
+
+# -- crash during a burst of StopPodSandbox (tools/bench/cni/crash.py) --------------------------
+
+CRASH_TRIALS = 2  # per instance type here; `python -m tools.bench.cni.crash` runs more
+
+
+def crash_seeds() -> list[int]:
+    """ULTRANET_CRASH_SEED reproduces a run; otherwise a random first seed, printed (pytest
+    shows it with a failure) and named in every assertion."""
+    first = int(os.environ.get("ULTRANET_CRASH_SEED") or random.SystemRandom().randrange(1 << 31))
+    print(f"crash trials: seeds {first}..{first + CRASH_TRIALS - 1}")
+    return [first + i for i in range(CRASH_TRIALS)]
+
+
+def assert_crash_trials_clean(trials: list[crash.Trial]) -> None:
+    for trial in trials:
+        assert trial.clean, crash.describe(trial) + f": {trial.left}"
+
+
+def test_kill_9_during_30_concurrent_stops_leaves_nothing_on_a_p5_with_multi_nic_pods(
+    node: Node,
+) -> None:
+    crash_node = crash.CrashNode(node.lab, node.daemon, node.containerd, node.cri)
+    window = crash.kill_window(*crash.calibrate(crash_node, pods=30, multi_nic=6))
+    trials = [
+        crash.run_trial(crash_node, seed, pods=30, multi_nic=6, window_s=window)
+        for seed in crash_seeds()
+    ]
+    assert [t.interfaces for t in trials] == [24 + 6 * CARDS] * CRASH_TRIALS
+    assert_crash_trials_clean(trials)
+
+
+def test_kill_9_during_30_concurrent_stops_leaves_nothing_on_an_m5() -> None:
+    trials = crash.soak("m5.large", crash_seeds(), pods=30, multi_nic=0)
+    assert [t.interfaces for t in trials] == [30] * CRASH_TRIALS
+    assert_crash_trials_clean(trials)

@@ -109,8 +109,10 @@ def test_kill_9_keeps_every_acknowledged_ipv6_allocation(
     lab.cloud.assign_ipv6_addresses(primary.eni_id, prefix_count=1)  # as at launch
     daemon = IpamdProcess(lab, tmp_path / "d", {**IPV6, "IP_COOLDOWN_PERIOD": "0"})
     daemons.append(daemon)
+    lab.cloud.requests.clear()
     daemon.start()
     daemon.wait_ready(REACHED_S)
+    assert lab.cloud.requests.count() == 0  # the bar: a node with its /80 is ready, no EC2
     acked = asyncio.run(allocate(daemon, [f"p{n}" for n in range(50)]))
 
     async def release_some() -> None:

@@ -76,6 +76,11 @@ Backend = Literal["nft", "legacy"]
 
 SNAT_CHAIN = "AWS-SNAT-CHAIN-0"
 CONNMARK_CHAIN = "AWS-CONNMARK-CHAIN-0"
+# IPv4 egress of IPv6 pods (cni/egress_v4.py): one chain for the node-local range, where the
+# VPC CNI's egress-cni makes a chain per pod (E4-<hash>), so the names are ours.
+V4_EGRESS_CHAIN = "ULTRANET-EGRESS-V4"
+V4_EGRESS_COMMENT = "ultranet, IPv4 egress of IPv6 pods"
+MULTICAST_V4 = IPv4Network("224.0.0.0/4")
 DEFAULT_CONNMARK = 0x80  # the VPC CNI's; kube-proxy uses 0x4000/0x8000, Calico 0xffff0000
 MARK_RULE_PRIORITY = 1024  # the VPC CNI's hostRulePriority: before the pods' 1536
 RP_FILTER_LOOSE = "2"
@@ -83,12 +88,19 @@ RANDOM_FULLY_SINCE = (1, 6, 2)  # iptables learned --random-fully in 1.6.2
 RESTORE_WAIT_S = "5"  # -w: the xtables lock is shared with kube-proxy and the kubelet
 
 # Comments that make a rule in a built-in chain ours (the VPC CNI's, exactly).
-_COMMENTS = ("AWS SNAT CHAIN", "AWS, primary ENI", "AWS, outbound connections", "AWS, CONNMARK")
+_COMMENTS = (
+    "AWS SNAT CHAIN",
+    "AWS, primary ENI",
+    "AWS, outbound connections",
+    "AWS, CONNMARK",
+    V4_EGRESS_COMMENT,
+)
 _OURS = re.compile("|".join(re.escape(f'--comment "{c}"') for c in _COMMENTS))
 # Where our rules go, in restore order: (table, chains we own, built-in chains we add to).
 _TABLES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("filter", (), ("FORWARD",)),
     ("mangle", (), ("PREROUTING",)),
-    ("nat", (SNAT_CHAIN, CONNMARK_CHAIN), ("PREROUTING", "POSTROUTING")),
+    ("nat", (SNAT_CHAIN, CONNMARK_CHAIN, V4_EGRESS_CHAIN), ("PREROUTING", "POSTROUTING")),
 )
 _VERSION = re.compile(r"\bv(\d+)\.(\d+)\.(\d+)")
 
@@ -220,6 +232,40 @@ def ruleset(cfg: EgressConfig, node: NodeFacts, *, random_fully: bool = True) ->
         builtin={k: tuple(v) for k, v in builtin.items()},
         mark_rule=needed,
         loose_rp_filter=needed,
+    )
+
+
+def _snat_randomization(mode: SnatRandomization, random_fully: bool) -> str:
+    if mode == "none":
+        return ""
+    if mode == "prng" and random_fully:
+        return " --random-fully"
+    return " --random"
+
+
+def v4_egress_ruleset(
+    node_range: IPv4Network,
+    node_ip: IPv4Address,
+    randomize: SnatRandomization = "prng",
+    *,
+    random_fully: bool = True,
+) -> Ruleset:
+    """The node's part of IPv4 egress for IPv6 pods (``cni.egress_v4`` is the pod's): what
+    the VPC CNI's ``egress-cni`` adds per pod (``snat/snat.go``: multicast accepted, the
+    rest SNAT'd to the node's primary IPv4), once for the whole node-local range; and its
+    ``setupRuleToBlockNodeLocalAccess`` (``network.go``): no new connection forwarded to a
+    node-local address, so pods cannot reach each other's."""
+    tag = _comment(V4_EGRESS_COMMENT)
+    snat = f"{tag} -j SNAT --to-source {node_ip}" + _snat_randomization(randomize, random_fully)
+    return Ruleset(
+        chains={("nat", V4_EGRESS_CHAIN): (f"-d {MULTICAST_V4} {tag} -j ACCEPT", snat)},
+        builtin={
+            ("nat", "POSTROUTING"): (f"-s {node_range} {tag} -j {V4_EGRESS_CHAIN}",),
+            ("filter", "FORWARD"): (
+                f"-d {node_range} -m conntrack --ctstate NEW {tag}"
+                " -j REJECT --reject-with icmp-port-unreachable",
+            ),
+        },
     )
 
 
@@ -403,6 +449,19 @@ class Egress:
             changed += self._loosen_rp_filter(node.primary_interface)
         return changed
 
+    def apply_v4_egress(self, node_range: IPv4Network, node_ip: IPv4Address) -> list[str]:
+        """An IPv6 node's rules: :func:`v4_egress_ruleset` and nothing else of ours (no
+        SNAT chain of an IPv4 node, no fwmark rule). Idempotent; returns what changed."""
+        saved = self._save()
+        wanted = v4_egress_ruleset(
+            node_range,
+            node_ip,
+            self.cfg.randomize_snat,
+            random_fully=self._random_fully(saved),
+        )
+        changed = self._restore(restore_script(parse_save(saved), wanted))
+        return changed + self._mark_rule(present=False)
+
     def remove(self) -> list[str]:
         """Take out every rule and chain of ours and the fwmark rule; idempotent. The
         primary interface's rp_filter stays loose (the VPC CNI does not restore it either,
@@ -449,7 +508,7 @@ class Egress:
         return done
 
     def _random_fully(self, saved: str) -> bool:
-        if self.cfg.external_snat or self.cfg.randomize_snat != "prng":
+        if self.cfg.randomize_snat != "prng":
             return True  # not asked
         version = iptables_version(saved)
         if version is None:  # an empty ruleset prints no header

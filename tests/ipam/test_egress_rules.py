@@ -12,6 +12,7 @@ from ipam.config import load_config
 from ipam.egress import (
     CONNMARK_CHAIN,
     SNAT_CHAIN,
+    V4_EGRESS_CHAIN,
     EgressConfig,
     NodeFacts,
     Ruleset,
@@ -21,6 +22,7 @@ from ipam.egress import (
     parse_save,
     restore_script,
     ruleset,
+    v4_egress_ruleset,
 )
 from ipam.errors import ConfigError
 
@@ -268,3 +270,28 @@ def test_bad_values_are_refused_with_the_knob_named(knob: str, text: str, says: 
     with pytest.raises(ConfigError) as caught:
         load_config({knob: text})
     assert knob in str(caught.value) and says in str(caught.value)
+
+
+def test_v4_egress_of_ipv6_pods_is_one_chain_for_the_range() -> None:
+    rules = v4_egress_ruleset(IPv4Network("169.254.172.0/22"), NODE.primary_ip)
+    tag = '-m comment --comment "ultranet, IPv4 egress of IPv6 pods"'
+    assert rules.chains == {
+        ("nat", V4_EGRESS_CHAIN): (
+            f"-d 224.0.0.0/4 {tag} -j ACCEPT",
+            f"{tag} -j SNAT --to-source 100.64.0.10 --random-fully",
+        )
+    }
+    assert rules.builtin == {
+        ("nat", "POSTROUTING"): (f"-s 169.254.172.0/22 {tag} -j {V4_EGRESS_CHAIN}",),
+        ("filter", "FORWARD"): (
+            f"-d 169.254.172.0/22 -m conntrack --ctstate NEW {tag}"
+            " -j REJECT --reject-with icmp-port-unreachable",
+        ),
+    }
+    assert not rules.mark_rule and not rules.loose_rp_filter
+    none = v4_egress_ruleset(IPv4Network("169.254.172.0/22"), NODE.primary_ip, "none")
+    assert none.chains["nat", V4_EGRESS_CHAIN][-1].endswith("--to-source 100.64.0.10")
+    # Applied next to an IPv4 node's rules, it takes those out: a node is one or the other.
+    script = restore_script(parse_save(saved_text(ruleset(EgressConfig(), NODE))), rules)
+    assert f"-X {SNAT_CHAIN}" in script and f":{V4_EGRESS_CHAIN}" in script
+    assert script.startswith("*filter\n-A FORWARD -d 169.254.172.0/22")

@@ -4,6 +4,8 @@
 [--backend daemon|inprocess] [--json] [--output FILE]`` (root: it starts a lab);
 ``python -m tools.bench.cni --mode cri [-n 50] [--rounds 3] [--runs 1] --output FILE``:
 the same two plugins behind Debian's containerd 1.6, timed through its CRI (``cri.py``);
+``python -m tools.bench.cni --mode ipv6 [-n 50] [--rounds 3] [--runs 1] --output FILE``: an
+IPv6 pod's ADD against an IPv4 pod's, two real daemons in the same run (``ipv6.py``);
 ``python -m tools.bench.cni --combine A.json B.json ...`` summarizes several invocations.
 
 Both plugins run in the same lab node namespace, driven by the same libcni 1.1 driver
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tools.bench.cni import conditions, cri
+from tools.bench.cni import conditions, cri, ipv6
 from tools.bench.cni.driver import REFERENCE_PLUGINS
 from tools.bench.cni.measure import REFERENCE, SIDES, Options, across_runs, run_once
 from tools.bench.cni.nodes import BACKENDS
@@ -45,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mode",
-        choices=("libcni", "cri"),
+        choices=("libcni", "cri", "ipv6"),
         default="libcni",
         help="libcni: our libcni driver execs the plugins; cri: containerd's CRI "
-        "(RunPodSandbox / StopPodSandbox / RemovePodSandbox and containerd's network timers)",
+        "(RunPodSandbox / StopPodSandbox / RemovePodSandbox and containerd's network timers); "
+        "ipv6: an IPv6 pod's ADD/DEL against an IPv4 pod's (two daemons, libcni)",
     )
     parser.add_argument("-n", "--pods", type=int, default=50, help="pods per round")
     parser.add_argument("--rounds", type=int, default=3, help="counted rounds per run")
@@ -99,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --runs must be >= 1, --warmup 0..n")
     if args.daemon_env and args.backend != "daemon":
         parser.error("--daemon-env needs --backend daemon")
-    if args.mode == "cri" and args.backend != "daemon":
-        parser.error("--mode cri runs the real daemon only (--backend daemon)")
+    if args.mode in ("cri", "ipv6") and args.backend != "daemon":
+        parser.error(f"--mode {args.mode} runs the real daemon only (--backend daemon)")
     if not (REFERENCE_PLUGINS / "ptp").exists():
         print("needs Debian package containernetworking-plugins", file=sys.stderr)
         return 1
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 def measure(options: Options, runs: int, argv: list[str], mode: str = "libcni") -> dict[str, Any]:
     if mode == "cri":
         return measure_cri(options, runs, argv)
+    if mode == "ipv6":
+        return measure_ipv6(options, runs, argv)
     config = {
         "command": ["python", "-m", "tools.bench.cni", *argv],
         "flags": {
@@ -215,6 +220,44 @@ def measure_cri(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
     return {"config": config, "runs": results, "across_runs": cri.across_runs(results)}
 
 
+def measure_ipv6(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
+    config = {
+        "command": ["python", "-m", "tools.bench.cni", *argv],
+        "flags": {
+            "mode": "ipv6",
+            "pods": options.pods,
+            "rounds": options.rounds,
+            "warmup": options.warmup,
+            "runs": runs,
+            "backend": options.backend,
+            "python": options.python,
+            "daemon_env": options.daemon_env,
+        },
+        "headline_eligible": not options.daemon_env,
+        "what": (ipv6.__doc__ or "").strip(),
+        "ipv6_daemon_env": ipv6.IPV6_ENV,
+        "lab": {
+            "instance_type": options.lab_config().instance_type,
+            "prefixes_at_launch_per_card": options.lab_config().prefixes_per_card,
+            "ipv6": {"vpc": ipv6.VPC_56, "subnet": ipv6.SUBNET_64, "prefix": "one /80 at launch"},
+        },
+        "counts": {
+            "pods_per_round": options.pods,
+            "rounds": options.rounds,
+            "warmup_pods_per_family": options.warmup,
+            "counted_adds_per_family_per_run": options.pods * options.rounds,
+            "runs": runs,
+        },
+        "concurrency": {"in_flight_calls": 1, "order": "first family alternating by round"},
+        "bar": ipv6.BAR,
+        "versions": conditions.versions(),
+        "code": conditions.code(),
+        "machine": conditions.machine(),
+    }
+    results = [ipv6.run_once(options) for _ in range(runs)]
+    return {"config": config, "runs": results, "across_runs": ipv6.across_runs(results)}
+
+
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several invocations' runs as one result; refuses to mix code or flags."""
     first = results[0]["config"]
@@ -227,13 +270,16 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"the files differ in {key}: {mine} vs {theirs}")
     runs = [run for result in results for run in result["runs"]]
     config = {**first, "combined_from": len(results)}
-    summary = cri.across_runs if first["flags"].get("mode") == "cri" else across_runs
+    mode = first["flags"].get("mode")
+    summary = {"cri": cri.across_runs, "ipv6": ipv6.across_runs}.get(mode, across_runs)
     return {"config": config, "runs": runs, "across_runs": summary(runs)}
 
 
 def table(result: dict[str, Any]) -> str:
     if result["config"]["flags"].get("mode") == "cri":
         return cri_table(result)
+    if result["config"]["flags"].get("mode") == "ipv6":
+        return ipv6.table(result)
     lines = []
     config = result["config"]
     for index, run in enumerate(result["runs"]):

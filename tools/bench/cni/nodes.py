@@ -31,6 +31,8 @@ from tools.lab.lab import Lab
 from tools.lab.pool_backend import PoolBackend, pool_from_enis
 
 BACKENDS = ("daemon", "inprocess")
+# What the daemon's status says once nothing is pending: IPv4 (the warm pool), IPv6 mode.
+STEADY = ("warm pool met", "IPv6 /80 held")
 
 
 class UltranetNode(Protocol):
@@ -92,7 +94,7 @@ class DaemonNode:
         async with AsyncIpamClient(self.daemon.socket) as client:
             while True:
                 status = await client.status()
-                if status["reason"] == "warm pool met":
+                if status["reason"] in STEADY:
                     return time.monotonic() - started
                 if time.monotonic() - started > timeout:
                     raise TimeoutError(f"warm pool not met in {timeout} s: {status}")

@@ -85,7 +85,11 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class NodeLocalConfig:
     interface: str = "nodelocaldns"
-    addresses: tuple[ipaddress.IPv4Address, ...] = (ipaddress.IPv4Address("169.254.20.10"),)
+    # IPv4 and IPv6 alike: NodeLocal DNSCache's docs suggest a link-local IPv4 (169.254.0.0/16)
+    # or a unique-local IPv6 (fd00::/8) that nothing else in the cluster uses.
+    addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = (
+        ipaddress.IPv4Address("169.254.20.10"),
+    )
     link_kind: str = "dummy"
     notrack: bool = True
     teardown: str = "auto"  # auto (unless another process serves the address) | always | never
@@ -280,12 +284,20 @@ def _node_local(doc: Mapping[str, Any]) -> NodeLocalConfig | None:
     if not 1 <= len(iface) <= 15 or "/" in iface or " " in iface:
         raise ConfigError("node_local.interface", iface, "not an interface name")
     raw = sec.get("addresses", [str(a) for a in d.addresses])
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("node_local.addresses", raw, "expected a list of IPv4 addresses")
+    if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
+        raise ConfigError("node_local.addresses", raw, "expected a list of IP addresses")
     try:
-        addrs = tuple(ipaddress.IPv4Address(a) for a in raw)
+        addrs = tuple(ipaddress.ip_address(a) for a in raw)
     except ValueError as exc:
         raise ConfigError("node_local.addresses", raw, str(exc)) from None
+    for a in addrs:
+        if a.version == 6 and (a.is_link_local or a.is_multicast or a.is_unspecified):
+            raise ConfigError(
+                "node_local.addresses",
+                raw,
+                f"{a}: pods reach the address through the node's routes, so an IPv6 one must be "
+                "routable (NodeLocal DNSCache suggests one of fd00::/8)",
+            )
     kind = _get(sec, "node_local", "link_kind", d.link_kind, str)
     if kind not in ("dummy", "bridge"):
         raise ConfigError("node_local.link_kind", kind, "expected dummy or bridge")

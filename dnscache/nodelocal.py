@@ -9,6 +9,12 @@ so a second instance starting beside a first (a surge upgrade) changes nothing u
 ``teardown`` is idempotent too: whatever is already gone counts as removed, and every step
 runs even when an earlier one failed.
 
+IPv6 addresses (NodeLocal DNSCache suggests one of fd00::/8) get the same, through ``ip6tables``,
+as node-cache picks its iptables by the address's family; they are added ``nodad``: the address
+is ours alone on a link with no peer, so duplicate address detection has nothing to find, and
+would keep the address tentative (a bind to it fails) for a second or more after setup, while
+the workers bind it at once.
+
 Whether to tear down on exit is ``node_local.teardown``: ``always``, ``never``, or ``auto``
 (the default): tear down unless another process still listens on one of the node-local
 addresses and ports, found by binding it without SO_REUSEPORT after our own sockets closed
@@ -19,9 +25,11 @@ Both act on the network namespace of the calling process (tests run us in their 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import subprocess
 from collections.abc import Iterable
+from dataclasses import replace
 
 from .config import NodeLocalConfig
 from .errors import NodeLocalError
@@ -44,8 +52,22 @@ def _run(step: str, argv: list[str], ok_if: Iterable[str] = ()) -> None:
         raise NodeLocalError(step, f"{' '.join(argv)}: {proc.stderr.strip()}")
 
 
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def iptables_for(addr: IpAddress) -> str:
+    """The command that holds rules for ``addr``'s family."""
+    return "ip6tables" if addr.version == 6 else "iptables"
+
+
+def families(cfg: NodeLocalConfig) -> list[str]:
+    """The iptables commands ``cfg``'s addresses need, IPv4's first."""
+    return sorted({iptables_for(a) for a in cfg.addresses}, key=len)
+
+
 def rules(cfg: NodeLocalConfig, ports: Iterable[int]) -> list[tuple[str, str, list[str]]]:
-    """(table, our chain, rule) for every address, port and protocol, as node-cache adds them."""
+    """(table, our chain, rule) for every address, port and protocol, as node-cache adds them;
+    an IPv6 address's rules go to ``ip6tables`` (:func:`iptables_for`)."""
     out: list[tuple[str, str, list[str]]] = []
     for addr in cfg.addresses:
         for port in sorted(set(ports)):
@@ -92,6 +114,7 @@ def rules(cfg: NodeLocalConfig, ports: Iterable[int]) -> list[tuple[str, str, li
 
 def setup(cfg: NodeLocalConfig, ports: Iterable[int]) -> None:
     """Interface, addresses, rules. On failure, removes what it added and raises."""
+    ports = sorted(set(ports))
     try:
         _run(
             "interface",
@@ -100,26 +123,36 @@ def setup(cfg: NodeLocalConfig, ports: Iterable[int]) -> None:
         )
         _run("interface", ["ip", "link", "set", cfg.interface, "up"])
         for addr in cfg.addresses:
+            prefix, flags = ("128", ["nodad"]) if addr.version == 6 else ("32", [])
             _run(
                 "address",
-                ["ip", "addr", "add", f"{addr}/32", "dev", cfg.interface],
+                ["ip", "addr", "add", f"{addr}/{prefix}", "dev", cfg.interface, *flags],
                 ok_if=("File exists", "already assigned"),
             )
-        for table, builtin, chain in CHAINS:
-            _run("iptables", ["iptables", "-w", "-t", table, "-N", chain], ok_if=("exists",))
-            if not _present(table, builtin, ["-j", chain]):
-                _run("iptables", ["iptables", "-w", "-t", table, "-I", builtin, "1", "-j", chain])
-        for table, chain, rule in rules(cfg, ports):
-            if not _present(table, chain, rule):
-                _run("iptables", ["iptables", "-w", "-t", table, "-A", chain, *rule])
+        for tool, family in _by_family(cfg):
+            for table, builtin, chain in CHAINS:
+                _run("iptables", [tool, "-w", "-t", table, "-N", chain], ok_if=("exists",))
+                if not _present(tool, table, builtin, ["-j", chain]):
+                    _run("iptables", [tool, "-w", "-t", table, "-I", builtin, "1", "-j", chain])
+            for table, chain, rule in rules(family, ports):
+                if not _present(tool, table, chain, rule):
+                    _run("iptables", [tool, "-w", "-t", table, "-A", chain, *rule])
     except NodeLocalError:
         teardown(cfg)
         raise
 
 
-def _present(table: str, chain: str, rule: list[str]) -> bool:
+def _by_family(cfg: NodeLocalConfig) -> list[tuple[str, NodeLocalConfig]]:
+    """(iptables command, ``cfg`` with only the addresses it holds rules for) per family."""
+    return [
+        (tool, replace(cfg, addresses=tuple(a for a in cfg.addresses if iptables_for(a) == tool)))
+        for tool in families(cfg)
+    ]
+
+
+def _present(tool: str, table: str, chain: str, rule: list[str]) -> bool:
     """``iptables -C``: whether ``chain`` already holds ``rule``."""
-    argv = ["iptables", "-w", "-t", table, "-C", chain, *rule]
+    argv = [tool, "-w", "-t", table, "-C", chain, *rule]
     try:
         return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -131,13 +164,14 @@ def in_use(cfg: NodeLocalConfig, ports: Iterable[int]) -> str | None:
     sockets must be closed already: a UDP bind without SO_REUSEPORT fails with EADDRINUSE
     exactly when some socket holds the address and port."""
     for addr in cfg.addresses:
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
         for port in sorted(set(ports)):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
                 try:
                     s.bind((str(addr), port))
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE:
-                        return f"{addr}:{port}"
+                        return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
     return None
 
 
@@ -157,19 +191,20 @@ def teardown(cfg: NodeLocalConfig) -> list[str]:
     """Remove the rules, chains and interface; returns the errors (empty when clean)."""
     errors: list[str] = []
     gone = ("No chain", "does not exist", "Bad rule", "No such", "Cannot find device")
-    for table, builtin, chain in CHAINS:
-        for _ in range(16):  # every jump we may have inserted (one per start)
-            try:
-                _run("teardown", ["iptables", "-w", "-t", table, "-D", builtin, "-j", chain])
-            except NodeLocalError as exc:
-                if not any(s in exc.reason for s in gone):
+    for tool in families(cfg):
+        for table, builtin, chain in CHAINS:
+            for _ in range(16):  # every jump we may have inserted (one per start)
+                try:
+                    _run("teardown", [tool, "-w", "-t", table, "-D", builtin, "-j", chain])
+                except NodeLocalError as exc:
+                    if not any(s in exc.reason for s in gone):
+                        errors.append(str(exc))
+                    break
+            for op in ("-F", "-X"):
+                try:
+                    _run("teardown", [tool, "-w", "-t", table, op, chain], ok_if=gone)
+                except NodeLocalError as exc:
                     errors.append(str(exc))
-                break
-        for op in ("-F", "-X"):
-            try:
-                _run("teardown", ["iptables", "-w", "-t", table, op, chain], ok_if=gone)
-            except NodeLocalError as exc:
-                errors.append(str(exc))
     try:
         _run("teardown", ["ip", "link", "del", cfg.interface], ok_if=gone)
     except NodeLocalError as exc:

@@ -54,7 +54,9 @@ def test_zones_longest_first_and_transport() -> None:
             doc(zones={**ROOT, "a..b": {"upstreams": ["198.18.0.3"], "transport": "quic"}}),
             "expected udp or tcp",
         ),
-        (doc(node_local={"addresses": ["fe80::1"]}), "node_local.addresses"),
+        (doc(node_local={"addresses": ["fe80::1"]}), "fe80::1: pods reach the address"),
+        (doc(node_local={"addresses": ["fd00::20:1x"]}), "node_local.addresses"),
+        (doc(node_local={"addresses": [5]}), "expected a list of IP addresses"),
         (doc(node_local={"link_kind": "veth"}), "expected dummy or bridge"),
         (doc(node_local={"teardown": "sometimes"}), "expected auto, always or never"),
         (doc(surprise=True), "unknown key"),
@@ -63,3 +65,9 @@ def test_zones_longest_first_and_transport() -> None:
 def test_rejects(document: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse(document)
+
+
+def test_node_local_takes_ipv4_and_ipv6_addresses() -> None:
+    cfg = parse(doc(node_local={"addresses": ["169.254.20.10", "fd00::20:10"]}))
+    assert cfg.node_local is not None
+    assert [str(a) for a in cfg.node_local.addresses] == ["169.254.20.10", "fd00::20:10"]

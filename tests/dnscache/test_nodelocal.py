@@ -137,3 +137,39 @@ def test_teardown_never_leaves_everything_in_place(
     assert "ULTRANET-DNS-PRE" in sh(
         "ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S"
     )
+
+
+NODE_LOCAL_V6 = "fd00::20:10"  # NodeLocal DNSCache's docs suggest one of fd00::/8
+
+
+def test_an_ipv6_node_local_address_gets_ip6tables_rules_and_answers(
+    netns: str, upstream: int, dns_factory: Factory
+) -> None:
+    # IPv4 beside IPv6, as a dual-stack node would have both: each family's rules go to
+    # its own table, and the IPv6 address answers though the port-less bridge has no carrier.
+    doc = node_local_doc(upstream)
+    doc["listen"] = ["169.254.20.10:53", f"[{NODE_LOCAL_V6}]:53"]
+    doc["node_local"]["addresses"] = ["169.254.20.10", NODE_LOCAL_V6]  # type: ignore[index]
+    dns = dns_factory(doc, netns=netns)
+    shown = sh("ip", "-n", netns, "addr", "show", "dev", "nodelocaldns")
+    (line,) = [x for x in shown.splitlines() if f"{NODE_LOCAL_V6}/128" in x]
+    assert "tentative" not in line  # usable at once
+    raw6 = sh("ip", "netns", "exec", netns, "ip6tables", "-w", "-t", "raw", "-S")
+    assert f"-A ULTRANET-DNS-PRE -d {NODE_LOCAL_V6}/128 -p udp -m udp --dport 53 -j NOTRACK" in raw6
+    assert "-A PREROUTING -j ULTRANET-DNS-PRE" in raw6
+    raw4 = sh("ip", "netns", "exec", netns, "iptables", "-w", "-t", "raw", "-S")
+    assert NODE_LOCAL_V6 not in raw4 and "-d 169.254.20.10/32" in raw4
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "dig", f"@{NODE_LOCAL_V6}", "+tries=1", "+time=3"]
+        + ["www.test"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    ).stdout
+    assert "198.18.0.5" in out and "status: NOERROR" in out
+    dns.signal(signal.SIGTERM)
+    assert dns.proc.wait(30) == 0
+    assert "nodelocaldns" not in sh("ip", "-n", netns, "link", "show")
+    for tool in ("iptables", "ip6tables"):
+        for table in ("raw", "filter"):
+            assert "ULTRANET" not in sh("ip", "netns", "exec", netns, tool, "-w", "-t", table, "-S")

@@ -93,9 +93,10 @@ def _iproute(netns: str | None) -> Any:
 
 def setup(link: V4EgressLink, host_netns: str | None = None) -> None:
     """Plumb ``link`` (host side in ``host_netns``, a path; None: this namespace). On
-    failure the veth is removed and V4EgressError says which step failed."""
+    failure the veth it made is removed (one already there under that name is not ours
+    and stays) and V4EgressError says which step failed."""
     gw, addr = str(gateway(link.node_range)), str(link.address)
-    step = "veth"
+    step, created = "veth", False
     try:
         fd = os.open(link.pod_netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -109,6 +110,7 @@ def setup(link: V4EgressLink, host_netns: str | None = None) -> None:
                 )
         finally:
             os.close(fd)
+        created = True
         step = "pod side"
         with _iproute(link.pod_netns) as pod:
             (index,) = pod.link_lookup(ifname=POD_IFNAME)
@@ -127,7 +129,8 @@ def setup(link: V4EgressLink, host_netns: str | None = None) -> None:
     except (OSError, NetlinkError, ValueError) as err:
         rollback = ""
         try:
-            teardown(link.host_ifname, host_netns)
+            if created:
+                teardown(link.host_ifname, host_netns)
         except V4EgressError as undo:
             rollback = f"; removing the veth failed too: {undo}"
         raise V4EgressError(f"v4 egress {step} of {link.host_ifname}: {err}{rollback}") from err

@@ -117,6 +117,20 @@ def test_a_failed_setup_removes_its_veth_and_names_the_step(v4lab: V4Lab) -> Non
     again = V4EgressLink(f"/run/netns/{ns}", link.host_ifname, link.address, NODE_RANGE)
     with pytest.raises(V4EgressError, match="veth"):
         setup(again, v4lab.node_path)  # the host end's name is taken
+    with IPRoute(netns=v4lab.lab.node_ns) as ipr:  # not ours to remove: pod a's stays
+        assert ipr.link_lookup(ifname=link.host_ifname) != []
+    with IPRoute(netns=ns) as ipr:
+        assert ipr.link_lookup(ifname=POD_IFNAME) == []
+    # A failure once the veth exists (the pod has a default route already) removes it.
+    other = v4lab.lab.create_pod_namespace("c")
+    with IPRoute(netns=other) as ipr:
+        ipr.route("add", dst="0.0.0.0/0", oif=ipr.link_lookup(ifname="lo")[0])
+    address = pick_address(NODE_RANGE, [link.address])
+    clash = V4EgressLink(f"/run/netns/{other}", "egrc", address, NODE_RANGE)
+    with pytest.raises(V4EgressError, match="pod side"):
+        setup(clash, v4lab.node_path)
+    with IPRoute(netns=v4lab.lab.node_ns) as ipr:
+        assert ipr.link_lookup(ifname="egrc") == []
     with pytest.raises(V4EgressError, match="not a pod address"):
         V4EgressLink(link.pod_netns, "egrx", gateway(NODE_RANGE), NODE_RANGE)
     full = [*IPv4Network("198.18.8.0/30").hosts()]

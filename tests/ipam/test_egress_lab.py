@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -258,3 +259,33 @@ def test_reapply_changes_nothing_a_new_vpc_cidr_updates_and_uninstall_removes_al
     assert lab.mark_rules() == []
     assert egress.remove() == []
     assert lab.source_seen(lab.inet.extra) == str(lab.pod_ip)
+
+
+RP_FILTER_UNDER_READ_ONLY_PROC_SYS = """
+import errno
+from pathlib import Path
+from ipam.egress import LocalHost
+path = Path("/proc/sys/net/ipv4/conf/eth0/rp_filter")
+try:
+    path.write_text("2\\n")
+except OSError as err:
+    print("read-only" if err.errno == errno.EROFS else f"failed: {err}")
+else:
+    print("writable")
+LocalHost().set_rp_filter("eth0", 2)
+print(path.read_text().strip())
+"""
+
+
+def test_rp_filter_is_set_where_proc_sys_is_read_only(egress_lab: EgressLab) -> None:
+    # What a container runtime gives a non-privileged container: /proc/sys read-only.
+    lab = egress_lab.lab
+    netns.sysctl(lab.node_ns, "net.ipv4.conf.eth0.rp_filter", "1")
+    script = (
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys"
+        f' && exec "{sys.executable}" -c "$0"'
+    )
+    done = lab.node_exec(
+        ["unshare", "--mount", "sh", "-c", script, RP_FILTER_UNDER_READ_ONLY_PROC_SYS]
+    )
+    assert done.stdout.split() == ["read-only", "2"], done.stderr

@@ -608,21 +608,30 @@ class Plumbing:
         errors: list[str] = []
         indexes = sorted(set(addresses) | set(range(interfaces)) | {0})
         unknown = [i for i in indexes if i not in addresses]
+        # Host veths seen to exist (or not looked up): only those go to the reaper, so a
+        # repeated DEL (containerd sends one more from RemovePodSandbox, the kubelet
+        # retries) hands no thread a deletion that can only answer ENODEV.
+        present: set[str] = set()
         if unknown:  # no allocation and no prevResult for these: ask the host's routes
-            addresses = {**await self._routed_addresses(key, unknown, veth_prefix), **addresses}
+            routed = await self._routed_addresses(key, unknown, veth_prefix, present)
+            addresses = {**routed, **addresses}
         for index, address in sorted(addresses.items()):
             name = host_ifname(key, index, veth_prefix)
             try:
-                await self._teardown_one(name, str(address))
+                if await self._teardown_one(name, str(address)):
+                    present.add(name)
             except (NetlinkError, OSError) as err:
                 errors.append(f"{name} ({address}): {err}")
+                present.add(name)
             pause_point("del-between-interfaces")
         secondary = [address for index, address in addresses.items() if index > 0]
         if secondary and netns:
             errors += await self._teardown_pod_rules(netns, secondary, netns_fd)
-        await self._reaper.reserve(len(indexes))
-        for index in indexes:
-            self._reaper.delete(host_ifname(key, index, veth_prefix))
+        names = [host_ifname(key, index, veth_prefix) for index in indexes]
+        doomed = [n for n in names if n in present or self._reaper.pending(n) is not None]
+        await self._reaper.reserve(len(doomed))
+        for name in doomed:
+            self._reaper.delete(name)
         return errors
 
     async def reap_strays(
@@ -736,17 +745,19 @@ class Plumbing:
             log.warning("cni: reaped stray host rule %s of %s (no pod has it)", priority, address)
         return reaped
 
-    async def _teardown_one(self, name: str, address: str) -> None:
+    async def _teardown_one(self, name: str, address: str) -> bool:
+        """The host routing of one interface; whether its veth ``name`` exists."""
         addr = ip_address(address)
         link = self._rtnl.link_index(name)
         if link is None and await self._routed_elsewhere(address):
             log.info("cni: %s now routes to another veth; its rules stay", address)
-            return
+            return False
         messages = _rule_deletes(addr)
         if link is not None:
             what = f"delete route {address}/{addr.max_prefixlen} dev {name}"
             messages.insert(0, rtnl.route(link, addr, table=MAIN_TABLE, delete=True, what=what))
         self._rtnl.batch(messages)
+        return link is not None
 
     async def _teardown_pod_rules(
         self, netns: str, addresses: Sequence[PodAddress], netns_fd: int | None
@@ -767,17 +778,19 @@ class Plumbing:
         return []
 
     async def _routed_addresses(
-        self, key: IpamKey, indexes: Sequence[int], veth_prefix: str
+        self, key: IpamKey, indexes: Sequence[int], veth_prefix: str, present: set[str]
     ) -> dict[int, PodAddress]:
         """The addresses the host routes to the veths of ``indexes`` (``<addr>/32 dev
         <veth>`` in main), for a DEL that has neither the allocation nor prevResult: while
         that route exists no other pod can have the address plumbed, so its rules are
-        this attachment's."""
+        this attachment's. The names of those veths that exist go into ``present``."""
         links = {}
         for index in indexes:
-            link = self._rtnl.link_index(host_ifname(key, index, veth_prefix))
+            name = host_ifname(key, index, veth_prefix)
+            link = self._rtnl.link_index(name)
             if link is not None:
                 links[link] = index
+                present.add(name)
         if not links:
             return {}
         found: dict[int, PodAddress] = {}

@@ -123,6 +123,10 @@ class IpamdConfig:
     connmark: int = 0x80
     node_port_support: bool = True
     veth_prefix: str = DEFAULT_VETH_PREFIX
+    # IPv4 egress for IPv6 pods (the VPC CNI's ENABLE_V4_EGRESS): each pod also gets a
+    # node-local IPv4 from this range, which the node SNATs to its own primary IPv4.
+    enable_v4_egress: bool = True
+    v4_egress_range: IPv4Network = IPv4Network("169.254.172.0/22")
     sources: Mapping[str, Source] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
@@ -162,6 +166,10 @@ class IpamdConfig:
             return "not used in prefix-delegation mode, the only mode ultranet has"
         if self.ipv6 and env in _IPV4_POOL_KNOBS:
             return "not used in IPv6 mode: pods take /128s from one /80, no warm pool"
+        if not self.ipv6 and env in _V4_EGRESS_KNOBS:
+            return "IPv6 mode only: IPv4 pods have their own IPv4 addresses"
+        if env == "ULTRANET_V4_EGRESS_RANGE" and not self.enable_v4_egress:
+            return "ENABLE_V4_EGRESS is false"
         if env == "WARM_PREFIX_TARGET" and self.warm_targets().ip_targets_set:
             return "overridden by WARM_IP_TARGET/MINIMUM_IP_TARGET"
         return None
@@ -170,6 +178,7 @@ class IpamdConfig:
 _IPV4_POOL_KNOBS = frozenset(
     {"WARM_PREFIX_TARGET", "WARM_IP_TARGET", "MINIMUM_IP_TARGET", "MAX_ENI", "ENABLE_MULTI_NIC"}
 )
+_V4_EGRESS_KNOBS = frozenset({"ENABLE_V4_EGRESS", "ULTRANET_V4_EGRESS_RANGE"})
 
 
 # -- parsers: (knob, text) -> value; text is never empty -------------------------------
@@ -331,6 +340,16 @@ def _ipv4_cidrs(env: str, text: str) -> tuple[IPv4Network, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _v4_egress_range(env: str, text: str) -> IPv4Network:
+    try:
+        network = IPv4Network(text)  # strict: host bits set are a typo, not a range
+    except ValueError as err:
+        raise ConfigError(env, text, f"not an IPv4 CIDR like 169.254.172.0/22: {err}") from None
+    if network.prefixlen > 30:
+        raise ConfigError(env, text, "too small: a gateway and pod addresses need a /30 or more")
+    return network
+
+
 def _randomize_snat(env: str, text: str) -> str:
     if text not in ("prng", "hashrandom", "none"):
         raise ConfigError(
@@ -422,6 +441,14 @@ KNOBS: Mapping[str, Knob] = MappingProxyType(
             Knob("AWS_VPC_K8S_CNI_CONNMARK", "connmark", _connmark, show=lambda v: f"{v:#x}"),
             Knob("AWS_VPC_CNI_NODE_PORT_SUPPORT", "node_port_support", _bool),
             Knob("AWS_VPC_K8S_CNI_VETHPREFIX", "veth_prefix", _veth_prefix, text_only=True),
+            Knob("ENABLE_V4_EGRESS", "enable_v4_egress", _bool),
+            Knob(
+                "ULTRANET_V4_EGRESS_RANGE",
+                "v4_egress_range",
+                _v4_egress_range,
+                text_only=True,
+                show=str,
+            ),
         )
     }
 )

@@ -48,6 +48,8 @@ def test_every_knob_parsed_from_the_environment() -> None:
         "ENABLE_MULTI_NIC": "true",
         "ENABLE_IPv4": "false",
         "ENABLE_IPv6": "true",
+        "ENABLE_V4_EGRESS": "false",
+        "ULTRANET_V4_EGRESS_RANGE": "198.18.4.0/22",
         "ENABLE_PREFIX_DELEGATION": "true",
         "WARM_ENI_TARGET": "1",
         "MAX_PODS": "250",
@@ -84,6 +86,8 @@ def test_every_knob_parsed_from_the_environment() -> None:
         enable_multi_nic=True,
         enable_ipv4=False,
         enable_ipv6=True,
+        enable_v4_egress=False,
+        v4_egress_range=IPv4Network("198.18.4.0/22"),
         max_pods=250,
         warm_eni_target=1,
         socket=Path("/run/u/i.sock"),
@@ -424,3 +428,24 @@ def test_ipv6_mode_says_the_warm_pool_knobs_do_nothing() -> None:
         assert isinstance(entry, dict) and "IPv6 mode" in str(entry.get("ignored")), knob
     ipv4_entry = load_config({}).effective()["MAX_ENI"]
     assert isinstance(ipv4_entry, dict) and "ignored" not in ipv4_entry
+
+
+def test_v4_egress_range_for_ipv6_pods() -> None:
+    config = load_config(IPV6)
+    assert config.enable_v4_egress and config.v4_egress_range == IPv4Network("169.254.172.0/22")
+    assert load_config({**IPV6, "ULTRANET_V4_EGRESS_RANGE": "198.18.4.0/22"}).v4_egress_range == (
+        IPv4Network("198.18.4.0/22")
+    )
+    for bad, why in (
+        ("169.254.172.1/22", "host bits"),
+        ("fd00::/64", "not an IPv4 CIDR"),
+        ("169.254.172.0/31", "too small"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            load_config({**IPV6, "ULTRANET_V4_EGRESS_RANGE": bad})
+    effective = load_config({}).effective()
+    entry = effective["ULTRANET_V4_EGRESS_RANGE"]
+    assert isinstance(entry, dict) and entry["value"] == "169.254.172.0/22"
+    assert "IPv6 mode only" in str(entry["ignored"])
+    off = load_config({**IPV6, "ENABLE_V4_EGRESS": "false"}).effective()["ULTRANET_V4_EGRESS_RANGE"]
+    assert isinstance(off, dict) and "ENABLE_V4_EGRESS is false" in str(off["ignored"])

@@ -71,6 +71,8 @@ class Allocation:
     # "cni": made by the CNI handler, which plumbs a host veth for it, so a restart may
     # drop it when that veth is gone; "api": made through the daemon's socket API.
     origin: str = "api"
+    # An IPv6 pod's node-local IPv4 (ENABLE_V4_EGRESS): its second, egress-only veth.
+    egress_v4: IPv4Address | None = None
 
 
 class BackendError(UltranetError):

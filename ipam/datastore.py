@@ -87,6 +87,7 @@ def _record_to_json(record: AllocationRecord) -> dict[str, Any]:
         ],
         "allocatedAt": record.allocated_at,
         "origin": record.origin,
+        **({"egressV4": str(record.egress_v4)} if record.egress_v4 is not None else {}),
     }
 
 
@@ -101,6 +102,7 @@ def _record_from_json(raw: dict[str, Any]) -> AllocationRecord:
         addresses=tuple(_address_from_json(a) for a in raw["addresses"]),
         allocated_at=float(raw["allocatedAt"]),
         origin=str(raw.get("origin", "api")),
+        egress_v4=IPv4Address(raw["egressV4"]) if "egressV4" in raw else None,
     )
 
 
@@ -116,13 +118,14 @@ def _add_line(record: AllocationRecord) -> bytes:
     addresses = ",".join(
         f'{{"card":{a.card},"{_family_key(a.address)}":"{a.address}"}}' for a in record.addresses
     )
+    egress = "" if record.egress_v4 is None else f',"egressV4":"{record.egress_v4}"'
     return _checksummed(
         (
             f'{{"op":"add","network":{_json_str(key.network)},'
             f'"containerID":{_json_str(key.container_id)},"ifName":{_json_str(key.ifname)},'
             f'"k8sPodNamespace":{_json_str(pod.namespace)},"k8sPodName":{_json_str(pod.name)},'
             f'"addresses":[{addresses}],"allocatedAt":{float(record.allocated_at)!r},'
-            f'"origin":{_json_str(record.origin)}}}'
+            f'"origin":{_json_str(record.origin)}{egress}}}'
         ).encode()
     )
 

@@ -13,6 +13,12 @@ wraps (after 2^48 - 1 of them), which keeps a released address out of use far lo
 than ``IP_COOLDOWN_PERIOD``; the cooldown is still kept and counted, so an address is
 never reused sooner even after a wrap. After a restart the order resumes past the
 highest restored address. Offset 0 (the /80's own address) is never used.
+
+With ``egress_range`` (``ENABLE_V4_EGRESS``) an allocation also takes a node-local IPv4 of
+that range for the pod's egress-only interface (``cni.egress_v4``; the VPC CNI's
+``egress-cni`` takes it from host-local IPAM): in order as well, never the range's own
+address, its first (the gateway on every host end) nor its last, with the same cooldown,
+journaled with the allocation and restored with it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from cni.backend import MAIN_TABLE, Allocation, Lease, PodAddress
 from cni.keys import IpamKey, PodRef
@@ -53,8 +59,14 @@ class Ipv6Usage:
 class Ipv6PrefixPool(AddressPool):
     """The primary ENI's /80 and the pods' /128s in it (network card 0 only)."""
 
-    def __init__(self, eni_id: str, *, cooldown_s: float) -> None:
+    def __init__(
+        self, eni_id: str, *, cooldown_s: float, egress_range: IPv4Network | None = None
+    ) -> None:
         super().__init__([0], cooldown_s=cooldown_s)
+        self.egress_range = egress_range
+        self._egress = _Sequence(
+            egress_range.num_addresses - 1 if egress_range is not None else 0, first=2
+        )
         self.eni_id = eni_id
         self.cooldown_s = cooldown_s
         self.prefix: IPv6Network | None = None
@@ -78,6 +90,7 @@ class Ipv6PrefixPool(AddressPool):
         """EC2 says the /80 is gone: it and every pod's address with it."""
         lost = list(self._allocations.values())
         self._allocations.clear()
+        self._egress.clear()
         self._assigned.clear()
         self._cooling.clear()
         self._expiry.clear()
@@ -106,11 +119,23 @@ class Ipv6PrefixPool(AddressPool):
         if unmanaged:
             raise UnmanagedCard(unmanaged[0], [0])
         offset = self._take(key, now)
-        allocation = Allocation(key, pod, (self._lease(offset),), now, origin)
+        egress = None
+        if self.egress_range is not None:
+            taken = self._egress.take(key, now)
+            if taken is None:
+                del self._assigned[offset]
+                raise PoolExhausted(
+                    [0], f"every node-local IPv4 of {self.egress_range} is taken or cooling"
+                )
+            egress = self._egress_address(taken)
+        allocation = Allocation(key, pod, (self._lease(offset),), now, origin, egress)
         self._allocations[key] = allocation
         return allocation
 
     def _give_back(self, allocation: Allocation, now: float, *, cooldown: bool = True) -> None:
+        egress = self._egress_offset(allocation.egress_v4)
+        if egress is not None:
+            self._egress.give_back(egress, allocation.key, now, self.cooldown_s if cooldown else 0)
         for lease in allocation.leases:
             if not self.holds(lease.card, lease.address):
                 continue  # the /80 went meanwhile
@@ -138,13 +163,21 @@ class Ipv6PrefixPool(AddressPool):
                 owner = self._assigned.get(offset)
                 if owner is not None and owner != record.key:
                     raise DuplicateAddress(self._address(offset), (owner, record.key))
+            egress = self._egress_offset(record.egress_v4)
+            if egress is not None:
+                owner = self._egress.claim(egress, record.key)
+                if owner is not None:
+                    raise DuplicateAddress(record.egress_v4, (owner, record.key))
             for offset in offsets:
                 self._assigned[offset] = record.key
                 self._cooling.pop(offset, None)  # a restored pod beats a cooling entry
                 self._next = max(self._next, offset + 1) % OFFSETS or 1
             leases = tuple(self._lease(o) for o in offsets)
+            # A node-local IPv4 outside today's range (ULTRANET_V4_EGRESS_RANGE changed) is
+            # no longer tracked; the pod's DEL still removes its veth by name.
+            kept = record.egress_v4 if egress is not None else None
             self._allocations[record.key] = Allocation(
-                record.key, record.pod, leases, record.allocated_at, record.origin
+                record.key, record.pod, leases, record.allocated_at, record.origin, kept
             )
         return dropped
 
@@ -175,6 +208,17 @@ class Ipv6PrefixPool(AddressPool):
             if self._cooling.get(offset) == until:
                 del self._cooling[offset]
 
+    def _egress_offset(self, address: IPv4Address | None) -> int | None:
+        """``address``'s place in the egress range; None if there is none or it is outside."""
+        if address is None or self.egress_range is None or address not in self.egress_range:
+            return None
+        offset = int(address) - int(self.egress_range.network_address)
+        return offset if 2 <= offset < self.egress_range.num_addresses - 1 else None
+
+    def _egress_address(self, offset: int) -> IPv4Address:
+        assert self.egress_range is not None
+        return self.egress_range.network_address + offset
+
     def _address(self, offset: int) -> IPv6Address:
         return IPv6Address(self._base + offset)
 
@@ -191,3 +235,53 @@ class Ipv6PrefixPool(AddressPool):
             gateway=subnet.network_address + 1,
             subnet=subnet,
         )
+
+
+class _Sequence:
+    """Offsets ``first``..``end-1`` handed out in order, each back only after a cooldown:
+    the node-local IPv4s of IPv6 pods."""
+
+    def __init__(self, end: int, *, first: int) -> None:
+        self.first, self.end = first, end
+        self._next = first
+        self._owner: dict[int, IpamKey] = {}
+        self._cooling: dict[int, float] = {}
+        self._expiry: list[tuple[float, int]] = []
+
+    def clear(self) -> None:
+        self._owner.clear()
+        self._cooling.clear()
+        self._expiry.clear()
+
+    def take(self, key: IpamKey, now: float) -> int | None:
+        while self._expiry and self._expiry[0][0] <= now:
+            until, offset = heapq.heappop(self._expiry)
+            if self._cooling.get(offset) == until:
+                del self._cooling[offset]
+        if len(self._owner) + len(self._cooling) >= self.end - self.first:
+            return None
+        while True:
+            offset = self._next
+            self._next = offset + 1 if offset + 1 < self.end else self.first
+            if offset not in self._owner and offset not in self._cooling:
+                self._owner[offset] = key
+                return offset
+
+    def give_back(self, offset: int, key: IpamKey, now: float, cooldown_s: float) -> None:
+        if self._owner.get(offset) != key:
+            return
+        del self._owner[offset]
+        if cooldown_s > 0:
+            self._cooling[offset] = now + cooldown_s
+            heapq.heappush(self._expiry, (now + cooldown_s, offset))
+
+    def claim(self, offset: int, key: IpamKey) -> IpamKey | None:
+        """Mark ``offset`` as ``key``'s (a restore); the other owner if it has one."""
+        owner = self._owner.get(offset)
+        if owner is not None and owner != key:
+            return owner
+        self._owner[offset] = key
+        self._cooling.pop(offset, None)
+        if offset >= self._next:
+            self._next = offset + 1 if offset + 1 < self.end else self.first
+        return None

@@ -10,6 +10,7 @@ and pod but no ENI: only what the node alone knows is persisted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 from cni.backend import Allocation, PodAddress
 from cni.keys import IpamKey, PodRef
@@ -38,6 +39,7 @@ class AllocationRecord:
     # "cni": made by the CNI handler, which plumbs a host veth for it, so a restart may
     # drop it when that veth is gone; "api": made through the socket API, kept as is.
     origin: str = "api"
+    egress_v4: IPv4Address | None = None  # an IPv6 pod's node-local IPv4
 
     @classmethod
     def of(cls, allocation: Allocation) -> AllocationRecord:
@@ -47,4 +49,5 @@ class AllocationRecord:
             tuple(RecordedAddress(lease.card, lease.address) for lease in allocation.leases),
             allocation.allocated_at,
             allocation.origin,
+            allocation.egress_v4,
         )

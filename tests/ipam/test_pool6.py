@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -134,3 +134,59 @@ def test_losing_the_prefix_loses_every_allocation() -> None:
     lost = p.drop_prefix(1.0)
     assert [a.key for a in lost] == [key(1)]
     assert p.prefix is None and p.get(key(1)) is None and p.usage(1.0).assigned == 0
+
+
+# -- node-local IPv4 for egress (ENABLE_V4_EGRESS) -----------------------------------------
+
+EGRESS = IPv4Network("169.254.172.0/29")  # pod addresses .2 .. .6: .0 the range, .1 gateway
+
+
+def egress_pool(cooldown_s: float = 30.0) -> Ipv6PrefixPool:
+    made = Ipv6PrefixPool("eni-primary", cooldown_s=cooldown_s, egress_range=EGRESS)
+    made.set_prefix(PREFIX)
+    return made
+
+
+def test_each_pod_also_gets_a_node_local_ipv4_in_order_never_the_gateway() -> None:
+    p = egress_pool()
+    got = [p.allocate(key(n), POD, 0.0).egress_v4 for n in range(5)]
+    assert got == [IPv4Address(f"169.254.172.{i}") for i in range(2, 7)]
+    assert pool().allocate(key(1), POD, 0.0).egress_v4 is None  # egress off: none
+
+
+def test_a_full_egress_range_refuses_the_pod_and_takes_nothing() -> None:
+    p = egress_pool()
+    for n in range(5):
+        p.allocate(key(n), POD, 0.0)
+    before = p.usage(0.0).assigned
+    with pytest.raises(PoolExhausted, match="node-local IPv4"):
+        p.allocate(key(9), POD, 0.0)
+    assert p.usage(0.0).assigned == before and p.get(key(9)) is None
+    p.release(key(2), 1.0)  # cools 30 s
+    with pytest.raises(PoolExhausted):
+        p.allocate(key(9), POD, 2.0)
+    assert p.allocate(key(9), POD, 31.0).egress_v4 == IPv4Address("169.254.172.4")
+
+
+def test_egress_addresses_are_journaled_and_restored(tmp_path: Path) -> None:
+    store = Datastore(egress_pool(), Journal(tmp_path))
+    held = {n: store.allocate(key(n), POD, 0.0, cards=[0]).egress_v4 for n in range(3)}
+    store.commit(0.0)
+    assert b'"egressV4":"169.254.172.2"' in (tmp_path / "allocations.journal").read_bytes()
+    store.close()
+    again = egress_pool()
+    Datastore(again, Journal(tmp_path)).restore()
+    assert {n: again.get(key(n)).egress_v4 for n in range(3)} == held  # type: ignore[union-attr]
+    assert again.allocate(key(7), POD, 1.0).egress_v4 == IPv4Address("169.254.172.5")
+    twice = [
+        AllocationRecord(
+            key(n),
+            POD,
+            (RecordedAddress(0, PREFIX.network_address + n),),
+            0.0,
+            egress_v4=IPv4Address("169.254.172.3"),
+        )
+        for n in (1, 2)
+    ]
+    with pytest.raises(DuplicateAddress):
+        egress_pool().restore(twice)

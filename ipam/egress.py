@@ -36,6 +36,10 @@ the other gets its rules replaced rather than doubled. Not ported: the ``vlan+``
 security groups for pods (ultranet has no branch ENIs), the ``AWS-*-CHAIN-1..n`` chains
 of old VPC CNI versions.
 
+The IPv4 egress of IPv6 pods (the VPC CNI's ``egress-cni`` plugin) has its node side here
+too: :func:`v4_egress_ruleset` and :meth:`Egress.apply_v4_egress`; the pod side is
+:mod:`cni.egress_v4`.
+
 How it applies: :func:`ruleset` computes what should exist from the configuration and the
 node (pure, tested without root); :func:`restore_script` diffs it against one
 ``iptables-save`` and produces one ``iptables-restore --noflush`` transaction that adds
@@ -87,7 +91,8 @@ RP_FILTER_LOOSE = "2"
 RANDOM_FULLY_SINCE = (1, 6, 2)  # iptables learned --random-fully in 1.6.2
 RESTORE_WAIT_S = "5"  # -w: the xtables lock is shared with kube-proxy and the kubelet
 
-# Comments that make a rule in a built-in chain ours (the VPC CNI's, exactly).
+# Comments that make a rule in a built-in chain ours: the VPC CNI's, exactly, and ours for
+# the IPv4 egress of IPv6 pods.
 _COMMENTS = (
     "AWS SNAT CHAIN",
     "AWS, primary ENI",
@@ -188,14 +193,7 @@ def ruleset(cfg: EgressConfig, node: NodeFacts, *, random_fully: bool = True) ->
             f"! -o vlan+ {_comment('AWS, SNAT')} -m addrtype ! --dst-type LOCAL"
             f" -j SNAT --to-source {node.primary_ip}"
         )
-        if cfg.randomize_snat == "hashrandom" or (
-            cfg.randomize_snat == "prng" and not random_fully
-        ):
-            if cfg.randomize_snat == "prng":
-                log.warning("egress: this iptables has no --random-fully; SNAT uses --random")
-            to_source += " --random"
-        elif cfg.randomize_snat == "prng":
-            to_source += " --random-fully"
+        to_source += _snat_randomization(cfg.randomize_snat, random_fully)
         chains["nat", SNAT_CHAIN] = (*returns, to_source)
         builtin["nat", "POSTROUTING"] = [f"{_comment('AWS SNAT CHAIN')} -j {SNAT_CHAIN}"]
         exempt = [
@@ -236,10 +234,14 @@ def ruleset(cfg: EgressConfig, node: NodeFacts, *, random_fully: bool = True) ->
 
 
 def _snat_randomization(mode: SnatRandomization, random_fully: bool) -> str:
+    """The SNAT rule's flag: prng falls back to --random on an iptables without
+    --random-fully, as the VPC CNI does, with a warning."""
     if mode == "none":
         return ""
     if mode == "prng" and random_fully:
         return " --random-fully"
+    if mode == "prng":
+        log.warning("egress: this iptables has no --random-fully; SNAT uses --random")
     return " --random"
 
 

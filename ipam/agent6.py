@@ -19,7 +19,11 @@ primary ENI's prefix), and so this agent:
 * the host gets what the VPC CNI's init container sets in IPv6 mode
   (``cmd/aws-vpc-cni-init/main.go``, ``configureIPv6Settings``): IPv6 on, forwarding on,
   and ``accept_ra=2`` on the primary interface so it keeps its router-advertised default
-  route with forwarding on (:meth:`Ipv6NodeAgent.configure_host`, called by the daemon).
+  route with forwarding on (:meth:`Ipv6NodeAgent.configure_host`, called by the daemon);
+* with ``ENABLE_V4_EGRESS`` (default true, as in the VPC CNI) each allocation also holds a
+  node-local IPv4 of ``ULTRANET_V4_EGRESS_RANGE`` for the pod's egress-only interface, and
+  the node SNATs that range to its primary IPv4 (:meth:`ipam.egress.Egress.apply_v4_egress`,
+  at start), as the VPC CNI's ``egress-cni`` plugin and its ``snat`` package do.
 
 Everything else (socket API, CNI backend, commits, metrics names) is the
 :class:`~ipam.agent.NodeAgent`'s.
@@ -30,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from ipaddress import IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ class Ipv6NodeAgent(NodeAgent):
             raise AgentError("Ipv6NodeAgent needs ENABLE_IPv6=true")
         self._imds.read_ipv6 = True
         self._primary_mac = ""
+        self._primary_ipv4: IPv4Address | None = None
 
     @property
     def pool6(self) -> Ipv6PrefixPool:
@@ -65,8 +70,11 @@ class Ipv6NodeAgent(NodeAgent):
         if primary is None:
             raise AgentError("IMDS lists no primary interface (card 0, device 0)")
         self._primary_mac = primary.mac
+        self._primary_ipv4 = primary.primary_ip
         pool = Ipv6PrefixPool(
-            primary.interface_id, cooldown_s=float(self.config.ip_cooldown_period)
+            primary.interface_id,
+            cooldown_s=float(self.config.ip_cooldown_period),
+            egress_range=self.config.v4_egress_range if self.config.enable_v4_egress else None,
         )
         self.cards[0] = CardState(0, 1, {0})
         if primary.ipv6_prefixes:
@@ -87,6 +95,24 @@ class Ipv6NodeAgent(NodeAgent):
                 len(listed),
                 ", ".join(str(p) for p in listed),
                 chosen,
+            )
+
+    async def _apply_egress(self, vpc_cidrs: tuple[IPv4Network, ...]) -> None:
+        """The node-local IPv4 range SNAT'd to the node's primary IPv4 (``ENABLE_V4_EGRESS``);
+        the IPv4 node's SNAT and connection marks do not apply here."""
+        if self._egress is None or not self.config.enable_v4_egress:
+            return
+        if self._primary_ipv4 is None:
+            raise AgentError("IPv4 egress: IMDS lists no local-ipv4s on the primary ENI")
+        changed = await asyncio.to_thread(
+            self._egress.apply_v4_egress, self.config.v4_egress_range, self._primary_ipv4
+        )
+        if changed:
+            log.info(
+                "IPv4 egress: %s SNAT'd to %s, %d change(s)",
+                self.config.v4_egress_range,
+                self._primary_ipv4,
+                len(changed),
             )
 
     async def _reconcile_with_ec2(self) -> None:

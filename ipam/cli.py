@@ -65,8 +65,10 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
         return HostNetwork()
 
     log = logging.getLogger("ultranet.ipamd")
-    # IPv4 egress as the VPC CNI: SNAT and connection marks (an IPv6 node has none).
-    egress = None if config.ipv6 else Egress(egress_config(config))
+    # Egress as the VPC CNI: an IPv4 node's SNAT and connection marks; an IPv6 node's
+    # SNAT of its pods' node-local IPv4s (ENABLE_V4_EGRESS).
+    wants_egress = config.enable_v4_egress if config.ipv6 else True
+    egress = Egress(egress_config(config)) if wants_egress else None
     agent = agent_class(config.ipv6)(
         config, hostnet=hostnet, pod_alive=host_veth_alive(), egress=egress
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from ipaddress import IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from ipam.agent import AgentError
 from ipam.agent6 import Ipv6NodeAgent
 from ipam.datastore_errors import PoolExhausted
 from ipam.ec2 import Ec2Error
-from tests.ipam.agentenv import POD, AgentRun, key
+from tests.ipam.agentenv import POD, AgentRun, ManualClock, config_for, key
 from tests.ipam.cloudnode import CloudNode, agent_on_cloud
 from tests.ipam.recording_hostnet import RecordedHost
 from tools.lab.ec2.server import Ec2Server, ImdsServer
@@ -225,3 +225,38 @@ def test_the_host_gets_the_vpc_cni_init_ipv6_settings(tmp_path: Path) -> None:
             (sys_net / "ens5" / "address").write_text("02:00:00:00:00:99\n")
             with pytest.raises(AgentError, match="no link has the primary ENI's MAC"):
                 agent.configure_host(sys_net, proc)
+
+
+class RecordingEgress:
+    """What the agent asks of ``ipam.egress.Egress`` on an IPv6 node."""
+
+    def __init__(self) -> None:
+        self.v4_egress: list[tuple[IPv4Network, IPv4Address]] = []
+
+    def apply_v4_egress(self, node_range: IPv4Network, node_ip: IPv4Address) -> list[str]:
+        self.v4_egress.append((node_range, node_ip))
+        return ["applied"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_node_snats_the_node_local_range_and_pods_get_an_egress_ipv4(
+    tmp_path: Path, enabled: bool
+) -> None:
+    env = {**IPV6, "ENABLE_V4_EGRESS": str(enabled).lower()}
+    env["ULTRANET_V4_EGRESS_RANGE"] = "198.18.4.0/22"
+    with ipv6_node(prefix_at_launch=True) as node:
+        (eni,) = node.cloud.enis_of(node.instance_id)
+        run = AgentRun(node, config_for(tmp_path, env), ManualClock(), node.host.open)
+        egress = RecordingEgress()
+        run.agent._egress = egress  # type: ignore[assignment]
+        try:
+            run.start()
+            allocation = run.run(run.agent.allocate(key(0), POD, multi_nic=False))
+        finally:
+            run.close()
+    if enabled:
+        assert egress.v4_egress == [(IPv4Network("198.18.4.0/22"), eni.primary_ip)]
+        assert allocation.egress_v4 == IPv4Address("198.18.4.2")  # type: ignore[attr-defined]
+    else:
+        assert egress.v4_egress == []
+        assert allocation.egress_v4 is None  # type: ignore[attr-defined]

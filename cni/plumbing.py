@@ -60,13 +60,13 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Any, Protocol
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni import rtnl
+from cni import egress_v4, rtnl
 from cni.backend import MAIN_TABLE, Lease, PodAddress
 from cni.errors import CheckFailed, CniError, ErrorCode
 from cni.keys import IpamKey
@@ -87,6 +87,7 @@ __all__ = [
     "RULE_FROM_POD",
     "RULE_POD_TABLE",
     "RULE_TO_POD",
+    "V4_EGRESS_PREFIX",
     "PlumbedInterface",
     "Plumbing",
     "PodEntry",
@@ -95,6 +96,7 @@ __all__ = [
     "gateway",
     "host_ifname",
     "pod_ifname",
+    "v4_egress_ifname",
 ]
 
 log = logging.getLogger("ultranet.cni")
@@ -103,6 +105,7 @@ RULE_TO_POD = 512  # to <pod> lookup main
 RULE_FROM_POD = 1536  # from <pod> lookup <ENI table>
 RULE_POD_TABLE = 1  # inside the pod: from <address k> lookup k
 HOST_VETH_ALIAS = "ultranet-cni"  # marks the host ends this plugin made
+V4_EGRESS_PREFIX = "v4e"  # host ends of IPv6 pods' IPv4 egress veths
 _HASH_DIGITS = 11
 _NUD_PERMANENT = 0x80
 _AF_INET = socket.AF_INET
@@ -112,6 +115,12 @@ _FAMILIES = (socket.AF_INET, socket.AF_INET6)
 def host_ifname(key: IpamKey, index: int, prefix: str) -> str:
     digest = hashlib.sha1(f"{key.network}/{key.container_id}/{key.ifname}/{index}".encode())
     return prefix + digest.hexdigest()[:_HASH_DIGITS]
+
+
+def v4_egress_ifname(key: IpamKey) -> str:
+    """The host end of an IPv6 pod's IPv4 egress veth: not the pods' ``eni`` prefix, so
+    neither the stray sweep nor another CNI's ``eni*`` match takes it."""
+    return host_ifname(key, 0, V4_EGRESS_PREFIX)
 
 
 def pod_ifname(key: IpamKey, index: int) -> str:
@@ -511,6 +520,46 @@ class Plumbing:
             sock.batch(messages)
         except RtnlError as err:
             log.error("cni: undo step %s failed: %s", err.what, err)
+
+    # -- IPv4 egress of an IPv6 pod (cni.egress_v4) -------------------------------------
+
+    async def setup_v4_egress(
+        self, net: PodNetwork, address: IPv4Address, node_range: IPv4Network
+    ) -> str:
+        """The pod's ``v4if0`` with its node-local IPv4 (``cni.egress_v4``), the host end
+        named from the key (:func:`v4_egress_ifname`); returns that name. CniError 7
+        naming the step on failure, with the veth removed."""
+        name = v4_egress_ifname(net.key)
+        # The daemon may not see the runtime's mounts: reach the pod's namespace through
+        # the descriptor the shim sent, as everything else here does.
+        pod_netns = net.netns if net.netns_fd is None else f"/proc/self/fd/{net.netns_fd}"
+        link = egress_v4.V4EgressLink(pod_netns, name, address, node_range, net.mtu)
+        try:
+            await asyncio.to_thread(egress_v4.setup, link, self._host_netns)
+        except egress_v4.V4EgressError as err:
+            raise _plumbing_error("IPv4 egress", err) from err
+        return name
+
+    async def teardown_v4_egress(self, key: IpamKey) -> None:
+        """Remove the egress veth of ``key`` (its pod end goes with it) on a reaper
+        thread; nothing if there is none."""
+        await self._reaper.reserve(1)
+        self._reaper.delete(v4_egress_ifname(key))
+
+    async def check_v4_egress(self, net: PodNetwork, address: IPv4Address) -> None:
+        name = v4_egress_ifname(net.key)
+        if await self._link_or_none(self._host, name) is None:
+            raise CheckFailed(f"the IPv4 egress veth {name} is missing")
+        async with self._pod_iproute(net.netns, net.netns_fd) as pod:
+            link = await self._link_or_none(pod, egress_v4.POD_IFNAME)
+            if link is None:
+                raise CheckFailed(f"{egress_v4.POD_IFNAME} is missing from CNI_NETNS")
+            addrs = {
+                a.get("IFA_ADDRESS")
+                async for a in await pod.addr("dump", index=link["index"], family=_AF_INET)
+            }
+        if str(address) not in addrs:
+            raise CheckFailed(f"{egress_v4.POD_IFNAME} lacks its node-local address {address}")
 
     # -- CHECK ----------------------------------------------------------------------------
 

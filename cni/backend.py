@@ -16,7 +16,7 @@ types live here, in ``cni``, and ``ipam`` imports them: the package graph is one
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
@@ -109,6 +109,17 @@ class IpamBackend(Protocol):
         """An address on card 0, or one on every managed card with ``multi_nic``.
 
         The same key gets the same allocation back (a runtime retries ADD)."""
+        ...
+
+    def allocate_staged(
+        self, key: IpamKey, pod: PodRef, *, multi_nic: bool
+    ) -> tuple[Allocation, Awaitable[None]]:
+        """As :meth:`allocate`, but back as soon as the address is taken, with what to
+        await before the allocation may be reported: it resolves once the allocation is
+        durable, or raises :class:`BackendError` if it never will be (it is then not
+        held). A CNI ADD plumbs meanwhile, so its netlink work overlaps the journal's
+        sync; a crash before the sync leaves only plumbing no allocation accounts for,
+        which the daemon's stray sweep removes."""
         ...
 
     async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:

@@ -25,7 +25,7 @@ for netlink:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 from pathlib import Path
@@ -158,16 +158,20 @@ class CniHandler:
             netns_fd=_netns_fd(cni),
         )
         try:
-            allocation = await self._allocate(key, pod, multi_nic)
+            # The journal syncs the allocation while the netlink work runs; the answer
+            # waits for both.
+            allocation, durable = self._allocate(key, pod, multi_nic)
             net = PodNetwork(
                 key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix, _netns_fd(cni)
             )
             try:
                 plumbed = await self.plumbing.setup(net, sandbox)
             except BaseException:
+                await _settled(durable)  # then the release follows the allocation
                 if existing is None:
                     await self._release_after_failure(key)
                 raise
+            await self._durable(net, durable)
         finally:
             sandbox.close()
         ours = render_result(_result(plumbed, cni.netns, conf.mtu), conf.cni_version)
@@ -175,9 +179,11 @@ class CniHandler:
             ours = chain(conf.prev_raw, ours, conf.cni_version)
         return render(ours)
 
-    async def _allocate(self, key: IpamKey, pod: PodRef, multi_nic: bool) -> Allocation:
+    def _allocate(
+        self, key: IpamKey, pod: PodRef, multi_nic: bool
+    ) -> tuple[Allocation, Awaitable[None]]:
         try:
-            return await self.backend.allocate(key, pod, multi_nic=multi_nic)
+            return self.backend.allocate_staged(key, pod, multi_nic=multi_nic)
         except NoFreeAddress as err:
             raise CniError(ErrorCode.TRY_AGAIN_LATER, "no free pod address", str(err)) from err
         except BackendUnavailable as err:
@@ -185,6 +191,27 @@ class CniHandler:
         except BackendError as err:
             raise CniError(
                 ErrorCode.IPAM_FAILED, f"allocation for {key} refused", str(err)
+            ) from err
+
+    async def _durable(self, net: PodNetwork, durable: Awaitable[None]) -> None:
+        """Wait for the allocation to be durable; if it never will be (the journal
+        refused it, so it is not held), take the plumbing back and fail the ADD."""
+        try:
+            await durable
+        except BackendError as err:
+            addresses = {i: lease.address for i, lease in enumerate(net.leases)}
+            left = await self.plumbing.teardown(
+                net.key,
+                addresses,
+                veth_prefix=net.veth_prefix,
+                netns=net.netns,
+                interfaces=len(net.leases),
+                netns_fd=net.netns_fd,
+            )
+            if left:
+                log.error("cni: undoing the ADD of %s left: %s", net.key, "; ".join(left))
+            raise CniError(
+                ErrorCode.IPAM_FAILED, f"allocation for {net.key} refused", str(err)
             ) from err
 
     async def _release_after_failure(self, key: IpamKey) -> None:
@@ -330,6 +357,14 @@ class CniHandler:
 
 
 # -- pure helpers -------------------------------------------------------------------------------
+
+
+async def _settled(durable: Awaitable[None]) -> None:
+    """Wait for ``durable`` whatever its outcome (the ADD is failing anyway)."""
+    try:
+        await durable
+    except BackendError as err:
+        log.info("cni: the failed ADD's allocation was not made durable either: %s", err)
 
 
 def _key(network: str, cni: CniEnv) -> IpamKey:

@@ -10,7 +10,8 @@ Points: ``del-between-interfaces`` (the event loop, after one interface's host r
 is torn down, before the next's), ``reaper-before-delete`` (a reaper thread, before it
 deletes a veth; the DEL has been answered or is about to be), ``snapshot-written`` and
 ``snapshot-renamed`` (``ipam.datastore.Journal.snapshot``: the new snapshot synced under
-its temporary name; renamed, the old journal not yet emptied).
+its temporary name; renamed, the old journal not yet emptied), ``sync-beside-add`` (a
+worker thread, before it syncs the allocation of an ADD that plumbs meanwhile).
 
 Unset, as in production, :func:`pause_point` is one membership test on an empty dict.
 """

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cni.backend import Allocation
 from cni.keys import IpamKey, PodRef
+from cni.pausepoint import pause_point
 from ipam import warm
 from ipam.config import IpamdConfig
 from ipam.datastore import Batch, Datastore, DatastoreWriteError, Journal
@@ -497,12 +498,37 @@ class NodeAgent:
         self.observe("allocate", started)
         return allocation
 
-    def allocate_staged(
+    def allocate_overlapped(
         self, key: IpamKey, pod: PodRef, *, multi_nic: bool, origin: str = "api"
+    ) -> tuple[Allocation, Awaitable[None]]:
+        """Allocate now, and start the commit now on a worker thread; await the second
+        value (durable, or DatastoreError) before acknowledging. For a caller with work of
+        its own to do meanwhile: a CNI ADD plumbs while the journal syncs."""
+        started = self._clock()
+        allocation, durable = self.allocate_staged(
+            key, pod, multi_nic=multi_nic, origin=origin, overlap=True
+        )
+
+        async def acknowledged() -> None:
+            await asyncio.shield(durable)
+            self.observe("allocate", started)
+
+        return allocation, acknowledged()
+
+    def allocate_staged(
+        self,
+        key: IpamKey,
+        pod: PodRef,
+        *,
+        multi_nic: bool,
+        origin: str = "api",
+        overlap: bool = False,
     ) -> tuple[Allocation, asyncio.Future[None]]:
         """Allocate in memory; the future resolves once the allocation is durable, and
         only then may it be acknowledged. The socket server uses this directly, with a
-        callback instead of a coroutine per request."""
+        callback instead of a coroutine per request. ``overlap``: the caller has work of
+        its own before it waits (a CNI ADD's netlink), so the commit starts now on a
+        worker thread, beside that work, instead of after this loop pass."""
         pool, store = self._require()
         if multi_nic and not self.config.enable_multi_nic:
             raise AgentError("a multi-NIC allocation needs ENABLE_MULTI_NIC=true on the node")
@@ -515,7 +541,7 @@ class NodeAgent:
             self._wake.set()
             raise
         self._wake.set()
-        return allocation, self._durable()
+        return allocation, self._durable(overlap=overlap)
 
     async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:
         """Give ``key``'s addresses back, into IP_COOLDOWN_PERIOD unless ``cooldown`` is
@@ -572,12 +598,13 @@ class NodeAgent:
         reason = "warm pool met" if steady else self._not_ready_reason()
         return AgentStatus(self._ready.is_set(), reason, free, tuple(pool.cards))
 
-    def _durable(self) -> asyncio.Future[None]:
+    def _durable(self, *, overlap: bool = False) -> asyncio.Future[None]:
         """The group commit that will cover what was just staged.
 
         It starts once this loop pass has applied every request it read, so throughput is
         one fsync per batch, not per request; while a commit runs on a worker thread (see
-        SLOW_SYNC_S) the loop keeps applying requests into the next batch.
+        SLOW_SYNC_S) the loop keeps applying requests into the next batch. With
+        ``overlap`` (and no commit running) it starts now, on a worker thread.
         """
         if self._next_commit is None:
             loop = asyncio.get_running_loop()
@@ -585,14 +612,24 @@ class NodeAgent:
             if self._committing is None:
                 # call_soon: requests already read in this loop iteration join the batch.
                 loop.call_soon(self._start_commit)
-        return self._next_commit
+        waiter = self._next_commit
+        if overlap and self._committing is None:
+            self._start_commit(now_on_thread=True)  # the call_soon above finds nothing
+        return waiter
 
-    def _start_commit(self) -> None:
+    def _start_commit(self, *, now_on_thread: bool = False) -> None:
         assert self.datastore is not None
         waiter, self._next_commit = self._next_commit, None
         if waiter is None:
             return
         batch = self.datastore.take_batch()
+        if now_on_thread:
+            started = time.monotonic()
+            write = asyncio.get_running_loop().run_in_executor(None, self._write_beside, batch)
+            self._committing = asyncio.ensure_future(
+                self._commit_on_thread(batch, waiter, (write, started))
+            )
+            return
         if time.monotonic() < self._threaded_sync_until:
             self._committing = asyncio.ensure_future(self._commit_on_thread(batch, waiter))
             return
@@ -609,6 +646,12 @@ class NodeAgent:
             )
         self._finish_commit(batch, waiter, error)
 
+    def _write_beside(self, batch: Batch) -> DatastoreWriteError | None:
+        """:meth:`_write`, on a worker thread while the caller plumbs (a crash test stops
+        here: the ADD's plumbing is in place, its allocation not yet synced)."""
+        pause_point("sync-beside-add")
+        return self._write(batch)
+
     def _write(self, batch: Batch) -> DatastoreWriteError | None:
         assert self.datastore is not None
         try:
@@ -617,9 +660,19 @@ class NodeAgent:
             return err
         return None
 
-    async def _commit_on_thread(self, batch: Batch, waiter: asyncio.Future[None]) -> None:
-        started = time.monotonic()
-        error = await asyncio.to_thread(self._write, batch)
+    async def _commit_on_thread(
+        self,
+        batch: Batch,
+        waiter: asyncio.Future[None],
+        writing: tuple[asyncio.Future[DatastoreWriteError | None], float] | None = None,
+    ) -> None:
+        """Sync ``batch`` on a worker thread (``writing``: already submitted, and when)."""
+        if writing is None:
+            started = time.monotonic()
+            error = await asyncio.to_thread(self._write, batch)
+        else:
+            write, started = writing
+            error = await write
         self._sync_seconds["thread"].observe(time.monotonic() - started)
         self._committing = None
         self._finish_commit(batch, waiter, error)

@@ -6,7 +6,7 @@ place the two meet, so neither package imports the other's internals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 
 from cni.backend import Allocation, BackendStatus, BackendUnavailable, PodAddress
@@ -25,6 +25,11 @@ class AgentBackend:
 
     async def allocate(self, key: IpamKey, pod: PodRef, *, multi_nic: bool) -> Allocation:
         return await self._started().allocate(key, pod, multi_nic=multi_nic, origin="cni")
+
+    def allocate_staged(
+        self, key: IpamKey, pod: PodRef, *, multi_nic: bool
+    ) -> tuple[Allocation, Awaitable[None]]:
+        return self._started().allocate_overlapped(key, pod, multi_nic=multi_nic, origin="cni")
 
     async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:
         return await self._started().release(key, cooldown=cooldown)

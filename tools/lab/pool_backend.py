@@ -8,13 +8,17 @@ backend "down" (``BackendUnavailable``) or report degraded connectivity.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Collection, Iterable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
 from cni.backend import Allocation, BackendStatus, BackendUnavailable, PodAddress
 from cni.keys import IpamKey, PodRef
 from ipam.pool import PREFIX_SIZE, AddressPool, EniInfo
+
+
+async def _in_memory() -> None:
+    """The pool lives in memory only: an allocation is as durable as it gets at once."""
 
 
 class PoolBackend:
@@ -36,6 +40,13 @@ class PoolBackend:
         self._check("allocate")
         cards = self.pool.cards if multi_nic else [0]
         return self.pool.allocate(key, pod, time.monotonic(), cards=cards)
+
+    def allocate_staged(
+        self, key: IpamKey, pod: PodRef, *, multi_nic: bool
+    ) -> tuple[Allocation, Awaitable[None]]:
+        self._check("allocate")
+        cards = self.pool.cards if multi_nic else [0]
+        return self.pool.allocate(key, pod, time.monotonic(), cards=cards), _in_memory()
 
     async def release(self, key: IpamKey, *, cooldown: bool = True) -> Allocation | None:
         self._check("release")

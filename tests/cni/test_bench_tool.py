@@ -135,7 +135,14 @@ def test_a_tiny_cri_run_times_both_plugins_through_one_containerd(
     assert len(run["ultranet_waits_for_warm_pool_s"]) == 2
     for side in ("ultranet", "reference"):
         row = run[side]
-        for metric in ("run_ms", "cni_add_ms", "stop_ms", "cni_del_ms", "remove_ms"):
+        for metric in (
+            "run_ms",
+            "cni_add_ms",
+            "stop_ms",
+            "cni_del_ms",
+            "remove_ms",
+            "cni_del_remove_ms",
+        ):
             spread = row[metric]
             assert spread["n"] == 3 and spread["min"] > 0, (side, metric)
             assert spread["min"] <= spread["median"] <= spread["p90"] <= spread["max"]

@@ -318,6 +318,7 @@ def cri_table(result: dict[str, Any]) -> str:
     lines = []
     labels = [("Run", "run_ms"), ("cni_add", "cni_add_ms"), ("Stop", "stop_ms")]
     labels += [("cni_del", "cni_del_ms"), ("Remove", "remove_ms")]
+    labels += [("Remove's cni_del", "cni_del_remove_ms")]
     for index, run in enumerate(result["runs"]):
         lines.append(
             f"run {index + 1} (containerd CRI), load "

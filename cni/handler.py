@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_interface
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_interface
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +40,7 @@ from cni.backend import (
     NoFreeAddress,
     PodAddress,
 )
+from cni.egress_v4 import POD_IFNAME as V4_EGRESS_IFNAME
 from cni.errors import CheckFailed, CniError, ErrorCode
 from cni.keys import InvalidKey, IpamKey, PodRef
 from cni.plumbing import PlumbedInterface, PodHandle, PodNetwork, pod_ifname
@@ -95,6 +96,14 @@ class PlumbingPort(Protocol):
         netns_fd: int | None = None,
     ) -> list[str]: ...
 
+    async def setup_v4_egress(
+        self, net: PodNetwork, address: IPv4Address, node_range: IPv4Network
+    ) -> str: ...
+
+    async def teardown_v4_egress(self, key: IpamKey) -> None: ...
+
+    async def check_v4_egress(self, net: PodNetwork, address: IPv4Address) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class HandlerConfig:
@@ -103,6 +112,9 @@ class HandlerConfig:
     # The most interfaces one attachment can have here (the node's managed cards): a DEL
     # that has no allocation to go by looks for that many veths by name.
     max_interfaces: int = 1
+    # An IPv6 node's ENABLE_V4_EGRESS range: a pod whose allocation holds a node-local
+    # IPv4 also gets v4if0 (cni.egress_v4), and every DEL removes that veth. None: off.
+    v4_egress_range: IPv4Network | None = None
 
 
 class CniHandler:
@@ -166,6 +178,8 @@ class CniHandler:
             )
             try:
                 plumbed = await self.plumbing.setup(net, sandbox)
+                if allocation.egress_v4 is not None:
+                    await self._setup_v4_egress(net, allocation.egress_v4)
             except BaseException:
                 await _settled(durable)  # then the release follows the allocation
                 if existing is None:
@@ -174,7 +188,8 @@ class CniHandler:
             await self._durable(net, durable)
         finally:
             sandbox.close()
-        ours = render_result(_result(plumbed, cni.netns, conf.mtu), conf.cni_version)
+        egress = allocation.egress_v4 is not None
+        ours = render_result(_result(plumbed, cni.netns, conf.mtu, egress), conf.cni_version)
         if conf.prev_raw is not None:
             ours = chain(conf.prev_raw, ours, conf.cni_version)
         return render(ours)
@@ -193,6 +208,31 @@ class CniHandler:
                 ErrorCode.IPAM_FAILED, f"allocation for {key} refused", str(err)
             ) from err
 
+    async def _setup_v4_egress(self, net: PodNetwork, address: IPv4Address) -> None:
+        """The pod's IPv4 egress veth, after its own interfaces; if it fails, those go too
+        (the caller then releases the allocation)."""
+        node_range = self.config.v4_egress_range
+        try:
+            if node_range is None:
+                raise CniError(
+                    ErrorCode.PLUMBING_FAILED,
+                    f"the allocation of {net.key} holds a node-local IPv4 ({address}) but "
+                    "this node has no IPv4 egress range",
+                )
+            await self.plumbing.setup_v4_egress(net, address, node_range)
+        except BaseException:
+            left = await self.plumbing.teardown(
+                net.key,
+                {i: lease.address for i, lease in enumerate(net.leases)},
+                veth_prefix=net.veth_prefix,
+                netns=net.netns,
+                interfaces=len(net.leases),
+                netns_fd=net.netns_fd,
+            )
+            if left:
+                log.error("cni: undoing the ADD of %s left: %s", net.key, "; ".join(left))
+            raise
+
     async def _durable(self, net: PodNetwork, durable: Awaitable[None]) -> None:
         """Wait for the allocation to be durable; if it never will be (the journal
         refused it, so it is not held), take the plumbing back and fail the ADD."""
@@ -208,6 +248,8 @@ class CniHandler:
                 interfaces=len(net.leases),
                 netns_fd=net.netns_fd,
             )
+            if self.config.v4_egress_range is not None:
+                await self.plumbing.teardown_v4_egress(net.key)
             if left:
                 log.error("cni: undoing the ADD of %s left: %s", net.key, "; ".join(left))
             raise CniError(
@@ -238,6 +280,8 @@ class CniHandler:
             interfaces=len(addresses) if recorded else self.config.max_interfaces,
             netns_fd=netns_fd,
         )
+        if self.config.v4_egress_range is not None:
+            await self.plumbing.teardown_v4_egress(key)  # by name: no allocation needed
         try:
             await self.backend.release(key)
         except BackendUnavailable as err:
@@ -302,6 +346,8 @@ class CniHandler:
             key, cni.netns, allocation.leases, conf.mtu, conf.veth_prefix, _netns_fd(cni)
         )
         await self.plumbing.check(net)
+        if allocation.egress_v4 is not None:
+            await self.plumbing.check_v4_egress(net, allocation.egress_v4)
 
     def _lookup(self, key: IpamKey) -> Allocation | None:
         try:
@@ -352,6 +398,8 @@ class CniHandler:
             errors += await self.plumbing.teardown(
                 allocation.key, addresses, veth_prefix=conf.veth_prefix, netns=""
             )
+            if allocation.egress_v4 is not None:
+                await self.plumbing.teardown_v4_egress(allocation.key)
         if errors:
             raise CniError(ErrorCode.GC_INCOMPLETE, "GC left stale plumbing", "; ".join(errors))
 
@@ -397,7 +445,7 @@ def _pod(cni: CniEnv) -> PodRef:
     return PodRef(args.namespace, args.name)
 
 
-def _result(plumbed: list[PlumbedInterface], netns: str, mtu: int) -> Result:
+def _result(plumbed: list[PlumbedInterface], netns: str, mtu: int, egress: bool = False) -> Result:
     interfaces: list[PodInterface] = []
     ips, routes = [], []
     for iface in plumbed:
@@ -407,6 +455,10 @@ def _result(plumbed: list[PlumbedInterface], netns: str, mtu: int) -> Result:
         ips.append(IpConfig(address, iface.gateway, len(interfaces) - 1))
         table = None if iface.index == 0 else iface.index
         routes.append(Route(_DEFAULT_ROUTES[address.version], iface.gateway, table))
+    if egress:
+        # Listed without its node-local address, as the VPC CNI's egress-cni leaves its
+        # IPv4 out of the result: the pod's address is its /128.
+        interfaces.append(PodInterface(V4_EGRESS_IFNAME, "", netns, mtu))
     return Result(tuple(interfaces), tuple(ips), tuple(routes))
 
 

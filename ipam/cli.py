@@ -99,6 +99,9 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
                 enable_multi_nic=config.enable_multi_nic,
                 spool_dir=config.cni_spool,
                 max_interfaces=len(agent.pool.cards) if agent.pool is not None else 1,
+                v4_egress_range=(
+                    config.v4_egress_range if config.ipv6 and config.enable_v4_egress else None
+                ),
             ),
         )
         # DELs the shim spooled while no daemon listened: done before new ADDs arrive.

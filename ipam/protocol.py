@@ -214,6 +214,7 @@ def error(code: str, message: str, **detail: Any) -> dict[str, Any]:
 
 
 def allocation_json(allocation: Allocation) -> dict[str, Any]:
+    egress = allocation.egress_v4
     return {
         "network": allocation.key.network,
         "container_id": allocation.key.container_id,
@@ -232,6 +233,8 @@ def allocation_json(allocation: Allocation) -> dict[str, Any]:
             }
             for lease in allocation.leases
         ],
+        # An IPv6 pod's node-local IPv4 (ENABLE_V4_EGRESS), when it has one.
+        **({"egress_v4": str(egress)} if egress is not None else {}),
     }
 
 
@@ -246,9 +249,10 @@ def allocation_reply(allocation: Allocation) -> bytes:
         f'"subnet":"{lease.subnet}"}}'
         for lease in allocation.leases
     )
+    egress = "" if allocation.egress_v4 is None else f',"egress_v4":"{allocation.egress_v4}"'
     body = (
         f'{{"version":{VERSION},"ok":true,"result":{{"network":{_json_str(key.network)},'
         f'"container_id":{_json_str(key.container_id)},"ifname":{_json_str(key.ifname)},'
-        f'"pod":{_json_str(str(allocation.pod))},"interfaces":[{interfaces}]}}}}'
+        f'"pod":{_json_str(str(allocation.pod))},"interfaces":[{interfaces}]{egress}}}}}'
     ).encode()
     return HEADER.pack(len(body)) + body

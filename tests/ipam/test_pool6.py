@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ipam.datastore_errors import (
     UnmanagedCard,
 )
 from ipam.pool6 import OFFSETS, Ipv6PrefixPool
+from ipam.protocol import allocation_json, allocation_reply, ok
 from ipam.records import AllocationRecord, RecordedAddress
 
 PREFIX = IPv6Network("fd00:ec2:0:1:a1b2::/80")
@@ -190,3 +192,11 @@ def test_egress_addresses_are_journaled_and_restored(tmp_path: Path) -> None:
     ]
     with pytest.raises(DuplicateAddress):
         egress_pool().restore(twice)
+
+
+def test_the_socket_api_shows_the_node_local_ipv4_both_ways() -> None:
+    allocation = egress_pool().allocate(key(1), POD, 0.0)
+    fast = json.loads(allocation_reply(allocation)[4:])
+    assert fast == ok(allocation_json(allocation))
+    assert fast["result"]["egress_v4"] == "169.254.172.2"
+    assert "egress_v4" not in allocation_json(pool().allocate(key(1), POD, 0.0))

@@ -10,7 +10,9 @@ subnet a /64 and its primary ENI a /80 before the daemon starts, as a launch tem
 one cycle per family (ADD every pod, then DEL every pod back to back, then wait for
 every host veth's removal), the first family alternating between rounds; each cycle
 starts once its daemon reports a steady pool (outside the clock, recorded). The
-reference plugins do not take part: the comparison is ultranet with itself.
+reference plugins do not take part: the comparison is ultranet with itself. The IPv6 pod
+is what an IPv6 node gives by default: its /128 and, with ``ENABLE_V4_EGRESS``, the
+``v4if0`` veth with a node-local IPv4 (the range in the lab's address space).
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from tools.bench.cni.nodes import DaemonNode
 from tools.lab.lab import Lab
 
 FAMILIES = ("ipv4", "ipv6")
-IPV6_ENV = {"ENABLE_IPv4": "false", "ENABLE_IPv6": "true", "ENABLE_PREFIX_DELEGATION": "true"}
+IPV6_ENV = {
+    "ENABLE_IPv4": "false",
+    "ENABLE_IPv6": "true",
+    "ENABLE_PREFIX_DELEGATION": "true",
+    # The shipped ENABLE_V4_EGRESS=true gives each pod v4if0 too; its range moves from the
+    # default 169.254.172.0/22 to a /22 of the lab's address space, nothing else changes.
+    "ULTRANET_V4_EGRESS_RANGE": "198.18.4.0/22",
+}
 VPC_56 = "fd12:3456:789a:1000::/56"
 SUBNET_64 = "fd12:3456:789a:1000::/64"
 BAR = {"metric": "add_ms_p50 ipv6 / ipv4", "at_most": 1.10}

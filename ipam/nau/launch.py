@@ -77,7 +77,7 @@ TIMINGS_FILE = "launch-timings.json"
 AGENTS = ("ultranet", "vpc-cni")
 SERVER_ERROR = "InternalError"
 SUBNET_CACHE_S = 300.0  # Ec2Client.subnets_in's cache (subnet_cache_ttl_s)
-SETTLE_TICK = "tick"  # the manager waits for a wake, or this long
+TAG_BACKOFF_MAX_S = 60.0  # TagENI's retry.NWithBackoff caps its delay here
 
 
 def _client_defaults() -> dict[str, Any]:
@@ -269,6 +269,7 @@ class _Wave:
         self.scheduler_busy = False
         self.next_bind = 0.0
         self.events = 0
+        self._plans: dict[tuple[int, tuple[int, ...]], warm.Plan] = {}
         self.call_latency = self.timings.ec2_call_s + config.faults.extra_latency_s
         shape_env = self.agent_config
         self.vpccni_shape = vpccni.NodeShape(
@@ -491,7 +492,12 @@ class _Wave:
         )
 
     def plan(self, node: _Node) -> warm.Plan:
-        return warm.plan(self.usage(node), self.targets)
+        """The agent's warm plan; pure in the node's counts, so each is worked out once."""
+        key = (node.assigned, tuple(node.enis))
+        found = self._plans.get(key)
+        if found is None:
+            found = self._plans[key] = warm.plan(self.usage(node), self.targets)
+        return found
 
     def _ultranet(self, node: _Node) -> Proc:
         """``NodeAgent.start`` then ``NodeAgent._manage``."""
@@ -615,7 +621,7 @@ class _Wave:
                 yield from self._vpccni_top_up(node)
             else:
                 over = vpccni.prefixes_to_release(vpccni.free_prefixes(total, assigned), target)
-                if over and self.now - last_decrease >= timers.decrease_interval_s:
+                if over and self.now - last_decrease > timers.decrease_interval_s:
                     last_decrease = self.now
                     yield from self._vpccni_release(node, over)
                 elif not over:
@@ -631,12 +637,13 @@ class _Wave:
     def _vpccni_init(self, node: _Node) -> Generator[float | _Wait, None, bool]:
         """``nodeInit``: describe, tag and refresh groups of every ENI, then pre-scale."""
         timers = vpccni.TIMERS
-        for attempt in range(1, timers.describe_all_enis_tries + 1):
+        for attempt in range(timers.describe_all_enis_tries):
             if (yield from self.sdk_call(node, "DescribeNetworkInterfaces")):
                 break
-            if attempt == timers.describe_all_enis_tries:
+            if attempt == timers.describe_all_enis_tries - 1:
                 return False
-            yield timers.describe_all_enis_sleep_s * attempt
+            if attempt:
+                yield timers.describe_all_enis_sleep_s * attempt
         if not node.tagged:
             delay = timers.tag_backoff_s
             for attempt in range(1, timers.tag_tries + 1):
@@ -645,8 +652,9 @@ class _Wave:
                     break
                 if attempt == timers.tag_tries:
                     return False
-                yield delay * (1 + self.rng.uniform(0, timers.tag_jitter))
-                delay *= timers.tag_backoff_factor
+                jitter = delay * timers.tag_jitter
+                yield delay + self.rng.uniform(-jitter, jitter)
+                delay = min(delay * timers.tag_backoff_factor, TAG_BACKOFF_MAX_S)
         for _ in node.enis:
             yield from self.sdk_call(node, "ModifyNetworkInterfaceAttribute")  # errors ignored
         shape = self.vpccni_shape
@@ -667,18 +675,19 @@ class _Wave:
             if (yield from self.sdk_call(node, "AssignPrivateIpAddresses")):
                 node.enis[i] += count
                 return True
-            if count > 1 and (yield from self.sdk_call(node, "AssignPrivateIpAddresses")):
+            if (yield from self.sdk_call(node, "AssignPrivateIpAddresses")):  # 1 prefix
                 node.enis[i] += 1
                 return True
             return False
         if len(node.enis) >= self.max_enis:
             return True
+        # tryAllocateENI: a failure is logged, never fails the caller (nor nodeInit).
         for action in ("DescribeSubnets", "CreateNetworkInterface", "DescribeInstances"):
             if not (yield from self.sdk_call(node, action)):
-                return False
+                return True
         if not (yield from self.sdk_call(node, "AttachNetworkInterface")):
             yield from self.sdk_call(node, "DeleteNetworkInterface")
-            return False
+            return True
         yield from self.sdk_call(node, "ModifyNetworkInterfaceAttribute")
         node.enis.append(min(need, self.slots))
         return True

@@ -24,6 +24,9 @@ def test_the_json_holds_the_figures_and_the_run_s_conditions(tmp_path: Path) -> 
     assert len(result["plan_seconds"]["all"]) == 5
     assert result["plan_seconds"]["best"] == min(result["plan_seconds"]["all"])
     assert result["simulate_seconds"]["value"] > 0
+    launch = result["launch"]
+    assert "--nodes=10000" in launch["argv"] and launch["seconds"] > 0
+    assert launch["result"]["nodes_ready"] == 10_000
     code = result["conditions"]["code"]
     assert len(code["commit"]) == 40 and isinstance(code["dirty"], bool)
     assert result["conditions"]["machine"]["cpus"] >= 1

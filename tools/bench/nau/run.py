@@ -4,12 +4,15 @@
     .venv/bin/python tools/bench/nau/run.py --quick    # simulate with 100K pod events
     .venv/bin/python tools/bench/nau/run.py --jobs 1   # the two scenarios one after the other
     .venv/bin/python tools/bench/nau/run.py --json out.json   # and the run's conditions
+    .venv/bin/python tools/bench/nau/run.py --only launch      # the launch model's row alone
 
 ``plan``: wall time of ``python -m ipam.nau.cli plan`` (embedded 100K-node default),
 interpreter start and imports included, best and median of five runs; bar < 1 s.
 ``simulate``: wall time of ``python -m ipam.nau.cli simulate`` on the same plan, 100K
 nodes and 1M pod events, both scenarios (with and without prefix reservations); bar
-<= 60 s. The 1-minute load average before and after each part is printed beside it
+<= 60 s. ``launch``: wall time of ``python -m ipam.nau.cli launch`` playing the 100K-node
+wave of issue 15 (100,000 p5.48xlarge at 2,000/min, 12 pods each, ``--prefixes-at-launch
+auto``); bar <= 60 s. The 1-minute load average before and after each part is printed beside it
 (the "after" includes this benchmark's own processes): the machine is shared, and a
 figure means little without it.
 """
@@ -50,12 +53,58 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
+LAUNCH_NODES = 100_000
+
+
+def _launch_argv(nodes: int) -> list[str]:
+    return [
+        "launch",
+        f"--nodes={nodes}",
+        "--rate=2000/min",
+        "--instance-type=p5.48xlarge",
+        "--pods-per-node=12",
+        "--prefixes-at-launch=auto",
+        "--json",
+    ]
+
+
+def _launch_row(nodes: int) -> dict[str, object]:
+    argv = _launch_argv(nodes)
+    before = _load()
+    seconds, out = _time(argv)
+    result = json.loads(out)["ultranet"]
+    print(
+        f"launch ({nodes:,} p5.48xlarge at 2,000/min, 12 pods, auto): {seconds:.1f}s "
+        "(bar <= 60 s at 100K); "
+        f"{result['nodes_ready']:,} Ready, {result['ec2_calls_per_node']} EC2 calls per node, "
+        f"Ready p99 {result['ready_p99_s']} s, {result['events']:,} events; "
+        f"load {before:.2f} -> {_load():.2f}"
+    )
+    keep = ("nodes_ready", "ec2_calls_per_node", "ready_p99_s", "events", "simulated_s")
+    return {
+        "argv": argv,
+        "seconds": seconds,
+        "load_1min": (before, _load()),
+        "result": {k: result[k] for k in keep},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="simulate 100K pod events, not 1M")
+    parser.add_argument(
+        "--quick", action="store_true", help="simulate 100K pod events, not 1M; launch 10K nodes"
+    )
     parser.add_argument("--jobs", type=int, help="simulate's --jobs (default: its own)")
     parser.add_argument("--json", type=Path, help="write the figures and the run's conditions")
+    parser.add_argument("--only", choices=("launch",), help="run this row alone")
     args = parser.parse_args()
+    if args.only == "launch":
+        result = {"launch": _launch_row(LAUNCH_NODES)}
+        if args.json is not None:
+            conditions = {"code": code(), "machine": machine(), "load_after": load()}
+            result["conditions"] = conditions
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     conditions = {"code": code(), "machine": machine(), "load_before": load()}
     before = _load()
     plans = [_time(["plan"])[0] for _ in range(5)]
@@ -74,6 +123,7 @@ def main() -> int:
         f"load {before:.2f} -> {_load():.2f}"
     )
     print(out)
+    launch = _launch_row(10_000 if args.quick else LAUNCH_NODES)
     if args.json is not None:
         result = {
             "config": {
@@ -90,6 +140,7 @@ def main() -> int:
                 "load_1min": plan_load,
             },
             "simulate_seconds": {"value": seconds, "load_1min": (before, _load())},
+            "launch": launch,
         }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -99,11 +99,13 @@ def main() -> int:
     parser.add_argument("--only", choices=("launch",), help="run this row alone")
     args = parser.parse_args()
     if args.only == "launch":
-        result = {"launch": _launch_row(LAUNCH_NODES)}
+        row = _launch_row(LAUNCH_NODES)
         if args.json is not None:
-            conditions = {"code": code(), "machine": machine(), "load_after": load()}
-            result["conditions"] = conditions
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            only = {
+                "launch": row,
+                "conditions": {"code": code(), "machine": machine(), "load_after": load()},
+            }
+            args.json.write_text(json.dumps(only, indent=2) + "\n")
         return 0
     conditions = {"code": code(), "machine": machine(), "load_before": load()}
     before = _load()

@@ -97,7 +97,7 @@ class PlumbingPort(Protocol):
     ) -> list[str]: ...
 
     async def setup_v4_egress(
-        self, net: PodNetwork, address: IPv4Address, node_range: IPv4Network
+        self, net: PodNetwork, address: IPv4Address, node_range: IPv4Network, pod: PodHandle
     ) -> str: ...
 
     async def teardown_v4_egress(self, key: IpamKey) -> None: ...
@@ -179,7 +179,7 @@ class CniHandler:
             try:
                 plumbed = await self.plumbing.setup(net, sandbox)
                 if allocation.egress_v4 is not None:
-                    await self._setup_v4_egress(net, allocation.egress_v4)
+                    await self._setup_v4_egress(net, allocation.egress_v4, sandbox)
             except BaseException:
                 await _settled(durable)  # then the release follows the allocation
                 if existing is None:
@@ -208,7 +208,7 @@ class CniHandler:
                 ErrorCode.IPAM_FAILED, f"allocation for {key} refused", str(err)
             ) from err
 
-    async def _setup_v4_egress(self, net: PodNetwork, address: IPv4Address) -> None:
+    async def _setup_v4_egress(self, net: PodNetwork, address: IPv4Address, pod: PodHandle) -> None:
         """The pod's IPv4 egress veth, after its own interfaces; if it fails, those go too
         (the caller then releases the allocation)."""
         node_range = self.config.v4_egress_range
@@ -219,7 +219,7 @@ class CniHandler:
                     f"the allocation of {net.key} holds a node-local IPv4 ({address}) but "
                     "this node has no IPv4 egress range",
                 )
-            await self.plumbing.setup_v4_egress(net, address, node_range)
+            await self.plumbing.setup_v4_egress(net, address, node_range, pod)
         except BaseException:
             left = await self.plumbing.teardown(
                 net.key,

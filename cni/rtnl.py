@@ -145,12 +145,13 @@ def get_link(name: str) -> Message:
     return Message(RTM_GETLINK, F_REQUEST, body, f"find link {name}")
 
 
-def address(index: int, addr: Address, what: str) -> Message:
+def address(index: int, addr: Address, what: str, *, scope: int = SCOPE_UNIVERSE) -> Message:
     """``addr/32`` or ``addr/128``; an IPv6 one with ``nodad``: usable at once, not
-    tentative for DAD's second (the address is the pod's alone, by its allocation)."""
+    tentative for DAD's second (the address is the pod's alone, by its allocation).
+    ``scope`` link: never a source for traffic that leaves the link (a gateway address)."""
     packed = addr.packed
     flags = IFA_F_NODAD if addr.version == 6 else 0
-    body = _IFADDR.pack(_family(addr), addr.max_prefixlen, flags, SCOPE_UNIVERSE, index)
+    body = _IFADDR.pack(_family(addr), addr.max_prefixlen, flags, scope, index)
     body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
     return Message(RTM_NEWADDR, _NEW, body, what)
 

@@ -130,7 +130,8 @@ class Ipv6NodeAgent(NodeAgent):
         self, sys_class_net: Path = Path("/sys/class/net"), proc_sys: Path = Path("/proc/sys")
     ) -> dict[str, str]:
         """IPv6 on, forwarding on, ``accept_ra=2`` on the primary interface (found by its
-        MAC), in this process's namespace; returns what was written."""
+        MAC), and with ``ENABLE_V4_EGRESS`` IPv4 forwarding (as the VPC CNI's egress plugin
+        turns it on), in this process's namespace; returns what was written."""
         primary = next(
             (
                 link.name
@@ -147,6 +148,9 @@ class Ipv6NodeAgent(NodeAgent):
             "net/ipv6/conf/all/forwarding": "1",
             f"net/ipv6/conf/{primary}/accept_ra": "2",
         }
+        if self.config.enable_v4_egress:
+            # The pods' node-local IPv4 is forwarded to the primary ENI and SNAT'd there.
+            values["net/ipv4/ip_forward"] = "1"
         try:
             for key, value in values.items():
                 (proc_sys / key).write_text(value)

@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterator
-from ipaddress import IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from pyroute2 import IPRoute
 
 from cni.install import conflist
 from cni.keys import IpamKey
-from cni.plumbing import RULE_TO_POD, host_ifname
+from cni.plumbing import RULE_TO_POD, host_ifname, v4_egress_ifname
 from ipam.pool6 import Ipv6PrefixPool
 from tests.cni.exec_harness import exec_shim, install_shim, serving
 from tests.cni.harness import NETWORK, conf, env, node, ns_path, run
@@ -331,3 +331,113 @@ def test_add_check_del_of_an_ipv6_pod_through_libcni(
     assert seen["del"]["ok"] and seen["del2"]["ok"], (seen["del"], seen["del2"])
     assert host_v6(spaces.node) == before
     assert pools.held() == set()
+
+
+# -- IPv4 egress (v4if0), chained into the IPv6 ADD ------------------------------------------
+
+EGRESS_RANGE = IPv4Network("198.18.4.0/22")
+NODE_IPV4 = "198.18.9.1"  # the node's IPv4, on its loopback
+
+
+def egress_backend() -> PoolBackend:
+    pool = Ipv6PrefixPool("eni-primary", cooldown_s=0, egress_range=EGRESS_RANGE)
+    pool.set_prefix(PREFIX)
+    return PoolBackend(pool)
+
+
+def test_an_ipv6_pod_gets_v4if0_with_its_node_local_ipv4_and_loses_it_on_del(
+    spaces: Namespaces,
+) -> None:
+    pod_a, pod_b = spaces.pod("a"), spaces.pod("b")
+    with IPRoute(netns=spaces.node) as ipr:
+        (lo,) = ipr.link_lookup(ifname="lo")
+        ipr.addr("add", index=lo, address=NODE_IPV4, prefixlen=32)
+    pools = egress_backend()
+    before = host_v6(spaces.node)
+    with IPRoute(netns=pod_b) as ipr:  # pod b already has a v4if0: its egress step fails
+        ipr.link("add", ifname="v4if0", kind="veth", peer={"ifname": "other"})
+
+    async def scenario() -> dict[str, Any]:
+        async with node(spaces, pools, v4_egress_range=EGRESS_RANGE) as n:  # type: ignore[arg-type]
+            result = await n.add("c1", pod_a, "1.0.0")
+            seen: dict[str, Any] = {"result": result}
+            seen["pod"] = await asyncio.to_thread(pod_v4, pod_a)
+            seen["host"] = await asyncio.to_thread(host_v4, spaces.node)
+            seen["reach"] = await asyncio.to_thread(reach, pod_a, NODE_IPV4)
+            seen["check"] = await n.call(
+                env("CHECK", "c1", ns_path(pod_a)), conf("1.0.0", prevResult=result)
+            )
+            seen["failed"] = await n.call(env("ADD", "c2", ns_path(pod_b)), conf("1.0.0"))
+            seen["held"] = pools.held()
+            await n.delete("c1", pod_a, result, "1.0.0")
+            await n.plumbing.settle()
+            return seen
+
+    seen = run(scenario())
+    names = [i["name"] for i in seen["result"]["interfaces"]]
+    assert names[-1] == "v4if0" and len(seen["result"]["ips"]) == 1  # listed, no IPv4 ip
+    (address,) = seen["pod"]["addrs"]
+    assert IPv4Address(address) == IPv4Address("198.18.4.2")
+    assert seen["pod"]["default"] == "198.18.4.1" and seen["pod"]["neigh"] == 0x80
+    host_end = v4_egress_ifname(IpamKey(NETWORK, "c1", "eth0"))
+    assert seen["host"][host_end] == {"198.18.4.1": 253, "route": address}  # scope link
+    assert seen["reach"] == "refused"  # a RST from the node: the packet got there and back
+    assert seen["check"] == (0, {})
+    code, out = seen["failed"]
+    assert code == 1 and "IPv4 egress" in out["msg"], out
+    assert len(seen["held"]) == 1  # c2's allocation went back with its failed ADD
+    assert host_v6(spaces.node) == before  # c2's interfaces and c1's after its DEL
+    assert host_v4(spaces.node) == {}
+    with IPRoute(netns=pod_a) as ipr:
+        assert ipr.link_lookup(ifname="v4if0") == []
+    assert pools.held() == set()
+
+
+def pod_v4(ns: str) -> dict[str, Any]:
+    with IPRoute(netns=ns) as ipr:
+        (index,) = ipr.link_lookup(ifname="v4if0")
+        addrs = [a.get("address") for a in ipr.get_addr(family=socket.AF_INET, index=index)]
+        (default,) = [
+            r.get("gateway")
+            for r in ipr.get_routes(family=socket.AF_INET, table=254)
+            if r["dst_len"] == 0 and r.get("oif") == index
+        ]
+        (nud,) = [
+            n["state"]
+            for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=index)
+            if n.get("dst") == "198.18.4.1"
+        ]
+    return {"addrs": addrs, "default": default, "neigh": nud}
+
+
+def host_v4(ns: str) -> dict[str, Any]:
+    """Per v4e* link: its addresses with their scope, and the /32 route to it."""
+    out: dict[str, Any] = {}
+    with IPRoute(netns=ns) as ipr:
+        for link in ipr.get_links():
+            name = str(link.get("ifname"))
+            if not name.startswith("v4e"):
+                continue
+            entry: dict[str, Any] = {
+                a.get("address"): a["scope"]
+                for a in ipr.get_addr(family=socket.AF_INET, index=link["index"])
+            }
+            for r in ipr.get_routes(family=socket.AF_INET, table=254, oif=link["index"]):
+                if r["dst_len"] == 32:
+                    entry["route"] = r.get("dst")
+            out[name] = entry
+    return out
+
+
+def reach(ns: str, address: str) -> str:
+    """A TCP connection to a closed port: "refused" when the node's RST came back."""
+    code = (
+        "import socket, sys\n"
+        "try:\n"
+        "    socket.create_connection((sys.argv[1], 7), timeout=5)\n"
+        "except ConnectionRefusedError:\n"
+        "    print('refused')\n"
+        "except OSError as err:\n"
+        "    print(type(err).__name__)\n"
+    )
+    return python_in(ns, code, address, timeout=20).stdout.strip()

@@ -215,11 +215,13 @@ def test_the_host_gets_the_vpc_cni_init_ipv6_settings(tmp_path: Path) -> None:
                 (sys_net / name / "address").write_text(mac + "\n")
             for key in ("all/disable_ipv6", "all/forwarding", "ens5/accept_ra"):
                 (proc / "net/ipv6/conf" / key).parent.mkdir(parents=True, exist_ok=True)
+            (proc / "net/ipv4").mkdir(parents=True)
             written = agent.configure_host(sys_net, proc)
             assert written == {
                 "net/ipv6/conf/all/disable_ipv6": "0",
                 "net/ipv6/conf/all/forwarding": "1",
                 "net/ipv6/conf/ens5/accept_ra": "2",
+                "net/ipv4/ip_forward": "1",  # ENABLE_V4_EGRESS: pods' IPv4 to the ENI
             }
             assert (proc / "net/ipv6/conf/ens5/accept_ra").read_text() == "2"
             (sys_net / "ens5" / "address").write_text("02:00:00:00:00:99\n")

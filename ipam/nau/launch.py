@@ -50,10 +50,11 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from ipam import warm
 from ipam.agent import ERROR_BACKOFF_S, MANAGE_DEBOUNCE_S, MANAGE_INTERVAL_S
@@ -73,6 +74,7 @@ __all__ = [
     "run",
 ]
 
+T = TypeVar("T")
 TIMINGS_FILE = "launch-timings.json"
 AGENTS = ("ultranet", "vpc-cni")
 SERVER_ERROR = "InternalError"
@@ -430,26 +432,42 @@ class _Wave:
                 self.clock,
                 self.rng,
             )
+        # Between two requests only this node's own client is involved (its bucket, its
+        # pacer, its random back-off), so what it does there is worked out at once on a
+        # clock set to when it happens, and each attempt costs the model one event: the
+        # request, when it reaches EC2's buckets, which other nodes share.
         attempt = 0
+        gap = 0.0  # from now until this attempt starts (the last answer and back-off)
         while True:
             attempt += 1
-            wait = max(node.bucket.reserve(), pacer.reserve())
-            if wait > 0:
-                yield wait
+            wait = self._then(self.now + gap, partial(_pace, node.bucket, pacer))
+            if gap + wait > 0:
+                yield gap + wait
             code = self.request(node, action)
-            yield self.call_latency
+            answered = self.now + self.call_latency
             if code is None:
+                yield self.call_latency
                 pacer.succeeded()
                 return True
             throttled = code in THROTTLE_CODES
             if throttled:
-                pacer.throttled()
+                self._then(answered, pacer.throttled)
             limit = CLIENT["max_throttled_attempts"] if throttled else CLIENT["max_attempts"]
             if attempt >= limit:
+                yield self.call_latency
                 return False
             cap = min(CLIENT["max_delay_s"], CLIENT["base_delay_s"] * 2 ** (attempt - 1))
             node.retries += 1
-            yield self.rng.uniform(0.0, cap)
+            gap = self.call_latency + self.rng.uniform(0.0, cap)
+
+    def _then(self, at: float, work: Callable[[], T]) -> T:
+        """``work`` as at simulated time ``at`` (>= now): for a node's own state only."""
+        now = self.now
+        self.now = at
+        try:
+            return work()
+        finally:
+            self.now = now
 
     def sdk_call(self, node: _Node, action: str) -> Generator[float | _Wait, None, bool]:
         """The Go SDK's standard retryer (the VPC CNI's client): 3 attempts, full jitter,
@@ -462,18 +480,20 @@ class _Wave:
         while True:
             attempt += 1
             code = self.request(node, action)
-            yield self.call_latency
             if code is None:
+                yield self.call_latency
                 if attempt == 1:
                     node.quota = min(sdk.quota_tokens, node.quota + sdk.success_refund)
                 else:
                     node.quota = min(sdk.quota_tokens, node.quota + sdk.retry_cost)
                 return True
             if attempt >= sdk.max_attempts or node.quota < sdk.retry_cost:
+                yield self.call_latency
                 return False
             node.quota -= sdk.retry_cost
             node.retries += 1
-            yield self.rng.uniform(0.0, sdk.backoff_bound_s(attempt))
+            # The answer, then the back-off: one wait (only this node is involved).
+            yield self.call_latency + self.rng.uniform(0.0, sdk.backoff_bound_s(attempt))
 
     # -- ultranet's agent ----------------------------------------------------------
 
@@ -803,6 +823,11 @@ class _Wave:
                 )
                 addresses += 1 + warm.IPS_PER_PREFIX * prefixes
         return nau, addresses
+
+
+def _pace(bucket: TokenBucket, pacer: ThrottlePacer) -> float:
+    """``Ec2Client._call``'s wait before a request: its own bucket and the action's pacer."""
+    return max(bucket.reserve(), pacer.reserve())
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

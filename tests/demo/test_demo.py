@@ -1,7 +1,7 @@
-"""``make demo``, reduced: 6 pods (2 multi-NIC) on the emulated p5.48xlarge, end to end
-through containerd's CRI, then through the libcni fallback when containerd cannot start,
-then runs failing on purpose; all must leave no namespace, process, containerd shim,
-mount, sandbox namespace file or temp dir."""
+"""``make demo``, reduced: 6 pods (2 multi-NIC) on the emulated p5.48xlarge and 3 on the
+IPv6 node beside it, end to end through containerd's CRI, then through the libcni fallback
+when containerd cannot start, then runs failing on purpose; all must leave no namespace,
+process, containerd shim, mount, sandbox namespace file or temp dir."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,11 @@ def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
 def assert_nothing_left(output: str) -> None:
     """No namespace of the run's lab, no process naming its temp dir (containerd and its
     shims name it in their arguments), no mount under it, no temp dir."""
-    lab = re.search(r"lab ([0-9a-f]{6}): namespaces", output)
+    labs = re.findall(r"lab ([0-9a-f]{6}): namespaces", output)
     tmp = re.search(r"CNI: shim (/\S+/ultranet-demo-[^/]+)/", output)
-    assert lab and tmp, output
-    assert [n for n in netns.list_lab_namespaces() if n.startswith(f"ul-{lab.group(1)}-")] == []
+    assert labs and tmp, output
+    for lab in labs:  # the IPv4 node's, and the IPv6 node's when it ran
+        assert [n for n in netns.list_lab_namespaces() if n.startswith(f"ul-{lab}-")] == []
     assert not Path(tmp.group(1)).exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert tmp.group(1) not in ps
@@ -66,6 +68,38 @@ def assert_pods_and_dns(out: str) -> None:
     assert "left behind: nothing (checked" in out
 
 
+def assert_ipv6_node(out: str) -> None:
+    """The IPv6 node: ready with 0 EC2 calls, each pod a distinct /128 of the node's /80,
+    the node's name answered over IPv6 by ultranet-dns, and an IPv6 pod's connection to an
+    IPv4 host arriving from the node's primary IPv4."""
+    node = re.search(
+        r"instance (i-[0-9a-f]+); VPC (fd[0-9a-f:]+/56); primary ENI eni-[0-9a-f]+: "
+        r"([\d.]+), (fd[0-9a-f:]+)/128 and the /80 (fd[0-9a-f:]+/80)",
+        out,
+    )
+    assert node, out
+    instance, vpc, node_ipv4, node_ipv6, prefix = node.groups()
+    assert IPv6Network(prefix).subnet_of(IPv6Network(vpc))
+    assert IPv6Network(vpc).subnet_of(IPv6Network("fd00::/8"))
+    assert "EC2 calls for the IPv6 node's start: 0 (the emulator's request counters: none)" in out
+    assert re.search(rf"{instance} \(m5\.large\): /80 {prefix} .* with 0 EC2 calls", out), out
+    pods = re.findall(rf"(pod6-\d+)  eth0 (fd[0-9a-f:]+)/128 \(in {re.escape(prefix)}\)", out)
+    addresses = {IPv6Address(a) for _, a in pods}
+    assert len(pods) == 3 and len(addresses) == 3, out
+    assert all(a in IPv6Network(prefix) for a in addresses)
+    assert "15 AAAA answers over IPv6 from 3 pods, all NOERROR" in out
+    dig = re.search(rf"dig @fd00::20:10 {instance}\.\S+ AAAA from pod6-000: (\S+)", out)
+    assert dig and IPv6Address(dig.group(1)) == IPv6Address(node_ipv6), out
+    seen = re.search(
+        r"pod6-000 \(v4if0 ([\d.]+)\) -> [\d.]+:\d+ across the VPC router: the host saw "
+        r"source ([\d.]+) ",
+        out,
+    )
+    assert seen, out
+    assert IPv4Address(seen.group(2)) == IPv4Address(node_ipv4) != IPv4Address(seen.group(1))
+    assert "ultranet-ipamd (IPv6) holds 0 allocations after DEL" in out
+
+
 @pytest.mark.netns
 def test_reduced_demo_runs_its_pods_through_containerd_and_leaves_nothing() -> None:
     before = sandbox_netns_files()
@@ -85,6 +119,8 @@ def test_reduced_demo_runs_its_pods_through_containerd_and_leaves_nothing() -> N
     assert re.search(r"CNI DEL timer .*: mean [\d.]+ ms over 12 calls", out), out
     assert "FALLBACK" not in out and "via libcni" not in out
     assert_pods_and_dns(out)
+    assert_ipv6_node(out)
+    assert re.search(r"IPv6 node: .*\n(?:      .*\n)*      pods: RunPodSandbox via containerd", out)
     assert "containerd's shims, mounts, pause processes" in out
     assert_nothing_left(out)
     assert sandbox_netns_files() <= before
@@ -104,6 +140,8 @@ def test_when_containerd_cannot_start_it_says_why_and_falls_back_to_libcni() -> 
     assert re.search(r"libcni AddNetworkList wall time .*FALLBACK: containerd could not start", out)
     assert "RunPodSandbox" not in out and "containerd's own" not in out
     assert_pods_and_dns(out)
+    assert_ipv6_node(out)
+    assert "pods: netns + CNI ADD via libcni (FALLBACK" in out
     assert_nothing_left(out)
 
 
@@ -116,10 +154,11 @@ def test_a_missing_containerd_is_named_before_anything_starts() -> None:
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("step", ["containerd", "queries"])
+@pytest.mark.parametrize("step", ["containerd", "queries", "ipv6-egress"])
 def test_a_failing_demo_cleans_up(step: str) -> None:
     # At "containerd" before it starts; at "queries" with containerd, its shims and
-    # six sandboxes running.
+    # six sandboxes running; at "ipv6-egress" with both nodes up, the IPv6 node's
+    # containerd and its three sandboxes running.
     before = sandbox_netns_files()
     done = run_demo("--fail-at", step)
     assert done.returncode == 1
@@ -127,6 +166,8 @@ def test_a_failing_demo_cleans_up(step: str) -> None:
     assert "demo failed: cleaning up ... done" in done.stdout
     assert "left behind: nothing" in done.stdout
     assert_nothing_left(done.stdout)
+    if step.startswith("ipv6"):
+        assert len(re.findall(r"lab ([0-9a-f]{6}): namespaces", done.stdout)) == 2
     assert sandbox_netns_files() <= before
 
 

@@ -6,16 +6,22 @@ containerd starts in the node with ultranet's conflist, and 100 pods (10 of them
 multi-NIC by annotation, one interface per card) are started through its CRI as the
 kubelet starts them (RunPodSandbox: containerd execs the real CNI shim); the pods
 resolve names through ``ultranet-dns`` in node-local mode, which forwards to a lab
-upstream; the pods are stopped and removed (StopPodSandbox runs the CNI DEL); the lab
-is removed. It prints ADD/DEL latency, the pods' addresses, prefixes and NAU on the
-node, DNS hit rate and upstream queries, then ``ultranet-nau plan`` for 100,000 nodes.
+upstream; the pods are stopped and removed (StopPodSandbox runs the CNI DEL). Beside it,
+an IPv6 node (a second lab: an m5.large launched with its /80, ``ultranet-ipamd`` with
+``ENABLE_IPv6=true``): a few pods through containerd's CRI, each with a /128 of the /80,
+resolving the node's name over IPv6 through ``ultranet-dns`` on a node-local IPv6
+address, and, where the build has it, reaching an IPv4 host through the egress path
+(``tools/demo/node6.py``). The labs are removed. It prints ADD/DEL latency, the pods'
+addresses, prefixes and NAU on the node, DNS hit rate and upstream queries, the IPv6
+node's EC2 calls, /128s and DNS answers, then ``ultranet-nau plan`` for 100,000 nodes.
 
 Where containerd cannot start (not installed, or refused by the machine), the demo
 prints why and starts the pods through the libcni driver instead, labelled FALLBACK.
 Without root there are no namespaces: it says so and runs the planner alone.
 
 ``--fail-at STEP`` fails on purpose at the start of a step (build, lab, imds, ipamd,
-dns, containerd, pods, warm, queries, del, teardown): it shows that clean-up leaves
+dns, containerd, pods, warm, queries, del, ipv6-node, ipv6-pods, ipv6-dns, ipv6-egress,
+ipv6-del, teardown): it shows that clean-up leaves
 nothing behind.
 """
 
@@ -28,7 +34,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tools.demo.node import NODE_STEPS, Options, run_node, summary
+from tools.demo.node import Options, node_steps, run_node, summary
 from tools.demo.progress import DemoError, Progress
 
 STEP_KEYS = (
@@ -42,6 +48,11 @@ STEP_KEYS = (
     "warm",
     "queries",
     "del",
+    "ipv6-node",
+    "ipv6-pods",
+    "ipv6-dns",
+    "ipv6-egress",
+    "ipv6-del",
     "teardown",
 )
 
@@ -53,6 +64,12 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--pods", type=int, default=100)
     p.add_argument("--multi-nic", type=int, default=10, help="how many of the pods are multi-NIC")
     p.add_argument("--queries-per-pod", type=int, default=5)
+    p.add_argument(
+        "--ipv6-pods",
+        type=int,
+        default=3,
+        help="pods on the IPv6 node (ENABLE_IPv6, its /80 at launch); 0: no IPv6 node",
+    )
     p.add_argument("--fail-at", choices=STEP_KEYS, help="fail on purpose there (tests clean-up)")
     p.add_argument(
         "--containerd",
@@ -70,6 +87,10 @@ def parse(argv: Sequence[str] | None) -> Options:
         p.error("--queries-per-pod must be 1..50")
     if not 1 <= args.prefixes_per_card <= 8:
         p.error("--prefixes-per-card must be 1..8")
+    if not 0 <= args.ipv6_pods <= 50:
+        p.error("--ipv6-pods must be 0..50")
+    if args.fail_at and args.fail_at.startswith("ipv6") and not args.ipv6_pods:
+        p.error(f"--fail-at {args.fail_at} needs the IPv6 node (--ipv6-pods > 0)")
     return Options(
         instance_type=args.instance_type,
         prefixes_per_card=args.prefixes_per_card,
@@ -78,6 +99,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         queries_per_pod=args.queries_per_pod,
         fail_at=args.fail_at,
         containerd=args.containerd,
+        ipv6_pods=args.ipv6_pods,
     )
 
 
@@ -112,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = show_plan(text)
         print(f"\ndemo: planner only, {progress.elapsed():.1f} s. Plan verdict: {verdict}")
         return code
-    progress = Progress(NODE_STEPS + 1, fail_at=options.fail_at)
+    progress = Progress(node_steps(options) + 1, fail_at=options.fail_at)
     try:
         report = run_node(options, progress)
         with progress.step("plan", "planning NAU for 100,000 nodes (ultranet-nau plan)"):

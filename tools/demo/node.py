@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tools.demo.progress import DemoError, Progress, Step
 from tools.demo.runtime import CriPods, LibcniPods, Pod, RuntimeUnavailable, build_driver
@@ -46,7 +46,10 @@ from tools.demo.services import (
     query_from_pod,
 )
 
-NODE_STEPS = 11  # the steps run_node shows; the planner adds one
+if TYPE_CHECKING:
+    from tools.demo.node6 import Ipv6Report
+
+NODE_STEPS = 11  # the IPv4 node's steps run_node shows; the planner adds one
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,14 @@ class Options:
     queries_per_pod: int = 5
     fail_at: str | None = None
     containerd: str = "containerd"  # the binary; one that cannot start means libcni
+    ipv6_pods: int = 3  # on the IPv6 node; 0: no IPv6 node
+
+
+def node_steps(options: Options) -> int:
+    """How many steps run_node shows."""
+    from tools.demo.node6 import IPV6_STEPS
+
+    return NODE_STEPS + (IPV6_STEPS if options.ipv6_pods else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +82,7 @@ class Card:
 class Report:
     """What the summary prints, gathered as the steps run."""
 
-    lab_id: str = ""
+    lab_ids: list[str] = field(default_factory=list)  # the IPv4 node's, then the IPv6 node's
     runtime: str = ""  # CriPods.label or LibcniPods.label
     runtime_calls: tuple[str, str] = ("", "")  # the ADD and DEL calls timed
     fallback_reason: str = ""  # why not containerd, when the pods went through libcni
@@ -91,7 +102,8 @@ class Report:
     # What leftovers() checks, filled in as things are made.
     sessions: list[int] = field(default_factory=list)  # our children that lead a session
     tmp: Path | None = None
-    runtime_left_behind: Callable[[], list[str]] | None = None
+    runtime_left_behind: list[Callable[[], list[str]]] = field(default_factory=list)
+    ipv6: Ipv6Report | None = None  # the IPv6 node's part, when it runs
 
 
 def prerequisites() -> None:
@@ -120,7 +132,7 @@ def run_node(options: Options, progress: Progress) -> Report:
                 checked = "nothing (checked: lab namespaces, our processes, the temp dir" + (
                     ", containerd's shims, mounts, pause processes, sandbox namespace "
                     "files and libcni cache entries)"
-                    if report.runtime_left_behind is not None
+                    if report.runtime_left_behind
                     else ")"
                 )
                 step.note(f"left behind: {', '.join(report.left_behind) or checked}")
@@ -177,17 +189,17 @@ def leftovers(report: Report) -> list[str]:
     from tools.lab import netns
 
     found = []
-    if report.lab_id:
-        mine = [n for n in netns.list_lab_namespaces() if n.startswith(f"ul-{report.lab_id}-")]
+    for lab_id in report.lab_ids:
+        mine = [n for n in netns.list_lab_namespaces() if n.startswith(f"ul-{lab_id}-")]
         if mine:
             found.append(f"{len(mine)} namespaces ({', '.join(mine[:3])})")
     sessions = set(report.sessions)
     for pid, ppid, sid, cmd in _processes():
         if ppid == os.getpid() or sid in sessions:
             found.append(f"process {pid} ({cmd})")
-    if report.runtime_left_behind is not None:
-        found += report.runtime_left_behind()
-    for pod in report.pods:
+    for runtime_left_behind in report.runtime_left_behind:
+        found += runtime_left_behind()
+    for pod in [*report.pods, *(report.ipv6.pods if report.ipv6 else [])]:
         if pod.pid and Path(f"/proc/{pod.pid}").exists():
             found.append(f"pause process {pod.pid} of {pod.name}")
     if report.tmp is not None and report.tmp.exists():
@@ -212,7 +224,6 @@ def _processes() -> Iterator[tuple[int, int, int, str]]:
 
 
 def _steps(options: Options, progress: Progress, stack: ExitStack, report: Report) -> None:
-    from cni.install import conflist, install
     from tools.lab.daemon import IpamdProcess
     from tools.lab.lab import Lab, LabConfig
 
@@ -232,7 +243,7 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
         " /28 per card, vpc + node namespaces",
     ) as step:
         lab = Lab(config)
-        report.lab_id = lab.lab_id
+        report.lab_ids.append(lab.lab_id)
         stack.callback(lab.close)  # idempotent, and safe on a half-started lab
         with signals_held():
             lab.start()
@@ -281,19 +292,7 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
             f"managing {count} network cards"
         )
         daemon.wait_cni_socket()  # as on a node: no conflist before the CNI socket answers
-        bin_dir, conf_dir = tmp / "cni" / "bin", tmp / "cni" / "net.d"
-        (shim,) = install(
-            bin_dir,
-            None,
-            python=sys.executable,
-            socket_path=cni_env["ULTRANET_CNI_SOCKET"],
-            spool_dir=cni_env["ULTRANET_CNI_SPOOL"],
-        )
-        conf_dir.mkdir(parents=True)
-        body = conflist()
-        body.pop("cniVersions")  # libcni 1.1 (Debian 12) reads cniVersion only
-        conf = conf_dir / "10-ultranet.conflist"
-        conf.write_text(json.dumps(body))
+        shim, bin_dir, conf_dir, conf = install_cni(tmp / "cni", cni_env)
         step.note(f"CNI: shim {shim} (#!{shim.read_text().split(chr(10), 1)[0][2:]})")
 
     with progress.step("dns", "DNS: lab upstream + ultranet-dns node-local on the node") as step:
@@ -322,26 +321,9 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
     with progress.step(
         "containerd", "container runtime: containerd with its CRI plugin in the node"
     ) as step:
-        runtime: CriPods | LibcniPods
-        try:
-            runtime = CriPods.start(
-                lab.node_ns, tmp / "containerd", bin_dir, conf_dir, options.containerd, stack
-            )
-            _session_pid(runtime.pid, report)
-            report.runtime_left_behind = runtime.left_behind
-            step.note(
-                f"{runtime.version()}; CNI from {bin_dir} and {conf_dir}; pause image "
-                "built here, imported with ctr (no registry)"
-            )
-        except RuntimeUnavailable as err:
-            report.fallback_reason = str(err).splitlines()[0][:300]
-            step.note(f"containerd cannot start here: {report.fallback_reason}")
-            step.note(
-                "FALLBACK: the pods go through the libcni driver (libcni's AddNetworkList on "
-                "namespaces the demo makes): the plugin's path without a container runtime"
-            )
-            runtime = _libcni(lab, conf, tmp, bin_dir, cni_env, stack)
-            step.note(f"libcni driver: {runtime.binary}")
+        runtime = start_runtime(
+            lab, tmp, (bin_dir, conf_dir, conf), cni_env, options.containerd, stack, report, step
+        )
         report.runtime = runtime.label
         report.runtime_calls = (runtime.add_call, runtime.del_call)
 
@@ -427,6 +409,11 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
         if held:
             raise DemoError(f"ultranet-ipamd still holds {held} allocations after every DEL")
 
+    if options.ipv6_pods:
+        from tools.demo.node6 import run_ipv6_node
+
+        run_ipv6_node(options, progress, stack, report, tmp / "ipv6")
+
 
 def _libcni(
     lab: Any, conf: Path, tmp: Path, bin_dir: Path, cni_env: dict[str, str], stack: ExitStack
@@ -443,6 +430,60 @@ def _libcni(
         return name
 
     return LibcniPods(driver, driver_binary, make_namespace)
+
+
+def install_cni(cni_dir: Path, cni_env: dict[str, str]) -> tuple[Path, Path, Path, Path]:
+    """ultranet's shim and conflist under ``cni_dir``: (shim, bin dir, conf dir, conflist)."""
+    from cni.install import conflist, install
+
+    bin_dir, conf_dir = cni_dir / "bin", cni_dir / "net.d"
+    (shim,) = install(
+        bin_dir,
+        None,
+        python=sys.executable,
+        socket_path=cni_env["ULTRANET_CNI_SOCKET"],
+        spool_dir=cni_env["ULTRANET_CNI_SPOOL"],
+    )
+    conf_dir.mkdir(parents=True)
+    body = conflist()
+    body.pop("cniVersions")  # libcni 1.1 (Debian 12) reads cniVersion only
+    conf = conf_dir / "10-ultranet.conflist"
+    conf.write_text(json.dumps(body))
+    return shim, bin_dir, conf_dir, conf
+
+
+def start_runtime(
+    lab: Any,
+    base: Path,
+    cni: tuple[Path, Path, Path],
+    cni_env: dict[str, str],
+    binary: str,
+    stack: ExitStack,
+    report: Report,
+    step: Step,
+) -> CriPods | LibcniPods:
+    """containerd in ``lab``'s node with the CNI dirs ``cni`` (bin, conf, conflist), or,
+    when it cannot start, the libcni driver; the step's notes say which and why."""
+    bin_dir, conf_dir, conf = cni
+    try:
+        runtime = CriPods.start(lab.node_ns, base / "containerd", bin_dir, conf_dir, binary, stack)
+    except RuntimeUnavailable as err:
+        report.fallback_reason = str(err).splitlines()[0][:300]
+        step.note(f"containerd cannot start here: {report.fallback_reason}")
+        step.note(
+            "FALLBACK: the pods go through the libcni driver (libcni's AddNetworkList on "
+            "namespaces the demo makes): the plugin's path without a container runtime"
+        )
+        pods = _libcni(lab, conf, base, bin_dir, cni_env, stack)
+        step.note(f"libcni driver: {pods.binary}")
+        return pods
+    _session_pid(runtime.pid, report)
+    report.runtime_left_behind.append(runtime.left_behind)
+    step.note(
+        f"{runtime.version()}; CNI from {bin_dir} and {conf_dir}; pause image "
+        "built here, imported with ctr (no registry)"
+    )
+    return runtime
 
 
 def _session(child: Child, report: Report) -> None:
@@ -645,6 +686,10 @@ def summary(report: Report, write: Callable[[str], None]) -> None:
         f"client-side p50: {median(hit_ms):.2f} ms from cache, {median(miss_ms):.2f} ms via "
         "the upstream (first ask of each name)"
     )
+    if report.ipv6 is not None:
+        from tools.demo.node6 import summary6
+
+        summary6(report.ipv6, write)
 
 
 def _ranges(report: Report, used: Counter[int]) -> Iterator[tuple[int, int, tuple[str, ...]]]:

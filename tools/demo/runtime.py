@@ -57,14 +57,16 @@ class Pod:
     remove_ms: float = 0.0  # RemovePodSandbox (CRI only)
     failures: list[str] = field(default_factory=list)  # ADDs that failed before it
     addresses: list[tuple[str, str]] = field(default_factory=list)  # (ifname in pod, address)
+    name_prefix: str = "pod"  # "pod6" on the IPv6 node
 
     @property
     def name(self) -> str:
-        return f"pod-{self.index:03d}"
+        return f"{self.name_prefix}-{self.index:03d}"
 
     @property
     def container(self) -> str:
-        return f"demo{self.index:03d}"
+        """Unique across both nodes: libcni's result cache is the host's, keyed by it."""
+        return f"demo-{self.name}"
 
 
 def with_retries(pod: Pod, attempt: Callable[[], str | None], undo: Callable[[], None]) -> None:

@@ -41,6 +41,9 @@ from tools.demo.progress import DemoError
 from tools.lab import netns
 
 NODE_LOCAL_ADDRESS = "169.254.20.10"
+# An IPv6 node's: its pods have no IPv4. NodeLocal DNSCache's docs suggest one of fd00::/8
+# that nothing else uses; the lab's VPC /56s are random unique-local ones, checked apart.
+NODE_LOCAL_ADDRESS_V6 = "fd00::20:10"
 ZONE = "us-west-2.compute.internal."
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,13 +133,14 @@ def host_name(address: str) -> str:
 
 
 class Upstream(Child):
-    """The lab's VPC resolver: an authoritative server for ``ZONE`` on node loopback."""
+    """The lab's VPC resolver: an authoritative server for ``ZONE`` on node loopback (an
+    A record for an IPv4 address, AAAA for an IPv6 one)."""
 
     def __init__(self, node_ns: str, records: Mapping[str, str], log_path: Path) -> None:
         argv = ["ip", "netns", "exec", node_ns, sys.executable, "-m", "tools.bench.dns.authserver"]
         argv += ["--origin", ZONE]
         for name, address in records.items():
-            argv += ["--record", f"{name} A {address}"]
+            argv += ["--record", f"{name} {'AAAA' if ':' in address else 'A'} {address}"]
         super().__init__("the lab upstream (tools.bench.dns.authserver)", argv, log_path)
         self.port = 0
 
@@ -146,18 +150,27 @@ class Upstream(Child):
 
 
 class NodeDns(Child):
-    """``ultranet-dns`` in node-local mode on 169.254.20.10, forwarding to ``upstream``."""
+    """``ultranet-dns`` in node-local mode on ``address`` (169.254.20.10, or on an IPv6 node
+    NODE_LOCAL_ADDRESS_V6), forwarding to ``upstream``."""
 
-    def __init__(self, node_ns: str, upstream: str, workers: int, state_dir: Path) -> None:
+    def __init__(
+        self,
+        node_ns: str,
+        upstream: str,
+        workers: int,
+        state_dir: Path,
+        address: str = NODE_LOCAL_ADDRESS,
+    ) -> None:
         self.config_path = state_dir / "ultranet-dns.yaml"
+        self.address = address
         doc = {
-            "listen": [f"{NODE_LOCAL_ADDRESS}:53"],
+            "listen": [f"[{address}]:53" if ":" in address else f"{address}:53"],
             "workers": workers,
             "metrics": "127.0.0.1:0",
             "zones": {".": {"upstreams": [upstream]}},
             "node_local": {
                 "interface": "nodelocaldns",
-                "addresses": [NODE_LOCAL_ADDRESS],
+                "addresses": [address],
                 "link_kind": "bridge",
             },
         }
@@ -224,24 +237,27 @@ class Answer:
 
 
 def query_from_pod(
-    pod_ns: str, server: str, names: Sequence[str], timeout: float = 2.0
+    pod_ns: str, server: str, names: Sequence[str], qtype: str = "A", timeout: float = 2.0
 ) -> list[Answer]:
-    """A query per name, sent from a UDP socket made inside the pod's namespace."""
+    """A ``qtype`` query per name, sent from a UDP socket made inside the pod's namespace
+    (over IPv6 when ``server`` is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
 
     def ask() -> list[Answer]:
         answers = []
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             sock.connect((server, 53))
             for name in names:
-                answers.append(_exchange(sock, name, pod_ns))
+                answers.append(_exchange(sock, name, qtype, pod_ns, server))
         return answers
 
     return netns.run_in(pod_ns, ask)
 
 
-def _exchange(sock: socket.socket, name: str, pod_ns: str) -> Answer:
-    query: Any = dnslib.DNSRecord.question(name, "A")
+def _exchange(sock: socket.socket, name: str, qtype: str, pod_ns: str, server: str) -> Answer:
+    query: Any = dnslib.DNSRecord.question(name, qtype)
+    wanted = getattr(dnslib.QTYPE, qtype)
     for _attempt in range(2):  # one retry: UDP, even if the lab does not drop
         begun = time.perf_counter()
         sock.send(query.pack())
@@ -253,18 +269,20 @@ def _exchange(sock: socket.socket, name: str, pod_ns: str) -> Answer:
         except TimeoutError:
             continue
         ms = (time.perf_counter() - begun) * 1000
-        addresses = tuple(str(rr.rdata) for rr in reply.rr if rr.rtype == dnslib.QTYPE.A)
+        addresses = tuple(str(rr.rdata) for rr in reply.rr if rr.rtype == wanted)
         return Answer(name, str(dnslib.RCODE.get(reply.header.rcode)), addresses, ms)
-    raise DemoError(f"no DNS answer for {name} in {pod_ns} (asked {NODE_LOCAL_ADDRESS})")
+    raise DemoError(f"no DNS answer for {name} in {pod_ns} (asked {server})")
 
 
-def dig_from_pod(pod_ns: str, name: str) -> str | None:
+def dig_from_pod(
+    pod_ns: str, name: str, server: str = NODE_LOCAL_ADDRESS, qtype: str = "A"
+) -> str | None:
     """``dig +short`` from inside a pod; None when dig is not installed."""
     if shutil.which("dig") is None:
         return None
     done = subprocess.run(
-        ["ip", "netns", "exec", pod_ns, "dig", f"@{NODE_LOCAL_ADDRESS}", "+short"]
-        + ["+tries=1", "+time=3", name, "A"],
+        ["ip", "netns", "exec", pod_ns, "dig", f"@{server}", "+short"]
+        + ["+tries=1", "+time=3", name, qtype],
         capture_output=True,
         text=True,
         timeout=20,

@@ -70,7 +70,7 @@ async def run(config: IpamdConfig, stop: asyncio.Event) -> int:
     wants_egress = config.enable_v4_egress if config.ipv6 else True
     egress = Egress(egress_config(config)) if wants_egress else None
     agent = agent_class(config.ipv6)(
-        config, hostnet=hostnet, pod_alive=host_veth_alive(), egress=egress
+        config, hostnet=hostnet, pod_alive=host_veth_alive(config.veth_prefix), egress=egress
     )
     servers: list[ApiServer | HttpServer] = []
     cni_server: CniServer | None = None

@@ -102,3 +102,45 @@ def test_the_periodic_sweep_cleans_after_a_pod_gone_without_a_del_and_a_stray_ve
     assert code == 0, out
     wait_until(lambda: host_state(lab) == {"links": [], "rules": [], "routes": []}, "clean host")
     assert held(daemon) == []
+
+
+def test_a_restart_keeps_the_pods_of_a_node_with_another_veth_prefix(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    # AWS_VPC_K8S_CNI_VETHPREFIX: the daemon's conflist names host veths pod<hash>. A
+    # restart drops the allocations whose host veth is gone, and must look for that name,
+    # not eni<hash>, or it drops every live pod (and the sweep then reaps their rules).
+    lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
+    daemon = IpamdProcess(
+        lab,
+        tmp_path / "d",
+        {
+            "ULTRANET_CNI_SPOOL": str(tmp_path / "d" / "spool"),
+            "AWS_VPC_K8S_CNI_VETHPREFIX": "pod",
+            "ULTRANET_STRAY_SWEEP_INTERVAL": "1",
+        },
+    )
+    (shim,) = install(tmp_path / "bin", None, python=sys.executable)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        daemon.wait_cni_socket()
+        pod = lab.create_pod_namespace("prefixed")
+        code, out = exec_shim(
+            lab, shim, daemon, env("ADD", "prefixed", ns_path(pod)), conf(vethPrefix="pod")
+        )
+        assert code == 0, out
+        daemon.kill()
+        daemon.start()
+        daemon.wait_ready()
+        daemon.wait_cni_socket()
+        assert [a["container_id"] for a in held(daemon)] == ["prefixed"]
+        host = host_ifname(IpamKey(NETWORK, "prefixed", "eth0"), 0, "pod")
+        assert subprocess.run(["ip", "-n", lab.node_ns, "link", "show", host]).returncode == 0
+        code, out = exec_shim(
+            lab, shim, daemon, env("DEL", "prefixed", ns_path(pod)), conf(vethPrefix="pod")
+        )
+        assert code == 0, out
+        assert held(daemon) == []
+    finally:
+        daemon.stop()

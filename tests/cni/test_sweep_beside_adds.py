@@ -46,6 +46,7 @@ def test_an_attachment_whose_add_is_in_flight_keeps_its_address_while_its_veth_i
 
             add = asyncio.create_task(n.call(env("ADD", "retried", ns_path(pod)), conf()))
             while not n.plumbing._adding:  # the ADD has entered: its names are in flight
+                assert not add.done(), add.result()
                 await asyncio.sleep(0)
             during = await n.plumbing.release_vanished("eni", held, release)
             gate.open()

@@ -77,7 +77,7 @@ __all__ = [
 T = TypeVar("T")
 TIMINGS_FILE = "launch-timings.json"
 AGENTS = ("ultranet", "vpc-cni")
-SERVER_ERROR = "InternalError"
+READY_CURVE_POINTS = 200  # as tools/fleet: at most this many [seconds, nodes Ready] points
 SUBNET_CACHE_S = 300.0  # Ec2Client.subnets_in's cache (subnet_cache_ttl_s)
 TAG_BACKOFF_MAX_S = 60.0  # TagENI's retry.NWithBackoff caps its delay here
 
@@ -126,19 +126,32 @@ def load_timings() -> Timings:
 
 @dataclass(frozen=True, slots=True)
 class Faults:
-    server_error_rate: float = 0.0  # share of EC2 requests answered InternalError (500)
-    extra_latency_s: float = 0.0  # added to every EC2 request
+    """Injected as the emulator injects them (``tools/lab/ec2/faults.py``): a request the
+    account's bucket admits first takes ``latency_s`` more, then is answered
+    ``InternalError`` (HTTP 500) with probability ``internal``, else ``Unavailable``
+    (503) with probability ``unavailable``. A throttled request gets neither."""
+
+    internal: float = 0.0
+    unavailable: float = 0.0
+    latency_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.server_error_rate < 1.0:
-            raise ValueError(f"5xx rate {self.server_error_rate}: must be in [0, 1)")
-        if self.extra_latency_s < 0:
-            raise ValueError(f"latency {self.extra_latency_s}: must be >= 0")
+        for name in ("internal", "unavailable"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} probability {value}: must be in [0, 1]")
+        if self.latency_s < 0:
+            raise ValueError(f"latency {self.latency_s}: must be >= 0")
 
-    def describe(self) -> str:
-        if not self.server_error_rate and not self.extra_latency_s:
-            return "none"
-        return f"5xx={self.server_error_rate:g},latency={self.extra_latency_s:g}"
+    def describe(self) -> list[dict[str, Any]]:
+        """As ``tools/fleet``'s JSON lists them."""
+        out: list[dict[str, Any]] = []
+        if self.latency_s:
+            out.append({"kind": "latency", "probability": 1.0, "latency_s": self.latency_s})
+        for kind, probability in (("internal", self.internal), ("unavailable", self.unavailable)):
+            if probability:
+                out.append({"kind": kind, "probability": probability, "latency_s": 0.0})
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +166,7 @@ class LaunchConfig:
     env: Mapping[str, str] = field(default_factory=dict)  # ipamd settings, VPC CNI names
     throttle: ThrottleTable | None = None  # None: EC2 never throttles
     burst: int = 1  # nodes launched together
+    burst_every_s: float | None = None  # None: a burst every burst / rate
     faults: Faults = Faults()
     pod_retry_s: float = 1.0
     timeout_s: float | None = None  # simulated seconds; None: until settled
@@ -166,6 +180,8 @@ class LaunchConfig:
             raise ValueError("the launch and pod rates must be > 0")
         if self.pods_per_node < 0 or self.prefixes_at_launch < 0 or self.burst < 1:
             raise ValueError("pods per node and prefixes at launch >= 0, burst >= 1")
+        if self.burst_every_s is not None and self.burst_every_s <= 0:
+            raise ValueError(f"burst period {self.burst_every_s}: must be > 0")
         if self.agent not in AGENTS:
             raise ValueError(f"agent {self.agent!r}: one of {', '.join(AGENTS)}")
 
@@ -271,8 +287,8 @@ class _Wave:
         self.scheduler_busy = False
         self.next_bind = 0.0
         self.events = 0
+        self.init_failures = 0  # the VPC CNI's failed starts (aws-node restarted)
         self._plans: dict[tuple[int, tuple[int, ...]], warm.Plan] = {}
-        self.call_latency = self.timings.ec2_call_s + config.faults.extra_latency_s
         shape_env = self.agent_config
         self.vpccni_shape = vpccni.NodeShape(
             self.slots,
@@ -347,7 +363,7 @@ class _Wave:
         self.push(0.0, self._launch_burst)
 
     def _launch_burst(self) -> None:
-        """``burst`` nodes now; the next burst ``burst / rate`` later."""
+        """``burst`` nodes now; the next burst ``burst_every_s`` (or ``burst / rate``) later."""
         config = self.config
         agent = self._ultranet if config.agent == "ultranet" else self._vpccni
         first = len(self.nodes)
@@ -356,7 +372,11 @@ class _Wave:
             self.nodes.append(node)
             self.start(node, agent(node))
         if len(self.nodes) < config.nodes:
-            self.push(len(self.nodes) * 60.0 / config.rate_per_min, self._launch_burst)
+            if config.burst_every_s is None:
+                at = len(self.nodes) * 60.0 / config.rate_per_min
+            else:
+                at = len(self.nodes) // config.burst * config.burst_every_s
+            self.push(at, self._launch_burst)
 
     def ready(self, node: _Node) -> None:
         if node.ready_at is not None:
@@ -398,20 +418,27 @@ class _Wave:
 
     # -- EC2 ---------------------------------------------------------------------
 
-    def request(self, node: _Node, action: str) -> str | None:
-        """One request reaches EC2: counted, then admitted or refused."""
+    def request(
+        self, node: _Node, action: str, *, filtered: bool = True
+    ) -> tuple[str | None, float]:
+        """One request reaches EC2: counted, admitted or refused by the account's bucket
+        (``filtered``: sent with a filter or pagination, see ``ipam.nau.throttle``), then
+        the faults. Returns EC2's error code (None: done) and when the answer comes."""
         if node.calls is None:
             node.calls = {"start": Counter(), "pods": Counter()}
         node.calls[node.phase][action] += 1
-        faults = self.config.faults
-        if faults.server_error_rate and self.rng.random() < faults.server_error_rate:
-            return SERVER_ERROR
         if self.account is not None:
-            verdict = self.account.admit(action)
+            verdict = self.account.admit(action, filtered_or_paginated=filtered)
             if not verdict.allowed:
                 node.throttled += 1
-                return "RequestLimitExceeded"
-        return None
+                return "RequestLimitExceeded", self.timings.ec2_call_s
+        faults = self.config.faults
+        latency = self.timings.ec2_call_s + faults.latency_s
+        if faults.internal and self.rng.random() < faults.internal:
+            return "InternalError", latency
+        if faults.unavailable and self.rng.random() < faults.unavailable:
+            return "Unavailable", latency
+        return None, latency
 
     def ultranet_call(self, node: _Node, action: str) -> Generator[float | _Wait, None, bool]:
         """``Ec2Client._call``: client bucket and pacer, request, retries; True if done."""
@@ -443,22 +470,21 @@ class _Wave:
             wait = self._then(self.now + gap, partial(_pace, node.bucket, pacer))
             if gap + wait > 0:
                 yield gap + wait
-            code = self.request(node, action)
-            answered = self.now + self.call_latency
+            code, latency = self.request(node, action)
             if code is None:
-                yield self.call_latency
+                yield latency
                 pacer.succeeded()
                 return True
             throttled = code in THROTTLE_CODES
             if throttled:
-                self._then(answered, pacer.throttled)
+                self._then(self.now + latency, pacer.throttled)
             limit = CLIENT["max_throttled_attempts"] if throttled else CLIENT["max_attempts"]
             if attempt >= limit:
-                yield self.call_latency
+                yield latency
                 return False
             cap = min(CLIENT["max_delay_s"], CLIENT["base_delay_s"] * 2 ** (attempt - 1))
             node.retries += 1
-            gap = self.call_latency + self.rng.uniform(0.0, cap)
+            gap = latency + self.rng.uniform(0.0, cap)
 
     def _then(self, at: float, work: Callable[[], T]) -> T:
         """``work`` as at simulated time ``at`` (>= now): for a node's own state only."""
@@ -469,7 +495,9 @@ class _Wave:
         finally:
             self.now = now
 
-    def sdk_call(self, node: _Node, action: str) -> Generator[float | _Wait, None, bool]:
+    def sdk_call(
+        self, node: _Node, action: str, *, filtered: bool = True
+    ) -> Generator[float | _Wait, None, bool]:
         """The Go SDK's standard retryer (the VPC CNI's client): 3 attempts, full jitter,
         a retry quota per client."""
         sdk = vpccni.SDK
@@ -479,21 +507,23 @@ class _Wave:
         attempt = 0
         while True:
             attempt += 1
-            code = self.request(node, action)
+            code, latency = self.request(node, action, filtered=filtered)
             if code is None:
-                yield self.call_latency
+                yield latency
                 if attempt == 1:
                     node.quota = min(sdk.quota_tokens, node.quota + sdk.success_refund)
                 else:
                     node.quota = min(sdk.quota_tokens, node.quota + sdk.retry_cost)
                 return True
             if attempt >= sdk.max_attempts or node.quota < sdk.retry_cost:
-                yield self.call_latency
+                yield latency
                 return False
             node.quota -= sdk.retry_cost
             node.retries += 1
+            bound = sdk.backoff_bound_s(attempt)
+            backoff = bound if sdk.backoff_is_fixed(attempt) else self.rng.uniform(0.0, bound)
             # The answer, then the back-off: one wait (only this node is involved).
-            yield self.call_latency + self.rng.uniform(0.0, sdk.backoff_bound_s(attempt))
+            yield latency + backoff
 
     # -- ultranet's agent ----------------------------------------------------------
 
@@ -626,6 +656,7 @@ class _Wave:
             yield self.timings.start_s
             if (yield from self._vpccni_init(node)):
                 break
+            self.init_failures += 1
             yield restart_in  # aws-node exited; the kubelet's crash-loop back-off
             restart_in = min(timers.restart_backoff_max_s, restart_in * 2)
         self.ready(node)
@@ -658,7 +689,8 @@ class _Wave:
         """``nodeInit``: describe, tag and refresh groups of every ENI, then pre-scale."""
         timers = vpccni.TIMERS
         for attempt in range(timers.describe_all_enis_tries):
-            if (yield from self.sdk_call(node, "DescribeNetworkInterfaces")):
+            # DescribeAllENIs names the ENIs: neither a filter nor pagination.
+            if (yield from self.sdk_call(node, "DescribeNetworkInterfaces", filtered=False)):
                 break
             if attempt == timers.describe_all_enis_tries - 1:
                 return False
@@ -703,7 +735,9 @@ class _Wave:
             return True
         # tryAllocateENI: a failure is logged, never fails the caller (nor nodeInit).
         for action in ("DescribeSubnets", "CreateNetworkInterface", "DescribeInstances"):
-            if not (yield from self.sdk_call(node, action)):
+            # awsGetFreeDeviceNumber's DescribeInstances names the instance: unfiltered.
+            filtered = action != "DescribeInstances"
+            if not (yield from self.sdk_call(node, action, filtered=filtered)):
                 return True
         if not (yield from self.sdk_call(node, "AttachNetworkInterface")):
             yield from self.sdk_call(node, "DeleteNetworkInterface")
@@ -756,10 +790,24 @@ class _Wave:
         ready_at = sorted(n.ready_at for n in nodes if n.ready_at is not None)
         span = ready_at[-1] if ready_at else 0.0  # the first launch is at 0
         per_minute = Counter(int(t // 60) for t in ready_at)
+        step = max(1, math.ceil(len(ready_at) / READY_CURVE_POINTS))
+        curve = [
+            [round(t, 3), i + 1]
+            for i, t in enumerate(ready_at)
+            if i % step == 0 or i == len(ready_at) - 1
+        ]
         nau, addresses = self.addresses_used()
         return {
             "scenario": None,  # named by the caller
             "agent": config.agent,
+            "account": "fresh request buckets for this scenario (AWS throttles per account)",
+            "launch": (
+                f"bursts of {config.burst} every {config.burst_every_s:g} s"
+                if config.burst_every_s is not None
+                else f"steady {config.rate_per_min:g}/min"
+            ),
+            "faults": config.faults.describe(),
+            "vpccni_init_failures": self.init_failures,
             "nodes": config.nodes,
             "nodes_launched": len(nodes),
             "nodes_ready": len(ready),
@@ -768,7 +816,6 @@ class _Wave:
             "prefixes_at_launch": config.prefixes_at_launch,
             "pods_per_node": config.pods_per_node,
             "rate_per_min": config.rate_per_min,
-            "burst": config.burst,
             "pod_rate_per_s": config.pod_rate_per_s,
             "ec2_calls_per_node": round(sum(per_node_total) / count, 3),
             "ec2_calls_per_node_max": max(per_node_total, default=0),
@@ -797,9 +844,9 @@ class _Wave:
             "ready_nodes_by_minute": [
                 per_minute[m] for m in range(max(per_minute, default=-1) + 1)
             ],
+            "ready_curve": curve,  # [seconds from the first launch, nodes Ready by then]
             "nau_used": nau,
             "subnet_addresses_used": addresses,
-            "faults": config.faults.describe(),
             "clock": "simulated",
             "simulated_s": round(self.now, 3),
             "events": self.events,

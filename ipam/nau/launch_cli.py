@@ -94,25 +94,54 @@ def _env(text: str) -> tuple[str, str]:
     return name, value
 
 
+def _duration_s(text: str) -> float:
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s)", text)
+    if match is None:
+        raise ValueError(f"{text!r}: give a duration such as 50ms or 0.2s")
+    value = float(match.group(1))
+    return value / 1000 if match.group(2) == "ms" else value
+
+
+FAULT_HELP = "5xx|500=P (InternalError), 503=P (Unavailable), latency=50ms|0.2s"
+
+
 def parse_faults(text: str) -> Faults:
-    """``5xx=RATE,latency=SECONDS`` (either part may be left out); ``none``."""
-    if text == "none":
-        return Faults()
+    """``5xx=0.05,503=0.01,latency=200ms``, as ``python -m tools.fleet --faults``."""
     values: dict[str, float] = {}
     for part in text.split(","):
         name, sep, raw = part.partition("=")
-        if not sep or name not in ("5xx", "latency") or name in values:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: give 5xx=RATE,latency=SECONDS (e.g. 5xx=0.05,latency=0.2) or none"
-            )
         try:
-            values[name] = float(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: {raw!r} is not a number") from None
+            if not sep:
+                raise ValueError(f"{part!r}: give NAME=VALUE ({FAULT_HELP})")
+            if name == "latency":
+                values["latency_s"] = _duration_s(raw)
+                continue
+            kind = {"5xx": "internal", "500": "internal", "503": "unavailable"}.get(name)
+            if kind is None:
+                raise ValueError(f"{name!r}: not a fault ({FAULT_HELP})")
+            probability = float(raw)
+            if not 0 < probability <= 1:
+                raise ValueError(f"{part!r}: a probability in (0, 1]")
+            values[kind] = probability
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return Faults(**values)
+
+
+def _burst(text: str) -> tuple[int, float]:
+    """``500/30s``: 500 instances at once, every 30 s (a Karpenter-like provisioner)."""
+    match = re.fullmatch(r"([0-9]+)/([0-9.]+(?:ms|s|min))", text)
     try:
-        return Faults(values.get("5xx", 0.0), values.get("latency", 0.0))
+        if match is None:
+            raise ValueError(f"{text!r}: give N/EVERY, such as 500/30s or 1000/1min")
+        size = int(match.group(1))
+        every = match.group(2)
+        seconds = float(every[:-3]) * 60 if every.endswith("min") else _duration_s(every)
+        if size < 1 or seconds <= 0:
+            raise ValueError(f"{text!r}: N >= 1 and a period > 0")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return size, seconds
 
 
 def add_launch(sub: Any) -> None:
@@ -130,9 +159,10 @@ def add_launch(sub: Any) -> None:
     p.add_argument("--rate", type=_rate, default=2000.0, help="launches, N/min or N/s")
     p.add_argument(
         "--burst",
-        type=_positive_int,
-        default=1,
-        help="nodes launched at once, every BURST/rate (Karpenter-like batches; default 1)",
+        type=_burst,
+        metavar="N/EVERY",
+        help="N instances at once every EVERY (500/30s, 1000/1min), a Karpenter-like "
+        "provisioner; replaces --rate",
     )
     p.add_argument("--instance-type", default="m5.large")
     p.add_argument("--pods-per-node", type=_count, default=2, help="pods with a VPC address")
@@ -169,8 +199,9 @@ def add_launch(sub: Any) -> None:
         "--faults",
         type=parse_faults,
         default=Faults(),
-        metavar="5xx=RATE,latency=S",
-        help="a share of EC2 requests answered InternalError, and latency added to each",
+        metavar="SPEC",
+        help=f"EC2 faults, comma-separated: {FAULT_HELP}; latency is added to every "
+        "request the account's bucket admits",
     )
     p.add_argument("--no-throttle", action="store_true", help="EC2 never throttles")
     p.add_argument(
@@ -222,15 +253,20 @@ def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str,
     throttle: ThrottleTable | None = None
     if not args.no_throttle:
         throttle = load_table().scaled(args.refill_scale).with_buckets(dict(args.bucket))
+    rate, burst, every = args.rate, 1, None
+    if args.burst is not None:
+        burst, every = args.burst
+        rate = burst / every * 60
     base = LaunchConfig(
         nodes=args.nodes,
-        rate_per_min=args.rate,
+        rate_per_min=rate,
         instance_type=itype.name,
         pods_per_node=args.pods_per_node,
         pod_rate_per_s=args.pod_rate,
         env=env,
         throttle=throttle,
-        burst=args.burst,
+        burst=burst,
+        burst_every_s=every,
         faults=args.faults,
         timeout_s=args.timeout,
         seed=args.seed,

@@ -133,7 +133,7 @@ def test_server_errors_are_retried_and_every_node_gets_ready() -> None:
         nodes=200,
         rate_per_min=6000,
         pods_per_node=10,
-        faults=Faults(server_error_rate=0.3, extra_latency_s=0.5),
+        faults=Faults(internal=0.2, unavailable=0.1, latency_s=0.5),
         timings=TIMINGS,
     )
     result = run(config)
@@ -216,8 +216,10 @@ def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
         (["--nodes=5", "--instance-type=m0.tiny"], "unknown instance type"),
         (["--nodes=5", "--prefixes-at-launch=10"], "holds at most 9"),
         (["--nodes=5", "--prefixes-at-launch=-1"], "give a count >= 0, or auto"),
-        (["--nodes=5", "--faults=5xx=1.5"], "must be in [0, 1)"),
-        (["--nodes=5", "--faults=slow"], "give 5xx=RATE,latency=SECONDS"),
+        (["--nodes=5", "--faults=5xx=1.5"], "a probability in (0, 1]"),
+        (["--nodes=5", "--faults=slow"], "give NAME=VALUE"),
+        (["--nodes=5", "--faults=latency=2"], "give a duration such as 50ms"),
+        (["--nodes=5", "--burst=500"], "give N/EVERY"),
         (["--nodes=5", "--env=WARM_PREFIX_TARGET=lots"], "WARM_PREFIX_TARGET"),
         (["--nodes=5", "--scenario=vpc-cni"], "needs --baseline vpc-cni"),
         (["--nodes=5", "--bucket=Assign"], "ACTION=CAPACITY:REFILL_PER_S"),
@@ -245,3 +247,27 @@ def test_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "<svg" in out.read_text()[:400]
     assert set(json.loads(capsys.readouterr().out)) == {"ultranet", "vpc-cni"}
+
+
+def test_cli_faults_and_bursts_as_tools_fleet_spells_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        [
+            "launch",
+            "--nodes=20",
+            "--burst=10/5s",
+            "--prefixes-at-launch=0",
+            "--faults=5xx=0.2,503=0.1,latency=50ms",
+            "--json",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)["ultranet"]
+    assert code == 0
+    assert result["launch"] == "bursts of 10 every 5 s"
+    assert result["faults"] == [
+        {"kind": "latency", "probability": 1.0, "latency_s": 0.05},
+        {"kind": "internal", "probability": 0.2, "latency_s": 0.0},
+        {"kind": "unavailable", "probability": 0.1, "latency_s": 0.0},
+    ]
+    assert result["nodes_ready"] == 20 and result["retries"] > 0

@@ -7,7 +7,6 @@ imported only when a chart is asked for.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,13 @@ def write_launch_chart(results: Mapping[str, Mapping[str, Any]], path: Path) -> 
     launch_minutes = nodes / rate
     ax.plot([0, launch_minutes], [0, nodes], color="grey", linestyle=":", label="launched")
     for name, result in results.items():
-        by_minute = result["ready_nodes_by_minute"]
-        ready = [0, *accumulate(by_minute)]
+        curve = [(0.0, 0), *((t / 60, n) for t, n in result["ready_curve"])]
         label = (
             f"{name} ({result['prefixes_at_launch']} at launch, "
             f"{result['ec2_calls_per_node']} EC2 calls/node, "
             f"{result['throttled_calls']:,} throttled)"
         )
-        ax.step(range(len(ready)), ready, where="post", label=label)
+        ax.step([t for t, _ in curve], [n for _, n in curve], where="post", label=label)
     ax.set_xlabel("minutes since the first launch")
     ax.set_ylabel("nodes Ready")
     ax.set_title(

@@ -83,6 +83,8 @@ def assert_ipv6_node(out: str) -> None:
     assert IPv6Network(vpc).subnet_of(IPv6Network("fd00::/8"))
     assert "EC2 calls for the IPv6 node's start: 0 (the emulator's request counters: none)" in out
     assert re.search(rf"{instance} \(m5\.large\): /80 {prefix} .* with 0 EC2 calls", out), out
+    # One NAU each for the primary IPv4, the node's /128 and the /80; pods add none.
+    assert "NAU in its VPC: 3 (primary IPv4, IPv6 /128, /80), 3 with 3 pods" in out
     pods = re.findall(rf"(pod6-\d+)  eth0 (fd[0-9a-f:]+)/128 \(in {re.escape(prefix)}\)", out)
     addresses = {IPv6Address(a) for _, a in pods}
     assert len(pods) == 3 and len(addresses) == 3, out

@@ -125,7 +125,8 @@ def run_node(options: Options, progress: Progress) -> Report:
     try:
         try:
             _steps(options, progress, stack, report)
-            with progress.step("teardown", "stopping everything, removing the lab") as step:
+            labs = "the labs" if options.ipv6_pods else "the lab"
+            with progress.step("teardown", f"stopping everything, removing {labs}") as step:
                 _quiet_signals()
                 stack.close()
                 report.left_behind = leftovers(report)

@@ -82,7 +82,8 @@ class Ipv6Report:
     vpc_block: str = ""  # the VPC's /56
     ready_after_s: float = 0.0
     start_calls: Counter[str] = field(default_factory=Counter)  # EC2 requests to ready
-    nau: int = 0
+    nau: int = 0  # at ready
+    nau_with_pods: int = 0
     runtime: str = ""
     add_call: str = ""
     pods: list[Pod] = field(default_factory=list)
@@ -109,7 +110,12 @@ def run_ipv6_node(
         f"IPv6 node: {INSTANCE_TYPE} launched with a /80 (ENABLE_IPv6=true, "
         "ENABLE_PREFIX_DELEGATION=true), ultranet-ipamd up",
     ) as step:
-        lab = Lab(LabConfig(instance_type=INSTANCE_TYPE, ipv6=True, ipv6_prefixes=1))
+        # As an EKS IPv6 node's launch template: the /80, no IPv4 prefix (the primary ENI
+        # keeps its primary IPv4 in the dual-stack subnet, which egress SNATs to).
+        config = LabConfig(
+            instance_type=INSTANCE_TYPE, prefixes_per_card=0, ipv6=True, ipv6_prefixes=1
+        )
+        lab = Lab(config)
         six.lab_id = lab.lab_id
         report.lab_ids.append(lab.lab_id)
         stack.callback(lab.close)
@@ -175,6 +181,7 @@ def run_ipv6_node(
             if len(ipv6) != 1 or IPv6Address(ipv6[0][1]) not in prefix:
                 raise DemoError(f"{pod.name} got {pod.addresses}, not one /128 of {prefix}")
             step.note(f"{pod.name}  {ipv6[0][0]} {ipv6[0][1]}/128 (in {prefix})")
+        six.nau_with_pods = lab.cloud.nau_used(lab.vpc_id)
 
     node_name = resource_name(six.instance_id)
     with progress.step(
@@ -321,7 +328,8 @@ def summary6(six: Ipv6Report, write: Any) -> None:
     write(
         f"{six.instance_id} ({INSTANCE_TYPE}): /80 {six.prefix} on its primary ENI at "
         f"launch; ready in {six.ready_after_s:.2f} s with {calls} EC2 calls "
-        f"(the emulator's counters); NAU in its VPC: {six.nau}"
+        f"(the emulator's counters); NAU in its VPC: {six.nau} (primary IPv4, IPv6 /128, /80), "
+        f"{six.nau_with_pods} with {len(six.pods)} pods"
     )
     inside = [p for p in six.pods if _in_prefix(p, six.prefix)]
     distinct = {a for p in six.pods for _, a in p.addresses}

@@ -794,11 +794,12 @@ class Plumbing:
 
     async def reap_stray_rules(
         self, accounted: Callable[[], Collection[PodAddress]]
-    ) -> list[tuple[int, IPv4Address]]:
+    ) -> list[tuple[int, PodAddress]]:
         """Delete the host rules of pod addresses no pod has any more: rules of exactly
         the shapes an ADD makes (priority 512 ``to <addr>/32 lookup main``, 1536 ``from
-        <addr>/32 lookup <table>``, nothing else set) whose address ``accounted()`` lacks
-        and that no /32 route of the main table reaches (no veth, ours or another's).
+        <addr>/32 lookup <table>``, /128 for an IPv6 pod, nothing else set) whose address
+        ``accounted()`` lacks and that no host route of the main table reaches (no veth,
+        ours or another's).
         They are left when a pod's veth went while the daemon was down: the restart drops
         its allocation, and the spooled DEL then finds neither allocation nor veth to
         read the address from. Returns (priority, address) of each rule deleted.
@@ -807,15 +808,16 @@ class Plumbing:
         dumps and the deletions are sent with no await in between, and an ADD allocates
         before it creates its route and rules, so a rule dumped is either accounted for
         or already deleted by whoever released its address."""
-        found: list[tuple[int, IPv4Address, int]] = []
-        async for rule in await self._host.rule("dump", family=_AF_INET):
-            shaped = _pod_rule(rule)
-            if shaped is not None:
-                found.append(shaped)
-        routed = set()
-        async for route in await self._host.route("dump", family=_AF_INET, table=MAIN_TABLE):
-            if route["dst_len"] == 32 and route.get("RTA_DST") is not None:
-                routed.add(IPv4Address(route.get("RTA_DST")))
+        found: list[tuple[int, PodAddress, int]] = []
+        routed: set[PodAddress] = set()
+        for family in _FAMILIES:
+            async for rule in await self._host.rule("dump", family=family):
+                shaped = _pod_rule(rule)
+                if shaped is not None:
+                    found.append(shaped)
+            async for route in await self._host.route("dump", family=family, table=MAIN_TABLE):
+                if _is_host_route(route) and route.get("RTA_DST") is not None:
+                    routed.add(ip_address(route.get("RTA_DST")))
         keep = set(accounted())
         strays = [(p, a, t) for p, a, t in found if a not in keep and a not in routed]
         if not strays:
@@ -929,13 +931,14 @@ _FR_ACT_TO_TBL = 1
 _NO_SUPPRESS = 0xFFFFFFFF
 
 
-def _pod_rule(rule: Any) -> tuple[int, IPv4Address, int] | None:
+def _pod_rule(rule: Any) -> tuple[int, PodAddress, int] | None:
     """(priority, address, table) of a host rule of exactly an ADD's shape, else None."""
     priority = rule.get("FRA_PRIORITY")
+    full = 32 if rule["family"] == _AF_INET else 128
     if priority == RULE_TO_POD:
-        side, lengths = "FRA_DST", (32, 0)
+        side, lengths = "FRA_DST", (full, 0)
     elif priority == RULE_FROM_POD:
-        side, lengths = "FRA_SRC", (0, 32)
+        side, lengths = "FRA_SRC", (0, full)
     else:
         return None
     table = rule.get("FRA_TABLE") or rule["table"]
@@ -950,7 +953,7 @@ def _pod_rule(rule: Any) -> tuple[int, IPv4Address, int] | None:
         or (priority == RULE_TO_POD and table != MAIN_TABLE)
     ):
         return None
-    return priority, IPv4Address(rule.get(side)), table
+    return priority, ip_address(rule.get(side)), table
 
 
 def _family(version: int) -> int:

@@ -441,3 +441,32 @@ def reach(ns: str, address: str) -> str:
         "    print(type(err).__name__)\n"
     )
     return python_in(ns, code, address, timeout=20).stdout.strip()
+
+
+def test_the_stray_rule_sweep_takes_an_ipv6_pods_rule_only_when_no_one_has_it(
+    spaces: Namespaces,
+) -> None:
+    pod_a, pod_b = spaces.pod("a"), spaces.pod("b")
+    pools = backend()
+
+    async def scenario() -> tuple[list[Any], list[Any], dict[str, Any]]:
+        async with node(spaces, pools) as n:  # type: ignore[arg-type]
+            a = (await n.add("c1", pod_a))["ips"][0]["address"].split("/")[0]
+            b = (await n.add("c2", pod_b))["ips"][0]["address"].split("/")[0]
+            # Both pods' veths go behind the daemon's back (their namespaces went).
+            for container in ("c1", "c2"):
+                name = host_ifname(IpamKey(NETWORK, container, "eth0"), 0, "eni")
+                await asyncio.to_thread(delete_link, spaces.node, name)
+            first = await n.plumbing.reap_stray_rules(lambda: {IPv6Address(b)})
+            second = await n.plumbing.reap_stray_rules(lambda: {IPv6Address(b)})
+            host = await asyncio.to_thread(host_v6, spaces.node)
+            return first, second, {"a": a, "b": b, "host": host}
+
+    first, second, seen = run(scenario())
+    assert first == [(RULE_TO_POD, IPv6Address(seen["a"]))] and second == []
+    assert seen["host"]["rules"] == [seen["b"]]  # still accounted for: kept
+
+
+def delete_link(ns: str, name: str) -> None:
+    with IPRoute(netns=ns) as ipr:
+        ipr.link("del", index=ipr.link_lookup(ifname=name)[0])

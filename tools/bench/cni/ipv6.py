@@ -177,4 +177,23 @@ def table(result: dict[str, Any]) -> str:
             f"  ADD p50 ipv6/ipv4 {bar['ratio']}x (bar <= {bar['at_most']}x: "
             f"{'met' if bar['met'] else 'MISSED'}); DEL {run['ratio']['del_answer_ms_p50']}x"
         )
+    across = result["across_runs"]
+    if across["runs"] > 1:
+        lines.append(f"over {across['runs']} runs: median of the runs' medians [their range]")
+        for family in FAMILIES:
+            row = across[family]
+            lines.append(
+                f"  {family}  "
+                + "; ".join(
+                    f"{key} {row[key]['median']} [{row[key]['min']}-{row[key]['max']}]"
+                    for key in ("add_ms", "del_answer_ms", "del_removed_ms")
+                )
+            )
+        for key, spread in across["ratio"].items():
+            lines.append(f"  {key:18s} {spread['median']}x [{spread['min']}-{spread['max']}]")
+        bar = across["bar"]
+        lines.append(
+            f"  bar ADD p50 <= {bar['at_most']}x: met in {bar['met_in_runs']} of "
+            f"{across['runs']} runs"
+        )
     return "\n".join(lines)

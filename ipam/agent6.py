@@ -275,9 +275,15 @@ class Ipv6NodeAgent(NodeAgent):
                     "key": str(a.key),
                     "pod": str(a.pod),
                     "addresses": [f"{lease.card}:{lease.address}" for lease in a.leases],
+                    **({"egress_v4": str(a.egress_v4)} if a.egress_v4 is not None else {}),
                 }
                 for a in pool.allocations()
             ],
+            "v4_egress": (
+                {"range": str(pool.egress_range), "snat_to": str(self._primary_ipv4)}
+                if pool.egress_range is not None
+                else None
+            ),
             "config": self.config.effective(),
         }
 

@@ -199,6 +199,8 @@ def test_introspection_names_the_80_and_the_mode(tmp_path: Path) -> None:
             assert doc["mode"] == "ipv6"
             assert doc["cards"]["0"]["enis"][0]["ipv6_prefixes"] == [str(prefix)]
             assert doc["allocations"][0]["addresses"] == [f"0:{prefix.network_address + 1}"]
+            assert doc["allocations"][0]["egress_v4"] == "169.254.172.2"  # ENABLE_V4_EGRESS
+            assert doc["v4_egress"]["range"] == "169.254.172.0/22"
 
 
 def test_the_host_gets_the_vpc_cni_init_ipv6_settings(tmp_path: Path) -> None:

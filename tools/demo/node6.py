@@ -90,6 +90,7 @@ class Ipv6Report:
     answers: list[Answer] = field(default_factory=list)
     dig: str = ""  # "dig @... NAME AAAA from pod-000: ADDRESS", or why not
     dns_metrics: dict[str, float] = field(default_factory=dict)
+    dns_slowest: str = ""
     egress: str = ""  # what the egress step found
 
 
@@ -206,6 +207,7 @@ def run_ipv6_node(
             f"ultranet-dns: {workers} workers on [{NODE_LOCAL_ADDRESS_V6}]:53 in node-local "
             f"mode (its bridge, ip6tables NOTRACK rules); upstream 127.0.0.1:{port} in the node"
         )
+        timed: list[tuple[float, str, int]] = []  # (ms, pod, which of its queries)
         for n, pod in enumerate(six.pods):
             answers = query_from_pod(
                 pod.ns, NODE_LOCAL_ADDRESS_V6, [node_name] * options.queries_per_pod, "AAAA"
@@ -214,6 +216,7 @@ def run_ipv6_node(
                 if a.rcode != "NOERROR" or a.addresses != (six.node_ipv6,):
                     raise DemoError(f"{pod.name} asked {a.name} AAAA: {a.rcode} {a.addresses}")
             six.answers += answers
+            timed += [(a.ms, pod.name, k) for k, a in enumerate(answers, 1)]
             step.count(n + 1, len(six.pods))
         dug = dig_from_pod(six.pods[0].ns, node_name, NODE_LOCAL_ADDRESS_V6, "AAAA")
         if dug is None:
@@ -226,10 +229,12 @@ def run_ipv6_node(
                 f"{six.pods[0].name}: {dug}"
             )
         six.dns_metrics = dns.scrape()
+        ms, who, nth = max(timed)
+        six.dns_slowest = f"max {ms:.1f} ms ({who}'s query {nth})"
         step.note(
             f"{len(six.answers)} AAAA answers over IPv6 from {len(six.pods)} pods, all NOERROR "
             f"with the node's {six.node_ipv6}; client-side p50 "
-            f"{median([a.ms for a in six.answers]):.2f} ms"
+            f"{median([a.ms for a in six.answers]):.2f} ms, {six.dns_slowest}"
         )
         step.note(six.dig)
 
@@ -346,7 +351,8 @@ def summary6(six: Ipv6Report, write: Any) -> None:
         f"DNS over IPv6: {len(six.answers)} AAAA queries to [{NODE_LOCAL_ADDRESS_V6}]:53, "
         f"ultranet-dns counted {m.get('coredns_dns_requests_total', 0.0):.0f} requests, "
         f"{m.get('coredns_cache_hits_total', 0.0):.0f} cache hits, "
-        f"{m.get('ultranet_dns_upstream_queries_total', 0.0):.0f} upstream queries"
+        f"{m.get('ultranet_dns_upstream_queries_total', 0.0):.0f} upstream queries; "
+        f"client-side p50 {median([a.ms for a in six.answers]):.2f} ms, {six.dns_slowest}"
     )
     write(f"  {six.dig}")
     write(f"IPv4 egress: {six.egress}")

@@ -48,6 +48,7 @@ from tools.demo.services import (
 
 if TYPE_CHECKING:
     from tools.demo.node6 import Ipv6Report
+    from tools.lab.daemon import IpamdProcess
 
 NODE_STEPS = 11  # the IPv4 node's steps run_node shows; the planner adds one
 
@@ -225,7 +226,6 @@ def _processes() -> Iterator[tuple[int, int, int, str]]:
 
 
 def _steps(options: Options, progress: Progress, stack: ExitStack, report: Report) -> None:
-    from tools.lab.daemon import IpamdProcess
     from tools.lab.lab import Lab, LabConfig
 
     with progress.step("build", "checking tools (iproute2, iptables)"):
@@ -268,17 +268,10 @@ def _steps(options: Options, progress: Progress, stack: ExitStack, report: Repor
             f"({imds['imds_requests']} IMDS requests)"
         )
 
-    state = tmp / "ipamd"
-    cni_env = {
-        "ULTRANET_CNI_SOCKET": str(state / "cni.sock"),
-        "ULTRANET_CNI_SPOOL": str(state / "spool"),
-    }
     with progress.step("ipamd", "ultranet-ipamd up in the node (ENABLE_MULTI_NIC=true)") as step:
-        daemon = IpamdProcess(lab, state, {"ENABLE_MULTI_NIC": "true", **cni_env})
-        stack.callback(daemon.stop)
-        daemon.start()
-        assert daemon.process is not None
-        report.sessions.append(daemon.process.pid)
+        daemon, cni_env = start_ipamd(
+            lab, tmp / "ipamd", {"ENABLE_MULTI_NIC": "true"}, stack, report
+        )
         status = daemon.wait_ready(timeout=60)
         managed = status.get("cards")
         count = len(managed) if isinstance(managed, list) else "?"
@@ -431,6 +424,25 @@ def _libcni(
         return name
 
     return LibcniPods(driver, driver_binary, make_namespace)
+
+
+def start_ipamd(
+    lab: Any, state: Path, env: dict[str, str], stack: ExitStack, report: Report
+) -> tuple[IpamdProcess, dict[str, str]]:
+    """``ultranet-ipamd`` started in ``lab``'s node with ``env``, its stop on ``stack``:
+    (the IpamdProcess, the CNI socket and spool environment the shim is given)."""
+    from tools.lab.daemon import IpamdProcess
+
+    cni_env = {
+        "ULTRANET_CNI_SOCKET": str(state / "cni.sock"),
+        "ULTRANET_CNI_SPOOL": str(state / "spool"),
+    }
+    daemon = IpamdProcess(lab, state, {**env, **cni_env})
+    stack.callback(daemon.stop)
+    daemon.start()
+    assert daemon.process is not None
+    report.sessions.append(daemon.process.pid)
+    return daemon, cni_env
 
 
 def install_cni(cni_dir: Path, cni_env: dict[str, str]) -> tuple[Path, Path, Path, Path]:

@@ -38,6 +38,7 @@ from tools.demo.node import (
     install_cni,
     median,
     signals_held,
+    start_ipamd,
     start_runtime,
 )
 from tools.demo.progress import DemoError, Progress
@@ -102,7 +103,6 @@ def resource_name(instance_id: str) -> str:
 def run_ipv6_node(
     options: Options, progress: Progress, stack: ExitStack, report: Report, base: Path
 ) -> None:
-    from tools.lab.daemon import IpamdProcess
     from tools.lab.lab import Lab, LabConfig
 
     six = report.ipv6 = Ipv6Report()
@@ -133,16 +133,7 @@ def run_ipv6_node(
             f"{lab.instance_id}; VPC {six.vpc_block}; primary ENI {primary.eni_id}: "
             f"{six.node_ipv4}, {six.node_ipv6}/128 and the /80 {six.prefix}"
         )
-        state = base / "ipamd"
-        cni_env = {
-            "ULTRANET_CNI_SOCKET": str(state / "cni.sock"),
-            "ULTRANET_CNI_SPOOL": str(state / "spool"),
-        }
-        daemon = IpamdProcess(lab, state, {**IPV6_NODE_ENV, **cni_env})
-        stack.callback(daemon.stop)
-        daemon.start()
-        assert daemon.process is not None
-        report.sessions.append(daemon.process.pid)
+        daemon, cni_env = start_ipamd(lab, base / "ipamd", IPV6_NODE_ENV, stack, report)
         status = daemon.wait_ready(timeout=60)
         daemon.wait_cni_socket()
         six.start_calls = lab.cloud.requests.counts()

@@ -173,3 +173,24 @@ def test_an_ipv6_node_local_address_gets_ip6tables_rules_and_answers(
     for tool in ("iptables", "ip6tables"):
         for table in ("raw", "filter"):
             assert "ULTRANET" not in sh("ip", "netns", "exec", netns, tool, "-w", "-t", table, "-S")
+
+
+def test_an_ipv6_surge_keeps_the_address_and_rules_for_the_instance_still_serving(
+    netns: str, upstream: int, dns_factory: Factory
+) -> None:
+    # The surge check binds each node-local address in its own family: the old instance
+    # must find the new one still serving the IPv6 address and leave it everything.
+    doc = node_local_doc(upstream)
+    doc["listen"] = [f"[{NODE_LOCAL_V6}]:53"]
+    doc["node_local"]["addresses"] = [NODE_LOCAL_V6]  # type: ignore[index]
+    old = dns_factory(doc, netns=netns)
+    new = dns_factory(doc, netns=netns)
+    old.signal(signal.SIGTERM)
+    assert old.proc.wait(30) == 0
+    assert f"{NODE_LOCAL_V6}/128" in sh("ip", "-n", netns, "addr", "show", "dev", "nodelocaldns")
+    raw6 = sh("ip", "netns", "exec", netns, "ip6tables", "-w", "-t", "raw", "-S")
+    assert "-A PREROUTING -j ULTRANET-DNS-PRE" in raw6
+    new.signal(signal.SIGTERM)
+    assert new.proc.wait(30) == 0
+    assert "nodelocaldns" not in sh("ip", "-n", netns, "link", "show")
+    assert "ULTRANET" not in sh("ip", "netns", "exec", netns, "ip6tables", "-w", "-t", "raw", "-S")

@@ -74,7 +74,7 @@ def assert_ipv6_node(out: str) -> None:
     IPv4 host arriving from the node's primary IPv4."""
     node = re.search(
         r"instance (i-[0-9a-f]+); VPC (fd[0-9a-f:]+/56); primary ENI eni-[0-9a-f]+: "
-        r"([\d.]+), (fd[0-9a-f:]+)/128 and the /80 (fd[0-9a-f:]+/80)",
+        r"([\d.]+), (fd[0-9a-f:]+)/128 and the /80 (fd[0-9a-f:]+/80) \(at launch\)",
         out,
     )
     assert node, out

@@ -80,6 +80,7 @@ class Ipv6Report:
     node_ipv4: str = ""
     node_ipv6: str = ""
     prefix: str = ""  # the primary ENI's /80
+    prefix_source: str = ""  # "at launch", or "assigned by ultranet-ipamd"
     vpc_block: str = ""  # the VPC's /56
     ready_after_s: float = 0.0
     start_calls: Counter[str] = field(default_factory=Counter)  # EC2 requests to ready
@@ -123,20 +124,25 @@ def run_ipv6_node(
         with signals_held():
             lab.start()
         six.instance_id = lab.instance_id
-        primary = _primary_eni(lab)
-        six.node_ipv4 = str(primary.primary_ip)
-        six.node_ipv6 = str(primary.ipv6_addresses[0])
-        six.prefix = str(primary.ipv6_prefixes[0])
-        six.vpc_block = str(lab.cloud.vpc(lab.vpc_id).ipv6_cidrs[0])
-        step.note(
-            f"lab {lab.lab_id}: namespaces {lab.vpc_ns}, {lab.node_ns}; instance "
-            f"{lab.instance_id}; VPC {six.vpc_block}; primary ENI {primary.eni_id}: "
-            f"{six.node_ipv4}, {six.node_ipv6}/128 and the /80 {six.prefix}"
-        )
+        at_launch = [str(p) for p in _primary_eni(lab).ipv6_prefixes]
         daemon, cni_env = start_ipamd(lab, base / "ipamd", IPV6_NODE_ENV, stack, report)
         status = daemon.wait_ready(timeout=60)
         daemon.wait_cni_socket()
         six.start_calls = lab.cloud.requests.counts()
+        primary = _primary_eni(lab)  # as the daemon left it (a /80 it had to assign, say)
+        if len(primary.ipv6_prefixes) != 1:
+            raise DemoError(f"the primary ENI holds {primary.ipv6_prefixes}, not one /80")
+        six.node_ipv4 = str(primary.primary_ip)
+        six.node_ipv6 = str(primary.ipv6_addresses[0])
+        six.prefix = str(primary.ipv6_prefixes[0])
+        six.vpc_block = str(lab.cloud.vpc(lab.vpc_id).ipv6_cidrs[0])
+        six.prefix_source = "at launch" if six.prefix in at_launch else "assigned by ultranet-ipamd"
+        step.note(
+            f"lab {lab.lab_id}: namespaces {lab.vpc_ns}, {lab.node_ns}; instance "
+            f"{lab.instance_id}; VPC {six.vpc_block}; primary ENI {primary.eni_id}: "
+            f"{six.node_ipv4}, {six.node_ipv6}/128 and the /80 {six.prefix} "
+            f"({six.prefix_source})"
+        )
         six.ready_after_s = float(str(status.get("ready_after_s", 0)))
         six.nau = lab.cloud.nau_used(lab.vpc_id)
         calls = sum(six.start_calls.values())
@@ -322,8 +328,8 @@ def summary6(six: Ipv6Report, write: Any) -> None:
     write("\n== the IPv6 node (ENABLE_IPv6=true, ENABLE_PREFIX_DELEGATION=true) ==")
     calls = sum(six.start_calls.values())
     write(
-        f"{six.instance_id} ({INSTANCE_TYPE}): /80 {six.prefix} on its primary ENI at "
-        f"launch; ready in {six.ready_after_s:.2f} s with {calls} EC2 calls "
+        f"{six.instance_id} ({INSTANCE_TYPE}): /80 {six.prefix} on its primary ENI "
+        f"({six.prefix_source}); ready in {six.ready_after_s:.2f} s with {calls} EC2 calls "
         f"(the emulator's counters); NAU in its VPC: {six.nau} (primary IPv4, IPv6 /128, /80), "
         f"{six.nau_with_pods} with {len(six.pods)} pods"
     )

@@ -182,3 +182,17 @@ def test_without_root_it_says_so_and_plans_alone(
     assert out.startswith("demo: not root, so no lab")
     assert "NAU plan ai-ml-100k" in out and "VERDICT: DOES NOT FIT" in out
     assert "Plan verdict: DOES NOT FIT" in out
+
+
+def test_ipv6_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.demo.__main__ import parse
+
+    assert parse([]).ipv6_pods == 3
+    assert parse(["--ipv6-pods", "0"]).ipv6_pods == 0
+    for argv, message in (
+        (["--ipv6-pods", "51"], "--ipv6-pods must be 0..50"),
+        (["--ipv6-pods", "0", "--fail-at", "ipv6-dns"], "needs the IPv6 node"),
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert message in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 from ipam.instance_types import lookup
 from ipam.nau import vpccni_calls as vpccni
 from ipam.nau.cli import main
-from ipam.nau.launch import Faults, LaunchConfig, Timings, run
+from ipam.nau.launch import Faults, LaunchConfig, Timings, load_timings, run
 from ipam.nau.throttle import BucketSpec, load_table
 
 KEYS = {  # what issue 15 asks every scenario object to carry, as tools/fleet does
@@ -169,6 +169,14 @@ def test_same_seed_same_wave() -> None:
         nodes=150, rate_per_min=6000, pods_per_node=10, throttle=load_table(), seed=7
     )
     assert run(config)["ec2_calls_by_action"] == run(config)["ec2_calls_by_action"]
+
+
+def test_the_shipped_timings_say_where_they_come_from() -> None:
+    timings = load_timings()
+    assert "tools/bench/nau/launch_timings.py" in timings.source["command"]
+    assert len(timings.source["commit"]) == 40
+    assert 0 < timings.ec2_call_s < timings.ec2_client_s < 1
+    assert 0 < timings.start_s < 1
 
 
 def test_cli_json_is_keyed_by_scenario(capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,6 +39,13 @@ from tools.fleet.costs import measure  # noqa: E402
 from tools.fleet.runner import Fleet, FleetConfig, Scenario, quiet_agents  # noqa: E402
 
 DATA = ROOT / "ipam" / "nau" / "data" / TIMINGS_FILE
+HOW = (
+    "start_s: Ready p50 of the auto wave (no EC2 call); allocate_s: its pods-running p50 - "
+    "Ready p50 - (pods - 1) / pod rate; ec2_call_s: tools.fleet.costs' boto3 round trip to "
+    "the emulator; ec2_client_s: Ready p50 of the unthrottled reactive wave (one Assign) - "
+    "start_s - ec2_call_s, i.e. building the node's EC2 client on this machine, the agents "
+    "sharing one process"
+)
 
 
 def timings(nodes: int, rate_per_min: float, pods: int, pod_rate: float) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def timings(nodes: int, rate_per_min: float, pods: int, pod_rate: float) -> dict
         "source": {
             "command": "python tools/bench/nau/launch_timings.py --write "
             f"(--nodes {nodes} --rate {rate_per_min:g}/min --pods-per-node {pods})",
-            "how": (__doc__ or "").split("\n\n")[2].strip(),
+            "how": HOW,
             "commit": code()["commit"],
             "date": datetime.date.today().isoformat(),
             "load_average": [round(x, 2) for x in os.getloadavg()],

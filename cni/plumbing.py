@@ -428,7 +428,7 @@ class Plumbing:
         undo.push_async_callback(self._delete_link_now, host_name)
         gw = gateway(index, lease.address.version)
         self._run(pod, self._pod_side(pod, pod_name, index, lease.address, gw, host_mac, undo))
-        self._run(self._rtnl, self._host_side(host_name, lease, undo))
+        self._run(self._rtnl, self._host_side(host_name, lease, pod_mac, undo))
         if lease.address.version == 6:
             self._host_ipv6_sysctls(host_name)
         return PlumbedInterface(
@@ -463,7 +463,7 @@ class Plumbing:
         return messages
 
     def _host_side(
-        self, name: str, lease: Lease, undo: contextlib.AsyncExitStack
+        self, name: str, lease: Lease, pod_mac: str, undo: contextlib.AsyncExitStack
     ) -> list[rtnl.Message]:
         link = self._index(self._rtnl, name, "on the host")
         address = lease.address
@@ -480,6 +480,12 @@ class Plumbing:
         ]
         if lease.route_table != MAIN_TABLE:
             messages.append(rtnl.rule("src", address, RULE_FROM_POD, lease.route_table))
+        if address.version == 6:
+            # Without it the node resolves the pod's /128 by neighbour discovery, whose
+            # solicitation needs the host end's link-local, tentative for DAD's first
+            # second or two: a new pod's first reply waited 1-2 s (seen by the demo).
+            what = f"neighbour {address} lladdr {pod_mac} on {name}"
+            messages.append(rtnl.neighbour(link, address, pod_mac, what))
         return messages
 
     def _host_ipv6_sysctls(self, name: str) -> None:

@@ -107,6 +107,19 @@ def backend() -> PoolBackend:
     return PoolBackend(pool)
 
 
+def host_neighbours(ns: str) -> dict[str, tuple[str, int]]:
+    """The node's IPv6 neighbour entries on pod veths: address -> (MAC, NUD state)."""
+    with IPRoute(netns=ns) as ipr:
+        veths = {
+            link["index"] for link in ipr.get_links() if str(link.get("ifname")).startswith("eni")
+        }
+        return {
+            str(n.get("dst")): (str(n.get("lladdr")), n["state"])
+            for n in ipr.get_neighbours(family=socket.AF_INET6)
+            if n["ifindex"] in veths and not str(n.get("dst")).startswith(("fe80", "ff"))
+        }
+
+
 def host_v6(ns: str) -> dict[str, Any]:
     """The node's IPv6 pod plumbing: veths, rule-512 destinations, /128 routes."""
     with IPRoute(netns=ns) as ipr:
@@ -189,6 +202,7 @@ def test_ipv6_pods_get_a_128_the_vpc_cni_routes_and_reach_the_node_and_each_othe
             seen: dict[str, Any] = {"results": results}
             seen["host"] = await asyncio.to_thread(host_v6, spaces.node)
             seen["pods"] = {p: await asyncio.to_thread(pod_v6, p) for p in (pod_a, pod_b)}
+            seen["neigh"] = await asyncio.to_thread(host_neighbours, spaces.node)
             address_a = results["0.4.0"]["ips"][0]["address"].split("/")[0]
             address_b = results["1.1.0"]["ips"][0]["address"].split("/")[0]
             seen["a->node"] = await asyncio.to_thread(ping6, pod_a, NODE_ADDRESS)
@@ -237,6 +251,17 @@ def test_ipv6_pods_get_a_128_the_vpc_cni_routes_and_reach_the_node_and_each_othe
         ((dst, _, nud),) = state["neigh"]
         assert dst == "fe80::1" and nud == 0x80  # NUD_PERMANENT
     assert seen["accept_ra"] == "0"
+    # The node reaches each pod's /128 with no neighbour discovery (its host end's link-local
+    # is tentative for DAD's first second): a permanent entry with the pod end's MAC.
+    macs = {old["interfaces"][1]["mac"], new["interfaces"][1]["mac"]}
+    assert (
+        seen["neigh"]
+        == {
+            address_a: (old["interfaces"][1]["mac"], 0x80),
+            address_b: (new["interfaces"][1]["mac"], 0x80),
+        }
+        and len(macs) == 2
+    )
     assert seen["a->node"] == NODE_ADDRESS
     assert seen["a->b"] == address_b and seen["b->a"] == address_a
     assert seen["check 0.4.0"] == (0, {}) and seen["check 1.1.0"] == (0, {})

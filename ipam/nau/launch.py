@@ -4,9 +4,9 @@
 the same wave for 100,000 nodes in seconds, on a simulated clock, with state machines
 that make the calls the agents make:
 
-* **nodes** launched at ``rate_per_min``, one at a time or in bursts of ``burst`` (a
-  Karpenter-like batch every ``burst / rate``), each with ``prefixes_at_launch`` /28s on
-  its primary ENI (the launch template's ``Ipv4PrefixCount``);
+* **nodes** launched at ``rate_per_min``, one at a time, or ``burst`` at once every
+  ``burst_every_s`` (a Karpenter-like provisioner), each with ``prefixes_at_launch``
+  /28s on its primary ENI (the launch template's ``Ipv4PrefixCount``);
 * **ultranet**: the agent's own loop (``ipam.agent.NodeAgent``): start from IMDS
   (``Timings.start_s``); Ready at once if the warm plan (``ipam.warm.plan``, the function
   the agent runs) asks for nothing, else an urgent pool step; the manager re-plans when
@@ -24,8 +24,8 @@ that make the calls the agents make:
   (at most every 30 s) releases, the leaked-ENI scan at a random 0-300 s, and the Go SDK's
   standard retryer (3 attempts, full jitter, a 500-token retry quota per client);
 * **EC2**: the account's token bucket per action (``ipam.nau.throttle``, AWS's published
-  numbers), ``RequestLimitExceeded`` when empty; optional faults: a share of requests
-  answered ``InternalError`` and extra latency on each;
+  numbers), ``RequestLimitExceeded`` when empty; optional ``Faults`` on the requests it
+  admits, as the emulator injects them: extra latency, ``InternalError``, ``Unavailable``;
 * **pods**: once a node is Ready its pods are bound by one cluster-wide scheduler at
   ``pod_rate_per_s`` in the order nodes became Ready; a pod lands if the node's pool has
   a free address, else it is retried after ``pod_retry_s`` (the kubelet retrying the
@@ -39,6 +39,9 @@ What it leaves out: host networking, IMDS lag (the reconcile's DescribeNetworkIn
 when IMDS and the pool disagree), pods leaving (no cooldown churn), subnet exhaustion,
 multi-NIC, the machine's own CPU (every node runs on its own), and instance launches
 (``RunInstances`` is the launcher's, not the CNI's). Pure: no I/O but the data file.
+Its cost is one event per EC2 request, throttled ones included, and a few per node and
+pod: a wave with no calls plays 100,000 nodes in seconds, a throttle storm costs what its
+requests cost.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ __all__ = [
 T = TypeVar("T")
 TIMINGS_FILE = "launch-timings.json"
 AGENTS = ("ultranet", "vpc-cni")
+VPCCNI_SETTINGS = ("WARM_PREFIX_TARGET", "DISABLE_LEAKED_ENI_CLEANUP")  # as tools/fleet
 READY_CURVE_POINTS = 200  # as tools/fleet: at most this many [seconds, nodes Ready] points
 SUBNET_CACHE_S = 300.0  # Ec2Client.subnets_in's cache (subnet_cache_ttl_s)
 TAG_BACKOFF_MAX_S = 60.0  # TagENI's retry.NWithBackoff caps its delay here
@@ -167,6 +168,9 @@ class LaunchConfig:
     prefixes_at_launch: int = 0
     agent: str = "ultranet"  # or "vpc-cni"
     env: Mapping[str, str] = field(default_factory=dict)  # ipamd settings, VPC CNI names
+    # The VPC CNI's own settings (tools/fleet's --vpccni-env): VPCCNI_SETTINGS only.
+    vpccni_env: Mapping[str, str] = field(default_factory=dict)
+    vpccni_cleanup_delay_max_s: float = vpccni.TIMERS.leaked_eni_cleanup_delay_max_s
     throttle: ThrottleTable | None = None  # None: EC2 never throttles
     burst: int = 1  # nodes launched together
     burst_every_s: float | None = None  # None: a burst every burst / rate
@@ -183,6 +187,15 @@ class LaunchConfig:
             raise ValueError("the launch and pod rates must be > 0")
         if self.pods_per_node < 0 or self.prefixes_at_launch < 0 or self.burst < 1:
             raise ValueError("pods per node and prefixes at launch >= 0, burst >= 1")
+        unknown = sorted(set(self.vpccni_env) - set(VPCCNI_SETTINGS))
+        if unknown:
+            raise ValueError(f"VPC CNI setting {unknown[0]}: one of {', '.join(VPCCNI_SETTINGS)}")
+        if not self.vpccni_env.get("WARM_PREFIX_TARGET", "1").isdigit():
+            raise ValueError("the VPC CNI's WARM_PREFIX_TARGET must be a count >= 0")
+        if self.vpccni_env.get("DISABLE_LEAKED_ENI_CLEANUP", "false") not in ("true", "false"):
+            raise ValueError("the VPC CNI's DISABLE_LEAKED_ENI_CLEANUP is true or false")
+        if self.vpccni_cleanup_delay_max_s < 0:
+            raise ValueError("the leaked-ENI sweep's delay must be >= 0")
         if self.burst_every_s is not None and self.burst_every_s <= 0:
             raise ValueError(f"burst period {self.burst_every_s}: must be > 0")
         if self.agent not in AGENTS:
@@ -297,8 +310,11 @@ class _Wave:
             self.slots,
             self.max_enis,
             max_pods=shape_env.max_pods or vpccni.DEFAULT_MAX_PODS,
-            warm_prefix_target=self.targets.warm_prefix_target,
+            warm_prefix_target=int(
+                config.vpccni_env.get("WARM_PREFIX_TARGET", vpccni.DEFAULT_WARM_PREFIX_TARGET)
+            ),
         )
+        self.leak_scan = config.vpccni_env.get("DISABLE_LEAKED_ENI_CLEANUP", "false") != "true"
 
     def clock(self) -> float:
         return self.now
@@ -762,7 +778,9 @@ class _Wave:
 
     def start_leak_scan(self, node: _Node) -> None:
         """``cleanUpLeakedENIs``: one DescribeNetworkInterfaces at a random 0-300 s."""
-        delay = self.rng.uniform(0.0, vpccni.TIMERS.leaked_eni_cleanup_delay_max_s)
+        if not self.leak_scan:
+            return
+        delay = self.rng.uniform(0.0, self.config.vpccni_cleanup_delay_max_s)
 
         def scan() -> Proc:
             yield delay

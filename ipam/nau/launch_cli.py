@@ -19,7 +19,7 @@ from ipam.config import load_config
 from ipam.errors import ConfigError, UltranetError
 from ipam.instance_types import lookup
 from ipam.nau.chart import FORMATS
-from ipam.nau.launch import Faults, LaunchConfig, run
+from ipam.nau.launch import VPCCNI_SETTINGS, Faults, LaunchConfig, run
 from ipam.nau.launch_auto import choose
 from ipam.nau.throttle import BucketSpec, ThrottleTable, load_table
 
@@ -179,13 +179,14 @@ def add_launch(sub: Any) -> None:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="run this scenario (repeatable; default 'ultranet', and 'vpc-cni' with "
-        "--baseline); the -reactive ones launch with no prefix",
+        help="run this scenario (repeatable; default 'ultranet'); the -reactive ones launch "
+        "with no prefix; --baseline adds each one's VPC CNI twin",
     )
     p.add_argument(
         "--baseline",
         choices=BASELINES,
-        help="also model the AWS VPC CNI's calls (ipam/nau/vpccni_calls.py)",
+        help="also model the AWS VPC CNI's calls (ipam/nau/vpccni_calls.py) for each "
+        "ultranet scenario, same launch template",
     )
     p.add_argument(
         "--env",
@@ -194,6 +195,22 @@ def add_launch(sub: Any) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="ipamd setting for every agent, e.g. WARM_PREFIX_TARGET=1 (repeatable)",
+    )
+    p.add_argument(
+        "--vpccni-env",
+        type=_env,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"a VPC CNI setting for the baseline ({', '.join(VPCCNI_SETTINGS)})",
+    )
+    p.add_argument(
+        "--vpccni-cleanup-delay-max",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="the VPC CNI's leaked-ENI sweep runs at a random 0..S s after start (its "
+        "source: 300); a scenario settles only once every sweep ran",
     )
     p.add_argument(
         "--faults",
@@ -231,12 +248,17 @@ def add_launch(sub: Any) -> None:
 
 
 def _scenarios(args: argparse.Namespace) -> list[str]:
-    if args.scenario:
-        wanted = list(dict.fromkeys(args.scenario))
-        if args.baseline is None and any(s.startswith("vpc-cni") for s in wanted):
+    """As tools/fleet: --baseline adds each ultranet scenario's VPC CNI counterpart."""
+    wanted = list(dict.fromkeys(args.scenario or ["ultranet"]))
+    if args.baseline is None:
+        if any(s.startswith("vpc-cni") for s in wanted):
             raise ConfigError("--scenario", "vpc-cni", "needs --baseline vpc-cni")
         return wanted
-    return ["ultranet"] + (["vpc-cni"] if args.baseline else [])
+    for name in list(wanted):
+        twin = name.replace("ultranet", "vpc-cni", 1)
+        if name.startswith("ultranet") and twin not in wanted:
+            wanted.append(twin)
+    return wanted
 
 
 def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str, Any]]]:
@@ -250,6 +272,18 @@ def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str,
         load_config(env)  # a bad setting is refused here, with the knob named
     except ValueError as err:
         raise ConfigError("--env", ",".join(f"{k}={v}" for k, v in env.items()), str(err)) from None
+    vpccni_env = dict(args.vpccni_env)
+    try:
+        LaunchConfig(
+            nodes=1,
+            rate_per_min=1,
+            vpccni_env=vpccni_env,
+            vpccni_cleanup_delay_max_s=args.vpccni_cleanup_delay_max,
+        )
+    except ValueError as err:
+        raise ConfigError(
+            "--vpccni-env", ",".join(f"{k}={v}" for k, v in vpccni_env.items()), str(err)
+        ) from None
     throttle: ThrottleTable | None = None
     if not args.no_throttle:
         throttle = load_table().scaled(args.refill_scale).with_buckets(dict(args.bucket))
@@ -297,8 +331,14 @@ def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str,
     for name in _scenarios(args):
         at_launch = 0 if name.endswith("-reactive") else prefixes
         if name.startswith("vpc-cni"):
-            config = replace(base, agent="vpc-cni", prefixes_at_launch=at_launch)
-            extra = {"env": env, "warm_mode": "WARM_PREFIX_TARGET only (vpccni_calls.py)"}
+            config = replace(
+                base,
+                agent="vpc-cni",
+                prefixes_at_launch=at_launch,
+                vpccni_env=vpccni_env,
+                vpccni_cleanup_delay_max_s=args.vpccni_cleanup_delay_max,
+            )
+            extra = {"env": vpccni_env, "warm_mode": "WARM_PREFIX_TARGET only (vpccni_calls.py)"}
         else:
             chosen = ultranet_env if at_launch else env
             config = replace(base, prefixes_at_launch=at_launch, env=chosen)

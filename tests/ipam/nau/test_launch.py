@@ -232,6 +232,8 @@ def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
         (["--nodes=5", "--scenario=vpc-cni"], "needs --baseline vpc-cni"),
         (["--nodes=5", "--bucket=Assign"], "ACTION=CAPACITY:REFILL_PER_S"),
         (["--nodes=5", "--chart=out.gif"], "must end in .png or .svg"),
+        (["--nodes=5", "--vpccni-env=WARM_IP_TARGET=1"], "one of WARM_PREFIX_TARGET"),
+        (["--nodes=5", "--vpccni-env=WARM_PREFIX_TARGET=x"], "a count >= 0"),
         (["--nodes=5", "--pods-per-node=160", "--prefixes-at-launch=auto"], "at most 9"),
     ],
 )
@@ -279,3 +281,30 @@ def test_cli_faults_and_bursts_as_tools_fleet_spells_them(
         {"kind": "unavailable", "probability": 0.1, "latency_s": 0.0},
     ]
     assert result["nodes_ready"] == 20 and result["retries"] > 0
+
+
+def test_baseline_adds_each_scenarios_vpc_cni_twin(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["launch", "--nodes=30", "--scenario=ultranet-reactive", "--baseline=vpc-cni"]
+    code = main([*argv, "--vpccni-env=DISABLE_LEAKED_ENI_CLEANUP=true", "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert list(results) == ["ultranet-reactive", "vpc-cni-reactive"]
+    twin = results["vpc-cni-reactive"]
+    assert twin["env"] == {"DISABLE_LEAKED_ENI_CLEANUP": "true"}
+    # No leaked-ENI sweep: the only DescribeNetworkInterfaces is nodeInit's, one a node.
+    assert twin["ec2_calls_by_action"]["DescribeNetworkInterfaces"]["total"] == 30
+
+
+def test_vpc_cni_warm_prefix_target_is_its_own() -> None:
+    # WARM_PREFIX_TARGET=2 for the VPC CNI: 2 free prefixes kept, so a reactive node's
+    # start asks for 2 at once (one Assign) and its 10 pods trigger one more Assign.
+    config = LaunchConfig(
+        nodes=10,
+        rate_per_min=600,
+        pods_per_node=10,
+        agent="vpc-cni",
+        vpccni_env={"WARM_PREFIX_TARGET": "2"},
+        timings=TIMINGS,
+    )
+    result = run(config)
+    assert result["nau_used"] == 10 * (1 + 3)  # 3 prefixes at the end: 2 free + 1 used

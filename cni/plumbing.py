@@ -119,7 +119,7 @@ def host_ifname(key: IpamKey, index: int, prefix: str) -> str:
 
 def v4_egress_ifname(key: IpamKey) -> str:
     """The host end of an IPv6 pod's IPv4 egress veth: not the pods' ``eni`` prefix, so
-    neither the stray sweep nor another CNI's ``eni*`` match takes it."""
+    another CNI's ``eni*`` match never takes it (the stray sweep looks for both)."""
     return host_ifname(key, 0, V4_EGRESS_PREFIX)
 
 
@@ -281,7 +281,9 @@ class Plumbing:
         and ``netns`` only names it: the daemon may not see the runtime's mounts."""
         names = [] if key is None else [pod_ifname(key, i) for i in range(interfaces)]
         hosts = [] if key is None else [host_ifname(key, i, veth_prefix) for i in range(interfaces)]
-        done = self._adding_now(hosts)  # before any wait: a sweep from here on skips them
+        # The IPv4 egress veth (an IPv6 pod's, made after these) is the ADD's too.
+        egress = [] if key is None else [v4_egress_ifname(key)]
+        done = self._adding_now([*hosts, *egress])  # before any wait: a sweep skips them
         try:
             for host in hosts:
                 waiting = self._reaper.pending(host)
@@ -573,6 +575,7 @@ class Plumbing:
             self._run(
                 self._rtnl,
                 [
+                    rtnl.link_alias(host, HOST_VETH_ALIAS, f"alias {HOST_VETH_ALIAS} on {name}"),
                     rtnl.address(
                         host, gw, f"add {gw}/32 scope link on {name}", scope=rtnl.SCOPE_LINK
                     ),
@@ -732,8 +735,9 @@ class Plumbing:
     async def reap_strays(
         self, veth_prefix: str, accounted: Callable[[], Collection[str]]
     ) -> list[str]:
-        """Delete the host veths this plugin made (``veth_prefix`` + 11 hex digits,
-        kind veth, alias ``HOST_VETH_ALIAS``) whose names ``accounted()`` lacks; returns
+        """Delete the host veths this plugin made (``veth_prefix`` or, an IPv6 pod's IPv4
+        egress, ``V4_EGRESS_PREFIX``, + 11 hex digits, kind veth, alias ``HOST_VETH_ALIAS``)
+        whose names ``accounted()`` lacks; returns
         their names once they are gone. Nothing else is touched: not the ENIs' links, not
         another plugin's veths (the VPC CNI names its own ``eni`` + 11 hex too).
 
@@ -744,7 +748,8 @@ class Plumbing:
         or of one that ran while the links were listed, are kept whatever ``accounted``
         says (a repeated ADD, an ADD rolling back): the next sweep decides.
         """
-        pattern = re.compile(re.escape(veth_prefix) + f"[0-9a-f]{{{_HASH_DIGITS}}}")
+        prefixes = "|".join(re.escape(p) for p in (veth_prefix, V4_EGRESS_PREFIX))
+        pattern = re.compile(f"(?:{prefixes})[0-9a-f]{{{_HASH_DIGITS}}}")
         ours = []
         with self._adds_meanwhile() as adding:
             async for link in await self._host.link("dump"):

@@ -57,14 +57,16 @@ class AgentBackend:
 
 
 def accounted_veths(allocations: Iterable[Allocation], veth_prefix: str) -> set[str]:
-    """The host veth names the allocations account for: one per lease."""
-    from cni.plumbing import host_ifname
+    """The host veth names the allocations account for: one per lease, and an IPv6
+    pod's IPv4 egress veth when it holds a node-local IPv4."""
+    from cni.plumbing import host_ifname, v4_egress_ifname
 
-    return {
+    leases = {
         host_ifname(a.key, index, veth_prefix)
         for a in allocations
         for index in range(len(a.leases))
     }
+    return leases | {v4_egress_ifname(a.key) for a in allocations if a.egress_v4 is not None}
 
 
 def accounted_addresses(allocations: Iterable[Allocation]) -> set[PodAddress]:

@@ -110,8 +110,8 @@ class IpamdMetrics:
         )
         self.stray_veths_reaped = Counter(
             p + "stray_veths_reaped_total",
-            "Host veths of this CNI that no allocation accounted for, deleted at start "
-            "or by the periodic sweep",
+            "Host veths of this CNI (eni* and IPv6 pods' v4e*) that no allocation "
+            "accounted for, deleted at start or by the periodic sweep",
             registry=r,
         )
         self.stray_rules_reaped = Counter(

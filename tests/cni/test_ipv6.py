@@ -25,7 +25,7 @@ from pyroute2 import IPRoute
 
 from cni.install import conflist
 from cni.keys import IpamKey
-from cni.plumbing import RULE_TO_POD, host_ifname, v4_egress_ifname
+from cni.plumbing import HOST_VETH_ALIAS, RULE_TO_POD, Plumbing, host_ifname, v4_egress_ifname
 from ipam.pool6 import Ipv6PrefixPool
 from tests.cni.exec_harness import exec_shim, install_shim, serving
 from tests.cni.harness import NETWORK, conf, env, node, ns_path, run
@@ -495,3 +495,40 @@ def test_the_stray_rule_sweep_takes_an_ipv6_pods_rule_only_when_no_one_has_it(
 def delete_link(ns: str, name: str) -> None:
     with IPRoute(netns=ns) as ipr:
         ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
+
+
+def test_the_stray_sweep_leaves_the_egress_veth_of_an_add_in_flight_alone(
+    spaces: Namespaces,
+) -> None:
+    # An IPv6 pod's ADD makes its v4e<hash> veth after its eni one; a retried ADD, or one
+    # rolling back, may have it while no allocation accounts for it. Until the ADD's entry
+    # closes, the sweep keeps it (as it keeps the ADD's eni veths); then it is a stray.
+    pod = spaces.pod("a")
+    key = IpamKey(NETWORK, "c1", "eth0")
+    name = v4_egress_ifname(key)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        plumbing = await Plumbing.open(f"/run/netns/{spaces.node}")
+        try:
+            entry = await plumbing.enter(ns_path(pod), key, veth_prefix="eni")
+            try:
+                await asyncio.to_thread(add_our_veth, spaces.node, name)
+                during = await plumbing.reap_strays("eni", set)
+            finally:
+                entry.close()
+            after = await plumbing.reap_strays("eni", set)
+        finally:
+            await plumbing.close()
+        return during, after
+
+    during, after = run(scenario())
+    assert during == [] and after == [name]
+    with IPRoute(netns=spaces.node) as ipr:
+        assert ipr.link_lookup(ifname=name) == []
+
+
+def add_our_veth(ns: str, name: str) -> None:
+    with IPRoute(netns=ns) as ipr:
+        ipr.link("add", ifname=name, kind="veth", peer={"ifname": f"p{name}"[:15]})
+        (index,) = ipr.link_lookup(ifname=name)
+        ipr.link("set", index=index, ifalias=HOST_VETH_ALIAS)

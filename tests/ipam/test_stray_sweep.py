@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
 from cni.install import install
 from cni.keys import IpamKey
-from cni.plumbing import HOST_VETH_ALIAS, host_ifname
+from cni.plumbing import HOST_VETH_ALIAS, host_ifname, v4_egress_ifname
 from tests.cni.harness import NETWORK, conf, env, host_state, ns_path
 from tests.conftest import LabFactory
 from tests.ipam.test_daemon_cni import METRICS_PORT, exec_shim, held, scraped
@@ -141,6 +142,80 @@ def test_a_restart_keeps_the_pods_of_a_node_with_another_veth_prefix(
             lab, shim, daemon, env("DEL", "prefixed", ns_path(pod)), conf(vethPrefix="pod")
         )
         assert code == 0, out
+        assert held(daemon) == []
+    finally:
+        daemon.stop()
+
+
+IPV6_ENV = {
+    "ENABLE_IPv4": "false",
+    "ENABLE_IPv6": "true",
+    "ENABLE_PREFIX_DELEGATION": "true",
+    "ULTRANET_V4_EGRESS_RANGE": "198.18.4.0/22",  # the lab's address space, not 169.254.172/22
+}
+
+
+def alias_of(lab: Lab, name: str) -> str | None:
+    """The link's alias ("" for none), None if there is no such link."""
+    with IPRoute(netns=lab.node_ns) as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        alias = ipr.get_links(found[0])[0].get("ifalias")
+        return "" if alias is None else str(alias)
+
+
+def test_the_sweep_reaps_an_ipv6_pods_stray_ipv4_egress_veth_and_keeps_the_live_ones(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    # An IPv6 pod has a second host veth, v4e<hash> (its IPv4 egress). A DEL answered before
+    # a crash took its queued deletion leaves it with no allocation: the sweep must take it
+    # as it takes a stray eni<hash>, and leave a live pod's and anyone else's alone.
+    lab = lab_factory(LabConfig(instance_type="m5.large"))
+    (primary,) = lab.cloud.enis_of(lab.instance_id)
+    lab.cloud.associate_vpc_ipv6_cidr(lab.vpc_id, "fd12:3456:789a:1000::/56")
+    lab.cloud.associate_subnet_ipv6_cidr(primary.subnet_id, "fd12:3456:789a:1000::/64")
+    lab.cloud.assign_ipv6_addresses(primary.eni_id, prefix_count=1)
+    daemon = IpamdProcess(
+        lab,
+        tmp_path / "d",
+        {
+            **IPV6_ENV,
+            "ULTRANET_CNI_SPOOL": str(tmp_path / "d" / "spool"),
+            "ULTRANET_METRICS_ADDR": f"127.0.0.1:{METRICS_PORT}",
+            "ULTRANET_STRAY_SWEEP_INTERVAL": "1",
+        },
+    )
+    (shim,) = install(tmp_path / "bin", None, python=sys.executable)
+    daemon.start()
+    try:
+        daemon.wait_ready(60)
+        daemon.wait_cni_socket()
+        pod = lab.create_pod_namespace("kept")
+        code, out = exec_shim(lab, shim, daemon, env("ADD", "kept", ns_path(pod)), conf())
+        assert code == 0, out
+        kept = IpamKey(NETWORK, "kept", "eth0")
+        kept_links = [host_ifname(kept, 0, "eni"), v4_egress_ifname(kept)]
+        # The ADD marks its egress veth as ours, or a crash would leave it unsweepable.
+        assert alias_of(lab, v4_egress_ifname(kept)) == HOST_VETH_ALIAS
+        stray = v4_egress_ifname(IpamKey(NETWORK, "never-added", "eth0"))
+        foreign = v4_egress_ifname(IpamKey(NETWORK, "someone-elses", "eth0"))
+        node = ["ip", "-n", lab.node_ns, "link"]
+        for name, peer in ((stray, "ul-peer"), (foreign, "ul-peer2")):
+            subprocess.run([*node, "add", name, "type", "veth", "peer", "name", peer], check=True)
+        subprocess.run([*node, "set", stray, "alias", HOST_VETH_ALIAS], check=True)
+
+        wait_until(lambda: alias_of(lab, stray) is None, "stray v4e veth reaped")
+        assert counted(lab, VETHS) == 1
+        assert all(alias_of(lab, name) == HOST_VETH_ALIAS for name in kept_links)
+        assert alias_of(lab, foreign) == ""  # no alias of ours: not ours to take
+        assert [a["container_id"] for a in held(daemon)] == ["kept"]
+        assert "reaped 1 stray veth(s)" in daemon.log_tail(80)
+        wait_until(lambda: counted(lab, f'{SWEEPS}{{outcome="ok"}}') >= 2, "a later sweep")
+        assert all(alias_of(lab, name) == HOST_VETH_ALIAS for name in kept_links)
+        code, out = exec_shim(lab, shim, daemon, env("DEL", "kept", ns_path(pod)), conf())
+        assert code == 0, out
+        wait_until(lambda: all(alias_of(lab, n) is None for n in kept_links), "DEL's veths gone")
         assert held(daemon) == []
     finally:
         daemon.stop()

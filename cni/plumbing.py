@@ -534,9 +534,10 @@ class Plumbing:
     async def setup_v4_egress(
         self, net: PodNetwork, address: IPv4Address, node_range: IPv4Network, pod: PodHandle
     ) -> str:
-        """The pod's ``v4if0`` with its node-local IPv4, what ``cni.egress_v4.setup`` makes,
-        in two rtnetlink batches into ``pod`` (the namespace the ADD entered; pyroute2 took
-        6-40 ms for the same): a veth whose host end is :func:`v4_egress_ifname`; in the
+        """The pod's ``v4if0`` with its node-local IPv4, as the VPC CNI's ``egress-cni``
+        (``cni.egress_v4``), in two rtnetlink batches into ``pod`` (the namespace the ADD
+        entered; pyroute2 took 6-40 ms for the same): a veth whose host end is
+        :func:`v4_egress_ifname` (alias ``HOST_VETH_ALIAS``, for the stray sweep); in the
         pod ``<address>/32``, ``<gateway>/32`` scope link, ``default via <gateway>`` and a
         permanent neighbour for the gateway (the host end's MAC); on the host end
         ``<gateway>/32`` scope link and the route ``<address>/32`` to it. The address is a

@@ -38,7 +38,7 @@ of old VPC CNI versions.
 
 The IPv4 egress of IPv6 pods (the VPC CNI's ``egress-cni`` plugin) has its node side here
 too: :func:`v4_egress_ruleset` and :meth:`Egress.apply_v4_egress`; the pod side is
-:mod:`cni.egress_v4`.
+:meth:`cni.plumbing.Plumbing.setup_v4_egress`.
 
 How it applies: :func:`ruleset` computes what should exist from the configuration and the
 node (pure, tested without root); :func:`restore_script` diffs it against one
@@ -252,7 +252,7 @@ def v4_egress_ruleset(
     *,
     random_fully: bool = True,
 ) -> Ruleset:
-    """The node's part of IPv4 egress for IPv6 pods (``cni.egress_v4`` is the pod's): what
+    """The node's part of IPv4 egress for IPv6 pods (``Plumbing.setup_v4_egress`` the pod's): what
     the VPC CNI's ``egress-cni`` adds per pod (``snat/snat.go``: multicast accepted, the
     rest SNAT'd to the node's primary IPv4), once for the whole node-local range; and its
     ``setupRuleToBlockNodeLocalAccess`` (``network.go``): no new connection forwarded to a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ipam.errors import ConfigError
 from ipam.nau.budget import infra_units, nau_per_node_average
@@ -54,7 +55,9 @@ def series(plan: Plan) -> list[tuple[str, float, float]]:
     return out
 
 
-def write_chart(plan: Plan, path: Path) -> None:
+def pyplot_for(path: Path) -> tuple[Any, str]:
+    """matplotlib's pyplot (headless) and the file format for ``--chart path``; the one
+    place the ``chart`` extra is imported, so a missing extra reads the same everywhere."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ConfigError("--chart", str(path), "must end in .png or .svg")
@@ -70,6 +73,11 @@ def write_chart(plan: Plan, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt, fmt
+
+
+def write_chart(plan: Plan, path: Path) -> None:
+    plt, fmt = pyplot_for(path)
     top = max(plan.nodes * 2, 1000)
     xs = [top * i / 200 for i in range(201)]
     fig, ax = plt.subplots(figsize=(9, 5.5))

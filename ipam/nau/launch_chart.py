@@ -11,24 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ipam.errors import ConfigError
-from ipam.nau.chart import FORMATS, MATPLOTLIB_EXTRA
+from ipam.nau.chart import pyplot_for
 
 
-def write_launch_chart(results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ConfigError("--chart", str(path), "must end in .png or .svg")
-    try:
-        import matplotlib
-    except ModuleNotFoundError as err:
-        if err.name != "matplotlib":
-            raise
-        raise ConfigError(
-            "--chart", str(path), f"needs matplotlib: pip install '{MATPLOTLIB_EXTRA}'"
-        ) from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_launch_chart(
+    results: Mapping[str, Mapping[str, Any]], path: Path, *, source: str = "model"
+) -> None:
+    """Nodes Ready over the wave, one line per scenario; ``source`` says in the title
+    whether the model or real agents (tools/fleet, same JSON) made ``results``."""
+    plt, fmt = pyplot_for(path)
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     first = next(iter(results.values()))
@@ -47,7 +38,7 @@ def write_launch_chart(results: Mapping[str, Mapping[str, Any]], path: Path) -> 
     ax.set_ylabel("nodes Ready")
     ax.set_title(
         f"{nodes:,} x {first['instance_type']} at {rate:,.0f}/min, "
-        f"{first['pods_per_node']} pods each (model)",
+        f"{first['pods_per_node']} pods each ({source})",
         fontsize=10,
     )
     ax.legend(fontsize=8, loc="lower right")

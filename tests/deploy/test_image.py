@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import ipaddress
 import os
 import re
 import shutil
@@ -228,6 +229,8 @@ class FakeHost:
         self.addresses: set[str] = set()
         self.chains: set[tuple[str, str]] = set()
         self.rules: list[tuple[str, str, tuple[str, ...]]] = []
+        self.v6_chains: set[tuple[str, str]] = set()
+        self.v6_rules: list[tuple[str, str, tuple[str, ...]]] = []
         self.calls: list[list[str]] = []
 
     def __call__(self, argv: Any) -> subprocess.CompletedProcess[str]:
@@ -250,20 +253,25 @@ class FakeHost:
                 return fail("RTNETLINK answers: File exists")
             self.addresses.add(argv[3])
             return ok
-        assert argv[0] == "iptables-nft" and argv[1] == "-w", argv
+        assert argv[0] in ("iptables-nft", "ip6tables-nft") and argv[1] == "-w", argv
+        chains, rules = (
+            (self.chains, self.rules)
+            if argv[0] == "iptables-nft"
+            else (self.v6_chains, self.v6_rules)
+        )
         _, _, _, table, op, chain, *rest = argv
         if op == "-L":
-            return ok if (table, chain) in self.chains else fail("No chain")
+            return ok if (table, chain) in chains else fail("No chain")
         if op == "-N":
-            self.chains.add((table, chain))
+            chains.add((table, chain))
             return ok
         if op == "-I":
             rest = rest[1:]  # the position
         rule = (table, chain, tuple(rest))
         if op == "-C":
-            return ok if rule in self.rules else fail("Bad rule")
+            return ok if rule in rules else fail("Bad rule")
         assert op in ("-A", "-I"), argv
-        self.rules.append(rule)
+        rules.append(rule)
         return ok
 
 
@@ -284,6 +292,25 @@ def test_dns_node_setup_adds_nodelocal_rules_once() -> None:
     assert second == []
     assert sorted(host.rules) == sorted(jumps + expected)
     assert not [c for c in host.calls if "-F" in c or "-X" in c or "-D" in c or "del" in c]
+
+
+def test_dns_node_setup_gives_an_ipv6_address_ip6tables_rules() -> None:
+    module = dns_setup()
+    host = FakeHost()
+    v4, v6 = ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("fd00::20:10")
+    cfg = NodeLocalConfig(addresses=(v4, v6))
+    module.ensure(cfg, [53], "iptables-nft", host)
+    assert ["ip", "addr", "add", "fd00::20:10/128", "dev", "nodelocaldns", "nodad"] in host.calls
+    jumps = [(table, builtin, ("-j", chain)) for table, builtin, chain in CHAINS]
+    for addresses, rules_held in (((v4,), host.rules), ((v6,), host.v6_rules)):
+        only = NodeLocalConfig(addresses=addresses)
+        assert sorted(rules_held) == sorted(
+            jumps + [(t, c, tuple(r)) for t, c, r in rules(only, [53])]
+        )
+    assert module.ensure(cfg, [53], "iptables-nft", host) == []
+    assert module.ip6tables_of("iptables-legacy") == "ip6tables-legacy"
+    with pytest.raises(SystemExit):
+        module.main(["--address", "not-an-address"])
 
 
 @pytest.mark.parametrize(

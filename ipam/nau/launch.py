@@ -72,9 +72,11 @@ __all__ = [
     "Faults",
     "LaunchConfig",
     "Timings",
+    "call_counts",
     "load_timings",
     "percentile",
     "run",
+    "wave_times",
 ]
 
 T = TypeVar("T")
@@ -203,11 +205,60 @@ class LaunchConfig:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100), as ``tools/fleet`` reports it."""
+    """Nearest-rank percentile (q in 0..100); None for no values."""
     if not values:
         return None
     ordered = sorted(values)
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+PHASES = ("start", "pods")  # a node's EC2 calls: until Ready, then while its pods land
+
+
+def call_counts(per_node: list[Mapping[str, Mapping[str, int]]]) -> dict[str, Any]:
+    """A wave's EC2-call keys (shared with ``tools/fleet``), from each node's calls by
+    phase (``PHASES``; others, such as a restart's, are not counted) and action."""
+    count = max(1, len(per_node))
+    by_phase: dict[str, Counter[str]] = {phase: Counter() for phase in PHASES}
+    per_node_total: list[int] = []
+    per_node_by_action: dict[str, list[int]] = {}
+    for calls in per_node:
+        combined: Counter[str] = Counter()
+        for phase in PHASES:
+            by_phase[phase].update(calls.get(phase, {}))
+            combined.update(calls.get(phase, {}))
+        per_node_total.append(sum(combined.values()))
+        for action in combined:
+            per_node_by_action.setdefault(action, []).append(combined[action])
+    return {
+        "ec2_calls_per_node": round(sum(per_node_total) / count, 3),
+        "ec2_calls_per_node_max": max(per_node_total, default=0),
+        "ec2_calls_by_action": {
+            action: {
+                "total": sum(values),
+                "per_node_mean": round(sum(values) / count, 3),
+                "per_node_max": max(values),
+                "start": by_phase["start"][action],
+                "pods": by_phase["pods"][action],
+            }
+            for action, values in sorted(per_node_by_action.items())
+        },
+        "ec2_calls_start_per_node": round(sum(by_phase["start"].values()) / count, 3),
+        "ec2_calls_pods_per_node": round(sum(by_phase["pods"].values()) / count, 3),
+    }
+
+
+def wave_times(ready: list[float], running: list[float]) -> dict[str, float | None]:
+    """Launch -> Ready and launch -> all pods running, per node (s): the keys shared with
+    ``tools/fleet``."""
+    return {
+        "ready_p50_s": _round(percentile(ready, 50)),
+        "ready_p99_s": _round(percentile(ready, 99)),
+        "ready_max_s": _round(max(ready) if ready else None),
+        "pods_running_p50_s": _round(percentile(running, 50)),
+        "pods_running_p99_s": _round(percentile(running, 99)),
+        "pods_running_max_s": _round(max(running) if running else None),
+    }
 
 
 class _Node:
@@ -793,21 +844,8 @@ class _Wave:
     def result(self, settled: bool, wall_s: float) -> dict[str, Any]:
         config = self.config
         nodes = self.nodes
-        count = max(1, len(nodes))
         ready = [n.ready_at - n.launched_at for n in nodes if n.ready_at is not None]
         running = [n.pods_done_at - n.launched_at for n in nodes if n.pods_done_at is not None]
-        by_phase: dict[str, Counter[str]] = {"start": Counter(), "pods": Counter()}
-        per_node_total: list[int] = []
-        per_node_by_action: dict[str, list[int]] = {}
-        for node in nodes:
-            combined: Counter[str] = Counter()
-            if node.calls is not None:
-                for phase, calls in node.calls.items():
-                    by_phase[phase].update(calls)
-                    combined.update(calls)
-            per_node_total.append(sum(combined.values()))
-            for action in combined:
-                per_node_by_action.setdefault(action, []).append(combined[action])
         ready_at = sorted(n.ready_at for n in nodes if n.ready_at is not None)
         span = ready_at[-1] if ready_at else 0.0  # the first launch is at 0
         per_minute = Counter(int(t // 60) for t in ready_at)
@@ -838,29 +876,11 @@ class _Wave:
             "pods_per_node": config.pods_per_node,
             "rate_per_min": config.rate_per_min,
             "pod_rate_per_s": config.pod_rate_per_s,
-            "ec2_calls_per_node": round(sum(per_node_total) / count, 3),
-            "ec2_calls_per_node_max": max(per_node_total, default=0),
-            "ec2_calls_by_action": {
-                action: {
-                    "total": sum(values),
-                    "per_node_mean": round(sum(values) / count, 3),
-                    "per_node_max": max(values),
-                    "start": by_phase["start"][action],
-                    "pods": by_phase["pods"][action],
-                }
-                for action, values in sorted(per_node_by_action.items())
-            },
-            "ec2_calls_start_per_node": round(sum(by_phase["start"].values()) / count, 3),
-            "ec2_calls_pods_per_node": round(sum(by_phase["pods"].values()) / count, 3),
+            **call_counts([n.calls or {} for n in nodes]),
             "throttled_calls": sum(n.throttled for n in nodes),
             "retries": sum(n.retries for n in nodes),
             "pods_refused_pool_dry": sum(n.refused for n in nodes),
-            "ready_p50_s": _round(percentile(ready, 50)),
-            "ready_p99_s": _round(percentile(ready, 99)),
-            "ready_max_s": _round(max(ready) if ready else None),
-            "pods_running_p50_s": _round(percentile(running, 50)),
-            "pods_running_p99_s": _round(percentile(running, 99)),
-            "pods_running_max_s": _round(max(running) if running else None),
+            **wave_times(ready, running),
             "ready_nodes_per_min": round(len(ready) / span * 60, 1) if span else None,
             "ready_nodes_by_minute": [
                 per_minute[m] for m in range(max(per_minute, default=-1) + 1)

@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -144,17 +145,9 @@ def _burst(text: str) -> tuple[int, float]:
     return size, seconds
 
 
-def add_launch(sub: Any) -> None:
-    p = sub.add_parser(
-        "launch",
-        help="model a launch wave's EC2 calls, throttling and time to Ready (100K nodes)",
-        description=(
-            "A discrete-event model of a launch wave: every node's CNI agent as a state "
-            "machine making the EC2 calls the real agent makes, against one account's "
-            "throttling buckets (AWS's published numbers), on a simulated clock. Flags and "
-            "--json keys are those of the real-agent fleet (python -m tools.fleet)."
-        ),
-    )
+def add_wave_flags(p: argparse.ArgumentParser) -> None:
+    """The flags the model and the real-agent fleet (``python -m tools.fleet``) share, so
+    one command line runs either (issue 15); each adds its own (scenarios, timeout...)."""
     p.add_argument("--nodes", type=_positive_int, required=True, help="instances in the wave")
     p.add_argument("--rate", type=_rate, default=2000.0, help="launches, N/min or N/s")
     p.add_argument(
@@ -174,19 +167,6 @@ def add_launch(sub: Any) -> None:
         metavar="N|auto",
         help="/28s on each primary ENI at launch in 'ultranet' and 'vpc-cni'; auto: the "
         "fewest, with warm settings that keep them, for 0 EC2 calls",
-    )
-    p.add_argument(
-        "--scenario",
-        action="append",
-        choices=SCENARIOS,
-        help="run this scenario (repeatable; default 'ultranet'); the -reactive ones launch "
-        "with no prefix; --baseline adds each one's VPC CNI twin",
-    )
-    p.add_argument(
-        "--baseline",
-        choices=BASELINES,
-        help="also model the AWS VPC CNI's calls (ipam/nau/vpccni_calls.py) for each "
-        "ultranet scenario, same launch template",
     )
     p.add_argument(
         "--env",
@@ -235,6 +215,34 @@ def add_launch(sub: Any) -> None:
         metavar="ACTION=CAPACITY:REFILL",
         help="override one action's request bucket (repeatable)",
     )
+    p.add_argument("--json", action="store_true")
+
+
+def add_launch(sub: Any) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="model a launch wave's EC2 calls, throttling and time to Ready (100K nodes)",
+        description=(
+            "A discrete-event model of a launch wave: every node's CNI agent as a state "
+            "machine making the EC2 calls the real agent makes, against one account's "
+            "throttling buckets (AWS's published numbers), on a simulated clock. Flags and "
+            "--json keys are those of the real-agent fleet (python -m tools.fleet)."
+        ),
+    )
+    add_wave_flags(p)
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run this scenario (repeatable; default 'ultranet'); the -reactive ones launch "
+        "with no prefix; --baseline adds each one's VPC CNI twin",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        help="also model the AWS VPC CNI's calls (ipam/nau/vpccni_calls.py) for each "
+        "ultranet scenario, same launch template",
+    )
     p.add_argument(
         "--timeout",
         type=_positive_float,
@@ -242,7 +250,6 @@ def add_launch(sub: Any) -> None:
         "(default: until every pod runs and every pool is settled)",
     )
     p.add_argument("--seed", type=int, default=1, help="model only: the random seed")
-    p.add_argument("--json", action="store_true")
     p.add_argument("--chart", type=Path, help="write Ready nodes over time (.png/.svg)")
     p.set_defaults(func=cmd_launch)
 
@@ -357,7 +364,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         result = run(config)
         result["scenario"] = name
         result.update(extra)
-        result["throttle"] = _throttle_note(args)
+        result["throttle"] = throttle_note(args)
         result["conditions"] = conditions
         results[name] = result
     if args.chart is not None:
@@ -367,11 +374,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(render(results))
+        print(render_model(results))
     return 0 if all(r["nodes_ready"] == r["nodes"] for r in results.values()) else 1
 
 
-def _throttle_note(args: argparse.Namespace) -> str:
+def throttle_note(args: argparse.Namespace) -> str:
+    """The ``throttle`` key of every scenario's result: the buckets the flags chose."""
     if args.no_throttle:
         return "off"
     parts = ["AWS published buckets (ipam/nau/data/ec2-throttling.json)"]
@@ -381,7 +389,11 @@ def _throttle_note(args: argparse.Namespace) -> str:
     return ", ".join(parts)
 
 
-ROWS = (
+Result = dict[str, Any]
+Row = tuple[str, Callable[[Result], object]]
+Notes = Callable[[str, Result], list[str]]
+
+ROWS: tuple[Row, ...] = (
     ("nodes ready / launched", lambda r: f"{r['nodes_ready']:,} / {r['nodes_launched']:,}"),
     ("prefixes at launch", lambda r: r["prefixes_at_launch"]),
     ("EC2 calls per node (start + pods)", lambda r: r["ec2_calls_per_node"]),
@@ -406,33 +418,60 @@ ROWS = (
         "NAU / subnet addresses used at the end",
         lambda r: f"{r['nau_used']:,} / {r['subnet_addresses_used']:,}",
     ),
-    (
-        "simulated s / model wall s",
-        lambda r: f"{r['simulated_s']} / {r['model_wall_s']}",
-    ),
+)
+MODEL_ROWS: tuple[Row, ...] = (
+    ("simulated s / model wall s", lambda r: f"{r['simulated_s']} / {r['model_wall_s']}"),
 )
 
 
-def render(results: dict[str, dict[str, Any]]) -> str:
+def _no_notes(name: str, result: Result) -> list[str]:
+    return []
+
+
+def render(
+    results: dict[str, Result],
+    extra_rows: tuple[Row, ...] = (),
+    *,
+    before: Notes = _no_notes,
+    after: Notes = _no_notes,
+    min_width: int = 22,
+) -> str:
+    """The table of the model and of the real-agent fleet: ``ROWS`` then ``extra_rows``, a
+    column per scenario; then per scenario ``before`` lines, its calls by action, ``after``."""
     names = list(results)
-    width = max(len(label) for label, _ in ROWS)
-    cols = [max(len(n), 22) for n in names]
+    rows = ROWS + extra_rows
+    width = max(len(label) for label, _ in rows)
+    cols = [max(len(n), min_width) for n in names]
     lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True))]
-    for label, cell in ROWS:
+    for label, cell in rows:
         values = [str(cell(results[n])).rjust(c) for n, c in zip(names, cols, strict=True)]
         lines.append(label.ljust(width) + "  " + "  ".join(values))
     for name in names:
         result = results[name]
-        auto = result.get("prefixes_at_launch_auto")
-        if auto and result["prefixes_at_launch"]:
-            lines.append(f"{name}: --prefixes-at-launch auto: {auto['choice']}")
+        lines += before(name, result)
         actions = result["ec2_calls_by_action"]
         if actions:
             detail = ", ".join(
                 f"{a} {v['per_node_mean']} (max {v['per_node_max']})" for a, v in actions.items()
             )
             lines.append(f"{name}: calls per node by action: {detail}")
-        if result["timed_out"]:
-            lines.append(f"{name}: stopped at --timeout {result['simulated_s']} s (simulated)")
-    lines.append("model: simulated clock; latencies from ipam/nau/data/launch-timings.json")
+        lines += after(name, result)
     return "\n".join(lines)
+
+
+def _auto_note(name: str, result: Result) -> list[str]:
+    auto = result.get("prefixes_at_launch_auto")
+    if auto and result["prefixes_at_launch"]:
+        return [f"{name}: --prefixes-at-launch auto: {auto['choice']}"]
+    return []
+
+
+def _timeout_note(name: str, result: Result) -> list[str]:
+    if result["timed_out"]:
+        return [f"{name}: stopped at --timeout {result['simulated_s']} s (simulated)"]
+    return []
+
+
+def render_model(results: dict[str, Result]) -> str:
+    table = render(results, MODEL_ROWS, before=_auto_note, after=_timeout_note)
+    return table + "\nmodel: simulated clock; latencies from ipam/nau/data/launch-timings.json"

@@ -54,6 +54,7 @@ from ipam.hostnet import HostNetworkPort
 from ipam.imds import ImdsClient
 from ipam.instance_types import lookup
 from ipam.metrics import IpamdMetrics
+from ipam.nau.launch import call_counts, percentile, wave_times
 from ipam.nau.maxpods import Mode, max_pods
 from ipam.nau.throttle import ThrottleTable
 from ipam.nau.vpccni_calls import DEFAULT_WARM_PREFIX_TARGET, TIMERS, NodeShape
@@ -157,15 +158,6 @@ class NodeRun:
     pods_done_at: float | None = None
     pods_refused: int = 0  # allocations refused (pool dry), retried
     error: str | None = None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -545,19 +537,6 @@ class _Wave:
         nodes = self.nodes
         ready = [n.ready_at - n.launched_at for n in nodes if n.ready_at is not None]
         running = [n.pods_done_at - n.launched_at for n in nodes if n.pods_done_at is not None]
-        by_action: dict[str, Counter[str]] = {p: Counter() for p in PHASES}
-        per_node_total = []
-        per_node_by_action: dict[str, list[int]] = {}
-        for node in nodes:
-            total = 0
-            combined: Counter[str] = Counter()
-            for phase in ("start", "pods"):
-                by_action[phase].update(node.stats.calls[phase])
-                combined.update(node.stats.calls[phase])
-            total = sum(combined.values())
-            per_node_total.append(total)
-            for action in set(combined) | set(per_node_by_action):
-                per_node_by_action.setdefault(action, []).append(combined[action])
         count = max(1, len(nodes))
         launched = len(nodes)
         usage = self.emulator.call("usage")
@@ -598,20 +577,7 @@ class _Wave:
             "pods_per_node": config.pods_per_node,
             "rate_per_min": config.rate_per_min,
             "pod_rate_per_s": config.pod_rate_per_s,
-            "ec2_calls_per_node": round(sum(per_node_total) / count, 3),
-            "ec2_calls_per_node_max": max(per_node_total, default=0),
-            "ec2_calls_by_action": {
-                action: {
-                    "total": sum(values),
-                    "per_node_mean": round(sum(values) / count, 3),
-                    "per_node_max": max(values),
-                    "start": by_action["start"][action],
-                    "pods": by_action["pods"][action],
-                }
-                for action, values in sorted(per_node_by_action.items())
-            },
-            "ec2_calls_start_per_node": round(sum(by_action["start"].values()) / count, 3),
-            "ec2_calls_pods_per_node": round(sum(by_action["pods"].values()) / count, 3),
+            **call_counts([n.stats.calls for n in nodes]),
             "ec2_requests_seen_by_emulator": requests.requests,
             "throttled_calls": sum(sum(n.stats.throttled.values()) for n in nodes),
             "throttled_calls_seen_by_emulator": requests.throttled,
@@ -619,12 +585,7 @@ class _Wave:
             "ec2_errors": dict(sum((n.stats.errors for n in nodes), Counter())),
             "client_rate_limit_wait_s": round(sum(n.stats.client_wait_s for n in nodes), 3),
             "pods_refused_pool_dry": sum(n.pods_refused for n in nodes),
-            "ready_p50_s": _round(percentile(ready, 50)),
-            "ready_p99_s": _round(percentile(ready, 99)),
-            "ready_max_s": _round(max(ready, default=None) if ready else None),
-            "pods_running_p50_s": _round(percentile(running, 50)),
-            "pods_running_p99_s": _round(percentile(running, 99)),
-            "pods_running_max_s": _round(max(running) if running else None),
+            **wave_times(ready, running),
             "ready_nodes_per_min": round(len(ready) / ready_span * 60, 1) if ready_span else None,
             "ready_nodes_by_minute": [
                 per_minute[m] for m in range(max(per_minute, default=-1) + 1)

@@ -22,24 +22,65 @@ Why these inputs (the numbers are in ``ipam/nau/README.md``, "launch"):
 * ``auto``: 0 calls on both sides. Its Ready times are milliseconds of this machine's
   event loop (IMDS over loopback, the agents in one process): noise at 10%, so only their
   scale is checked.
+
+The AWS VPC CNI's model (``ipam.nau.vpccni_calls``) is held to its real-agent baseline
+(``tools/fleet/vpccni_agent.py``) at 400 nodes in the same fixture: 2 prefixes at launch
+(AWS's 100K configuration), AWS's buckets, where its start still describes, tags and
+modifies the ENI and gives the spare prefix back: the unfiltered
+``DescribeNetworkInterfaces`` bucket (50, 10/s) binds, so Ready times are set by the
+throttle and the SDK's back-off (seconds), not by this machine. Two departures, both said:
+
+* calls per node by action within 20% of the model's median and Ready p50/p99 within 15%
+  (``VPCCNI_CALLS_TOLERANCE``, ``VPCCNI_READY_TOLERANCE``), not equal and not 10%: how
+  many ``DescribeAllENIs`` retries a node makes depends on its random back-offs and, in
+  the real run, on how fast this loaded machine answers; three real runs of this wave
+  (same code, load ~1) gave 9.68, 8.79 and 8.85 describes a node, Ready p50 9.9, 8.9 and
+  9.3 s, p99 32.7, 30.9 and 30.9 s, against the model's 10.3, 9.9 s and 32.8 s. The security-group
+  ``ModifyNetworkInterfaceAttribute`` (a 100-token, 5/s bucket fed at the describe
+  bucket's 10/s; 3 SDK attempts, then given up) is 8-13% more in the real runs at 400
+  and 500 nodes (1% at 300), not explained yet. ``CreateTags`` is exactly one a node on
+  both sides, and dropping any call of the start sequence fails the comparison;
+* the model runs with ``VPCCNI_REAL_RUN_CLIENT_S`` and ``VPCCNI_REAL_RUN_CALL_S``: this
+  machine's VPC CNI agents take ~0.9 s from launch to their first request (boto3 clients
+  built one at a time; an unthrottled 100-node real wave has Ready p50 0.92 s) and their
+  requests ~0.1 s under a 400-node storm (measured at 500 nodes: the throttled answer's
+  p50 3 ms, p90 0.39 s, p99 1.3 s; event-loop lag p99 0.2 s at 400), values read off
+  those measurements and one real 400-node run. With the shipped 1 ms the model fits
+  15-27% more describe retries into the same back-offs (11.1 a node) and Ready p50 is
+  up to 11% early; on AWS, where each node has its own machine, the shipped timings hold.
+
+The leaked-ENI sweep runs within 5 s of Ready (``vpccni_cleanup_delay_max_s``) instead of
+300, so the run settles quickly: one filtered describe a node either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any
 
 import pytest
 
-from ipam.nau.launch import LaunchConfig, run
+from ipam.nau.launch import LaunchConfig, load_timings, run
 from ipam.nau.launch_auto import choose
 from ipam.nau.throttle import BucketSpec, load_table
-from tools.fleet.runner import Fleet, FleetConfig, Scenario
+from tools.fleet.runner import VPC_CNI, Fleet, FleetConfig, Scenario
 
 RATE_PER_MIN = 2000.0
 BUCKETS = {"AssignPrivateIpAddresses": BucketSpec(20, 5)}
 SEEDS = range(1, 6)
 TOLERANCE = 0.10
+VPCCNI_PREFIXES = 2
+VPCCNI_CLEANUP_DELAY_MAX_S = 5.0
+VPCCNI_SIZES = (400,)
+# Per action, per node: within 20% of the real run, or 0.05 calls (an action only a
+# handful of nodes make, e.g. a spare released before its pods came and re-assigned);
+# Ready p50 and p99 within 15%. Real runs of this wave differ by ~10% (docstring).
+VPCCNI_CALLS_TOLERANCE = (0.20, 0.05)
+VPCCNI_READY_TOLERANCE = 0.15
+# This machine's VPC CNI agents, not the shipped ultranet ones (see the docstring).
+VPCCNI_REAL_RUN_CLIENT_S = 0.9  # launch -> the first request
+VPCCNI_REAL_RUN_CALL_S = 0.1  # one request, there and back, in the storm
 
 
 def _table() -> Any:
@@ -80,7 +121,42 @@ def wave(request: pytest.FixtureRequest) -> dict[str, Any]:
         ]
         for name, prefixes, env in (("reactive", 0, {}), ("auto", auto.prefixes, auto.env))
     }
+    if nodes in VPCCNI_SIZES:
+        real[VPC_CNI], model[VPC_CNI] = _vpccni_wave(nodes, pods)
     return {"nodes": nodes, "real": real, "model": model}
+
+
+def _vpccni_wave(nodes: int, pods: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The VPC CNI baseline, real and modelled, 2 prefixes at launch."""
+    config = FleetConfig(
+        nodes=nodes,
+        rate_per_min=RATE_PER_MIN,
+        pods_per_node=pods,
+        throttle=_table(),
+        timeout_s=300,
+        vpccni_cleanup_delay_max_s=VPCCNI_CLEANUP_DELAY_MAX_S,
+    )
+    real = Fleet(config).run([Scenario(VPC_CNI, VPCCNI_PREFIXES, VPC_CNI)])[VPC_CNI]
+    timings = dataclasses.replace(
+        load_timings(), ec2_client_s=VPCCNI_REAL_RUN_CLIENT_S, ec2_call_s=VPCCNI_REAL_RUN_CALL_S
+    )
+    model = [
+        run(
+            LaunchConfig(
+                nodes=nodes,
+                rate_per_min=RATE_PER_MIN,
+                pods_per_node=pods,
+                prefixes_at_launch=VPCCNI_PREFIXES,
+                agent=VPC_CNI,
+                throttle=_table(),
+                vpccni_cleanup_delay_max_s=VPCCNI_CLEANUP_DELAY_MAX_S,
+                timings=timings,
+                seed=seed,
+            )
+        )
+        for seed in SEEDS
+    ]
+    return real, model
 
 
 def _successful_per_node(result: dict[str, Any]) -> dict[str, float]:
@@ -115,6 +191,34 @@ def disagreements(real: dict[str, Any], model: list[dict[str, Any]]) -> list[str
     return found
 
 
+def _per_node_by_action(result: dict[str, Any]) -> dict[str, float]:
+    return {a: v["per_node_mean"] for a, v in result["ec2_calls_by_action"].items()}
+
+
+def vpccni_disagreements(real: dict[str, Any], model: list[dict[str, Any]]) -> list[str]:
+    """What differs between a real VPC CNI wave and the model's runs of it."""
+    found = []
+    if real["nodes_ready"] != real["nodes"] or any(m["nodes_ready"] != m["nodes"] for m in model):
+        found.append("not every node became Ready")
+    want = _per_node_by_action(real)
+    got = {
+        action: float(statistics.median(_per_node_by_action(m).get(action, 0.0) for m in model))
+        for action in set(want).union(*(_per_node_by_action(m) for m in model))
+    }
+    share, floor = VPCCNI_CALLS_TOLERANCE
+    for action in sorted(got):
+        real_calls, model_calls = want.get(action, 0.0), got[action]
+        if abs(model_calls - real_calls) > max(share * real_calls, floor):
+            found.append(f"{action} per node: model {model_calls} vs real {real_calls}")
+    if any(_per_node_by_action(m).get("CreateTags") != 1.0 for m in model):
+        found.append("the model does not tag each node's ENI exactly once")
+    for key in ("ready_p50_s", "ready_p99_s"):
+        want_s, got_s = real[key], _median(model, key)
+        if abs(got_s - want_s) > VPCCNI_READY_TOLERANCE * want_s:
+            found.append(f"{key}: model {got_s} vs real {want_s} (> {VPCCNI_READY_TOLERANCE:.0%})")
+    return found
+
+
 def _report(name: str, real: dict[str, Any], model: list[dict[str, Any]]) -> None:
     """The figures side by side (``pytest -s`` shows them; the README quotes them)."""
     keys = ("ec2_calls_per_node", "throttled_calls", "ready_p50_s", "ready_p99_s", "ready_max_s")
@@ -141,3 +245,13 @@ def test_auto_wave_makes_no_call_in_either(wave: dict[str, Any]) -> None:
     )
     # Milliseconds on both sides (see the module's docstring for why no 10% here).
     assert real["ready_p99_s"] < 0.5 and _median(model, "ready_p99_s") < 0.5
+
+
+def test_vpccni_wave_model_matches_the_real_baseline(wave: dict[str, Any]) -> None:
+    if VPC_CNI not in wave["real"]:
+        pytest.skip(f"the VPC CNI baseline is calibrated at {VPCCNI_SIZES} nodes")
+    real, model = wave["real"][VPC_CNI], wave["model"][VPC_CNI]
+    _report(VPC_CNI, real, model)
+    print(f"  by action: {_per_node_by_action(real)} / {[_per_node_by_action(m) for m in model]}")
+    assert real["throttled_calls"] > real["nodes"], "the describe bucket must bind"
+    assert vpccni_disagreements(real, model) == []

@@ -167,19 +167,24 @@ def measure(options: Options, runs: int, argv: list[str], mode: str = "libcni") 
     return {"config": config, "runs": results, "across_runs": across_runs(results)}
 
 
+def _runtime_flags(mode: str, options: Options, runs: int) -> dict[str, Any]:
+    """The flags the CRI and IPv6 benchmarks record in their JSON, alike."""
+    return {
+        "mode": mode,
+        "pods": options.pods,
+        "rounds": options.rounds,
+        "warmup": options.warmup,
+        "runs": runs,
+        "backend": options.backend,
+        "python": options.python,
+        "daemon_env": options.daemon_env,
+    }
+
+
 def measure_cri(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
     config = {
         "command": ["python", "-m", "tools.bench.cni", *argv],
-        "flags": {
-            "mode": "cri",
-            "pods": options.pods,
-            "rounds": options.rounds,
-            "warmup": options.warmup,
-            "runs": runs,
-            "backend": options.backend,
-            "python": options.python,
-            "daemon_env": options.daemon_env,
-        },
+        "flags": _runtime_flags("cri", options, runs),
         "headline_eligible": not options.daemon_env,
         "lab": {
             "instance_type": options.lab_config().instance_type,
@@ -223,16 +228,7 @@ def measure_cri(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
 def measure_ipv6(options: Options, runs: int, argv: list[str]) -> dict[str, Any]:
     config = {
         "command": ["python", "-m", "tools.bench.cni", *argv],
-        "flags": {
-            "mode": "ipv6",
-            "pods": options.pods,
-            "rounds": options.rounds,
-            "warmup": options.warmup,
-            "runs": runs,
-            "backend": options.backend,
-            "python": options.python,
-            "daemon_env": options.daemon_env,
-        },
+        "flags": _runtime_flags("ipv6", options, runs),
         "headline_eligible": not options.daemon_env,
         "what": (ipv6.__doc__ or "").strip(),
         "ipv6_daemon_env": ipv6.IPV6_ENV,

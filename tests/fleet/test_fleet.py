@@ -76,6 +76,8 @@ def test_a_small_wave_with_and_without_prefixes_at_launch(
     # What the clients counted is what EC2 saw.
     assert reactive["ec2_requests_seen_by_emulator"] == assign["total"]
     assert reactive["throttled_calls_seen_by_emulator"] == reactive["throttled_calls"]
+    assert reactive["ec2_calls_carried_out_by_emulator"] == {"AssignPrivateIpAddresses": succeeded}
+    assert launched["ec2_calls_carried_out_by_emulator"] == {}
     assert reactive["ready_p50_s"] > launched["ready_p50_s"]
     # Every agent restarted at once on a running fleet: IMDS and the journal agree, so no
     # EC2 call, and every pod keeps its address.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import select
+import socket
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -12,6 +15,9 @@ import pytest
 from tests.lab.ec2env import Ec2Env, ec2_env
 from tools.lab.ec2.api import Ec2Api
 from tools.lab.ec2.faults import FaultKind, FaultRule
+from tools.lab.ec2.server import _Handler, _Server
+
+FLEET_CONNECTIONS = 400  # a calibration wave's agents
 
 
 @pytest.fixture
@@ -154,3 +160,27 @@ def test_every_filter_accepted_is_one_ec2_documents(env: Ec2Env) -> None:
         accepted = api.filter_names[action]
         assert accepted, action
         assert accepted <= documented, (action, sorted(accepted - documented))
+
+
+def test_the_endpoint_takes_a_fleets_connections_at_once() -> None:
+    """A fleet's agents connect at once; a listen backlog of socketserver's default 5
+    drops the rest's SYNs, and their retransmission (1 s, then 3 s) meets botocore's 3 s
+    connect timeout: EC2 calls failing on this machine, never on AWS. The handshakes
+    complete in the kernel, so a listener that is not accepting yet shows the backlog."""
+    server = _Server(("127.0.0.1", 0), _Handler, bind_and_activate=True)
+    clients = [socket.socket() for _ in range(FLEET_CONNECTIONS)]
+    try:
+        for client in clients:
+            client.setblocking(False)
+            client.connect_ex(server.server_address)
+        # Short of the first SYN retransmission (1 s), which is what a full backlog costs.
+        deadline = time.monotonic() + 0.8
+        waiting = set(clients)
+        while waiting and time.monotonic() < deadline:
+            _, connected, _ = select.select([], list(waiting), [], 0.1)
+            waiting.difference_update(connected)
+        assert not waiting, f"{len(waiting)} of {FLEET_CONNECTIONS} connections not accepted"
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()

@@ -44,6 +44,7 @@ class RequestSummary:
     requests: int
     throttled: int
     by_action: dict[str, int]
+    carried_out_by_action: dict[str, int]  # answered without an error: EC2 changed state
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,7 @@ def _serve(
             len(records),
             sum(1 for r in records if r.error_code == "RequestLimitExceeded"),
             dict(Counter(r.action for r in records)),
+            dict(Counter(r.action for r in records if r.error_code is None)),
         )
 
     def cpu_s() -> float:

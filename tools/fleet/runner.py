@@ -581,6 +581,7 @@ class _Wave:
             "ec2_requests_seen_by_emulator": requests.requests,
             "throttled_calls": sum(sum(n.stats.throttled.values()) for n in nodes),
             "throttled_calls_seen_by_emulator": requests.throttled,
+            "ec2_calls_carried_out_by_emulator": requests.carried_out_by_action,
             "retries": sum(sum(n.stats.retries.values()) for n in nodes),
             "ec2_errors": dict(sum((n.stats.errors for n in nodes), Counter())),
             "client_rate_limit_wait_s": round(sum(n.stats.client_wait_s for n in nodes), 3),

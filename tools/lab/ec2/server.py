@@ -29,6 +29,10 @@ MAX_BODY = 1 << 20  # an EC2 Query request is a form; nothing legitimate comes n
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog (5) drops the SYNs of a fleet's agents connecting at
+    # once; their retransmission (1 s, then 3 s) meets botocore's 3 s connect timeout, a
+    # failure AWS's endpoint never gives. The kernel caps it at net.core.somaxconn.
+    request_queue_size = 4096
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-request (a daemon killed or stopped) is normal in the

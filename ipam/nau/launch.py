@@ -180,6 +180,10 @@ class LaunchConfig:
     pod_retry_s: float = 1.0
     timeout_s: float | None = None  # simulated seconds; None: until settled
     seed: int = 1
+    # An efa-only interface on every network card but 0 at launch, as a GPU launch
+    # template gives (tools/fleet's --efa-only-cards): no address, one NAU each.
+    efa_only_cards: bool = False
+    restart: bool = False  # once settled, restart every agent at once (a DaemonSet roll)
     timings: Timings | None = None  # None: the shipped data file
 
     def __post_init__(self) -> None:
@@ -276,6 +280,8 @@ class _Node:
         "wait_token",
         "waiting",
         "phase",
+        "restarted_at",
+        "ready_again_at",
         "calls",
         "throttled",
         "retries",
@@ -301,7 +307,9 @@ class _Node:
         self.urgent = False
         self.wait_token: object | None = None
         self.waiting = False
-        self.phase = "start"
+        self.phase = "start"  # "pods" once Ready, "restart" from a mass restart on
+        self.restarted_at: float | None = None
+        self.ready_again_at: float | None = None
         self.calls: dict[str, Counter[str]] | None = None
         self.throttled = 0
         self.retries = 0
@@ -335,6 +343,9 @@ class _Wave:
         self.itype = lookup(config.instance_type)
         self.slots = self.itype.max_prefixes_per_eni
         self.max_enis = self.itype.card(0).max_interfaces
+        # Neither agent uses them (ipam.agent manages a card only if an interface on it has
+        # an address; the VPC CNI card 0's only), so they add NAU and nothing else.
+        self.efa_only_interfaces = len(self.itype.network_cards) - 1 if config.efa_only_cards else 0
         if config.prefixes_at_launch > self.slots:
             raise ValueError(
                 f"{config.prefixes_at_launch} prefixes at launch: a {self.itype.name}'s "
@@ -403,9 +414,8 @@ class _Wave:
             node.waiting = False
             self.push(self.now, node.proc, node.wait_token, node)
 
-    def play(self) -> bool:
-        """Run until nothing is left to happen; False if the timeout came first."""
-        limit = self.config.timeout_s
+    def play(self, limit: float | None) -> bool:
+        """Run until nothing is left to happen; False if ``limit`` (simulated) came first."""
         heap = self.heap
         pop = heapq.heappop
         while heap:
@@ -432,15 +442,64 @@ class _Wave:
     def launch_all(self) -> None:
         self.push(0.0, self._launch_burst)
 
+    def agent(self, node: _Node) -> Proc:
+        return self._ultranet(node) if self.config.agent == "ultranet" else self._vpccni(node)
+
+    def restart_all(self) -> dict[str, Any]:
+        """Every Ready node's agent stopped and a new one started at once, on the same pool
+        (ultranet's journal, the VPC CNI's checkpoint; the ENIs from IMDS): a new process
+        with a new EC2 client (its own bucket, pacers, retry quota) that runs its start
+        again. Calls count in the node's "restart" phase, not the wave's."""
+        began = self.now
+        nodes = [n for n in self.nodes if n.ready_at is not None]
+        before = {n.index: n.assigned for n in nodes}
+        throttled = sum(n.throttled for n in nodes)
+        failures = self.init_failures
+        for node in nodes:
+            node.phase = "restart"
+            node.restarted_at = began
+            node.client = False
+            node.bucket = None
+            node.pacers = {}
+            node.subnets_until = -math.inf
+            node.quota = vpccni.SDK.quota_tokens
+            node.wake_set = node.urgent = node.waiting = False
+            node.wait_token = None
+            self.start(node, self.agent(node))
+        limit = None if self.config.timeout_s is None else began + self.config.timeout_s
+        settled = self.play(limit)
+        again = [n.ready_again_at - began for n in nodes if n.ready_again_at is not None]
+        calls: Counter[str] = Counter()
+        for node in nodes:
+            calls.update((node.calls or {}).get("restart", {}))
+        # The model holds counts, not addresses: a pod is lost if its node's pool holds
+        # fewer addresses than before, duplicated if more pods than addresses remain.
+        held = {n.index: warm.IPS_PER_PREFIX * n.prefixes for n in nodes}
+        return {
+            "nodes": len(nodes),
+            "nodes_ready_again": len(again),
+            "failures": [] if settled else [f"stopped at --timeout {self.config.timeout_s} s"],
+            "ec2_calls": sum(calls.values()),
+            "ec2_calls_by_action": dict(sorted(calls.items())),
+            "throttled_calls": sum(n.throttled for n in nodes) - throttled,
+            "vpccni_init_failures": self.init_failures - failures,
+            "allocations_before": sum(before.values()),
+            "allocations_lost": sum(max(0, before[i] - held[i]) for i in before),
+            "addresses_duplicated": sum(max(0, n.assigned - held[n.index]) for n in nodes),
+            "ready_p50_s": _round(percentile(again, 50)),
+            "ready_p99_s": _round(percentile(again, 99)),
+            "ready_max_s": _round(max(again) if again else None),
+            "simulated_s": round(self.now - began, 3),
+        }
+
     def _launch_burst(self) -> None:
         """``burst`` nodes now; the next burst ``burst_every_s`` (or ``burst / rate``) later."""
         config = self.config
-        agent = self._ultranet if config.agent == "ultranet" else self._vpccni
         first = len(self.nodes)
         for index in range(first, min(first + config.burst, config.nodes)):
             node = _Node(index, self.now, config.prefixes_at_launch)
             self.nodes.append(node)
-            self.start(node, agent(node))
+            self.start(node, self.agent(node))
         if len(self.nodes) < config.nodes:
             if config.burst_every_s is None:
                 at = len(self.nodes) * 60.0 / config.rate_per_min
@@ -449,6 +508,10 @@ class _Wave:
             self.push(at, self._launch_burst)
 
     def ready(self, node: _Node) -> None:
+        if node.phase == "restart":
+            if node.ready_again_at is None:
+                node.ready_again_at = self.now
+            return
         if node.ready_at is not None:
             return
         node.ready_at = self.now
@@ -496,7 +559,7 @@ class _Wave:
         the faults. Returns EC2's error code (None: done) and when the answer comes."""
         if node.calls is None:
             node.calls = {"start": Counter(), "pods": Counter()}
-        node.calls[node.phase][action] += 1
+        node.calls.setdefault(node.phase, Counter())[action] += 1
         if self.account is not None:
             verdict = self.account.admit(action, filtered_or_paginated=filtered)
             if not verdict.allowed:
@@ -780,7 +843,10 @@ class _Wave:
         for _ in node.enis:
             yield from self.sdk_call(node, "ModifyNetworkInterfaceAttribute")  # errors ignored
         shape = self.vpccni_shape
-        if vpccni.pool_too_low(node.prefixes, 0, shape.warm_prefix_target, shape.max_pods):
+        # The datastore holds the pods of the checkpoint (none at launch, all at a restart).
+        if vpccni.pool_too_low(
+            node.prefixes, node.assigned, shape.warm_prefix_target, shape.max_pods
+        ):
             return (yield from self._vpccni_top_up(node))
         return True
 
@@ -873,6 +939,7 @@ class _Wave:
             "timed_out": not settled,
             "instance_type": config.instance_type,
             "prefixes_at_launch": config.prefixes_at_launch,
+            "efa_only_cards": config.efa_only_cards,
             "pods_per_node": config.pods_per_node,
             "rate_per_min": config.rate_per_min,
             "pod_rate_per_s": config.pod_rate_per_s,
@@ -902,9 +969,14 @@ class _Wave:
 
     def addresses_used(self) -> tuple[int, int]:
         """NAU (``ipam.nau.rules``, AWS's units) and subnet addresses of every node's pod
-        ENIs at the end: each ENI's primary address and its prefixes."""
+        ENIs at the end: each ENI's primary address and its prefixes; and the efa-only
+        interfaces of ``efa_only_cards`` (no address)."""
+        efa_only = self.efa_only_interfaces * DEFAULT_RULES.interface_units(
+            InterfaceType.EFA_ONLY, primary=False, addresses=0, prefixes=0
+        )
         nau = addresses = 0
         for node in self.nodes:
+            nau += efa_only
             for i, prefixes in enumerate(node.enis):
                 nau += DEFAULT_RULES.interface_units(
                     InterfaceType.INTERFACE, primary=i == 0, addresses=1, prefixes=prefixes
@@ -927,5 +999,9 @@ def run(config: LaunchConfig) -> dict[str, Any]:
     started = time.perf_counter()
     wave = _Wave(config)
     wave.launch_all()
-    settled = wave.play()
-    return wave.result(settled, time.perf_counter() - started)
+    settled = wave.play(config.timeout_s)
+    result = wave.result(settled, time.perf_counter() - started)
+    if config.restart and settled:  # as tools/fleet: a settled wave only
+        result["restart"] = wave.restart_all()
+        result["model_wall_s"] = round(time.perf_counter() - started, 2)
+    return result

@@ -245,6 +245,17 @@ def add_launch(sub: Any) -> None:
         help="simulated seconds per scenario; nodes not Ready by then are reported "
         "(default: until every pod runs and every pool is settled)",
     )
+    # As python -m tools.fleet spells them (it adds its own, so not in add_wave_flags).
+    p.add_argument(
+        "--efa-only-cards",
+        action="store_true",
+        help="launch with an efa-only interface on every network card but 0 (a GPU template)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="once a scenario settles, restart every agent at once (the DaemonSet rolled)",
+    )
     p.add_argument("--seed", type=int, default=1, help="model only: the random seed")
     p.add_argument("--chart", type=Path, help="write Ready nodes over time (.png/.svg)")
     p.set_defaults(func=cmd_launch)
@@ -307,6 +318,8 @@ def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str,
         faults=args.faults,
         timeout_s=args.timeout,
         seed=args.seed,
+        efa_only_cards=args.efa_only_cards,
+        restart=args.restart,
     )
     notes: dict[str, Any] = {"env": env}
     prefixes = args.prefixes_at_launch
@@ -371,7 +384,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print(render_model(results))
-    return 0 if all(r["nodes_ready"] == r["nodes"] for r in results.values()) else 1
+    return 0 if all(_all_ready(r) for r in results.values()) else 1
+
+
+def _all_ready(result: dict[str, Any]) -> bool:
+    """Every node Ready, and Ready again after ``--restart`` (tools/fleet's exit status)."""
+    again = result.get("restart")
+    return result["nodes_ready"] == result["nodes"] and (
+        again is None or again["nodes_ready_again"] == again["nodes"]
+    )
 
 
 def throttle_note(args: argparse.Namespace) -> str:
@@ -468,6 +489,25 @@ def _timeout_note(name: str, result: Result) -> list[str]:
     return []
 
 
+def restart_note(name: str, result: Result) -> list[str]:
+    """The ``--restart`` line of the table, as ``python -m tools.fleet`` prints it."""
+    restart = result.get("restart")
+    if not restart:
+        return []
+    return [
+        f"{name}: mass restart of {restart['nodes']:,} agents: "
+        f"{restart['nodes_ready_again']:,} Ready again, Ready p50/p99/max "
+        f"{restart['ready_p50_s']}/{restart['ready_p99_s']}/{restart['ready_max_s']} s, "
+        f"{restart['ec2_calls']:,} EC2 calls, {restart['allocations_lost']:,} of "
+        f"{restart['allocations_before']:,} allocations lost, "
+        f"{restart['addresses_duplicated']:,} addresses duplicated"
+    ]
+
+
+def _after_notes(name: str, result: Result) -> list[str]:
+    return restart_note(name, result) + _timeout_note(name, result)
+
+
 def render_model(results: dict[str, Result]) -> str:
-    table = render(results, MODEL_ROWS, before=_auto_note, after=_timeout_note)
+    table = render(results, MODEL_ROWS, before=_auto_note, after=_after_notes)
     return table + "\nmodel: simulated clock; latencies from ipam/nau/data/launch-timings.json"

@@ -308,3 +308,123 @@ def test_vpc_cni_warm_prefix_target_is_its_own() -> None:
     )
     result = run(config)
     assert result["nau_used"] == 10 * (1 + 3)  # 3 prefixes at the end: 2 free + 1 used
+
+
+# The keys of tools/fleet's restart result the model carries too (the emulator's request
+# count and the wall time are the real run's only).
+RESTART_KEYS = {
+    "nodes",
+    "nodes_ready_again",
+    "failures",
+    "ec2_calls",
+    "ec2_calls_by_action",
+    "allocations_before",
+    "allocations_lost",
+    "addresses_duplicated",
+    "ready_p50_s",
+    "ready_p99_s",
+    "ready_max_s",
+}
+
+
+def test_a_restarted_ultranet_fleet_is_ready_again_with_no_call() -> None:
+    # A throttled reactive wave, settled, then every agent restarted at once: the agent
+    # finds its pool (journal and IMDS agree) warm, so its plan asks EC2 for nothing.
+    config = LaunchConfig(
+        nodes=200,
+        rate_per_min=6000,
+        pods_per_node=10,
+        throttle=load_table(),
+        timings=TIMINGS,
+        restart=True,
+    )
+    result = run(config)
+    restart = result["restart"]
+    assert RESTART_KEYS <= set(restart), RESTART_KEYS - set(restart)
+    assert restart["nodes"] == restart["nodes_ready_again"] == 200
+    assert restart["ec2_calls"] == 0 and restart["throttled_calls"] == 0
+    assert restart["allocations_before"] == 200 * 10
+    assert restart["allocations_lost"] == restart["addresses_duplicated"] == 0
+    assert restart["ready_max_s"] == TIMINGS.start_s
+    # The restart's calls are its own: the wave's are those of a run without it.
+    assert (
+        result["ec2_calls_by_action"] == run(replace(config, restart=False))["ec2_calls_by_action"]
+    )
+
+
+def test_a_restarted_vpc_cni_repeats_its_start_sequence() -> None:
+    # aws-node's nodeInit again: DescribeAllENIs, the security groups of each ENI (its
+    # cache starts empty), the leaked-ENI sweep; the ENI keeps its tag and the pool its
+    # pods (the checkpoint), so no CreateTags and no Assign.
+    nodes = 30
+    config = LaunchConfig(
+        nodes=nodes,
+        rate_per_min=600,
+        pods_per_node=10,
+        prefixes_at_launch=2,
+        agent="vpc-cni",
+        timings=TIMINGS,
+        restart=True,
+    )
+    restart = run(config)["restart"]
+    assert restart["nodes_ready_again"] == nodes
+    assert restart["ec2_calls_by_action"] == {
+        "DescribeNetworkInterfaces": 2 * nodes,
+        "ModifyNetworkInterfaceAttribute": nodes,
+    }
+    # A new process, a new EC2 client: Ready again after start, client and 2 requests.
+    expected = TIMINGS.start_s + TIMINGS.ec2_client_s + 2 * TIMINGS.ec2_call_s
+    assert restart["ready_max_s"] == pytest.approx(expected, abs=1e-3)
+    # All at once against the unfiltered describe bucket (50, 10/s): a storm of its own.
+    throttled = run(replace(config, nodes=200, rate_per_min=6000, throttle=load_table()))
+    assert throttled["restart"]["throttled_calls"] > 0
+    assert throttled["restart"]["nodes_ready_again"] == 200
+
+
+def test_no_restart_after_a_wave_that_timed_out() -> None:
+    config = LaunchConfig(
+        nodes=400,
+        rate_per_min=60000,
+        pods_per_node=10,
+        throttle=load_table(),
+        timeout_s=20.0,
+        timings=TIMINGS,
+        restart=True,
+    )
+    assert "restart" not in run(config)
+
+
+def test_efa_only_cards_cost_one_nau_each_and_no_call() -> None:
+    # p5.48xlarge: 32 network cards, an efa-only interface on each of cards 1-31. Neither
+    # agent puts pods on them (no address), so only the NAU count moves.
+    itype = lookup("p5.48xlarge")
+    config = LaunchConfig(
+        nodes=50,
+        rate_per_min=2000,
+        instance_type=itype.name,
+        pods_per_node=12,
+        timings=TIMINGS,
+    )
+    for agent in ("ultranet", "vpc-cni"):
+        plain = run(replace(config, agent=agent))
+        efa = run(replace(config, agent=agent, efa_only_cards=True))
+        assert efa["efa_only_cards"] and not plain["efa_only_cards"]
+        assert efa["ec2_calls_by_action"] == plain["ec2_calls_by_action"], agent
+        assert efa["subnet_addresses_used"] == plain["subnet_addresses_used"]
+        extra = len(itype.network_cards) - 1
+        assert efa["nau_used"] - plain["nau_used"] == 50 * extra, agent
+
+
+def test_cli_restart_and_efa_only_cards_as_tools_fleet_spells_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["launch", "--nodes=20", "--instance-type=p5.48xlarge", "--prefixes-at-launch=auto"]
+    code = main([*argv, "--efa-only-cards", "--restart", "--json"])
+    result = json.loads(capsys.readouterr().out)["ultranet"]
+    assert code == 0
+    assert result["efa_only_cards"] is True
+    assert RESTART_KEYS <= set(result["restart"])
+    assert result["restart"]["nodes_ready_again"] == 20
+    code = main([*argv, "--restart"])
+    assert code == 0
+    assert "ultranet: mass restart of 20 agents: 20 Ready again" in capsys.readouterr().out

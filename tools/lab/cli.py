@@ -1,8 +1,8 @@
 """``ultranet-lab up|down|status``: a lab for manual work.
 
 ``up`` starts the lab in a detached process (it owns the emulator and the namespaces)
-and returns once the instance is launched; ``down`` stops it, and removes what it left
-if that process was killed; ``status`` lists running labs.
+and returns once the instance is launched; ``down <id>`` stops it, and removes what it
+left if that process was killed (``down --all``: every lab); ``status`` lists running labs.
 """
 
 from __future__ import annotations
@@ -172,7 +172,19 @@ def _stop(record: LabRecord) -> str:
 
 def _cmd_down(args: argparse.Namespace) -> int:
     records = read_records()
-    chosen = [r for r in records if args.lab_id in (None, r.lab_id)]
+    # Every lab on the machine has a record, the tests' in-process labs too: stopping them
+    # all takes an explicit --all, never a forgotten id.
+    if args.lab_id is None and not args.all:
+        labs = ", ".join(r.lab_id for r in records) or "none"
+        print(
+            f"ultranet-lab: down needs a lab id (labs: {labs}), or --all to stop every lab",
+            file=sys.stderr,
+        )
+        return 2
+    if args.lab_id is not None and args.all:
+        print("ultranet-lab: down takes a lab id or --all, not both", file=sys.stderr)
+        return 2
+    chosen = [r for r in records if args.all or r.lab_id == args.lab_id]
     if args.lab_id is not None and not chosen:
         print(f"ultranet-lab: no lab {args.lab_id}", file=sys.stderr)
         return 2
@@ -190,7 +202,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     records = read_records()
     rows = []
     for record in records:
-        state = "running" if is_alive(record) else "dead (run `ultranet-lab down`)"
+        dead = f"dead (run `ultranet-lab down {record.lab_id}`)"
+        state = "running" if is_alive(record) else dead
         present = [ns for ns in record.namespaces if netns.exists(ns)]
         rows.append({**asdict(record), "state": state, "namespaces_present": present})
     orphans = [
@@ -222,8 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a lab in the background")
     _add_lab_flags(up)
     up.add_argument("--json", action="store_true", help="print the lab record as JSON")
-    down = sub.add_parser("down", help="stop a lab (all labs without an id)")
-    down.add_argument("lab_id", nargs="?", default=None)
+    down = sub.add_parser("down", help="stop a lab (every lab with --all)")
+    down.add_argument("lab_id", nargs="?", default=None, help="the lab to stop (see status)")
+    down.add_argument(
+        "--all", action="store_true", help="stop every lab on this machine, the tests' too"
+    )
     status = sub.add_parser("status", help="list labs")
     status.add_argument("--json", action="store_true")
     serve = sub.add_parser("serve", help=argparse.SUPPRESS)

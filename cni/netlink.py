@@ -10,11 +10,16 @@
   daemon's share; ``pyroute2.IPRoute(netns=...)`` forks a helper per socket, ~12 ms.)
   :class:`PendingSocket` starts the same work and returns at once: an ADD has the
   thread make the pod's socket (~0.35 ms) while it creates the veth (~1 ms in the kernel).
-* :class:`LinkReaper` deletes links on worker threads. Deleting a veth blocks in the
-  kernel for 15-25 ms (``netdev_run_todo`` waits for the device's references and an RCU
-  grace period) inside ``sendmsg``; issued from the event loop that would stall every
-  other request, so it gets its own threads, each with a raw socket made here. Its
-  backlog is bounded (``max_pending``): past it, callers wait for room.
+* :class:`LinkReaper` deletes links on a worker thread, in batches. Deleting a veth blocks
+  in the kernel for 15-25 ms (``unregister_netdevice_many`` waits for RCU grace periods
+  under the rtnl lock, ``netdev_run_todo`` for the device's references) inside
+  ``sendmsg``; issued from the event loop that would stall every other request. One
+  request per link also serializes on that lock: four threads deleted 50 veths in
+  ~0.4 s here, IPv4 or IPv6 alike. So the thread puts every name queued by then in its
+  own device group (``IFLA_GROUP``, one message per link, no wait) and deletes the group
+  with one ``RTM_DELLINK``: the kernel unregisters the batch together, its waits paid
+  once (50 veths in ~35 ms). Its backlog is bounded (``max_pending``): past it, callers
+  wait for room.
 * :func:`write_sysctls` writes ``/proc/sys`` keys in a namespace given by path, from a
   thread that entered it once and stays (``/proc/sys/net`` shows the namespace of the
   thread that opens a key).
@@ -25,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import functools
 import logging
 import os
 import queue
+import secrets
 import socket
 import struct
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -50,10 +58,12 @@ __all__ = [
 
 _CLONE_NEWNET = 0x40000000
 _NETLINK_ROUTE = 0
+_RTM_NEWLINK = 16
 _RTM_DELLINK = 17
 _NLMSG_ERROR = 2
 _NLM_F_REQUEST_ACK = 0x1 | 0x4
 _IFLA_IFNAME = 3
+_IFLA_GROUP = 27
 _libc: Any = None
 log = logging.getLogger("ultranet.cni")
 
@@ -271,52 +281,114 @@ def same_namespace(path: str | int, other: str | None) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _delete_link_request(seq: int, name: str) -> bytes:
-    ifname = name.encode() + b"\0"
-    attr_len = 4 + len(ifname)
-    attr = struct.pack("=HH", attr_len, _IFLA_IFNAME) + ifname + b"\0" * (-attr_len % 4)
-    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + attr
-    header = struct.pack("=IHHII", 16 + len(body), _RTM_DELLINK, _NLM_F_REQUEST_ACK, seq, 0)
+def _attribute(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _link_request(
+    kind: int, seq: int, *, name: str | None = None, group: int | None = None
+) -> bytes:
+    attrs = b""
+    if name is not None:
+        attrs += _attribute(_IFLA_IFNAME, name.encode() + b"\0")
+    if group is not None:
+        attrs += _attribute(_IFLA_GROUP, struct.pack("=I", group))
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + attrs
+    header = struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST_ACK, seq, 0)
     return header + body
 
 
-def delete_link(sock: socket.socket, name: str, seq: int = 1) -> int:
-    """RTM_DELLINK by name on a raw socket: 0, or the errno (ENODEV: already gone)."""
-    sock.sendto(_delete_link_request(seq, name), (0, 0))
-    while True:
+def _answers(sock: socket.socket, seqs: Sequence[int]) -> list[int]:
+    """The kernel's answer to each request of ``seqs``: 0, or the errno."""
+    waiting = set(seqs)
+    codes: dict[int, int] = {}
+    while waiting:
         reply = sock.recv(65536)
         offset = 0
         while offset + 16 <= len(reply):
             length, kind, _, got_seq, _ = struct.unpack_from("=IHHII", reply, offset)
-            if kind == _NLMSG_ERROR and got_seq == seq:
+            if kind == _NLMSG_ERROR and got_seq in waiting:
                 (code,) = struct.unpack_from("=i", reply, offset + 16)
-                return -int(code)
+                codes[got_seq] = -int(code)
+                waiting.discard(got_seq)
             offset += max(length, 16)
+    return [codes[seq] for seq in seqs]
+
+
+def delete_link(sock: socket.socket, name: str, seq: int = 1) -> int:
+    """RTM_DELLINK by name on a raw socket: 0, or the errno (ENODEV: already gone)."""
+    sock.sendto(_link_request(_RTM_DELLINK, seq, name=name), (0, 0))
+    (code,) = _answers(sock, [seq])
+    return code
+
+
+def mark_links(sock: socket.socket, names: Sequence[str], group: int, first_seq: int) -> list[int]:
+    """Put each link of ``names`` in device group ``group`` (RTM_NEWLINK by name with
+    IFLA_GROUP; all in one send, the kernel answers each): 0 or the errno, per name."""
+    seqs = [first_seq + i for i in range(len(names))]
+    sock.sendto(
+        b"".join(
+            _link_request(_RTM_NEWLINK, seq, name=name, group=group)
+            for seq, name in zip(seqs, names, strict=True)
+        ),
+        (0, 0),
+    )
+    return _answers(sock, seqs)
+
+
+def delete_group(sock: socket.socket, group: int, seq: int) -> int:
+    """RTM_DELLINK of every link in device group ``group``, unregistered together: 0, or
+    the errno. The kernel deletes none if one of them cannot be deleted (EOPNOTSUPP: an
+    ENI, a loopback) and answers ENODEV if the group is empty."""
+    sock.sendto(_link_request(_RTM_DELLINK, seq, group=group), (0, 0))
+    (code,) = _answers(sock, [seq])
+    return code
+
+
+def private_group() -> int:
+    """A device group for one reaper: drawn at random from 2^30 values, so no other
+    program's group (small numbers, by hand or by config) is likely to be it."""
+    return (1 << 30) + secrets.randbelow(1 << 30)
+
+
+_Unit = list[tuple[str, "Future[int]"]]
 
 
 class LinkReaper:
-    """Deletes links by name on ``workers`` threads, each with its own socket in the
-    host namespace. ``delete`` returns an awaitable; ``pending`` tells whether a name is
-    still being deleted (an ADD reusing the name waits for it). Callers that may come in
-    bursts (DEL) first ``await reserve(n)``, which returns once ``n`` more deletions fit
-    under ``max_pending``: the backlog, and what it holds alive in the kernel, stays
-    bounded, and a burst slows to the reaper's pace instead."""
+    """Deletes links by name on one thread with its own socket in the host namespace,
+    in batches: every name queued when the thread gets to it goes into the reaper's
+    device group (:func:`private_group`) and then the group is deleted in one request.
+    A link in that group is one the reaper is deleting: a crash between the two steps
+    leaves our veths in it, which the next start's sweep deletes as it deletes any
+    other of ours (``Plumbing.reap_strays``); the next daemon draws another group.
 
-    def __init__(self, host_netns: str | None, *, workers: int = 4, max_pending: int = 256) -> None:
-        self._sockets: list[socket.socket] = []
-        self._free: list[socket.socket] = []
-        self._lock = threading.Lock()
-        try:
-            for _ in range(workers):
-                self._sockets.append(socket_in(host_netns))
-        except BaseException:
-            self.close_sockets()
-            raise
-        self._free = list(self._sockets)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="link-reaper")
+    ``delete`` and ``delete_all`` return awaitables; the names of one ``delete_all`` go
+    in one batch. ``pending`` tells whether a name is still being deleted (an ADD
+    reusing the name waits for it). Callers that may come in bursts (DEL) first
+    ``await reserve(n)``, which returns once ``n`` more deletions fit under
+    ``max_pending``: the backlog, and what it holds alive in the kernel, stays bounded,
+    and a burst slows to the reaper's pace instead. A batch takes whole calls up to
+    ``max_batch`` names (one call larger than that goes alone), so one request holds the
+    kernel's rtnl lock, which every ADD's veth creation needs, for a bounded time."""
+
+    def __init__(
+        self,
+        host_netns: str | None,
+        *,
+        max_pending: int = 256,
+        max_batch: int = 64,
+        group: int | None = None,
+    ) -> None:
+        self._socket = socket_in(host_netns)
+        self.group = private_group() if group is None else group
+        self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
         self._pending: dict[str, asyncio.Future[int]] = {}
         self._seq = 0
         self.max_pending = max_pending
+        self.max_batch = max_batch
+        self._thread = threading.Thread(target=self._serve, name="link-reaper", daemon=True)
+        self._thread.start()
 
     async def reserve(self, count: int) -> None:
         """Wait until ``count`` more deletions fit (one batch larger than the bound fits
@@ -328,14 +400,28 @@ class LinkReaper:
         return self._pending.get(name)
 
     def delete(self, name: str) -> asyncio.Future[int]:
-        existing = self._pending.get(name)
-        if existing is not None:
-            return existing
-        done: Future[int] = self._pool.submit(self._delete, name)
-        future = asyncio.wrap_future(done)
-        self._pending[name] = future
-        future.add_done_callback(lambda _: self._forget(name, future))
+        (future,) = self.delete_all([name])
         return future
+
+    def delete_all(self, names: Sequence[str]) -> list[asyncio.Future[int]]:
+        """Queue the deletion of ``names``, together; one awaitable per name (0, or
+        ENODEV: it was gone already)."""
+        futures = []
+        unit: _Unit = []
+        for name in names:
+            existing = self._pending.get(name)
+            if existing is not None:
+                futures.append(existing)
+                continue
+            done: Future[int] = Future()
+            future = asyncio.wrap_future(done)
+            self._pending[name] = future
+            future.add_done_callback(functools.partial(self._forget, name))
+            unit.append((name, done))
+            futures.append(future)
+        if unit:
+            self._queue.put(unit)
+        return futures
 
     def _forget(self, name: str, future: asyncio.Future[int]) -> None:
         if self._pending.get(name) is future:
@@ -345,20 +431,72 @@ class LinkReaper:
             # answered) leaves the link to the next start's sweep (Plumbing.reap_strays).
             log.error("cni: %s", future.exception())
 
-    def _delete(self, name: str) -> int:
-        pause_point("reaper-before-delete")
-        with self._lock:
-            sock = self._free.pop()
-            self._seq += 1
-            seq = self._seq
+    def _serve(self) -> None:
+        closing = False
+        while not closing:
+            unit = self._queue.get()
+            if unit is None:
+                return
+            batch = list(unit)
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                batch += more
+            self._reap(batch)
+
+    def _reap(self, batch: _Unit) -> None:
+        # A deletion cancelled before it ran is not done: its name may be in use again.
+        live = [(name, done) for name, done in batch if done.set_running_or_notify_cancel()]
+        if not live:
+            return
         try:
-            code = delete_link(sock, name, seq)
-        finally:
-            with self._lock:
-                self._free.append(sock)
-        if code not in (0, errno.ENODEV):
-            raise OSError(code, f"delete link {name}: {os.strerror(code)}")
-        return code
+            codes = self._delete_batch([name for name, _ in live])
+        except OSError as err:
+            for _, done in live:
+                done.set_exception(err)
+            return
+        for (name, done), code in zip(live, codes, strict=True):
+            if code in (0, errno.ENODEV):
+                done.set_result(code)
+            else:
+                done.set_exception(OSError(code, f"delete link {name}: {os.strerror(code)}"))
+
+    def _next_seqs(self, count: int) -> int:
+        first = self._seq + 1
+        if first + count > 0x7FFFFFFF:
+            first = 1
+        self._seq = first + count - 1
+        return first
+
+    def _delete_batch(self, names: list[str]) -> list[int]:
+        first = self._next_seqs(len(names) + 1)
+        codes = mark_links(self._socket, names, self.group, first)
+        marked = [name for name, code in zip(names, codes, strict=True) if code == 0]
+        pause_point("reaper-before-delete")
+        if not marked:
+            return codes
+        code = delete_group(self._socket, self.group, first + len(names))
+        if code == 0:
+            return codes
+        if code == errno.ENODEV:  # every one went meanwhile (with its pod's namespace)
+            return [errno.ENODEV if c == 0 else c for c in codes]
+        # Something in our group the kernel cannot delete (another program chose the same
+        # group for an ENI?): it stays; ours go one request each.
+        log.warning(
+            "cni: deleting device group %d failed (%s); deleting its %d veth(s) one by one",
+            self.group,
+            os.strerror(code),
+            len(marked),
+        )
+        return [
+            delete_link(self._socket, name, self._next_seqs(1)) if c == 0 else c
+            for name, c in zip(names, codes, strict=True)
+        ]
 
     async def settle(self) -> None:
         """Wait until every deletion submitted so far is done (errors are the callers')."""
@@ -366,10 +504,9 @@ class LinkReaper:
             await asyncio.wait(list(self._pending.values()))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._queue.put(None)
+        self._thread.join()
         self.close_sockets()
 
     def close_sockets(self) -> None:
-        for sock in self._sockets:
-            sock.close()
-        self._sockets.clear()
+        self._socket.close()

@@ -7,8 +7,9 @@ block their thread for good. The test waits for the line, then kills the process
 window is hit without sleeps and without a debugger.
 
 Points: ``del-between-interfaces`` (the event loop, after one interface's host routing
-is torn down, before the next's), ``reaper-before-delete`` (a reaper thread, before it
-deletes a veth; the DEL has been answered or is about to be), ``snapshot-written`` and
+is torn down, before the next's), ``reaper-before-delete`` (the reaper's thread, a
+batch of veths put in its device group, before the one request that deletes them; the
+DELs have been answered or are about to be; one arrival per batch), ``snapshot-written`` and
 ``snapshot-renamed`` (``ipam.datastore.Journal.snapshot``: the new snapshot synced under
 its temporary name; renamed, the old journal not yet emptied), ``sync-beside-add`` (a
 worker thread, before it syncs the allocation of an ADD that plumbs meanwhile).

@@ -32,7 +32,8 @@ Where we differ from the VPC CNI, on purpose:
   of one pod never share a name (the VPC CNI deletes a same-named host veth, which can
   cut an old sandbox that is still running).
 * DEL deletes the veth (the VPC CNI leaves it to the namespace's removal), but on a
-  reaper thread after the routing is gone: the kernel takes 15-25 ms per veth. The host
+  reaper thread after the routing is gone: the kernel takes 15-25 ms per deletion, so the
+  reaper deletes what is queued in one request (``cni.netlink.LinkReaper``). The host
   end carries the alias ``ultranet-cni``, so a restarted daemon can tell its own veths
   from everyone else's and reap those no allocation accounts for (:meth:`Plumbing.reap_strays`):
   a DEL answered before its veth went, then a crash, leaves nothing behind.
@@ -729,8 +730,7 @@ class Plumbing:
         names = [host_ifname(key, index, veth_prefix) for index in indexes]
         doomed = [n for n in names if n in present or self._reaper.pending(n) is not None]
         await self._reaper.reserve(len(doomed))
-        for name in doomed:
-            self._reaper.delete(name)
+        self._reaper.delete_all(doomed)  # one batch: one kernel request for the pod's veths
         return errors
 
     async def reap_strays(
@@ -767,8 +767,7 @@ class Plumbing:
             keep = set(accounted()) | adding
         # A name being deleted already (a DEL replayed from the spool) is not a stray.
         strays = [n for n in ours if n not in keep and self._reaper.pending(n) is None]
-        deletions = [self._reaper.delete(name) for name in strays]
-        outcomes = await asyncio.gather(*deletions, return_exceptions=True)
+        outcomes = await asyncio.gather(*self._reaper.delete_all(strays), return_exceptions=True)
         reaped = []
         for name, outcome in zip(strays, outcomes, strict=True):
             if isinstance(outcome, BaseException):

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import socket
 from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni import netlink
 from cni.keys import IpamKey
+from cni.netlink import LinkReaper
 from cni.plumbing import RULE_FROM_POD, RULE_TO_POD
 from cni.spec import ANNOTATIONS_CAPABILITY, MULTI_NIC_ANNOTATION, MULTI_NIC_VALUE
 from ipam.hostnet import EniLink, HostNetwork
@@ -152,20 +151,20 @@ def test_a_repeated_del_without_allocation_or_prev_result_removes_every_veth(
     pod_ns = lab.create_pod_namespace("again")
     backend = PoolBackend(pool_from_lab(lab))
     before = host_state(lab)
-    real_delete_link = netlink.delete_link
+    real_delete_batch = LinkReaper._delete_batch
     lost: list[str] = []
 
-    def lose(sock: socket.socket, name: str, seq: int = 1) -> int:
-        lost.append(name)
-        return 0
+    def lose(self: LinkReaper, names: list[str]) -> list[int]:
+        lost.extend(names)
+        return [0] * len(names)
 
     async def scenario() -> dict[str, Any]:
         async with node(lab, backend, enable_multi_nic=True, max_interfaces=CARDS) as n:
             result = await n.add("again", pod_ns, runtimeConfig=MULTI)
-            monkeypatch.setattr(netlink, "delete_link", lose)
+            monkeypatch.setattr(LinkReaper, "_delete_batch", lose)
             await n.delete("again", pod_ns, result)
             await n.plumbing.settle()
-            monkeypatch.setattr(netlink, "delete_link", real_delete_link)
+            monkeypatch.setattr(LinkReaper, "_delete_batch", real_delete_batch)
             stranded = await asyncio.to_thread(host_state, lab)
             await n.delete("again", pod_ns)  # no prevResult, no allocation
             await n.plumbing.settle()

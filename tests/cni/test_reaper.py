@@ -9,9 +9,11 @@ until the test opens it, so each window is hit without timing.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,12 +36,14 @@ GUARD_S = 60  # a failure guard, never a synchronisation
 
 
 class Gate:
-    """Holds every veth deletion on the reaper's thread until ``open``; counts the
-    deletions queued at most at once."""
+    """Holds every kernel request that deletes links (a batch's group, or one link) on
+    the reaper's thread until ``open``; counts those requests, and the deletions queued
+    at most at once."""
 
     def __init__(self) -> None:
         self.opened = threading.Event()
         self.most_pending = 0
+        self.requests = 0
 
     def open(self) -> None:
         self.opened.set()
@@ -49,19 +53,28 @@ class Gate:
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     held = Gate()
     real_delete_link = netlink.delete_link
-    real_delete = LinkReaper.delete
+    real_delete_group = getattr(netlink, "delete_group", None)
+    real_delete_all = LinkReaper.delete_all
 
-    def gated(sock: socket.socket, name: str, seq: int = 1) -> int:
+    def gated_link(sock: socket.socket, name: str, seq: int = 1) -> int:
         held.opened.wait()
+        held.requests += 1
         return real_delete_link(sock, name, seq)
 
-    def counted(self: LinkReaper, name: str) -> asyncio.Future[int]:
-        future = real_delete(self, name)
-        held.most_pending = max(held.most_pending, len(self._pending))
-        return future
+    def gated_group(sock: socket.socket, group: int, seq: int) -> int:
+        held.opened.wait()
+        held.requests += 1
+        assert real_delete_group is not None
+        return real_delete_group(sock, group, seq)
 
-    monkeypatch.setattr(netlink, "delete_link", gated)
-    monkeypatch.setattr(LinkReaper, "delete", counted)
+    def counted(self: LinkReaper, names: Sequence[str]) -> list[asyncio.Future[int]]:
+        futures = real_delete_all(self, names)
+        held.most_pending = max(held.most_pending, len(self._pending))
+        return futures
+
+    monkeypatch.setattr(netlink, "delete_link", gated_link)
+    monkeypatch.setattr(netlink, "delete_group", gated_group, raising=False)
+    monkeypatch.setattr(LinkReaper, "delete_all", counted)
     try:
         yield held
     finally:
@@ -87,6 +100,11 @@ def host_name(container: str) -> str:
 def link_attr(lab: Lab, name: str, attr: str) -> Any:
     with IPRoute(netns=lab.node_ns) as ipr:
         return ipr.link("get", ifname=name)[0].get(attr)
+
+
+def put_in_group(lab: Lab, name: str, group: int) -> None:
+    with IPRoute(netns=lab.node_ns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=name)[0], group=group)
 
 
 def test_a_re_add_waits_for_the_old_veth_the_reaper_still_holds(
@@ -185,7 +203,7 @@ def test_a_burst_of_200_dels_the_reaper_falls_behind_leaves_nothing(
     )
     before = host_state(lab)
 
-    async def scenario() -> tuple[int, int, dict[str, Any]]:
+    async def scenario() -> tuple[int, int, int, dict[str, Any]]:
         async with reaping_node(lab, backend, gate) as n:
             added = [await n.add(f"p{i}", pod) for i, pod in enumerate(pods)]
             async with asyncio.timeout(GUARD_S):  # every DEL answers with the reaper stalled
@@ -203,13 +221,17 @@ def test_a_burst_of_200_dels_the_reaper_falls_behind_leaves_nothing(
                 late_result = await n.add("late", late)
             gate.open()
             await n.plumbing.settle()
+            requests = gate.requests
             after_burst = await asyncio.to_thread(host_state, lab)
             await n.delete("late", late, late_result)
             await n.plumbing.settle()
-            return behind, gate.most_pending, after_burst
+            return behind, gate.most_pending, requests, after_burst
 
-    behind, most_pending, after_burst = run(scenario())
+    behind, most_pending, requests, after_burst = run(scenario())
     assert behind == 200 and most_pending == 200
+    # The veths queued behind the held request go in batches of up to 64, one kernel
+    # request each (one request per veth: 200).
+    assert requests <= 1 + math.ceil(199 / 64)
     assert after_burst["links"] == sorted(before["links"] + [host_name("late")])
     assert host_state(lab) == before
     assert all(pod_state(pod)["links"] == [] for pod in pods)
@@ -248,3 +270,37 @@ def test_the_sweep_reaps_only_our_veths_that_no_allocation_accounts_for(lab: Lab
         before["links"] + [foreign, host_name("keep"), renamed]
     )
     assert link_attr(lab, host_name("keep"), "IFLA_IFALIAS") == HOST_VETH_ALIAS
+
+
+def test_what_the_kernel_cannot_delete_in_the_reapers_group_stays_and_the_veths_go(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reaper deletes a batch as its device group; another program's device in that
+    group makes the kernel refuse the whole group (it deletes none): that device stays,
+    and the veths go one request each, with a warning."""
+    pods = [lab.create_pod_namespace(f"g{i}") for i in range(3)]
+    backend = PoolBackend(pool_from_lab(lab))
+    before = host_state(lab)
+
+    async def scenario() -> int:
+        plumbing = await Plumbing.open(ns_path(lab.node_ns))
+        try:
+            n = Node(lab, backend, CniHandler(backend, plumbing, HandlerConfig()), plumbing)
+            added = [await n.add(f"g{i}", pod) for i, pod in enumerate(pods)]
+            group = plumbing._reaper.group
+            # As an ENI could be: a device with no rtnetlink delete, here the loopback.
+            await asyncio.to_thread(put_in_group, lab, "lo", group)
+            for i, pod in enumerate(pods):
+                await n.delete(f"g{i}", pod, added[i])
+            await plumbing.settle()
+            return group
+        finally:
+            await plumbing.close()
+
+    with caplog.at_level(logging.WARNING, logger="ultranet.cni"):
+        group = run(scenario())
+    assert host_state(lab) == before
+    assert all(pod_state(pod)["links"] == [] for pod in pods)
+    assert link_attr(lab, "lo", "IFLA_GROUP") == group  # there, in the group it was put in
+    assert [r.getMessage() for r in caplog.records if "device group" in r.getMessage()]
+    assert backend.held() == set()

@@ -6,6 +6,7 @@ should cost no more than the lookups."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -23,13 +24,13 @@ def test_a_repeated_del_without_netns_or_prev_result_queues_no_veth_deletion(lab
         async with node(lab, PoolBackend(pool_from_lab(lab)), max_interfaces=4) as n:
             reaper = n.plumbing._reaper
             queued: list[str] = []
-            delete = reaper.delete
+            delete_all = reaper.delete_all
 
-            def spied(name: str) -> asyncio.Future[int]:
-                queued.append(name)
-                return delete(name)
+            def spied(names: Sequence[str]) -> list[asyncio.Future[int]]:
+                queued.extend(names)
+                return delete_all(names)
 
-            reaper.delete = spied  # type: ignore[method-assign]
+            reaper.delete_all = spied  # type: ignore[method-assign]
             added = await n.add("twice", pod)
             await n.delete("twice", pod, added)
             await n.plumbing.settle()

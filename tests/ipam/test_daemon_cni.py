@@ -9,12 +9,14 @@ import os
 import select
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import IPRoute
 
 from cni.install import install
 from cni.keys import IpamKey
@@ -470,32 +472,58 @@ def test_kill_9_mid_multi_nic_teardown_then_the_spooled_del_finishes_it(
     assert host_state(lab) == CLEAN
 
 
-def test_kill_9_while_the_reaper_is_midway_through_a_multi_nic_pod_leaves_the_host_clean(
+def test_kill_9_between_two_reaper_batches_leaves_the_host_clean(
     crash_node: Callable[[LabConfig, dict[str, str], str], CrashNode],
 ) -> None:
+    """The reaper deletes a batch (a DEL's veths, with whatever else is queued) in one
+    request; killed after one multi-NIC pod's batch went and while the next pod's veths
+    sit in the reaper's device group, not yet deleted, the restart leaves nothing."""
     lab, daemon, shim, pause = crash_node(
-        P5, {"ENABLE_MULTI_NIC": "true"}, "reaper-before-delete@5"
+        P5, {"ENABLE_MULTI_NIC": "true"}, "reaper-before-delete@1"
     )
-    pod, added = add_multi_nic(lab, shim, daemon, "w3")
-    code, out = exec_shim(
-        lab,
-        shim,
-        daemon,
-        env("DEL", "w3", ns_path(pod)),
-        conf(prevResult=added, runtimeConfig=MULTI),
-    )
-    assert code == 0, out
+    pods = {c: add_multi_nic(lab, shim, daemon, c) for c in ("w3", "w4")}
+    veths = {
+        c: sorted(host_ifname(IpamKey(NETWORK, c, "eth0"), i, "eni") for i in range(CARDS))
+        for c in pods
+    }
+
+    def delete(container: str) -> None:
+        pod, added = pods[container]
+        code, out = exec_shim(
+            lab,
+            shim,
+            daemon,
+            env("DEL", container, ns_path(pod)),
+            conf(prevResult=added, runtimeConfig=MULTI),
+        )
+        assert code == 0, out
+
+    delete("w3")
+    deadline = time.monotonic() + 60
+    while set(veths["w3"]) & set(host_state(lab)["links"]):  # the first batch, let through
+        assert time.monotonic() < deadline, "w3's veths were not deleted"
+        time.sleep(0.05)  # polling the daemon's work, bounded by the deadline
+    delete("w4")
     assert pause.wait(daemon) == "reaper-before-delete\n"
     daemon.kill()
-    left = host_state(lab)
-    assert len(left["links"]) == CARDS - 5 and left["rules"] == [] and left["routes"] == []
+    assert host_state(lab) == {**CLEAN, "links": veths["w4"]}
+    (group,) = set(link_groups(lab, veths["w4"]))  # all in the batch being deleted
+    assert group != 0
 
     restart_without_pause(daemon)
 
     assert host_state(lab) == CLEAN
-    assert pod_state(pod) == {"links": [], "addrs": [], "rules": []}
+    for pod, _ in pods.values():
+        assert pod_state(pod) == {"links": [], "addrs": [], "rules": []}
     assert held(daemon) == []
-    assert strays_reaped(lab) == CARDS - 5
-    code, out = exec_shim(lab, shim, daemon, env("DEL", "w3", ns_path(pod)), conf())
-    assert code == 0, out
+    assert strays_reaped(lab) == CARDS
+    for container, (pod, _) in pods.items():
+        code, out = exec_shim(lab, shim, daemon, env("DEL", container, ns_path(pod)), conf())
+        assert code == 0, out
     assert host_state(lab) == CLEAN
+
+
+def link_groups(lab: Lab, names: list[str]) -> list[int]:
+    """Each link's device group (IFLA_GROUP), in the node's namespace."""
+    with IPRoute(netns=lab.node_ns) as ipr:
+        return [ipr.link("get", ifname=name)[0].get("IFLA_GROUP") for name in names]

@@ -167,9 +167,12 @@ def table(result: dict[str, Any]) -> str:
         for family in FAMILIES:
             row = run[family]
             cpu = row["cpu_us_per_op"]
+            answered, gone = row["del_answer_ms"], row["del_removed_ms"]
             lines.append(
                 f"  {family}  ADD {row['add_ms']['median']:.2f} ms [{row['add_ms']['min']:.1f}-"
-                f"{row['add_ms']['max']:.1f}]  DEL {row['del_answer_ms']['median']:.2f} ms  "
+                f"{row['add_ms']['max']:.1f}]  DEL {answered['median']:.2f} ms "
+                f"(p90 {answered['p90']:.1f}), veth gone {gone['median']:.2f} ms "
+                f"(p90 {gone['p90']:.1f})  "
                 f"CPU/op ADD shim {cpu['add']['shim']} + daemon {cpu['add']['daemon']} us"
             )
         bar = run["bar"]

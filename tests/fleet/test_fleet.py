@@ -8,8 +8,9 @@ import pytest
 
 from ipam.imds import ImdsClient
 from tools.fleet.__main__ import main
+from tools.fleet.emulator import RequestSummary
 from tools.fleet.imds_mux import ImdsMux
-from tools.fleet.runner import percentile
+from tools.fleet.runner import clients_and_emulator_disagree, percentile
 from tools.lab.ec2.state import Cloud, LaunchInterface
 from tools.lab.memory_host import LinkTable, MemoryHost
 
@@ -78,6 +79,9 @@ def test_a_small_wave_with_and_without_prefixes_at_launch(
     assert reactive["throttled_calls_seen_by_emulator"] == reactive["throttled_calls"]
     assert reactive["ec2_calls_carried_out_by_emulator"] == {"AssignPrivateIpAddresses": succeeded}
     assert launched["ec2_calls_carried_out_by_emulator"] == {}
+    assert reactive["ec2_errors"] == {"RequestLimitExceeded": reactive["throttled_calls"]}
+    for result in results.values():
+        assert result["clients_and_emulator_disagree"] == []
     assert reactive["ready_p50_s"] > launched["ready_p50_s"]
     # Every agent restarted at once on a running fleet: IMDS and the journal agree, so no
     # EC2 call, and every pod keeps its address.
@@ -158,3 +162,30 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 100) == 100.0
     assert percentile([3.0], 99) == 3.0
     assert percentile([], 50) is None
+
+
+def test_clients_and_emulator_disagree_names_what_the_lab_lost() -> None:
+    ec2 = RequestSummary(
+        requests=5,
+        throttled=2,
+        by_action={"AssignPrivateIpAddresses": 5},
+        carried_out_by_action={"AssignPrivateIpAddresses": 3},
+        errors_by_code={"RequestLimitExceeded": 2},
+    )
+    assign = {"AssignPrivateIpAddresses": 3}
+    throttled = {"RequestLimitExceeded": 2}
+    assert clients_and_emulator_disagree(5, assign, throttled, ec2) == []
+    # A connect timeout: a request EC2 never saw, an error it never gave.
+    lost = clients_and_emulator_disagree(6, assign, {**throttled, "ConnectTimeoutError": 1}, ec2)
+    assert lost == [
+        "the clients sent 6 requests, EC2 answered 5",
+        "error ConnectTimeoutError: the clients saw 1, EC2 answered 0",
+    ]
+    # A read timeout: EC2 carried out a call its client counts as failed.
+    late = clients_and_emulator_disagree(
+        5, {"AssignPrivateIpAddresses": 2}, {**throttled, "ReadTimeoutError": 1}, ec2
+    )
+    assert late == [
+        "AssignPrivateIpAddresses: the clients saw 2 succeed, EC2 carried out 3",
+        "error ReadTimeoutError: the clients saw 1, EC2 answered 0",
+    ]

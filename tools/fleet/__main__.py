@@ -160,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                 "addresses_per_node": auto.addresses_per_node,
                 "choice": auto.describe(),
             }
+    for name, result in results.items():
+        if differences := result["clients_and_emulator_disagree"]:
+            print(
+                f"fleet: warning: {name}: the agents' clients and EC2 disagree, so these "
+                f"figures include the lab's own failures: {'; '.join(differences)}",
+                file=sys.stderr,
+            )
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -45,6 +45,7 @@ class RequestSummary:
     throttled: int
     by_action: dict[str, int]
     carried_out_by_action: dict[str, int]  # answered without an error: EC2 changed state
+    errors_by_code: dict[str, int]  # EC2's error answers, throttling and injected faults included
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ def _serve(
             sum(1 for r in records if r.error_code == "RequestLimitExceeded"),
             dict(Counter(r.action for r in records)),
             dict(Counter(r.action for r in records if r.error_code is None)),
+            dict(Counter(r.error_code for r in records if r.error_code is not None)),
         )
 
     def cpu_s() -> float:

@@ -28,6 +28,11 @@ log = logging.getLogger("ultranet.fleet.imds")
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY = 1 << 16
+# Each port has one client, its agent's ImdsClient, which holds one keep-alive connection
+# at a time: asyncio's default backlog is ample. Named because start_server calls listen
+# again with its own backlog, whatever the socket had (socketserver's 5 at the EC2
+# endpoint dropped the SYNs of a fleet's agents connecting at once).
+LISTEN_BACKLOG = 100
 
 
 class ImdsMux:
@@ -50,11 +55,10 @@ class ImdsMux:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
         port = sock.getsockname()[1]
 
         async def serve() -> asyncio.Server:
-            return await asyncio.start_server(_handler(service), sock=sock)
+            return await asyncio.start_server(_handler(service), sock=sock, backlog=LISTEN_BACKLOG)
 
         server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result()
         self._servers[instance_id] = server

@@ -120,13 +120,16 @@ class NodeStats:
         self.throttled: Counter[str] = Counter()
         self.retries: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()  # by code, throttling included
+        self.succeeded: dict[str, Counter[str]] = {p: Counter() for p in PHASES}  # by action
         self.client_wait_s = 0.0  # in the agent's own client-side rate limit
 
     def request(self, action: str, latency_s: float, error_code: str | None) -> None:
         self.metrics.request(action, latency_s, error_code)
         with self._lock:
             self.calls[self.phase][action] += 1
-            if error_code is not None:
+            if error_code is None:
+                self.succeeded[self.phase][action] += 1
+            else:
                 self.errors[error_code] += 1
                 if error_code in THROTTLE_CODES:
                     self.throttled[self.phase] += 1
@@ -174,6 +177,32 @@ def _held(agent: NodeAgent) -> dict[str, str]:
         str(a.key): ",".join(f"{lease.card}:{lease.address}" for lease in a.leases)
         for a in allocations
     }
+
+
+def clients_and_emulator_disagree(
+    sent: int,
+    succeeded: Mapping[str, int],
+    errors: Mapping[str, int],
+    emulator: RequestSummary,
+) -> list[str]:
+    """Where the agents' clients and the emulator's request log differ; empty when every
+    request the clients sent got EC2's own answer. A difference is the lab failing (a
+    connection refused or timed out, an answer lost on its way): AWS's endpoint does not
+    do that to a healthy client, so the wave's figures would then measure this machine.
+    A connect timeout shows as a request EC2 never saw and an error code it never gave;
+    a read timeout as a call EC2 carried out that its client counts as failed."""
+    found = []
+    if sent != emulator.requests:
+        found.append(f"the clients sent {sent} requests, EC2 answered {emulator.requests}")
+    for action in sorted(set(succeeded) | set(emulator.carried_out_by_action)):
+        mine, ec2 = succeeded.get(action, 0), emulator.carried_out_by_action.get(action, 0)
+        if mine != ec2:
+            found.append(f"{action}: the clients saw {mine} succeed, EC2 carried out {ec2}")
+    for code in sorted(set(errors) | set(emulator.errors_by_code)):
+        mine, ec2 = errors.get(code, 0), emulator.errors_by_code.get(code, 0)
+        if mine != ec2:
+            found.append(f"error {code}: the clients saw {mine}, EC2 answered {ec2}")
+    return found
 
 
 def _cpu_s() -> float:
@@ -535,6 +564,12 @@ class _Wave:
     ) -> dict[str, Any]:
         config = self.config
         nodes = self.nodes
+        succeeded: Counter[str] = Counter()
+        for node in nodes:
+            for phase in ("start", "pods"):
+                succeeded.update(node.stats.succeeded[phase])
+        errors = sum((n.stats.errors for n in nodes), Counter())
+        sent = sum(sum(n.stats.calls[p].values()) for n in nodes for p in ("start", "pods"))
         ready = [n.ready_at - n.launched_at for n in nodes if n.ready_at is not None]
         running = [n.pods_done_at - n.launched_at for n in nodes if n.pods_done_at is not None]
         count = max(1, len(nodes))
@@ -582,8 +617,16 @@ class _Wave:
             "throttled_calls": sum(sum(n.stats.throttled.values()) for n in nodes),
             "throttled_calls_seen_by_emulator": requests.throttled,
             "ec2_calls_carried_out_by_emulator": requests.carried_out_by_action,
+            "ec2_calls_succeeded_by_clients": dict(succeeded),
             "retries": sum(sum(n.stats.retries.values()) for n in nodes),
-            "ec2_errors": dict(sum((n.stats.errors for n in nodes), Counter())),
+            "ec2_errors": dict(errors),
+            "ec2_errors_answered_by_emulator": requests.errors_by_code,
+            # None: not checked, a wave that timed out may leave requests in flight
+            "clients_and_emulator_disagree": (
+                None
+                if timed_out
+                else clients_and_emulator_disagree(sent, succeeded, errors, requests)
+            ),
             "client_rate_limit_wait_s": round(sum(n.stats.client_wait_s for n in nodes), 3),
             "pods_refused_pool_dry": sum(n.pods_refused for n in nodes),
             **wave_times(ready, running),

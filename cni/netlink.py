@@ -456,7 +456,7 @@ class LinkReaper:
             return
         try:
             codes = self._delete_batch([name for name, _ in live])
-        except OSError as err:
+        except Exception as err:  # not only OSError: the one thread must outlive a bug
             for _, done in live:
                 done.set_exception(err)
             return

@@ -304,3 +304,34 @@ def test_what_the_kernel_cannot_delete_in_the_reapers_group_stays_and_the_veths_
     assert link_attr(lab, "lo", "IFLA_GROUP") == group  # there, in the group it was put in
     assert [r.getMessage() for r in caplog.records if "device group" in r.getMessage()]
     assert backend.held() == set()
+
+
+def test_a_batch_that_fails_fails_its_callers_and_the_reaper_goes_on(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_mark_links = netlink.mark_links
+    failures = [RuntimeError("a bug in the batch")]
+
+    def mark_once_badly(*args: Any) -> list[int]:
+        if failures:
+            raise failures.pop()
+        return real_mark_links(*args)
+
+    monkeypatch.setattr(netlink, "mark_links", mark_once_badly)
+    with IPRoute(netns=lab.node_ns) as ipr:
+        ipr.link("add", ifname="rbx", kind="veth", peer="rbx-peer")
+
+    async def scenario() -> tuple[BaseException | int, int]:
+        reaper = LinkReaper(ns_path(lab.node_ns))
+        try:
+            async with asyncio.timeout(GUARD_S):
+                (first,) = await asyncio.gather(reaper.delete("rbx"), return_exceptions=True)
+                return first, await reaper.delete("rbx")
+        finally:
+            reaper.close()
+
+    first, second = run(scenario())
+    assert isinstance(first, RuntimeError)
+    assert second == 0
+    with IPRoute(netns=lab.node_ns) as ipr:
+        assert ipr.link_lookup(ifname="rbx") == []

@@ -10,16 +10,16 @@
   daemon's share; ``pyroute2.IPRoute(netns=...)`` forks a helper per socket, ~12 ms.)
   :class:`PendingSocket` starts the same work and returns at once: an ADD has the
   thread make the pod's socket (~0.35 ms) while it creates the veth (~1 ms in the kernel).
-* :class:`LinkReaper` deletes links on a worker thread, in batches. Deleting a veth blocks
+* :class:`LinkReaper` deletes links on worker threads, in batches. Deleting a veth blocks
   in the kernel for 15-25 ms (``unregister_netdevice_many`` waits for RCU grace periods
   under the rtnl lock, ``netdev_run_todo`` for the device's references) inside
   ``sendmsg``; issued from the event loop that would stall every other request. One
-  request per link also serializes on that lock: four threads deleted 50 veths in
-  ~0.4 s here, IPv4 or IPv6 alike. So the thread puts every name queued by then in its
-  own device group (``IFLA_GROUP``, one message per link, no wait) and deletes the group
-  with one ``RTM_DELLINK``: the kernel unregisters the batch together, its waits paid
-  once (50 veths in ~35 ms). Its backlog is bounded (``max_pending``): past it, callers
-  wait for room.
+  request per link also queues on that lock, so four threads could not keep up with a
+  burst of DELs handing them two veths each (IPv6 pods). A thread puts every name
+  queued by then in its own device group (``IFLA_GROUP``, one message per link, no
+  wait) and deletes the group with one ``RTM_DELLINK``: the kernel unregisters the batch
+  together and waits once (``tools/bench/cni/reaper.py`` times both ways). Its backlog is
+  bounded (``max_pending``): past it, callers wait for room.
 * :func:`write_sysctls` writes ``/proc/sys`` keys in a namespace given by path, from a
   thread that entered it once and stays (``/proc/sys/net`` shows the namespace of the
   thread that opens a key).
@@ -40,6 +40,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
@@ -355,13 +356,32 @@ def private_group() -> int:
 _Unit = list[tuple[str, "Future[int]"]]
 
 
+@dataclass(slots=True)
+class _Lane:
+    """One reaper thread's own: its socket in the host namespace, its device group, and
+    the sequence numbers of its requests."""
+
+    socket: socket.socket
+    group: int
+    seq: int = 0
+
+    def next_seqs(self, count: int) -> int:
+        first = self.seq + 1
+        if first + count > 0x7FFFFFFF:
+            first = 1
+        self.seq = first + count - 1
+        return first
+
+
 class LinkReaper:
-    """Deletes links by name on one thread with its own socket in the host namespace,
-    in batches: every name queued when the thread gets to it goes into the reaper's
-    device group (:func:`private_group`) and then the group is deleted in one request.
-    A link in that group is one the reaper is deleting: a crash between the two steps
-    leaves our veths in it, which the next start's sweep deletes as it deletes any
-    other of ours (``Plumbing.reap_strays``); the next daemon draws another group.
+    """Deletes links by name on ``workers`` threads, each with its own socket in the host
+    namespace and its own device group (:func:`private_group`), in batches: a thread
+    takes every name queued when it gets to it, puts those links in its group and
+    deletes the group in one request. An idle thread takes a lone DEL's veths at once
+    (as one thread per veth did); in a burst each batch grows instead of the queue. A
+    link in one of those groups is one the reaper is deleting: a crash between the two
+    steps leaves our veths in it, which the next start's sweep deletes as it deletes
+    any other of ours (``Plumbing.reap_strays``); the next daemon draws other groups.
 
     ``delete`` and ``delete_all`` return awaitables; the names of one ``delete_all`` go
     in one batch. ``pending`` tells whether a name is still being deleted (an ADD
@@ -376,19 +396,33 @@ class LinkReaper:
         self,
         host_netns: str | None,
         *,
+        workers: int = 4,
         max_pending: int = 256,
         max_batch: int = 64,
-        group: int | None = None,
     ) -> None:
-        self._socket = socket_in(host_netns)
-        self.group = private_group() if group is None else group
+        groups: set[int] = set()
+        while len(groups) < workers:
+            groups.add(private_group())
+        self.groups = sorted(groups)
+        lanes: list[_Lane] = []
+        try:
+            for group in self.groups:
+                lanes.append(_Lane(socket_in(host_netns), group))
+        except BaseException:
+            for lane in lanes:
+                lane.socket.close()
+            raise
+        self._lanes = lanes
         self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
         self._pending: dict[str, asyncio.Future[int]] = {}
-        self._seq = 0
         self.max_pending = max_pending
         self.max_batch = max_batch
-        self._thread = threading.Thread(target=self._serve, name="link-reaper", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._serve, args=(lane,), name="link-reaper", daemon=True)
+            for lane in lanes
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def reserve(self, count: int) -> None:
         """Wait until ``count`` more deletions fit (one batch larger than the bound fits
@@ -431,7 +465,7 @@ class LinkReaper:
             # answered) leaves the link to the next start's sweep (Plumbing.reap_strays).
             log.error("cni: %s", future.exception())
 
-    def _serve(self) -> None:
+    def _serve(self, lane: _Lane) -> None:
         closing = False
         while not closing:
             unit = self._queue.get()
@@ -447,16 +481,16 @@ class LinkReaper:
                     closing = True
                     break
                 batch += more
-            self._reap(batch)
+            self._reap(lane, batch)
 
-    def _reap(self, batch: _Unit) -> None:
+    def _reap(self, lane: _Lane, batch: _Unit) -> None:
         # A deletion cancelled before it ran is not done: its name may be in use again.
         live = [(name, done) for name, done in batch if done.set_running_or_notify_cancel()]
         if not live:
             return
         try:
-            codes = self._delete_batch([name for name, _ in live])
-        except Exception as err:  # not only OSError: the one thread must outlive a bug
+            codes = self._delete_batch(lane, [name for name, _ in live])
+        except Exception as err:  # not only OSError: a thread must outlive a bug
             for _, done in live:
                 done.set_exception(err)
             return
@@ -466,21 +500,14 @@ class LinkReaper:
             else:
                 done.set_exception(OSError(code, f"delete link {name}: {os.strerror(code)}"))
 
-    def _next_seqs(self, count: int) -> int:
-        first = self._seq + 1
-        if first + count > 0x7FFFFFFF:
-            first = 1
-        self._seq = first + count - 1
-        return first
-
-    def _delete_batch(self, names: list[str]) -> list[int]:
-        first = self._next_seqs(len(names) + 1)
-        codes = mark_links(self._socket, names, self.group, first)
+    def _delete_batch(self, lane: _Lane, names: list[str]) -> list[int]:
+        first = lane.next_seqs(len(names) + 1)
+        codes = mark_links(lane.socket, names, lane.group, first)
         marked = [name for name, code in zip(names, codes, strict=True) if code == 0]
         pause_point("reaper-before-delete")
         if not marked:
             return codes
-        code = delete_group(self._socket, self.group, first + len(names))
+        code = delete_group(lane.socket, lane.group, first + len(names))
         if code == 0:
             return codes
         if code == errno.ENODEV:  # every one went meanwhile (with its pod's namespace)
@@ -489,12 +516,12 @@ class LinkReaper:
         # group for an ENI?): it stays; ours go one request each.
         log.warning(
             "cni: deleting device group %d failed (%s); deleting its %d veth(s) one by one",
-            self.group,
+            lane.group,
             os.strerror(code),
             len(marked),
         )
         return [
-            delete_link(self._socket, name, self._next_seqs(1)) if c == 0 else c
+            delete_link(lane.socket, name, lane.next_seqs(1)) if c == 0 else c
             for name, c in zip(names, codes, strict=True)
         ]
 
@@ -504,9 +531,12 @@ class LinkReaper:
             await asyncio.wait(list(self._pending.values()))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self.close_sockets()
 
     def close_sockets(self) -> None:
-        self._socket.close()
+        for lane in self._lanes:
+            lane.socket.close()

@@ -154,7 +154,7 @@ def test_a_repeated_del_without_allocation_or_prev_result_removes_every_veth(
     real_delete_batch = LinkReaper._delete_batch
     lost: list[str] = []
 
-    def lose(self: LinkReaper, names: list[str]) -> list[int]:
+    def lose(self: LinkReaper, lane: object, names: list[str]) -> list[int]:
         lost.extend(names)
         return [0] * len(names)
 

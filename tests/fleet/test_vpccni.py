@@ -3,15 +3,25 @@ waves of real boto3 clients and IMDS over HTTP against the emulator, bounded in 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ipam.ec2 import boto3_client
+from ipam.imds import ImdsClient
 from ipam.instance_types import lookup
 from ipam.nau.maxpods import Mode, max_pods
 from ipam.nau.vpccni_calls import NodeShape, node_calls
+from tools.fleet import vpccni_agent
 from tools.fleet.__main__ import main
+from tools.fleet.vpccni_agent import Ec2CallFailed, VpcCniAgent, VpcCniSettings
+from tools.lab.ec2.faults import FaultKind, FaultRule
+from tools.lab.ec2.server import Ec2Server
+from tools.lab.ec2.state import Cloud, LaunchInterface
 
 KEYS = {  # issue 15 item 6: what every scenario object carries
     "nodes",
@@ -162,3 +172,76 @@ def test_bad_fault_and_burst_specs_are_refused(capsys: pytest.CaptureFixture[str
         assert capsys.readouterr().err
     assert main(["--nodes=2", "--vpccni-env=MAX_ENI=2"]) == 2
     assert "WARM_PREFIX_TARGET" in capsys.readouterr().err
+
+
+class _NoJitter(random.Random):
+    """Every random back-off at its lower bound: the SDK's full jitter sleeps 0 s."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+class _Stats:
+    def request(self, action: str, latency_s: float, error_code: str | None) -> None:
+        pass
+
+    def retry(self, action: str, code: str, delay_s: float) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("failing", "cleanup"),
+    [
+        ("AttachNetworkInterface", ["DeleteNetworkInterface"]),
+        (
+            "ModifyNetworkInterfaceAttribute",
+            ["DescribeNetworkInterfaces", "DetachNetworkInterface", "DeleteNetworkInterface"],
+        ),
+    ],
+)
+def test_an_eni_the_vpc_cni_could_not_set_up_is_freed_as_alloc_eni_does(
+    monkeypatch: pytest.MonkeyPatch, failing: str, cleanup: list[str]
+) -> None:
+    # awsutils.AllocENI: an ENI it cannot attach is deleted (deleteENI); one it cannot
+    # mark DeleteOnTermination is detached and deleted (FreeENI). Otherwise it is left in
+    # the subnet, holding addresses, and the next pool pass makes another.
+    monkeypatch.setattr(vpccni_agent, "SLEEP_AFTER_DETACH_S", 0.0)
+    cloud = Cloud(seed=3)
+    vpc = cloud.create_vpc(["100.64.0.0/16"])
+    subnet = cloud.create_subnet(vpc.vpc_id, "100.64.0.0/20", "us-west-2a", {})
+    instance = cloud.launch_instance(
+        "m5.large", subnet.subnet_id, interfaces=[LaunchInterface(0, 0, ipv4_prefix_count=1)]
+    )
+    server = Ec2Server(cloud)
+    url = server.start()
+    client: Any = None
+    try:
+        client = boto3_client(
+            "us-west-2", url, aws_access_key_id="lab", aws_secret_access_key="lab"
+        )
+        shape = NodeShape(max_prefixes_per_eni=9, max_enis=3)
+        agent = VpcCniAgent(
+            ImdsClient("http://127.0.0.1:9"),  # not reached: the failure comes first
+            lambda region: client,
+            _Stats(),
+            VpcCniSettings(shape),
+            _NoJitter(),
+        )
+        agent._client = client
+        agent._instance_id, agent._vpc_id = instance.instance_id, vpc.vpc_id
+        agent._az, agent._subnet_id = "us-west-2a", subnet.subnet_id
+        agent._groups = ("sg-1",)
+        (primary,) = (e.eni_id for e in cloud.enis_of(instance.instance_id))
+        mark = len(cloud.requests.records())
+        cloud.faults.add(FaultRule(FaultKind.INTERNAL, action=failing))
+        with pytest.raises(Ec2CallFailed):
+            asyncio.run(agent._allocate_eni(1))
+        actions = [r.action for r in cloud.requests.records()[mark:]]
+        assert actions.count(failing) == 3  # the SDK's attempts
+        assert actions[-len(cleanup) :] == cleanup
+        # Only the primary ENI is left, attached or not: the new one is gone.
+        assert [e.eni_id for e in cloud.enis()] == [primary]
+    finally:
+        if client is not None:
+            client.close()
+        server.close()

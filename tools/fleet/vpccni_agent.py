@@ -15,8 +15,10 @@ throttling as ultranet's agents in the same run:
   at most 300 s): the node is not Ready until a start succeeds;
 * then a pool pass every 5 s (``StartNodeIPPoolManager``): a top-up when too low, a new
   ENI when every ENI is full (``tryAllocateENI``: DescribeSubnets, CreateNetworkInterface,
-  DescribeInstances, AttachNetworkInterface, ModifyNetworkInterfaceAttribute), a release
-  of prefixes beyond the target at most every 30 s;
+  DescribeInstances, AttachNetworkInterface, ModifyNetworkInterfaceAttribute; an ENI that
+  could not be attached is deleted, one that could not be marked DeleteOnTermination is
+  detached and deleted, as ``AllocENI`` does), a release of prefixes beyond the target at
+  most every 30 s;
 * the leaked-ENI sweep's ``DescribeNetworkInterfaces``, at a random 0-300 s after start;
 * every EC2 request through the Go SDK's standard retryer (``vpccni_calls.SDK``: 3
   attempts, full-jitter back-off, a per-client retry quota).
@@ -67,6 +69,15 @@ SDK_THROTTLE_CODES = frozenset(
     {"Throttling", "ThrottlingException", "RequestLimitExceeded", "EC2ThrottledException"}
 )
 TRANSPORT_ERROR = "RequestError"  # no HTTP answer: the SDK's timeout / connection error
+ENI_NOT_FOUND = "InvalidNetworkInterfaceID.NotFound"
+# awsutils.go: an ENI that AllocENI created but could not attach and mark
+# DeleteOnTermination is detached (FreeENI) and deleted (deleteENI), each through
+# retry.NWithBackoff: maxENIEC2APIRetries tries, back-off x2 up to maxENIBackoffDelay.
+ENI_API_TRIES = 12  # maxENIEC2APIRetries
+ENI_BACKOFF_MAX_S = 60.0  # maxENIBackoffDelay
+DETACH_BACKOFF = (0.2, 0.15)  # freeENI: NewSimpleBackoff(200 ms, max, jitter 0.15, 2)
+DELETE_BACKOFF = (0.5, 0.15)  # deleteENI: NewSimpleBackoff(500 ms, max, jitter 0.15, 2)
+SLEEP_AFTER_DETACH_S = 2.0  # FreeENI: "it does take awhile for EC2 to detach ENI"
 
 
 class CallStats(Protocol):
@@ -260,21 +271,37 @@ class VpcCniAgent:
 
     async def _tag(self, eni_id: str) -> None:
         """TagENI: retry.NWithBackoff(500 ms, x2, jitter 0.3), 5 tries."""
-        delay = TIMERS.tag_backoff_s
-        for attempt in range(TIMERS.tag_tries):
-            try:
-                await self._call(
+        try:
+            await self._with_backoff(
+                partial(
+                    self._call,
                     "CreateTags",
                     Resources=[eni_id],
                     Tags=[{"Key": NODE_TAG, "Value": self._instance_id}],
-                )
-                return
-            except Ec2CallFailed as err:
-                if attempt == TIMERS.tag_tries - 1:
-                    raise InitFailed(f"tag ENI {eni_id}: {err}") from err
-                jitter = delay * TIMERS.tag_jitter
-                await asyncio.sleep(delay + self._rng.uniform(-jitter, jitter))
-                delay = min(delay * TIMERS.tag_backoff_factor, 60.0)
+                ),
+                TIMERS.tag_tries,
+                TIMERS.tag_backoff_s,
+                TIMERS.tag_jitter,
+            )
+        except Ec2CallFailed as err:
+            raise InitFailed(f"tag ENI {eni_id}: {err}") from err
+
+    async def _with_backoff(
+        self, send: Callable[[], Any], tries: int, first_s: float, jitter: float
+    ) -> Any:
+        """retry.NWithBackoff with a SimpleBackoff (x2, capped at a minute): ``tries``
+        calls of ``send``, sleeping between them, not after the last; its last error."""
+        delay = first_s
+        for attempt in range(tries):
+            try:
+                return await send()
+            except Ec2CallFailed:
+                if attempt == tries - 1:
+                    raise
+                spread = delay * jitter
+                await asyncio.sleep(delay + self._rng.uniform(-spread, spread))
+                delay = min(delay * TIMERS.tag_backoff_factor, ENI_BACKOFF_MAX_S)
+        raise AssertionError("unreachable: the last try returns or raises")
 
     # -- the pool --------------------------------------------------------------------------
 
@@ -423,27 +450,37 @@ class VpcCniAgent:
                 log.info("vpc-cni CreateNetworkInterface in %s failed: %s", subnet_id, err)
         if not eni_id:
             raise Ec2CallFailed("CreateNetworkInterface", "every subnet failed")
-        instances = await self._call("DescribeInstances", InstanceIds=[self._instance_id])
-        used = {
-            ni["Attachment"]["DeviceIndex"]
-            for r in instances["Reservations"]
-            for inst in r["Instances"]
-            for ni in inst.get("NetworkInterfaces", [])
-            if ni.get("Attachment", {}).get("NetworkCardIndex", 0) == 0
-        }
-        device = next(i for i in range(100) if i not in used)
-        attached = await self._call(
-            "AttachNetworkInterface",
-            DeviceIndex=device,
-            InstanceId=self._instance_id,
-            NetworkInterfaceId=eni_id,
-            NetworkCardIndex=0,
-        )
-        await self._call(
-            "ModifyNetworkInterfaceAttribute",
-            NetworkInterfaceId=eni_id,
-            Attachment={"AttachmentId": attached["AttachmentId"], "DeleteOnTermination": True},
-        )
+        try:  # attachENI: awsGetFreeDeviceNumber, then attach; on failure deleteENI
+            instances = await self._call("DescribeInstances", InstanceIds=[self._instance_id])
+            used = {
+                ni["Attachment"]["DeviceIndex"]
+                for r in instances["Reservations"]
+                for inst in r["Instances"]
+                for ni in inst.get("NetworkInterfaces", [])
+                if ni.get("Attachment", {}).get("NetworkCardIndex", 0) == 0
+            }
+            device = next(i for i in range(100) if i not in used)
+            attached = await self._call(
+                "AttachNetworkInterface",
+                DeviceIndex=device,
+                InstanceId=self._instance_id,
+                NetworkInterfaceId=eni_id,
+                NetworkCardIndex=0,
+            )
+        except Ec2CallFailed:
+            with contextlib.suppress(Ec2CallFailed):  # logged, AllocENI fails anyway
+                await self._delete_eni(eni_id)
+            raise
+        try:
+            await self._call(
+                "ModifyNetworkInterfaceAttribute",
+                NetworkInterfaceId=eni_id,
+                Attachment={"AttachmentId": attached["AttachmentId"], "DeleteOnTermination": True},
+            )
+        except Ec2CallFailed:
+            with contextlib.suppress(Ec2CallFailed):
+                await self._free_eni(eni_id)
+            raise
         delay = 0.1  # waitForENIAndIPsAttached: 100 ms back-off x2, 12 tries, via IMDS
         for _ in range(TIMERS.describe_all_enis_tries):
             interfaces = await asyncio.to_thread(self.imds.interfaces)
@@ -454,6 +491,40 @@ class VpcCniAgent:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
         raise Ec2CallFailed("WaitForENIAndIPsAttached", "not in IMDS")
+
+    async def _delete_eni(self, eni_id: str) -> None:
+        """deleteENI: DeleteNetworkInterface, 12 tries; already gone counts as done."""
+
+        async def delete() -> None:
+            try:
+                await self._call("DeleteNetworkInterface", NetworkInterfaceId=eni_id)
+            except Ec2CallFailed as err:
+                if err.code != ENI_NOT_FOUND:
+                    raise
+
+        await self._with_backoff(delete, ENI_API_TRIES, *DELETE_BACKOFF)
+
+    async def _free_eni(self, eni_id: str) -> None:
+        """FreeENI: the attachment from DescribeNetworkInterfaces (one call), detach (12
+        tries), 2 s for EC2 to detach, then deleteENI."""
+        try:
+            described = await self._call("DescribeNetworkInterfaces", NetworkInterfaceIds=[eni_id])
+        except Ec2CallFailed as err:
+            if err.code == ENI_NOT_FOUND:
+                return
+            raise
+        interfaces = described.get("NetworkInterfaces", [])
+        attachment = interfaces[0].get("Attachment", {}) if interfaces else {}
+        if attachment.get("AttachmentId"):
+            await self._with_backoff(
+                partial(
+                    self._call, "DetachNetworkInterface", AttachmentId=attachment["AttachmentId"]
+                ),
+                ENI_API_TRIES,
+                *DETACH_BACKOFF,
+            )
+        await asyncio.sleep(SLEEP_AFTER_DETACH_S)
+        await self._delete_eni(eni_id)
 
     async def _leaked_eni_sweep(self, delay: float) -> None:
         """cleanUpLeakedENIs' first run: one filtered, paginated DescribeNetworkInterfaces."""

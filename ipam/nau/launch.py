@@ -39,13 +39,21 @@ What it leaves out: host networking, IMDS lag (the reconcile's DescribeNetworkIn
 when IMDS and the pool disagree), pods leaving (no cooldown churn), subnet exhaustion,
 multi-NIC, the machine's own CPU (every node runs on its own), and instance launches
 (``RunInstances`` is the launcher's, not the CNI's). Pure: no I/O but the data file.
+
 Its cost is one event per EC2 request, throttled ones included, and a few per node and
-pod: a wave with no calls plays 100,000 nodes in seconds, a throttle storm costs what its
-requests cost.
+pod: a wave with no calls plays 100,000 nodes in seconds. A throttle storm costs what
+its requests cost, and they grow with the square of the wave (each of twice the nodes
+waits twice as long, retrying): 100,000 reactive nodes would make 10^7 (ultranet) to
+10^8 (the VPC CNI) throttled requests, and the first request after each refill takes the
+token, so none can be skipped exactly. A throttled wave of more than ``PLAYED_NODES`` is
+therefore played one node in N (``run``, ``sample_for``): launches, scheduler and the
+account's buckets divided by N, each node as it is; the README says how close that
+comes to playing every node.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import inspect
 import json
@@ -66,7 +74,8 @@ from ipam.ec2 import THROTTLE_CODES, Ec2Client, ThrottlePacer, TokenBucket
 from ipam.instance_types import lookup
 from ipam.nau import vpccni_calls as vpccni
 from ipam.nau.rules import DEFAULT_RULES, InterfaceType
-from ipam.nau.throttle import AccountThrottle, ThrottleTable
+from ipam.nau.throttle import BucketSpec, ThrottleTable
+from ipam.nau.throttle import TokenBucket as AccountBucket
 
 __all__ = [
     "Faults",
@@ -84,6 +93,27 @@ TIMINGS_FILE = "launch-timings.json"
 AGENTS = ("ultranet", "vpc-cni")
 VPCCNI_SETTINGS = ("WARM_PREFIX_TARGET", "DISABLE_LEAKED_ENI_CLEANUP")  # as tools/fleet
 READY_CURVE_POINTS = 200  # as tools/fleet: at most this many [seconds, nodes Ready] points
+# A throttled wave of more nodes is played one node in ceil(nodes / PLAYED_NODES) (``run``):
+# every throttled request is an event, and their number grows with the square of the nodes.
+PLAYED_NODES = 4_000
+# A sample spaces each bucket's tokens further apart; it keeps them at least one per
+# agent loop: the VPC CNI's pool pass (ipamd's 5 s), ultranet's MANAGE_INTERVAL_S. Checked
+# at 100,000 VPC CNI nodes: one in 5, 10 and 25 agree; one in 50 (a token every 10 s)
+# halves the calls per node.
+SHORTEST_LOOP_S = min(vpccni.TIMERS.pool_pass_s, MANAGE_INTERVAL_S)
+# The actions the agents call, with and without a filter: the buckets a sample divides.
+AGENT_ACTIONS = (
+    "AssignPrivateIpAddresses",
+    "UnassignPrivateIpAddresses",
+    "CreateNetworkInterface",
+    "AttachNetworkInterface",
+    "DeleteNetworkInterface",
+    "ModifyNetworkInterfaceAttribute",
+    "DescribeSubnets",
+    "DescribeNetworkInterfaces",
+    "DescribeInstances",
+    "CreateTags",
+)
 SUBNET_CACHE_S = 300.0  # Ec2Client.subnets_in's cache (subnet_cache_ttl_s)
 TAG_BACKOFF_MAX_S = 60.0  # TagENI's retry.NWithBackoff caps its delay here
 
@@ -184,6 +214,9 @@ class LaunchConfig:
     # template gives (tools/fleet's --efa-only-cards): no address, one NAU each.
     efa_only_cards: bool = False
     restart: bool = False  # once settled, restart every agent at once (a DaemonSet roll)
+    # Play one node in ``sample`` (see ``run``); None: every node, unless EC2 throttles a
+    # wave of more than PLAYED_NODES.
+    sample: int | None = None
     timings: Timings | None = None  # None: the shipped data file
 
     def __post_init__(self) -> None:
@@ -206,6 +239,8 @@ class LaunchConfig:
             raise ValueError(f"burst period {self.burst_every_s}: must be > 0")
         if self.agent not in AGENTS:
             raise ValueError(f"agent {self.agent!r}: one of {', '.join(AGENTS)}")
+        if self.sample is not None and not 1 <= self.sample <= self.nodes:
+            raise ValueError(f"sample one node in {self.sample}: must be 1..nodes")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -290,6 +325,7 @@ class _Node:
         "pacers",
         "subnets_until",
         "quota",
+        "owed",
         "tagged",
         "proc",
     )
@@ -318,6 +354,7 @@ class _Node:
         self.pacers: dict[str, ThrottlePacer] = {}
         self.subnets_until = -math.inf
         self.quota = vpccni.SDK.quota_tokens
+        self.owed = 0.0  # a failed answer's latency, added to the process's next wait
         self.tagged = False
         self.proc: Generator[Any, None, None] | None = None
 
@@ -357,9 +394,10 @@ class _Wave:
         self.now = 0.0
         self._seq = 0
         self.heap: list[tuple[float, int, Any, Any, _Node | None]] = []
-        self.account = (
-            AccountThrottle(config.throttle, self.clock) if config.throttle is not None else None
-        )
+        # The account's request buckets by name, and by what a request draws from (as
+        # ipam.nau.throttle.AccountThrottle.admit, which looks the action up each time).
+        self.account: dict[str, AccountBucket] = {}
+        self.account_by_request: dict[tuple[str, bool], AccountBucket] = {}
         self.nodes: list[_Node] = []
         self.pending: deque[list[Any]] = deque()  # [node, pods left to bind]
         self.scheduler_busy = False
@@ -377,6 +415,7 @@ class _Wave:
             ),
         )
         self.leak_scan = config.vpccni_env.get("DISABLE_LEAKED_ENI_CLEANUP", "false") != "true"
+        self.stop_when_throttled = False  # run(): a large wave is played again, sampled
 
     def clock(self) -> float:
         return self.now
@@ -397,12 +436,15 @@ class _Wave:
         except StopIteration:
             return
         if isinstance(command, _Wait):
-            assert node is not None
+            assert node is not None and not node.owed
             token = object()
             node.wait_token = token
             node.waiting = True
             if command.timeout is not None:
                 self.push(self.now + command.timeout, proc, token, node)
+        elif node is not None and node.owed:
+            self.push(self.now + node.owed + command, proc, None, node)
+            node.owed = 0.0
         else:
             self.push(self.now + command, proc, None, node)
 
@@ -559,10 +601,22 @@ class _Wave:
         the faults. Returns EC2's error code (None: done) and when the answer comes."""
         if node.calls is None:
             node.calls = {"start": Counter(), "pods": Counter()}
-        node.calls.setdefault(node.phase, Counter())[action] += 1
-        if self.account is not None:
-            verdict = self.account.admit(action, filtered_or_paginated=filtered)
-            if not verdict.allowed:
+        calls = node.calls.get(node.phase)
+        if calls is None:
+            calls = node.calls[node.phase] = Counter()
+        calls[action] += 1
+        table = self.config.throttle
+        if table is not None:
+            bucket = self.account_by_request.get((action, filtered))
+            if bucket is None:
+                limit = table.limit(action, filtered_or_paginated=filtered)
+                bucket = self.account.get(limit.bucket)
+                if bucket is None:
+                    bucket = self.account[limit.bucket] = AccountBucket(limit.spec)
+                self.account_by_request[action, filtered] = bucket
+            if not bucket.take(self.now):
+                if self.stop_when_throttled:
+                    raise _Throttled
                 node.throttled += 1
                 return "RequestLimitExceeded", self.timings.ec2_call_s
         faults = self.config.faults
@@ -629,11 +683,16 @@ class _Wave:
             self.now = now
 
     def sdk_call(
-        self, node: _Node, action: str, *, filtered: bool = True
+        self, node: _Node, action: str, *, filtered: bool = True, answer_later: bool = False
     ) -> Generator[float | _Wait, None, bool]:
         """The Go SDK's standard retryer (the VPC CNI's client): 3 attempts, full jitter,
-        a retry quota per client."""
+        a retry quota per client. ``answer_later``: a failure returns at once and its
+        answer's latency is added to the process's next wait (``_Node.owed``), which
+        saves a storm an event per failed call; only for callers that wait (or call
+        again) before they read the clock or draw a random number."""
         sdk = vpccni.SDK
+        if node.owed:
+            yield 0.0  # the last failed answer comes before this request
         if not node.client:
             node.client = True
             yield self.timings.ec2_client_s
@@ -649,7 +708,10 @@ class _Wave:
                     node.quota = min(sdk.quota_tokens, node.quota + sdk.retry_cost)
                 return True
             if attempt >= sdk.max_attempts or node.quota < sdk.retry_cost:
-                yield latency
+                if answer_later:
+                    node.owed = latency
+                else:
+                    yield latency
                 return False
             node.quota -= sdk.retry_cost
             node.retries += 1
@@ -823,7 +885,10 @@ class _Wave:
         timers = vpccni.TIMERS
         for attempt in range(timers.describe_all_enis_tries):
             # DescribeAllENIs names the ENIs: neither a filter nor pagination.
-            if (yield from self.sdk_call(node, "DescribeNetworkInterfaces", filtered=False)):
+            described = yield from self.sdk_call(
+                node, "DescribeNetworkInterfaces", filtered=False, answer_later=True
+            )
+            if described:
                 break
             if attempt == timers.describe_all_enis_tries - 1:
                 return False
@@ -860,13 +925,13 @@ class _Wave:
             if held >= self.slots:
                 continue
             count = min(need, self.slots - held)
-            if (yield from self.sdk_call(node, "AssignPrivateIpAddresses")):
+            if (yield from self.sdk_call(node, "AssignPrivateIpAddresses", answer_later=True)):
                 node.enis[i] += count
                 return True
-            if (yield from self.sdk_call(node, "AssignPrivateIpAddresses")):  # 1 prefix
-                node.enis[i] += 1
+            if (yield from self.sdk_call(node, "AssignPrivateIpAddresses", answer_later=True)):
+                node.enis[i] += 1  # the fallback asks for 1 prefix
                 return True
-            return False
+            return False  # the callers wait (pool pass, restart) before anything else
         if len(node.enis) >= self.max_enis:
             return True
         # tryAllocateENI: a failure is logged, never fails the caller (nor nodeInit).
@@ -926,11 +991,7 @@ class _Wave:
             "scenario": None,  # named by the caller
             "agent": config.agent,
             "account": "fresh request buckets for this scenario (AWS throttles per account)",
-            "launch": (
-                f"bursts of {config.burst} every {config.burst_every_s:g} s"
-                if config.burst_every_s is not None
-                else f"steady {config.rate_per_min:g}/min"
-            ),
+            "launch": _launch_text(config),
             "faults": config.faults.describe(),
             "vpccni_init_failures": self.init_failures,
             "nodes": config.nodes,
@@ -990,18 +1051,168 @@ def _pace(bucket: TokenBucket, pacer: ThrottlePacer) -> float:
     return max(bucket.reserve(), pacer.reserve())
 
 
+def _launch_text(config: LaunchConfig) -> str:
+    if config.burst_every_s is not None:
+        return f"bursts of {config.burst} every {config.burst_every_s:g} s"
+    return f"steady {config.rate_per_min:g}/min"
+
+
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+class _Throttled(Exception):
+    """EC2 throttled a request of a wave played with ``stop_when_throttled``."""
+
+
 def run(config: LaunchConfig) -> dict[str, Any]:
-    """Play one scenario; the result carries the keys ``tools/fleet`` reports."""
+    """Play one scenario; the result carries the keys ``tools/fleet`` reports.
+
+    Every node is played, unless ``config.sample`` says otherwise or, with ``sample``
+    None, EC2 throttles a request of a wave of more than ``PLAYED_NODES``: a throttled
+    request is an event, and a storm's requests grow with the square of the wave (twice
+    the nodes, each waiting twice as long), so 100,000 reactive nodes would make 10^7-10^8 of
+    them. Such a wave is played again, one node in ``sample_for(config)`` (``_sampled``).
+    """
     started = time.perf_counter()
-    wave = _Wave(config)
+    if config.sample is not None:
+        return _play(config, config.sample, started)
+    if config.nodes <= PLAYED_NODES or config.throttle is None:
+        return _play(config, 1, started)
+    try:
+        return _play(config, 1, started, stop_when_throttled=True)
+    except _Throttled:
+        return _play(config, sample_for(config), started)
+
+
+def sample_for(config: LaunchConfig) -> int:
+    """One node in how many a throttled wave is played: about ``PLAYED_NODES`` played,
+    unless a bucket the agents use would then hold less than a token or refill less than
+    one each ``SHORTEST_LOOP_S``."""
+    sample = math.ceil(config.nodes / PLAYED_NODES)
+    if config.throttle is not None:
+        specs = [
+            config.throttle.limit(action, filtered_or_paginated=filtered).spec
+            for action in AGENT_ACTIONS
+            for filtered in (True, False)
+        ]
+        most = min(min(s.capacity, s.refill_per_s * SHORTEST_LOOP_S) for s in specs)
+        sample = min(sample, max(1, math.floor(most)))
+    return sample
+
+
+def _sampled(config: LaunchConfig, sample: int) -> LaunchConfig:
+    """The wave one node in ``sample`` plays: launches, the scheduler and each bucket the
+    agents use (capacity and refill) divided by ``sample``, so that a played node meets
+    what a node of the whole wave meets: as many requests queued for each token, the
+    same share of the scheduler. Each node's own client, pacer and timers are untouched,
+    so the tokens come ``sample`` times further apart against the same timers: which is
+    why a sample stays small (``PLAYED_NODES``; the README says how far it was checked)."""
+    throttle = config.throttle
+    if throttle is not None:
+        table = throttle
+
+        def divided(spec: BucketSpec) -> BucketSpec:
+            return BucketSpec(spec.capacity / sample, spec.refill_per_s / sample)
+
+        used = {
+            table.limit(action, filtered_or_paginated=filtered).category
+            for action in AGENT_ACTIONS
+            for filtered in (True, False)
+        }
+        throttle = dataclasses.replace(  # the buckets no agent draws from stay as they are
+            table,
+            categories={c: divided(b) if c in used else b for c, b in table.categories.items()},
+            uncategorized={
+                a: divided(b) if a in AGENT_ACTIONS else b for a, b in table.uncategorized.items()
+            },
+        )
+    return dataclasses.replace(
+        config,
+        nodes=math.ceil(config.nodes / sample),
+        rate_per_min=config.rate_per_min / sample,
+        pod_rate_per_s=config.pod_rate_per_s / sample,
+        burst=max(1, round(config.burst / sample)),
+        throttle=throttle,
+        sample=1,
+    )
+
+
+def _play(
+    config: LaunchConfig, sample: int, started: float, *, stop_when_throttled: bool = False
+) -> dict[str, Any]:
+    played = _sampled(config, sample) if sample > 1 else config
+    wave = _Wave(played)
+    wave.stop_when_throttled = stop_when_throttled
     wave.launch_all()
     settled = wave.play(config.timeout_s)
     result = wave.result(settled, time.perf_counter() - started)
     if config.restart and settled:  # as tools/fleet: a settled wave only
         result["restart"] = wave.restart_all()
-        result["model_wall_s"] = round(time.perf_counter() - started, 2)
+    if sample > 1:
+        _scale_to_the_wave(result, config, played.nodes)
+    result["sample"] = {
+        "one_node_in": sample,
+        "nodes_played": played.nodes,
+        "how": "every node"
+        if sample == 1
+        else "launches, scheduler and the agents' account buckets (capacity and refill) "
+        "divided by one_node_in; per-node figures and times as played, fleet totals times "
+        "nodes / nodes_played",
+    }
+    result["model_wall_s"] = round(time.perf_counter() - started, 2)
     return result
+
+
+FLEET_TOTALS = (
+    "nodes_launched",
+    "nodes_ready",
+    "throttled_calls",
+    "retries",
+    "pods_refused_pool_dry",
+    "vpccni_init_failures",
+    "nau_used",
+    "subnet_addresses_used",
+)
+RESTART_TOTALS = (
+    "nodes",
+    "nodes_ready_again",
+    "ec2_calls",
+    "throttled_calls",
+    "vpccni_init_failures",
+    "allocations_before",
+    "allocations_lost",
+    "addresses_duplicated",
+)
+
+
+def _scale_to_the_wave(result: dict[str, Any], config: LaunchConfig, played: int) -> None:
+    """A sampled wave's result as the whole wave's: counts of the fleet times the nodes
+    each played node stands for; means, maxima and times per node as they are."""
+    factor = config.nodes / played
+
+    def scaled(value: float) -> int:
+        return round(value * factor)
+
+    for key in FLEET_TOTALS:
+        result[key] = scaled(result[key])
+    for action in result["ec2_calls_by_action"].values():
+        for key in ("total", "start", "pods"):
+            action[key] = scaled(action[key])
+    if result["ready_nodes_per_min"] is not None:
+        result["ready_nodes_per_min"] = round(result["ready_nodes_per_min"] * factor, 1)
+    result["ready_nodes_by_minute"] = [scaled(n) for n in result["ready_nodes_by_minute"]]
+    result["ready_curve"] = [[t, scaled(n)] for t, n in result["ready_curve"]]
+    restart = result.get("restart")
+    if restart is not None:
+        for key in RESTART_TOTALS:
+            restart[key] = scaled(restart[key])
+        restart["ec2_calls_by_action"] = {
+            a: scaled(n) for a, n in restart["ec2_calls_by_action"].items()
+        }
+    result.update(
+        nodes=config.nodes,
+        rate_per_min=config.rate_per_min,
+        pod_rate_per_s=config.pod_rate_per_s,
+        launch=_launch_text(config),
+    )

@@ -20,7 +20,7 @@ from ipam.config import load_config
 from ipam.errors import ConfigError, UltranetError
 from ipam.instance_types import lookup
 from ipam.nau.chart import FORMATS
-from ipam.nau.launch import VPCCNI_SETTINGS, Faults, LaunchConfig, run
+from ipam.nau.launch import PLAYED_NODES, VPCCNI_SETTINGS, Faults, LaunchConfig, run
 from ipam.nau.launch_auto import choose
 from ipam.nau.throttle import BucketSpec, ThrottleTable, load_table
 
@@ -257,6 +257,14 @@ def add_launch(sub: Any) -> None:
         help="once a scenario settles, restart every agent at once (the DaemonSet rolled)",
     )
     p.add_argument("--seed", type=int, default=1, help="model only: the random seed")
+    p.add_argument(
+        "--sample",
+        type=_positive_int,
+        metavar="N",
+        help="model only: play one node in N against buckets, launches and scheduler divided "
+        "by N (1: every node). Default: every node, unless EC2 throttles a wave of more than "
+        f"{PLAYED_NODES:,}: then about {PLAYED_NODES:,} played",
+    )
     p.add_argument("--chart", type=Path, help="write Ready nodes over time (.png/.svg)")
     p.set_defaults(func=cmd_launch)
 
@@ -320,6 +328,7 @@ def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str,
         seed=args.seed,
         efa_only_cards=args.efa_only_cards,
         restart=args.restart,
+        sample=_sample(args),
     )
     notes: dict[str, Any] = {"env": env}
     prefixes = args.prefixes_at_launch
@@ -361,6 +370,13 @@ def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str,
             extra = {**notes, "env": chosen}
         out[name] = (config, extra)
     return out
+
+
+def _sample(args: argparse.Namespace) -> int | None:
+    if args.sample is not None and args.sample > args.nodes:
+        raise ConfigError("--sample", args.sample, f"must be at most --nodes ({args.nodes})")
+    sample: int | None = args.sample
+    return sample
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -438,6 +454,10 @@ ROWS: tuple[Row, ...] = (
 )
 MODEL_ROWS: tuple[Row, ...] = (
     ("simulated s / model wall s", lambda r: f"{r['simulated_s']} / {r['model_wall_s']}"),
+    (
+        "nodes played (one in N)",
+        lambda r: f"{r['sample']['nodes_played']:,} ({r['sample']['one_node_in']})",
+    ),
 )
 
 

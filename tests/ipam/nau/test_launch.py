@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ipam.instance_types import lookup
+from ipam.nau import launch
 from ipam.nau import vpccni_calls as vpccni
 from ipam.nau.cli import main
 from ipam.nau.launch import Faults, LaunchConfig, Timings, load_timings, run
@@ -235,6 +236,8 @@ def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
         (["--nodes=5", "--vpccni-env=WARM_IP_TARGET=1"], "one of WARM_PREFIX_TARGET"),
         (["--nodes=5", "--vpccni-env=WARM_PREFIX_TARGET=x"], "a count >= 0"),
         (["--nodes=5", "--pods-per-node=160", "--prefixes-at-launch=auto"], "at most 9"),
+        (["--nodes=5", "--sample=6"], "must be at most --nodes (5)"),
+        (["--nodes=5", "--sample=0"], "give a whole number >= 1"),
     ],
 )
 def test_cli_errors_are_one_clear_line(
@@ -428,3 +431,83 @@ def test_cli_restart_and_efa_only_cards_as_tools_fleet_spells_them(
     code = main([*argv, "--restart"])
     assert code == 0
     assert "ultranet: mass restart of 20 agents: 20 Ready again" in capsys.readouterr().out
+
+
+def test_the_waves_the_calibration_holds_are_played_in_full_as_before() -> None:
+    # tests/fleet/test_launch_calibration.py's inputs (seed 1), and the figures the model
+    # gave for them before large waves were sampled (commit 561dca0): unchanged.
+    table = load_table().with_buckets({"AssignPrivateIpAddresses": BucketSpec(20, 5)})
+    reactive = run(LaunchConfig(nodes=400, rate_per_min=2000, pods_per_node=0, throttle=table))
+    timings = replace(load_timings(), ec2_client_s=0.9, ec2_call_s=0.1)
+    vpc_cni = run(
+        LaunchConfig(
+            nodes=400,
+            rate_per_min=2000,
+            pods_per_node=0,
+            prefixes_at_launch=2,
+            agent="vpc-cni",
+            throttle=table,
+            vpccni_cleanup_delay_max_s=5.0,
+            timings=timings,
+        )
+    )
+    keys = ("ec2_calls_per_node", "throttled_calls", "retries", "ready_p50_s", "ready_p99_s")
+    assert [reactive[k] for k in keys] == [4.322, 1329, 1018, 44.049, 116.59]
+    assert [vpc_cni[k] for k in keys] == [14.82, 4038, 2826, 10.289, 33.003]
+    assert reactive["sample"]["one_node_in"] == vpc_cni["sample"]["one_node_in"] == 1
+
+
+def test_a_throttled_wave_larger_than_played_nodes_is_sampled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A storm's throttled requests grow with the square of the wave, each an event. Above
+    # PLAYED_NODES (10,000; 500 here) a throttled wave is played one node in N against
+    # buckets, launches and scheduler divided by N: per-node figures as the full play's.
+    monkeypatch.setattr(launch, "PLAYED_NODES", 500)
+    config = LaunchConfig(nodes=5000, rate_per_min=2000, pods_per_node=12, throttle=load_table())
+    full = run(replace(config, sample=1))
+    sampled = run(config)
+    assert sampled["sample"]["one_node_in"] == 10 and sampled["sample"]["nodes_played"] == 500
+    assert sampled["events"] < full["events"] / 8
+    assert sampled["nodes"] == sampled["nodes_ready"] == 5000
+    for key in ("ec2_calls_per_node", "throttled_calls", "ready_p50_s", "ready_p99_s"):
+        assert sampled[key] == pytest.approx(full[key], rel=0.05), key
+    assert sampled["ready_nodes_per_min"] == pytest.approx(full["ready_nodes_per_min"], rel=0.05)
+    calls = _calls(sampled)
+    assert calls["AssignPrivateIpAddresses"] == pytest.approx(
+        _calls(full)["AssignPrivateIpAddresses"], rel=0.05
+    )
+
+
+def test_a_large_wave_ec2_never_throttles_is_played_in_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(launch, "PLAYED_NODES", 100)
+    config = LaunchConfig(
+        nodes=300,
+        rate_per_min=2000,
+        pods_per_node=10,
+        prefixes_at_launch=1,
+        env={"MINIMUM_IP_TARGET": "16"},
+        throttle=load_table(),
+        timings=TIMINGS,
+    )
+    result = run(config)
+    assert result["sample"] == {"one_node_in": 1, "nodes_played": 300, "how": "every node"}
+    assert result["ec2_calls_per_node"] == 0
+    # Reactive, the same wave meets the Assign bucket: sampled, one node in 3.
+    reactive = run(replace(config, prefixes_at_launch=0, env={}))
+    assert reactive["sample"]["one_node_in"] == 3 and reactive["nodes_ready"] == 300
+
+
+def test_a_sample_keeps_each_bucket_a_token_and_one_per_agent_loop() -> None:
+    # The tokens of a bucket divided by N come N times further apart, against timers that
+    # stay: AWS's 5-a-second Assign bucket keeps one per 5-s pool pass at one node in 25
+    # (at one in 50, 100,000 VPC CNI nodes made half the calls: README, "launch").
+    config = LaunchConfig(nodes=10_000_000, rate_per_min=2000, throttle=load_table())
+    assert launch.sample_for(config) == 25
+    small = load_table().with_buckets({"AssignPrivateIpAddresses": BucketSpec(20, 5)})
+    assert launch.sample_for(replace(config, throttle=small)) == 20
+    slow = load_table().with_buckets({"CreateTags": BucketSpec(100, 2)})
+    assert launch.sample_for(replace(config, throttle=slow)) == 10
+    assert launch.sample_for(replace(config, nodes=2 * launch.PLAYED_NODES)) == 2

@@ -7,7 +7,7 @@ block their thread for good. The test waits for the line, then kills the process
 window is hit without sleeps and without a debugger.
 
 Points: ``del-between-interfaces`` (the event loop, after one interface's host routing
-is torn down, before the next's), ``reaper-before-delete`` (the reaper's thread, a
+is torn down, before the next's), ``reaper-before-delete`` (a reaper thread, a
 batch of veths put in its device group, before the one request that deletes them; the
 DELs have been answered or are about to be; one arrival per batch), ``snapshot-written`` and
 ``snapshot-renamed`` (``ipam.datastore.Journal.snapshot``: the new snapshot synced under

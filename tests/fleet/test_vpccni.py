@@ -141,6 +141,9 @@ def test_injected_5xx_are_retried_and_latency_slows_every_call(
         errors = result["ec2_errors"]
         assert isinstance(errors, dict) and errors.get("InternalError", 0) > 0
         assert isinstance(result["retries"], int) and result["retries"] > 0
+        # Each injected 500 is EC2's own answer, counted alike on both sides.
+        assert result["ec2_errors_answered_by_emulator"] == errors
+        assert result["clients_and_emulator_disagree"] == []
     # The VPC CNI makes four calls in a row before Ready (describe, tag, groups, assign),
     # each at least 100 ms now.
     ready = results["vpc-cni-reactive"]["ready_p50_s"]

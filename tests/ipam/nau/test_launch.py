@@ -506,6 +506,8 @@ def test_a_sample_keeps_each_bucket_a_token_and_one_per_agent_loop() -> None:
     # (at one in 50, 100,000 VPC CNI nodes made half the calls: README, "launch").
     config = LaunchConfig(nodes=10_000_000, rate_per_min=2000, throttle=load_table())
     assert launch.sample_for(config) == 25
+    # The 100,000-node wave: 4,000 nodes played, so a storm costs what 4,000 nodes' does.
+    assert launch.sample_for(replace(config, nodes=100_000)) * launch.PLAYED_NODES == 100_000
     small = load_table().with_buckets({"AssignPrivateIpAddresses": BucketSpec(20, 5)})
     assert launch.sample_for(replace(config, throttle=small)) == 20
     slow = load_table().with_buckets({"CreateTags": BucketSpec(100, 2)})

@@ -73,6 +73,7 @@ from ipam.config import load_config
 from ipam.ec2 import THROTTLE_CODES, Ec2Client, ThrottlePacer, TokenBucket
 from ipam.instance_types import lookup
 from ipam.nau import vpccni_calls as vpccni
+from ipam.nau.maxpods import Mode, max_pods
 from ipam.nau.rules import DEFAULT_RULES, InterfaceType
 from ipam.nau.throttle import BucketSpec, ThrottleTable
 from ipam.nau.throttle import TokenBucket as AccountBucket
@@ -405,11 +406,10 @@ class _Wave:
         self.events = 0
         self.init_failures = 0  # the VPC CNI's failed starts (aws-node restarted)
         self._plans: dict[tuple[int, tuple[int, ...]], warm.Plan] = {}
-        shape_env = self.agent_config
         self.vpccni_shape = vpccni.NodeShape(
             self.slots,
             self.max_enis,
-            max_pods=shape_env.max_pods or vpccni.DEFAULT_MAX_PODS,
+            max_pods=max_pods(self.itype, Mode.PREFIX).value,  # as tools/fleet: EKS's
             warm_prefix_target=int(
                 config.vpccni_env.get("WARM_PREFIX_TARGET", vpccni.DEFAULT_WARM_PREFIX_TARGET)
             ),

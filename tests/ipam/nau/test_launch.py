@@ -513,3 +513,24 @@ def test_a_sample_keeps_each_bucket_a_token_and_one_per_agent_loop() -> None:
     slow = load_table().with_buckets({"CreateTags": BucketSpec(100, 2)})
     assert launch.sample_for(replace(config, throttle=slow)) == 10
     assert launch.sample_for(replace(config, nodes=2 * launch.PLAYED_NODES)) == 2
+
+
+def test_vpc_cni_max_pods_is_eks_for_the_instance_type() -> None:
+    # The VPC CNI stops topping up once a node holds max-pods addresses: EKS's prefix-mode
+    # value for the type (250 for a p5.48xlarge, as tools/fleet), not the 110 of small
+    # types, so 120 pods all land.
+    itype = lookup("p5.48xlarge")
+    config = LaunchConfig(
+        nodes=5,
+        rate_per_min=600,
+        instance_type=itype.name,
+        pods_per_node=120,
+        agent="vpc-cni",
+        timeout_s=600.0,
+        timings=TIMINGS,
+    )
+    result = run(config)
+    assert not result["timed_out"] and result["pods_running_max_s"] is not None
+    shape = vpccni.NodeShape(itype.max_prefixes_per_eni, itype.card(0).max_interfaces, 250)
+    expected = vpccni.node_calls(shape, 0, 120)
+    assert _calls(result) == {a: n * 5 for a, n in expected.items()}

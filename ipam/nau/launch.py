@@ -1091,14 +1091,24 @@ def sample_for(config: LaunchConfig) -> int:
     one each ``SHORTEST_LOOP_S``."""
     sample = math.ceil(config.nodes / PLAYED_NODES)
     if config.throttle is not None:
-        specs = [
-            config.throttle.limit(action, filtered_or_paginated=filtered).spec
-            for action in AGENT_ACTIONS
-            for filtered in (True, False)
-        ]
+        specs = _agent_buckets(config.throttle)
         most = min(min(s.capacity, s.refill_per_s * SHORTEST_LOOP_S) for s in specs)
         sample = min(sample, max(1, math.floor(most)))
     return sample
+
+
+def sample_limit(table: ThrottleTable) -> int:
+    """The largest N a wave can be played one node in: each bucket the agents use keeps a
+    capacity of one token at least."""
+    return max(1, math.floor(min(s.capacity for s in _agent_buckets(table))))
+
+
+def _agent_buckets(table: ThrottleTable) -> list[BucketSpec]:
+    return [
+        table.limit(action, filtered_or_paginated=filtered).spec
+        for action in AGENT_ACTIONS
+        for filtered in (True, False)
+    ]
 
 
 def _sampled(config: LaunchConfig, sample: int) -> LaunchConfig:

@@ -20,7 +20,14 @@ from ipam.config import load_config
 from ipam.errors import ConfigError, UltranetError
 from ipam.instance_types import lookup
 from ipam.nau.chart import FORMATS
-from ipam.nau.launch import PLAYED_NODES, VPCCNI_SETTINGS, Faults, LaunchConfig, run
+from ipam.nau.launch import (
+    PLAYED_NODES,
+    VPCCNI_SETTINGS,
+    Faults,
+    LaunchConfig,
+    run,
+    sample_limit,
+)
 from ipam.nau.launch_auto import choose
 from ipam.nau.throttle import BucketSpec, ThrottleTable, load_table
 
@@ -309,6 +316,12 @@ def configs(args: argparse.Namespace) -> dict[str, tuple[LaunchConfig, dict[str,
     throttle: ThrottleTable | None = None
     if not args.no_throttle:
         throttle = load_table().scaled(args.refill_scale).with_buckets(dict(args.bucket))
+        if args.sample is not None and args.sample > sample_limit(throttle):
+            raise ConfigError(
+                "--sample",
+                args.sample,
+                f"at most {sample_limit(throttle)} with these buckets (each keeps a token)",
+            )
     rate, burst, every = args.rate, 1, None
     if args.burst is not None:
         burst, every = args.burst

@@ -238,6 +238,7 @@ def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
         (["--nodes=5", "--pods-per-node=160", "--prefixes-at-launch=auto"], "at most 9"),
         (["--nodes=5", "--sample=6"], "must be at most --nodes (5)"),
         (["--nodes=5", "--sample=0"], "give a whole number >= 1"),
+        (["--nodes=500", "--sample=60"], "at most 50 with these buckets"),
     ],
 )
 def test_cli_errors_are_one_clear_line(

@@ -155,13 +155,19 @@ CLEAN = {"links": [], "rules": [], "routes": []}
 
 def free_on_card_0(daemon: IpamdProcess) -> int:
     """What the daemon's status counts free on card 0: its prefixes' addresses less those
-    assigned and those in cooldown."""
+    assigned and those in cooldown, read once its warm pool is met. An ADD that takes a
+    prefix's first address starts a grow; a count read before the new prefix lands
+    changes under the test (15, then 31, on a loaded machine)."""
 
-    async def status() -> int:
+    async def settled() -> int:
+        deadline = time.monotonic() + 60  # a failure guard, never a synchronisation
         async with AsyncIpamClient(daemon.socket) as client:
-            return int((await client.status())["free_addresses"]["0"])
+            while (status := await client.status())["reason"] != "warm pool met":
+                assert time.monotonic() < deadline, status
+                await asyncio.sleep(0.02)  # polling the daemon's own answer, bounded
+        return int(status["free_addresses"]["0"])
 
-    return asyncio.run(status())
+    return asyncio.run(settled())
 
 
 def test_failed_adds_take_no_address_and_put_none_in_cooldown(

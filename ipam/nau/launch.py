@@ -94,9 +94,10 @@ TIMINGS_FILE = "launch-timings.json"
 AGENTS = ("ultranet", "vpc-cni")
 VPCCNI_SETTINGS = ("WARM_PREFIX_TARGET", "DISABLE_LEAKED_ENI_CLEANUP")  # as tools/fleet
 READY_CURVE_POINTS = 200  # as tools/fleet: at most this many [seconds, nodes Ready] points
-# A throttled wave of more nodes is played one node in ceil(nodes / PLAYED_NODES) (``run``):
-# every throttled request is an event, and their number grows with the square of the nodes.
-PLAYED_NODES = 4_000
+# A throttled wave of more nodes is played one node in N = (nodes / PLAYED_NODES)^2 (``run``):
+# its throttled requests, each an event, grow as nodes^2 / N, so a sampled wave costs what
+# PLAYED_NODES played in full cost (5-15 s in a storm).
+PLAYED_NODES = 10_000
 # A sample spaces each bucket's tokens further apart; it keeps them at least one per
 # agent loop: the VPC CNI's pool pass (ipamd's 5 s), ultranet's MANAGE_INTERVAL_S. Checked
 # at 100,000 VPC CNI nodes: one in 5, 10 and 25 agree; one in 50 (a token every 10 s)
@@ -1086,10 +1087,10 @@ def run(config: LaunchConfig) -> dict[str, Any]:
 
 
 def sample_for(config: LaunchConfig) -> int:
-    """One node in how many a throttled wave is played: about ``PLAYED_NODES`` played,
+    """One node in how many a throttled wave is played: (nodes / ``PLAYED_NODES``)^2,
     unless a bucket the agents use would then hold less than a token or refill less than
     one each ``SHORTEST_LOOP_S``."""
-    sample = math.ceil(config.nodes / PLAYED_NODES)
+    sample = math.ceil((config.nodes / PLAYED_NODES) ** 2)
     if config.throttle is not None:
         specs = _agent_buckets(config.throttle)
         most = min(min(s.capacity, s.refill_per_s * SHORTEST_LOOP_S) for s in specs)
@@ -1117,7 +1118,7 @@ def _sampled(config: LaunchConfig, sample: int) -> LaunchConfig:
     what a node of the whole wave meets: as many requests queued for each token, the
     same share of the scheduler. Each node's own client, pacer and timers are untouched,
     so the tokens come ``sample`` times further apart against the same timers: which is
-    why a sample stays small (``PLAYED_NODES``; the README says how far it was checked)."""
+    why N stays small (``sample_for``; the README says how far it was checked)."""
     throttle = config.throttle
     if throttle is not None:
         table = throttle

@@ -270,7 +270,8 @@ def add_launch(sub: Any) -> None:
         metavar="N",
         help="model only: play one node in N against buckets, launches and scheduler divided "
         "by N (1: every node). Default: every node, unless EC2 throttles a wave of more than "
-        f"{PLAYED_NODES:,}: then about {PLAYED_NODES:,} played",
+        f"{PLAYED_NODES:,}: then one in (nodes / {PLAYED_NODES:,})^2, at most 25 with AWS's "
+        "buckets",
     )
     p.add_argument("--chart", type=Path, help="write Ready nodes over time (.png/.svg)")
     p.set_defaults(func=cmd_launch)

@@ -462,9 +462,9 @@ def test_a_throttled_wave_larger_than_played_nodes_is_sampled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A storm's throttled requests grow with the square of the wave, each an event. Above
-    # PLAYED_NODES (10,000; 500 here) a throttled wave is played one node in N against
+    # PLAYED_NODES (10,000; 1,600 here) a throttled wave is played one node in N against
     # buckets, launches and scheduler divided by N: per-node figures as the full play's.
-    monkeypatch.setattr(launch, "PLAYED_NODES", 500)
+    monkeypatch.setattr(launch, "PLAYED_NODES", 1600)  # N = (5,000 / 1,600)^2 -> 10
     config = LaunchConfig(nodes=5000, rate_per_min=2000, pods_per_node=12, throttle=load_table())
     full = run(replace(config, sample=1))
     sampled = run(config)
@@ -496,9 +496,9 @@ def test_a_large_wave_ec2_never_throttles_is_played_in_full(
     result = run(config)
     assert result["sample"] == {"one_node_in": 1, "nodes_played": 300, "how": "every node"}
     assert result["ec2_calls_per_node"] == 0
-    # Reactive, the same wave meets the Assign bucket: sampled, one node in 3.
+    # Reactive, the same wave meets the Assign bucket: sampled, one node in (300 / 100)^2.
     reactive = run(replace(config, prefixes_at_launch=0, env={}))
-    assert reactive["sample"]["one_node_in"] == 3 and reactive["nodes_ready"] == 300
+    assert reactive["sample"]["one_node_in"] == 9 and reactive["nodes_ready"] == 300
 
 
 def test_a_sample_keeps_each_bucket_a_token_and_one_per_agent_loop() -> None:
@@ -507,13 +507,14 @@ def test_a_sample_keeps_each_bucket_a_token_and_one_per_agent_loop() -> None:
     # (at one in 50, 100,000 VPC CNI nodes made half the calls: README, "launch").
     config = LaunchConfig(nodes=10_000_000, rate_per_min=2000, throttle=load_table())
     assert launch.sample_for(config) == 25
-    # The 100,000-node wave: 4,000 nodes played, so a storm costs what 4,000 nodes' does.
-    assert launch.sample_for(replace(config, nodes=100_000)) * launch.PLAYED_NODES == 100_000
+    # The 100,000-node wave: one in 25, 4,000 nodes played.
+    assert launch.sample_for(replace(config, nodes=100_000)) == 25
     small = load_table().with_buckets({"AssignPrivateIpAddresses": BucketSpec(20, 5)})
     assert launch.sample_for(replace(config, throttle=small)) == 20
     slow = load_table().with_buckets({"CreateTags": BucketSpec(100, 2)})
     assert launch.sample_for(replace(config, throttle=slow)) == 10
-    assert launch.sample_for(replace(config, nodes=2 * launch.PLAYED_NODES)) == 2
+    assert launch.sample_for(replace(config, nodes=launch.PLAYED_NODES)) == 1
+    assert launch.sample_for(replace(config, nodes=2 * launch.PLAYED_NODES)) == 4
 
 
 def test_vpc_cni_max_pods_is_eks_for_the_instance_type() -> None:

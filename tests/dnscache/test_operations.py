@@ -89,15 +89,21 @@ def test_invalid_reload_keeps_the_running_config(auth: AuthServer, dns_factory: 
 
 
 def test_sigterm_drains_in_flight_queries(auth: AuthServer, dns_factory: Factory) -> None:
-    dns = dns_factory(base_doc(auth.address, lameduck=0.5))
-    auth.slow["www.test."] = 0.7  # under the 1 s upstream timeout
+    # The upstream holds the query until every listening socket is closed: the drain must
+    # answer a query it read before, whose answer comes after. Timeouts are failure guards
+    # (upstream and drain well above the few hundred ms this takes, for a loaded machine).
+    doc = base_doc(auth.address, lameduck=0.5, drain_timeout=10.0, upstream={"timeout": 8.0})
+    dns = dns_factory(doc)
+    auth.hold.add("www.test.")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(10)
+        s.settimeout(20)
         q = make_query("www.test")
         s.sendto(bytes(q.pack()), ("127.0.0.1", dns.port))
-        wait_for(lambda: auth.count("www.test") == 1, what="the upstream query")
+        wait_for(lambda: auth.held == 1, what="the upstream query")
         dns.signal(signal.SIGTERM)
         wait_for(lambda: dns.http("/ready")[0] == 503, what="not ready while draining")
+        dns.wait_event("draining")  # the sockets are closed, the query still in flight
+        auth.release()
         reply = dnslib.DNSRecord.parse(s.recv(4096))
     assert reply.header.id == q.header.id and len(reply.rr) == 2
     assert dns.proc.wait(20) == 0

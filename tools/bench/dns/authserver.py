@@ -7,7 +7,9 @@ it from here, and the demo runs it as ``python -m tools.bench.dns.authserver``.
 and event loop, and counts every query. Knobs that tests turn: ``down`` (drop everything),
 ``delay`` (seconds before answering), ``truncate`` (names answered TC=1 over UDP),
 ``servfail`` (names answered SERVFAIL), ``spoof`` (send a wrong-ID and a wrong-question reply
-before the real one), ``ttl``. Over TCP it answers pipelined queries as each is ready
+before the real one), ``ttl``, ``hold`` (names whose UDP queries wait, unanswered and
+uncounted, until ``release()``; ``held`` says how many arrived: a test knows a query is in
+flight without a timer). Over TCP it answers pipelined queries as each is ready
 (``slow`` names later: out of order), counts connections (``tcp_accepted``, ``tcp_open``)
 and can close every open one (``close_tcp``), as a server's idle timer would.
 """
@@ -53,6 +55,8 @@ class AuthServer:
         self.spoof = False
         self.last: tuple[bytes, Any] = (b"", None)  # the last UDP query and its source
         self.slow: dict[str, float] = {}  # name -> seconds before answering it
+        self.hold: set[str] = set()  # names (as in ``slow``) answered over UDP on release()
+        self._held: list[tuple[bytes, Any]] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -141,6 +145,20 @@ class AuthServer:
         with self._lock:
             return sum(self.counts.values())
 
+    @property
+    def held(self) -> int:
+        """UDP queries of ``hold`` names received and not yet released."""
+        with self._lock:
+            return len(self._held)
+
+    def release(self) -> None:
+        """Answer every held query now, from the server's thread."""
+        assert self._loop is not None
+        with self._lock:
+            held, self._held = self._held, []
+        for data, addr in held:
+            self._loop.call_soon_threadsafe(self._answer_udp, data, addr)
+
     # -- answering ----------------------------------------------------------------------------
 
     def _on_udp(self) -> None:
@@ -151,6 +169,10 @@ class AuthServer:
             except BlockingIOError:
                 return
             self.last = (data, addr)
+            if self.hold and self._qname(data) in self.hold:
+                with self._lock:
+                    self._held.append((data, addr))
+                continue
             delay = self._delay_for(data)
             if delay:
                 self._loop.call_later(delay, self._answer_udp, data, addr)
@@ -220,11 +242,15 @@ class AuthServer:
     def _delay_for(self, data: bytes) -> float:
         if not self.slow:
             return self.delay
+        return self.slow.get(self._qname(data), self.delay)
+
+    @staticmethod
+    def _qname(data: bytes) -> str:
+        """The query's name, lower-case with its final dot ("" if it does not parse)."""
         try:
-            name = str(dnslib.DNSRecord.parse(data).q.qname).lower()
+            return str(dnslib.DNSRecord.parse(data).q.qname).lower()
         except (dnslib.DNSError, dnslib.buffer.BufferError):
-            return self.delay
-        return self.slow.get(name, self.delay)
+            return ""
 
     def answer(self, data: bytes, proto: str) -> bytes | None:
         try:

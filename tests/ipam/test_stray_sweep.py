@@ -206,6 +206,8 @@ def test_the_sweep_reaps_an_ipv6_pods_stray_ipv4_egress_veth_and_keeps_the_live_
         subprocess.run([*node, "set", stray, "alias", HOST_VETH_ALIAS], check=True)
 
         wait_until(lambda: alias_of(lab, stray) is None, "stray v4e veth reaped")
+        # Counted once the reaper's deletion has come back to the sweep, after the link went.
+        wait_until(lambda: counted(lab, VETHS) >= 1, "the reap counted")
         assert counted(lab, VETHS) == 1
         assert all(alias_of(lab, name) == HOST_VETH_ALIAS for name in kept_links)
         assert alias_of(lab, foreign) == ""  # no alias of ours: not ours to take

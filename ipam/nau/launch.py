@@ -1021,12 +1021,7 @@ class _Wave:
             "simulated_s": round(self.now, 3),
             "events": self.events,
             "model_wall_s": round(wall_s, 2),
-            "timings": {
-                "start_s": self.timings.start_s,
-                "ec2_client_s": self.timings.ec2_client_s,
-                "ec2_call_s": self.timings.ec2_call_s,
-                "allocate_s": self.timings.allocate_s,
-            },
+            "timings": _timings_doc(self.timings),
         }
 
     def addresses_used(self) -> tuple[int, int]:
@@ -1050,6 +1045,15 @@ class _Wave:
 def _pace(bucket: TokenBucket, pacer: ThrottlePacer) -> float:
     """``Ec2Client._call``'s wait before a request: its own bucket and the action's pacer."""
     return max(bucket.reserve(), pacer.reserve())
+
+
+def _timings_doc(timings: Timings) -> dict[str, float]:
+    return {
+        "start_s": timings.start_s,
+        "ec2_client_s": timings.ec2_client_s,
+        "ec2_call_s": timings.ec2_call_s,
+        "allocate_s": timings.allocate_s,
+    }
 
 
 def _launch_text(config: LaunchConfig) -> str:
@@ -1118,7 +1122,12 @@ def _sampled(config: LaunchConfig, sample: int) -> LaunchConfig:
     what a node of the whole wave meets: as many requests queued for each token, the
     same share of the scheduler. Each node's own client, pacer and timers are untouched,
     so the tokens come ``sample`` times further apart against the same timers: which is
-    why N stays small (``sample_for``; the README says how far it was checked)."""
+    why N stays small (``sample_for``; the README says how far it was checked). One
+    timing is scaled: an answer takes ``sample`` times as long, so that a node's
+    back-to-back requests (an Assign and its fallback, a retry after a throttled answer)
+    stay as far apart, against the others' requests, as in the whole wave: played in 1 ms
+    where the others' come N times sparser, the second would almost never find a token.
+    """
     throttle = config.throttle
     if throttle is not None:
         table = throttle
@@ -1138,6 +1147,7 @@ def _sampled(config: LaunchConfig, sample: int) -> LaunchConfig:
                 a: divided(b) if a in AGENT_ACTIONS else b for a, b in table.uncategorized.items()
             },
         )
+    timings = config.timings or load_timings()
     return dataclasses.replace(
         config,
         nodes=math.ceil(config.nodes / sample),
@@ -1145,6 +1155,8 @@ def _sampled(config: LaunchConfig, sample: int) -> LaunchConfig:
         pod_rate_per_s=config.pod_rate_per_s / sample,
         burst=max(1, round(config.burst / sample)),
         throttle=throttle,
+        timings=dataclasses.replace(timings, ec2_call_s=timings.ec2_call_s * sample),
+        faults=dataclasses.replace(config.faults, latency_s=config.faults.latency_s * sample),
         sample=1,
     )
 
@@ -1162,14 +1174,16 @@ def _play(
         result["restart"] = wave.restart_all()
     if sample > 1:
         _scale_to_the_wave(result, config, played.nodes)
+        result["faults"] = config.faults.describe()
+        result["timings"] = _timings_doc(config.timings or load_timings())
     result["sample"] = {
         "one_node_in": sample,
         "nodes_played": played.nodes,
         "how": "every node"
         if sample == 1
         else "launches, scheduler and the agents' account buckets (capacity and refill) "
-        "divided by one_node_in; per-node figures and times as played, fleet totals times "
-        "nodes / nodes_played",
+        "divided by one_node_in, each answer's latency times one_node_in; per-node figures "
+        "and times as played, fleet totals times nodes / nodes_played",
     }
     result["model_wall_s"] = round(time.perf_counter() - started, 2)
     return result

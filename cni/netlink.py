@@ -324,18 +324,27 @@ def delete_link(sock: socket.socket, name: str, seq: int = 1) -> int:
     return code
 
 
+# The kernel queues its answers to one send on our socket before we read any: 400 of
+# them overflowed the default 212 KiB receive buffer (ENOBUFS, answers lost).
+_MARKS_PER_SEND = 64
+
+
 def mark_links(sock: socket.socket, names: Sequence[str], group: int, first_seq: int) -> list[int]:
     """Put each link of ``names`` in device group ``group`` (RTM_NEWLINK by name with
-    IFLA_GROUP; all in one send, the kernel answers each): 0 or the errno, per name."""
-    seqs = [first_seq + i for i in range(len(names))]
-    sock.sendto(
-        b"".join(
-            _link_request(_RTM_NEWLINK, seq, name=name, group=group)
-            for seq, name in zip(seqs, names, strict=True)
-        ),
-        (0, 0),
-    )
-    return _answers(sock, seqs)
+    IFLA_GROUP; up to 64 in one send, the kernel answers each): 0 or the errno, per name."""
+    codes: list[int] = []
+    for start in range(0, len(names), _MARKS_PER_SEND):
+        chunk = names[start : start + _MARKS_PER_SEND]
+        seqs = [first_seq + start + i for i in range(len(chunk))]
+        sock.sendto(
+            b"".join(
+                _link_request(_RTM_NEWLINK, seq, name=name, group=group)
+                for seq, name in zip(seqs, chunk, strict=True)
+            ),
+            (0, 0),
+        )
+        codes += _answers(sock, seqs)
+    return codes
 
 
 def delete_group(sock: socket.socket, group: int, seq: int) -> int:

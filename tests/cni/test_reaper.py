@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import socket
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -332,3 +333,27 @@ def test_a_batch_that_fails_fails_its_callers_and_the_reaper_goes_on(
     assert second == 0
     with IPRoute(netns=lab.node_ns) as ipr:
         assert ipr.link_lookup(ifname="rbx") == []
+
+
+def test_one_call_with_hundreds_of_names_deletes_them_all(lab: Lab) -> None:
+    """A start-up sweep after a crash on a big node hands the reaper every stray at once:
+    the kernel's answers to the group marks must not overflow the socket (they did at 400
+    names in one send: ENOBUFS, nothing deleted)."""
+    names = [f"rbb{i}" for i in range(400)]
+    script = "".join(f"link add {name} type veth peer name {name}p\n" for name in names)
+    done = subprocess.run(
+        ["ip", "-n", lab.node_ns, "-batch", "-"], input=script, text=True, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+
+    async def scenario() -> list[int]:
+        reaper = LinkReaper(ns_path(lab.node_ns))
+        try:
+            async with asyncio.timeout(GUARD_S):
+                return list(await asyncio.gather(*reaper.delete_all(names)))
+        finally:
+            reaper.close()
+
+    assert run(scenario()) == [0] * len(names)
+    with IPRoute(netns=lab.node_ns) as ipr:
+        assert not [n for n in (link.get("ifname") for link in ipr.get_links()) if n in names]

@@ -34,6 +34,7 @@ from tools.lab import netns
 
 FAMILIES = ("ipv4", "ipv6")
 THREADS = 4  # the reaper's workers before its batches
+NAMESPACE_PREFIX = f"{netns.PREFIX}rb-"  # a lab's are ul-<lab id>-..., its id hex
 
 
 def _pod_address(family: str, index: int) -> tuple[str, int]:
@@ -104,8 +105,8 @@ STRATEGIES = {"per_link": _per_link, "batched": _batched}
 
 def one(family: str, strategy: str, pods: int) -> float:
     tag = uuid.uuid4().hex[:6]
-    host = f"{netns.PREFIX}rb{tag}-host"
-    pod_names = [f"{netns.PREFIX}rb{tag}-p{i}" for i in range(pods)]
+    host = f"{NAMESPACE_PREFIX}{tag}-host"
+    pod_names = [f"{NAMESPACE_PREFIX}{tag}-p{i}" for i in range(pods)]
     made = []
     try:
         for name in [host, *pod_names]:

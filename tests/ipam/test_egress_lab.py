@@ -85,11 +85,13 @@ class EgressLab:
 
 
 def exchange(
-    listener: socket.socket, client_ns: str, dst: str, port: int, timeout: float = 5.0
+    listener: socket.socket, client_ns: str, dst: str, port: int, timeout: float = 30.0
 ) -> str | None:
     """A connection from ``client_ns`` to ``dst:port``, accepted on ``listener``: each side
     sends PAYLOAD bytes and reads the other's. The peer address the server saw, or None
-    when no connection arrived within ``timeout``."""
+    when no connection arrived within ``timeout``. A connection let through arrives in
+    milliseconds, so the default is only a failure guard; a caller expecting None passes
+    a short ``timeout``, which then bounds the wait."""
     received: list[int] = []
     failed: list[OSError] = []
 

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.netns
 
 NODE_RANGE = IPv4Network("198.18.4.0/22")
 FIRST = gateway(NODE_RANGE) + 1
+BLOCKED_S = 2.0  # no connection this long: blocked (one let through takes ms)
 
 
 @dataclass
@@ -66,9 +67,12 @@ class V4Lab:
     def egress(self) -> Egress:
         return Egress(EgressConfig(), NetnsEgressHost(self.lab.node_ns), backend="nft")
 
-    def seen_by(self, server_ns: str, listen: IPv4Address, client_ns: str) -> str | None:
+    def seen_by(
+        self, server_ns: str, listen: IPv4Address, client_ns: str, timeout: float = 30.0
+    ) -> str | None:
+        """The source the server saw (None: no connection within ``timeout``)."""
         with netns.listening_socket(server_ns, str(listen), PORT) as listener:
-            return exchange(listener, client_ns, str(listen), PORT, timeout=2.0)
+            return exchange(listener, client_ns, str(listen), PORT, timeout=timeout)
 
     def host_links(self) -> list[str]:
         with IPRoute(netns=self.lab.node_ns) as ipr:
@@ -102,7 +106,7 @@ def test_an_ipv6_pods_node_local_ipv4_leaves_as_the_nodes_primary_ipv4(v4lab: V4
     gw = str(gateway(NODE_RANGE))
     assert routes == {(f"{gw}/32", None), ("0.0.0.0/0", gw)}
     # Without the node's SNAT the router has no way back to the node-local address.
-    assert v4lab.seen_by(v4lab.inet.ns, v4lab.inet.address, pod_ns) is None
+    assert v4lab.seen_by(v4lab.inet.ns, v4lab.inet.address, pod_ns, BLOCKED_S) is None
 
     assert v4lab.egress().apply_v4_egress(NODE_RANGE, v4lab.primary_ip)
 
@@ -117,7 +121,7 @@ def test_other_pods_cannot_open_connections_to_a_node_local_address(v4lab: V4Lab
 
     v4lab.egress().apply_v4_egress(NODE_RANGE, v4lab.primary_ip)
 
-    assert v4lab.seen_by(server_ns, FIRST, client_ns) is None
+    assert v4lab.seen_by(server_ns, FIRST, client_ns, BLOCKED_S) is None
 
 
 def test_teardown_and_uninstall_leave_nothing(v4lab: V4Lab) -> None:

@@ -40,17 +40,20 @@ def _calls(result: dict[str, object]) -> dict[str, int]:
     return {a: v["total"] for a, v in by_action.items()}
 
 
+# 1 prefix with MINIMUM_IP_TARGET=16 holds 10 pods (auto's m5.large choice).
+AUTO_WAVE = LaunchConfig(
+    nodes=300,
+    rate_per_min=2000,
+    pods_per_node=10,
+    prefixes_at_launch=1,
+    env={"MINIMUM_IP_TARGET": "16"},
+    throttle=load_table(),
+    timings=TIMINGS,
+)
+
+
 def test_prefixes_at_launch_the_warm_plan_keeps_make_no_call() -> None:
-    # 1 prefix with MINIMUM_IP_TARGET=16 holds 10 pods (auto's m5.large choice).
-    config = LaunchConfig(
-        nodes=300,
-        rate_per_min=2000,
-        pods_per_node=10,
-        prefixes_at_launch=1,
-        env={"MINIMUM_IP_TARGET": "16"},
-        throttle=load_table(),
-        timings=TIMINGS,
-    )
+    config = AUTO_WAVE
     result = run(config)
     assert result["nodes_ready"] == 300 and not result["timed_out"]
     assert result["ec2_calls_per_node"] == 0 and result["throttled_calls"] == 0
@@ -484,15 +487,7 @@ def test_a_large_wave_ec2_never_throttles_is_played_in_full(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(launch, "PLAYED_NODES", 100)
-    config = LaunchConfig(
-        nodes=300,
-        rate_per_min=2000,
-        pods_per_node=10,
-        prefixes_at_launch=1,
-        env={"MINIMUM_IP_TARGET": "16"},
-        throttle=load_table(),
-        timings=TIMINGS,
-    )
+    config = AUTO_WAVE
     result = run(config)
     assert result["sample"] == {"one_node_in": 1, "nodes_played": 300, "how": "every node"}
     assert result["ec2_calls_per_node"] == 0

@@ -2,9 +2,9 @@
 
 ``python -m tools.bench.cni.reaper [-n 50] [--runs 3] [--output FILE]`` (root). Per run and
 per family (an IPv4 pod's veth: its /32 on the pod end and the host's /32 route; an IPv6
-pod's: /128s, ``nodad``), ``n`` pod namespaces with a veth each into one host namespace
-(all named ``ul-`` like the lab's, removed after), then every host end deleted at once two
-ways, each timed from the first request to the last answer:
+pod's: /128s, ``nodad``), ``n`` pod namespaces with a veth each into one host namespace (named
+``ul-rb<tag>-*`` and recorded as a lab's are, removed after), then every host end deleted
+at once two ways, each timed from the first request to the last answer:
 
 * ``per_link``: one ``RTM_DELLINK`` per veth on four threads, each with its own socket
   (``cni.netlink.delete_link``), as the reaper did before its batches;
@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,10 +35,11 @@ from typing import Any
 from cni.netlink import LinkReaper, delete_link, socket_in
 from tools.bench.cni import conditions
 from tools.lab import netns
+from tools.lab.lab import STATE_ROOT, LabRecord, _process_start
 
 FAMILIES = ("ipv4", "ipv6")
 THREADS = 4  # the reaper's workers before its batches
-NAMESPACE_PREFIX = f"{netns.PREFIX}rb-"  # a lab's are ul-<lab id>-..., its id hex
+NAMESPACE_PREFIX = f"{netns.PREFIX}rb"  # ul-rb<tag>-...: a lab's id is hex, never "rb..."
 
 
 def _pod_address(family: str, index: int) -> tuple[str, int]:
@@ -103,20 +108,37 @@ def _batched(host: str, names: list[str]) -> float:
 STRATEGIES = {"per_link": _per_link, "batched": _batched}
 
 
-def one(family: str, strategy: str, pods: int) -> float:
-    tag = uuid.uuid4().hex[:6]
-    host = f"{NAMESPACE_PREFIX}{tag}-host"
-    pod_names = [f"{NAMESPACE_PREFIX}{tag}-p{i}" for i in range(pods)]
-    made = []
+@contextlib.contextmanager
+def _recorded(lab_id: str, namespaces: list[str]) -> Iterator[None]:
+    """A lab record for our namespaces while they exist: a lab starting meanwhile (another
+    test, another benchmark) removes every ``ul-`` namespace no live record claims, and
+    one that starts after this process was killed removes ours."""
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    path = STATE_ROOT / f"{lab_id}.json"
+    pid = os.getpid()
+    record = LabRecord(lab_id, pid, _process_start(pid), namespaces)
+    path.write_text(json.dumps(dataclasses.asdict(record)))
     try:
-        for name in [host, *pod_names]:
-            netns.create(name)
-            made.append(name)
-        names = _plumb(host, pod_names, family)
-        return STRATEGIES[strategy](host, names)
+        yield
     finally:
-        for name in reversed(made):
-            netns.delete(name)
+        path.unlink(missing_ok=True)
+
+
+def one(family: str, strategy: str, pods: int) -> float:
+    lab_id = f"rb{uuid.uuid4().hex[:6]}"
+    host = f"{netns.PREFIX}{lab_id}-host"
+    pod_names = [f"{netns.PREFIX}{lab_id}-p{i}" for i in range(pods)]
+    made = []
+    with _recorded(lab_id, [host, *pod_names]):
+        try:
+            for name in [host, *pod_names]:
+                netns.create(name)
+                made.append(name)
+            names = _plumb(host, pod_names, family)
+            return STRATEGIES[strategy](host, names)
+        finally:
+            for name in reversed(made):
+                netns.delete(name)
 
 
 def main(argv: list[str] | None = None) -> int:

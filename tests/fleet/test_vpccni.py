@@ -165,6 +165,10 @@ def test_bursts_launch_n_at_once(capsys: pytest.CaptureFixture[str]) -> None:
     # Two launched at 0 s, two at 1 s; each Ready within a fraction of a second.
     assert sum(1 for t in times if t < 0.9) == 2
     assert sum(1 for t in times if t >= 1.0) == 2
+    # A burst's instances are launched one after another: the second of each is behind
+    # its slot by the first's launch, and the JSON says by how much.
+    lag = result["launch_lag_max_s"]
+    assert isinstance(lag, float) and 0.0 < lag < 0.9
 
 
 def test_bad_fault_and_burst_specs_are_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,6 +53,7 @@ comes to playing every node.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import inspect
@@ -220,6 +221,10 @@ class LaunchConfig:
     # wave of more than PLAYED_NODES.
     sample: int | None = None
     timings: Timings | None = None  # None: the shipped data file
+    # Each node's launch, seconds after the first, in launch order: a real run's
+    # (tools/fleet's ``launch_at_s``) replayed, so a machine that fell behind its launch
+    # schedule is compared on the launches it made. None: the rate or the bursts.
+    launch_at_s: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -243,6 +248,14 @@ class LaunchConfig:
             raise ValueError(f"agent {self.agent!r}: one of {', '.join(AGENTS)}")
         if self.sample is not None and not 1 <= self.sample <= self.nodes:
             raise ValueError(f"sample one node in {self.sample}: must be 1..nodes")
+        if self.launch_at_s is not None:
+            times = self.launch_at_s
+            if len(times) != self.nodes:
+                raise ValueError(f"{len(times)} launch times for {self.nodes} nodes")
+            if times[0] < 0 or any(b < a for a, b in zip(times, times[1:], strict=False)):
+                raise ValueError("launch times must be >= 0 and in launch order")
+            if self.sample not in (None, 1):
+                raise ValueError("replayed launch times are played in full (sample 1)")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -483,7 +496,9 @@ class _Wave:
     # -- the wave ------------------------------------------------------------------
 
     def launch_all(self) -> None:
-        self.push(0.0, self._launch_burst)
+        self.push(
+            self.config.launch_at_s[0] if self.config.launch_at_s else 0.0, self._launch_burst
+        )
 
     def agent(self, node: _Node) -> Proc:
         return self._ultranet(node) if self.config.agent == "ultranet" else self._vpccni(node)
@@ -539,12 +554,19 @@ class _Wave:
         """``burst`` nodes now; the next burst ``burst_every_s`` (or ``burst / rate``) later."""
         config = self.config
         first = len(self.nodes)
-        for index in range(first, min(first + config.burst, config.nodes)):
+        if config.launch_at_s is not None:
+            due = bisect.bisect_right(config.launch_at_s, self.now)
+            last = max(first + 1, due)
+        else:
+            last = first + config.burst
+        for index in range(first, min(last, config.nodes)):
             node = _Node(index, self.now, config.prefixes_at_launch)
             self.nodes.append(node)
             self.start(node, self.agent(node))
         if len(self.nodes) < config.nodes:
-            if config.burst_every_s is None:
+            if config.launch_at_s is not None:
+                at = config.launch_at_s[len(self.nodes)]
+            elif config.burst_every_s is None:
                 at = len(self.nodes) * 60.0 / config.rate_per_min
             else:
                 at = len(self.nodes) // config.burst * config.burst_every_s
@@ -1057,6 +1079,8 @@ def _timings_doc(timings: Timings) -> dict[str, float]:
 
 
 def _launch_text(config: LaunchConfig) -> str:
+    if config.launch_at_s:
+        return f"a real run's {config.nodes} launches over {config.launch_at_s[-1]:.3f} s, replayed"
     if config.burst_every_s is not None:
         return f"bursts of {config.burst} every {config.burst_every_s:g} s"
     return f"steady {config.rate_per_min:g}/min"
@@ -1082,7 +1106,7 @@ def run(config: LaunchConfig) -> dict[str, Any]:
     started = time.perf_counter()
     if config.sample is not None:
         return _play(config, config.sample, started)
-    if config.nodes <= PLAYED_NODES or config.throttle is None:
+    if config.nodes <= PLAYED_NODES or config.throttle is None or config.launch_at_s:
         return _play(config, 1, started)
     try:
         return _play(config, 1, started, stop_when_throttled=True)

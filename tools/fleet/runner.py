@@ -680,6 +680,9 @@ class _Wave:
             # wave than asked for (the account's buckets refill in between).
             "launch_lag_p99_s": _round(percentile(self.launch_lags, 99)),
             "launch_lag_max_s": _round(max(self.launch_lags) if self.launch_lags else None),
+            # The launches as made, seconds after the first: the model replays them
+            # (ipam.nau.launch.LaunchConfig.launch_at_s) to be held to this run.
+            "launch_at_s": sorted(round(n.launched_at - first_launch, 4) for n in nodes),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "errors": sorted({n.error for n in nodes if n.error is not None})[:5],

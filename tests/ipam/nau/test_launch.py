@@ -155,6 +155,30 @@ def test_bursts_launch_nodes_together() -> None:
     assert result["simulated_s"] >= 5.0
 
 
+def test_a_real_runs_launches_are_replayed_as_made() -> None:
+    # A real wave on a loaded machine launches late; the model, held to it, plays the
+    # launches it made. Replaying a steady schedule is that schedule; replaying a late
+    # one spreads the wave, so fewer requests meet an empty bucket.
+    table = load_table().with_buckets({"AssignPrivateIpAddresses": BucketSpec(20, 5)})
+    steady = LaunchConfig(
+        nodes=100, rate_per_min=2000, pods_per_node=2, throttle=table, timings=TIMINGS
+    )
+    on_time = tuple(i * 60.0 / 2000 for i in range(100))
+    late = tuple(i * 0.2 for i in range(100))
+    scheduled, replayed = run(steady), run(replace(steady, launch_at_s=on_time))
+    keys = ("ec2_calls_by_action", "throttled_calls", "ready_p50_s", "ready_p99_s")
+    assert {k: replayed[k] for k in keys} == {k: scheduled[k] for k in keys}
+    assert scheduled["throttled_calls"] > 0
+    spread = run(replace(steady, launch_at_s=late))
+    assert spread["nodes_ready"] == 100
+    assert spread["throttled_calls"] < scheduled["throttled_calls"]
+    assert "replayed" in spread["launch"]
+    with pytest.raises(ValueError, match="launch times"):
+        replace(steady, launch_at_s=on_time[:10])
+    with pytest.raises(ValueError, match="launch order"):
+        replace(steady, launch_at_s=tuple(reversed(on_time)))
+
+
 def test_a_timeout_reports_the_nodes_not_ready() -> None:
     config = LaunchConfig(
         nodes=400,

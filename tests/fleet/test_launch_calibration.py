@@ -35,7 +35,10 @@ throttle and the SDK's back-off (seconds), not by this machine. Two departures, 
   many ``DescribeAllENIs`` retries a node makes depends on its random back-offs and, in
   the real run, on how fast this loaded machine answers; three real runs of this wave
   (same code, load ~1) gave 9.68, 8.79 and 8.85 describes a node, Ready p50 9.9, 8.9 and
-  9.3 s, p99 32.7, 30.9 and 30.9 s, against the model's 10.3, 9.9 s and 32.8 s. The security-group
+  9.3 s, p99 32.7, 30.9 and 30.9 s, against the model's 10.3, 9.9 s and 32.8 s; later
+  runs gave 8.05 (a fresh-clone CI run), 8.04 and 7.64 (c5d86aa, load 8, Ready p50 9.6
+  and p99 31.7 s, both within 4% of the model), outside the 20%: the model's describes are
+  6-34% above this machine's real baseline, which is why this test is opt-in. The security-group
   ``ModifyNetworkInterfaceAttribute`` (a 100-token, 5/s bucket fed at the describe
   bucket's 10/s; 3 SDK attempts, then given up) is 8-13% more in the real runs at 400
   and 500 nodes (1% at 300), not explained yet. ``CreateTags`` is exactly one a node on

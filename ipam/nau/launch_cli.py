@@ -161,6 +161,16 @@ def add_wave_flags(p: argparse.ArgumentParser) -> None:
         "provisioner; replaces --rate",
     )
     p.add_argument("--instance-type", default="m5.large")
+    p.add_argument(
+        "--efa-only-cards",
+        action="store_true",
+        help="launch with an efa-only interface on every network card but 0 (a GPU template)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="once a scenario settles, restart every agent at once (the DaemonSet rolled)",
+    )
     p.add_argument("--pods-per-node", type=_count, default=2, help="pods with a VPC address")
     p.add_argument("--pod-rate", type=_positive_float, default=500.0, help="scheduler, pods/s")
     p.add_argument(
@@ -251,17 +261,6 @@ def add_launch(sub: Any) -> None:
         type=_positive_float,
         help="simulated seconds per scenario; nodes not Ready by then are reported "
         "(default: until every pod runs and every pool is settled)",
-    )
-    # As python -m tools.fleet spells them (it adds its own, so not in add_wave_flags).
-    p.add_argument(
-        "--efa-only-cards",
-        action="store_true",
-        help="launch with an efa-only interface on every network card but 0 (a GPU template)",
-    )
-    p.add_argument(
-        "--restart",
-        action="store_true",
-        help="once a scenario settles, restart every agent at once (the DaemonSet rolled)",
     )
     p.add_argument("--seed", type=int, default=1, help="model only: the random seed")
     p.add_argument(

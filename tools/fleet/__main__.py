@@ -58,16 +58,6 @@ def parser() -> argparse.ArgumentParser:
         "ultranet scenario, same launch template, same emulator",
     )
     p.add_argument("--chart", metavar="FILE", help="Ready nodes over time, .png or .svg")
-    p.add_argument(
-        "--efa-only-cards",
-        action="store_true",
-        help="launch with an efa-only interface on every network card but 0 (a GPU template)",
-    )
-    p.add_argument(
-        "--restart",
-        action="store_true",
-        help="once a scenario settles, restart every agent at once (the DaemonSet rolled)",
-    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per scenario")
     p.add_argument("-v", "--verbose", action="store_true", help="the agents' INFO logs")
     return p

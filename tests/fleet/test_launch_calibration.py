@@ -114,24 +114,23 @@ def wave(request: pytest.FixtureRequest) -> dict[str, Any]:
         )
         real[name] = Fleet(config).run([Scenario(name, prefixes)])[name]
     model = {
-        name: [
-            run(
-                LaunchConfig(
-                    nodes=nodes,
-                    rate_per_min=RATE_PER_MIN,
-                    pods_per_node=pods,
-                    prefixes_at_launch=prefixes,
-                    env=env,
-                    throttle=_table(),
-                    seed=seed,
-                    launch_at_s=tuple(real[name]["launch_at_s"]),
-                )
-            )
-            for seed in SEEDS
-        ]
+        name: _model_runs(real[name], pods, prefixes_at_launch=prefixes, env=env)
         for name, prefixes, env in (("reactive", 0, {}), ("auto", auto.prefixes, auto.env))
     }
     return {"nodes": nodes, "real": real, "model": model}
+
+
+def _model_runs(real: dict[str, Any], pods: int, **settings: Any) -> list[dict[str, Any]]:
+    """The model's runs (seeds ``SEEDS``) of a real wave: its size, its launches as made."""
+    base = LaunchConfig(
+        nodes=real["nodes"],
+        rate_per_min=RATE_PER_MIN,
+        pods_per_node=pods,
+        throttle=_table(),
+        launch_at_s=tuple(real["launch_at_s"]),
+        **settings,
+    )
+    return [run(dataclasses.replace(base, seed=seed)) for seed in SEEDS]
 
 
 def _vpccni_wave(nodes: int, pods: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -148,23 +147,14 @@ def _vpccni_wave(nodes: int, pods: int) -> tuple[dict[str, Any], list[dict[str, 
     timings = dataclasses.replace(
         load_timings(), ec2_client_s=VPCCNI_REAL_RUN_CLIENT_S, ec2_call_s=VPCCNI_REAL_RUN_CALL_S
     )
-    model = [
-        run(
-            LaunchConfig(
-                nodes=nodes,
-                rate_per_min=RATE_PER_MIN,
-                pods_per_node=pods,
-                prefixes_at_launch=VPCCNI_PREFIXES,
-                agent=VPC_CNI,
-                throttle=_table(),
-                vpccni_cleanup_delay_max_s=VPCCNI_CLEANUP_DELAY_MAX_S,
-                timings=timings,
-                seed=seed,
-                launch_at_s=tuple(real["launch_at_s"]),
-            )
-        )
-        for seed in SEEDS
-    ]
+    model = _model_runs(
+        real,
+        pods,
+        prefixes_at_launch=VPCCNI_PREFIXES,
+        agent=VPC_CNI,
+        vpccni_cleanup_delay_max_s=VPCCNI_CLEANUP_DELAY_MAX_S,
+        timings=timings,
+    )
     return real, model
 
 

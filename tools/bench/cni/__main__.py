@@ -130,15 +130,7 @@ def measure(options: Options, runs: int, argv: list[str], mode: str = "libcni") 
         return measure_ipv6(options, runs, argv)
     config = {
         "command": ["python", "-m", "tools.bench.cni", *argv],
-        "flags": {
-            "pods": options.pods,
-            "rounds": options.rounds,
-            "warmup": options.warmup,
-            "runs": runs,
-            "backend": options.backend,
-            "python": options.python,
-            "daemon_env": options.daemon_env,
-        },
+        "flags": _run_flags(options, runs),
         "headline_eligible": options.backend == "daemon" and not options.daemon_env,
         "lab": {
             "instance_type": options.lab_config().instance_type,
@@ -168,9 +160,13 @@ def measure(options: Options, runs: int, argv: list[str], mode: str = "libcni") 
 
 
 def _runtime_flags(mode: str, options: Options, runs: int) -> dict[str, Any]:
-    """The flags the CRI and IPv6 benchmarks record in their JSON, alike."""
+    """The flags the CRI and IPv6 benchmarks record in their JSON: the run's and the mode."""
+    return {"mode": mode, **_run_flags(options, runs)}
+
+
+def _run_flags(options: Options, runs: int) -> dict[str, Any]:
+    """The flags every mode records in its JSON."""
     return {
-        "mode": mode,
         "pods": options.pods,
         "rounds": options.rounds,
         "warmup": options.warmup,

@@ -18,6 +18,7 @@ from cni.keys import IpamKey
 from cni.plumbing import host_ifname, v4_egress_ifname
 from tests.cni.harness import NETWORK, conf, env, ns_path
 from tests.conftest import LabFactory
+from tests.ipam.ipv6lab import give_primary_eni_an_ipv6_prefix
 from tests.ipam.test_daemon_cni import (
     METRICS_PORT,
     PausePoint,
@@ -51,10 +52,7 @@ def pause(tmp_path: Path) -> Iterator[PausePoint]:
 def ipv6_lab(lab_factory: LabFactory) -> Lab:
     """An m5.large whose primary ENI has its /80 at launch (``Ipv6PrefixCount=1``)."""
     lab = lab_factory(LabConfig(instance_type="m5.large", prefixes_per_card=1))
-    (primary,) = lab.cloud.enis_of(lab.instance_id)
-    lab.cloud.associate_vpc_ipv6_cidr(lab.vpc_id, "fd12:3456:789a:1000::/56")
-    lab.cloud.associate_subnet_ipv6_cidr(primary.subnet_id, "fd12:3456:789a:1000::/64")
-    lab.cloud.assign_ipv6_addresses(primary.eni_id, prefix_count=1)
+    give_primary_eni_an_ipv6_prefix(lab)
     return lab
 
 

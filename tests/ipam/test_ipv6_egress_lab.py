@@ -21,6 +21,7 @@ from cni.plumbing import v4_egress_ifname
 from tests.cni.exec_harness import exec_shim, install_shim
 from tests.cni.harness import conf, env
 from tests.conftest import LabFactory
+from tests.ipam.ipv6lab import give_primary_eni_an_ipv6_prefix
 from tests.ipam.test_egress_lab import PORT, exchange
 from tools.lab import netns
 from tools.lab.daemon import IpamdProcess
@@ -52,10 +53,8 @@ def test_an_ipv6_pod_reaches_an_ipv4_host_as_the_nodes_primary_ipv4(
     lab_factory: LabFactory, daemons: list[IpamdProcess], tmp_path: Path
 ) -> None:
     lab = lab_factory(LabConfig(instance_type="m5.large"))
+    give_primary_eni_an_ipv6_prefix(lab)
     (primary,) = lab.cloud.enis_of(lab.instance_id)
-    lab.cloud.associate_vpc_ipv6_cidr(lab.vpc_id, "fd12:3456:789a:1000::/56")
-    lab.cloud.associate_subnet_ipv6_cidr(primary.subnet_id, "fd12:3456:789a:1000::/64")
-    lab.cloud.assign_ipv6_addresses(primary.eni_id, prefix_count=1)
     primary_ip = lab.cloud.eni_view(primary.eni_id).primary_ip
     inet = add_internet(lab.vpc_ns, f"{netns.PREFIX}{lab.lab_id}-inet")
     netns.sysctl(lab.vpc_ns, "net.ipv4.conf.all.rp_filter", "1")  # the VPC drops foreign sources

@@ -17,6 +17,7 @@ from cni.keys import IpamKey
 from cni.plumbing import HOST_VETH_ALIAS, host_ifname, v4_egress_ifname
 from tests.cni.harness import NETWORK, conf, env, host_state, ns_path
 from tests.conftest import LabFactory
+from tests.ipam.ipv6lab import give_primary_eni_an_ipv6_prefix
 from tests.ipam.test_daemon_cni import METRICS_PORT, exec_shim, held, scraped
 from tools.lab import netns
 from tools.lab.daemon import IpamdProcess
@@ -172,10 +173,7 @@ def test_the_sweep_reaps_an_ipv6_pods_stray_ipv4_egress_veth_and_keeps_the_live_
     # a crash took its queued deletion leaves it with no allocation: the sweep must take it
     # as it takes a stray eni<hash>, and leave a live pod's and anyone else's alone.
     lab = lab_factory(LabConfig(instance_type="m5.large"))
-    (primary,) = lab.cloud.enis_of(lab.instance_id)
-    lab.cloud.associate_vpc_ipv6_cidr(lab.vpc_id, "fd12:3456:789a:1000::/56")
-    lab.cloud.associate_subnet_ipv6_cidr(primary.subnet_id, "fd12:3456:789a:1000::/64")
-    lab.cloud.assign_ipv6_addresses(primary.eni_id, prefix_count=1)
+    give_primary_eni_an_ipv6_prefix(lab)
     daemon = IpamdProcess(
         lab,
         tmp_path / "d",

@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 from ipam.errors import UnknownInstanceType
 from ipam.instance_types import lookup
-from tools.lab import netns
+from tools.lab import netns, owner
 from tools.lab.lab import (
     STATE_ROOT,
     Lab,
@@ -206,13 +206,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
         state = "running" if is_alive(record) else dead
         present = [ns for ns in record.namespaces if netns.exists(ns)]
         rows.append({**asdict(record), "state": state, "namespaces_present": present})
-    orphans = [
+    unrecorded = [
         ns
         for ns in netns.list_lab_namespaces()
         if not any(ns.startswith(f"{netns.PREFIX}{r.lab_id}-") for r in records)
     ]
+    # Another state root's lab, a test's or a benchmark's: its owner lives, it stays.
+    orphans = [ns for ns in unrecorded if owner.provably_dead(ns)]
+    unowned = [ns for ns in unrecorded if owner.owner_of(ns) is None]
     if args.json:
-        print(json.dumps({"labs": rows, "orphan_namespaces": orphans}, indent=2))
+        print(
+            json.dumps(
+                {"labs": rows, "orphan_namespaces": orphans, "unowned_namespaces": unowned},
+                indent=2,
+            )
+        )
         return 0
     if not rows:
         print("no lab running")
@@ -223,6 +231,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"  EC2        {row['ec2_url']}")
     if orphans:
         print(f"orphan namespaces (removed by the next up/down): {', '.join(orphans)}")
+    if unowned:
+        print(f"namespaces with no owner mark (never removed by a lab): {', '.join(unowned)}")
     return 0
 
 

@@ -3,8 +3,10 @@
 ``Lab`` is a context manager used three ways: by the pytest fixture (in-process),
 by ``ultranet-lab up`` (in a detached process) and by ``make demo``. Whatever happens,
 ``close()`` removes every namespace, link and listener the lab made. A record of
-each running lab is written *before* its first namespace exists, so a start can find
-and remove what a killed lab left behind (``remove_leftovers``).
+each running lab is written *before* its first namespace exists, and each namespace is
+marked with its owning process (``tools.lab.owner``), so a start can find and remove what
+a killed lab left behind (``remove_leftovers``) and nothing a live one holds, whatever
+state root either uses.
 
 Only 100.64.0.0/10 and 198.18.0.0/15 (and, with ``ipv6``, fd00::/8 and link-local
 fe80::/64) are used, and only inside the lab's namespaces; nothing is added to the
@@ -28,10 +30,11 @@ from types import TracebackType
 from pyroute2 import IPRoute
 
 from ipam.instance_types import lookup
-from tools.lab import netns
+from tools.lab import netns, owner
 from tools.lab.ec2.server import Ec2Server, ImdsServer
 from tools.lab.ec2.state import Cloud, LaunchInterface
 from tools.lab.node import LabNode
+from tools.lab.owner import process_running, process_start
 
 log = logging.getLogger("ultranet.lab")
 
@@ -87,26 +90,6 @@ class LabRecord:
     instance_type: str = ""
 
 
-def _process_stat(pid: int) -> tuple[str, str]:
-    """(state, start time) of a process; the start time tells a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ("", "")
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0], fields[19]
-
-
-def _process_start(pid: int) -> str:
-    return _process_stat(pid)[1]
-
-
-def process_running(pid: int, start: str | None = None) -> bool:
-    """True unless the process is gone, a zombie, or a different process with its pid."""
-    state, started = _process_stat(pid)
-    return state not in ("", "Z", "X") and (start is None or started == start)
-
-
 def is_alive(record: LabRecord) -> bool:
     return record.pid_start != "" and process_running(record.pid, record.pid_start)
 
@@ -121,10 +104,13 @@ def read_records(state_root: Path = STATE_ROOT) -> list[LabRecord]:
 
 
 def remove_lab(lab_id: str, state_root: Path = STATE_ROOT) -> list[str]:
-    """Delete every namespace of a lab and its record; returns what was removed."""
+    """Delete every namespace of a lab and its record; returns what was removed.
+
+    Called for this process's own lab or for one whose process is gone, so a namespace
+    named like the lab's is spared only when its mark names another live process."""
     removed = []
     for name in netns.list_lab_namespaces():
-        if name.startswith(f"{netns.PREFIX}{lab_id}-"):
+        if name.startswith(f"{netns.PREFIX}{lab_id}-") and not owner.held_by_another(name):
             netns.delete(name)
             removed.append(name)
     (state_root / f"{lab_id}.json").unlink(missing_ok=True)
@@ -132,21 +118,27 @@ def remove_lab(lab_id: str, state_root: Path = STATE_ROOT) -> list[str]:
 
 
 def remove_leftovers(state_root: Path = STATE_ROOT) -> list[str]:
-    """Remove labs whose owning process is gone, and lab namespaces with no record."""
+    """Remove what killed processes left: the labs recorded under ``state_root`` whose
+    process is gone, and, whatever their state root, the lab namespaces whose owner mark
+    names a process that is gone. A namespace whose owner lives stays (another lab, a
+    test, a benchmark), and so does one with no mark: nothing proves it dead."""
     removed: list[str] = []
-    live = set()
     for record in read_records(state_root):
-        if is_alive(record):
-            live.add(record.lab_id)
-        else:
+        if not is_alive(record):
             removed += remove_lab(record.lab_id, state_root)
+    unowned = []
     for name in netns.list_lab_namespaces():
-        lab_id = name[len(netns.PREFIX) :].split("-", 1)[0]
-        if lab_id not in live:
+        mark = owner.owner_of(name)
+        if mark is None:
+            unowned.append(name)
+        elif not mark.alive():
             netns.delete(name)
             removed.append(name)
+    netns.prune_marks()
     if removed:
         log.warning("lab: removed leftovers of killed labs: %s", ", ".join(removed))
+    if unowned:
+        log.warning("lab: namespaces with no owner mark left alone: %s", ", ".join(unowned))
     return removed
 
 
@@ -219,8 +211,8 @@ class Lab:
         lookup(self.config.instance_type)  # fail before creating anything
         remove_leftovers(self.state_root)
         self._write_record()
-        netns.create(self.vpc_ns)
-        netns.create(self.node_ns)
+        netns.create(self.vpc_ns, state_root=self.state_root)
+        netns.create(self.node_ns, state_root=self.state_root)
         self._netlink = netns.Netlink([self.vpc_ns, self.node_ns], name=f"netlink-{self.lab_id}")
         self._netlink.run(self._loopbacks_up)
         netns.sysctl(self.vpc_ns, "net.ipv4.ip_forward", "1")
@@ -263,7 +255,7 @@ class Lab:
     def create_pod_namespace(self, name: str) -> str:
         """A namespace for a pod, removed with the lab."""
         ns = f"{netns.PREFIX}{self.lab_id}-pod-{name}"
-        netns.create(ns)
+        netns.create(ns, state_root=self.state_root)
         self._pods.append(ns)
         with netns.iproute(ns) as ipr:
             self._loopback_up(ipr)
@@ -336,7 +328,7 @@ class Lab:
         record = LabRecord(
             lab_id=self.lab_id,
             pid=pid,
-            pid_start=_process_start(pid),
+            pid_start=process_start(pid),
             namespaces=[self.vpc_ns, self.node_ns, *self._pods],
             ec2_url=self.ec2_url,
             imds_url=self.imds_url,

@@ -1,7 +1,8 @@
 """Network-namespace primitives for the lab: create, delete, list, and work inside.
 
-Every namespace the lab makes is named ``ul-<lab id>-<role>`` so that a lab whose
-process was killed can be found and removed by the next start. Work that must happen
+Every namespace the lab makes is named ``ul-<lab id>-<role>`` and marked with the process
+that made it (``tools.lab.owner``), so that what a killed process left can be found and
+removed by the next start, and nothing a live process holds is. Work that must happen
 inside a namespace (a socket created there, a ``/proc/sys/net`` write) runs on a
 throwaway thread that enters it (``run_in``): the network namespace is per thread
 (containernetworking ``pkg/ns`` README), a socket stays in the namespace it was created
@@ -24,15 +25,19 @@ import errno
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
+
+from tools.lab import owner
 
 log = logging.getLogger("ultranet.lab")
 
@@ -52,21 +57,52 @@ def exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
 
 
-def create(name: str) -> None:
+def create(name: str, *, state_root: Path | None = None) -> None:
+    """Make namespace ``name``, marked as this process's (``state_root``: where its lab
+    record is, if any). The mark comes first, so no other lab's clean-up ever sees the
+    namespace without it."""
     if exists(name):
         raise NetnsError(f"network namespace {name} already exists")
-    pyroute2_netns.create(name)
+    owner.mark(name, owner.Owner.this_process(state_root))
+    try:
+        pyroute2_netns.create(name)
+    except BaseException:
+        owner.unmark(name)
+        raise
 
 
 def delete(name: str) -> None:
-    """Remove a namespace; an absent one is not an error (teardown is idempotent)."""
-    if not exists(name):
-        return
+    """Remove a namespace and its mark; an absent one is not an error (teardown is
+    idempotent)."""
+    if exists(name):
+        try:
+            pyroute2_netns.remove(name)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise NetnsError(f"cannot remove network namespace {name}: {err}") from err
+    owner.unmark(name)
+
+
+@contextmanager
+def scratch(tag: str) -> Iterator[str]:
+    """A namespace ``ul-<tag>-<8 hex>`` of this process's for the block (a test's, marked
+    like a lab's so no lab's clean-up takes it), removed after it even if the block fails."""
+    name = f"{PREFIX}{tag}-{secrets.token_hex(4)}"
+    create(name)
     try:
-        pyroute2_netns.remove(name)
-    except OSError as err:
-        if err.errno != errno.ENOENT:
-            raise NetnsError(f"cannot remove network namespace {name}: {err}") from err
+        yield name
+    finally:
+        delete(name)
+
+
+def prune_marks() -> list[str]:
+    """Drop the marks of namespaces that are gone and whose owner is gone too (a process
+    killed between deleting a namespace and its mark). A live owner's mark stays: it may
+    be about to create its namespace."""
+    pruned = [n for n in owner.marked() if not exists(n) and owner.provably_dead(n)]
+    for name in pruned:
+        owner.unmark(name)
+    return pruned
 
 
 def list_lab_namespaces() -> list[str]:

@@ -35,7 +35,8 @@ from typing import Any
 from cni.netlink import LinkReaper, delete_link, socket_in
 from tools.bench.cni import conditions
 from tools.lab import netns
-from tools.lab.lab import STATE_ROOT, LabRecord, _process_start
+from tools.lab.lab import STATE_ROOT, LabRecord
+from tools.lab.owner import process_start
 
 FAMILIES = ("ipv4", "ipv6")
 THREADS = 4  # the reaper's workers before its batches
@@ -116,7 +117,7 @@ def _recorded(lab_id: str, namespaces: list[str]) -> Iterator[None]:
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
     path = STATE_ROOT / f"{lab_id}.json"
     pid = os.getpid()
-    record = LabRecord(lab_id, pid, _process_start(pid), namespaces)
+    record = LabRecord(lab_id, pid, process_start(pid), namespaces)
     path.write_text(json.dumps(dataclasses.asdict(record)))
     try:
         yield

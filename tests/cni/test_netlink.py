@@ -8,13 +8,14 @@ import os
 import socket
 import struct
 import threading
-import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from cni import netlink
-from tools.lab import netns
+from tools.lab import netns, owner
+from tools.lab.lab import Lab, LabConfig
 
 pytestmark = pytest.mark.netns
 
@@ -25,12 +26,21 @@ _RTM_GETLINK, _NLM_F_DUMP, _NLMSG_DONE = 18, 0x300 | 0x1, 3
 def namespace() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    name = f"{netns.PREFIX}t-{uuid.uuid4().hex[:8]}"
-    netns.create(name)
-    try:
+    # Marked as this process's (netns.scratch): a lab another process starts meanwhile
+    # leaves it alone, and removes it if this process is killed.
+    with netns.scratch("t") as name:
         yield f"/run/netns/{name}"
-    finally:
-        netns.delete(name)
+
+
+def test_the_namespace_is_this_processs_and_a_lab_starting_meanwhile_keeps_it(
+    namespace: str, tmp_path: Path
+) -> None:
+    name = os.path.basename(namespace)
+    assert owner.owner_of(name) == owner.Owner.this_process()
+    with Lab(LabConfig(instance_type="m5.large"), state_root=tmp_path / "another"):
+        assert os.path.exists(namespace)
+    with netlink.socket_in(namespace) as sock:
+        assert _link_names(sock) == {"lo"}
 
 
 def _link_names(sock: socket.socket) -> set[str]:

@@ -94,13 +94,12 @@ class PlumbingPort(Protocol):
         netns: str,
         interfaces: int = 1,
         netns_fd: int | None = None,
+        v4_egress: bool = False,
     ) -> list[str]: ...
 
     async def setup_v4_egress(
         self, net: PodNetwork, address: IPv4Address, node_range: IPv4Network, pod: PodHandle
     ) -> str: ...
-
-    async def teardown_v4_egress(self, key: IpamKey) -> None: ...
 
     async def check_v4_egress(self, net: PodNetwork, address: IPv4Address) -> None: ...
 
@@ -247,9 +246,8 @@ class CniHandler:
                 netns=net.netns,
                 interfaces=len(net.leases),
                 netns_fd=net.netns_fd,
+                v4_egress=self.config.v4_egress_range is not None,
             )
-            if self.config.v4_egress_range is not None:
-                await self.plumbing.teardown_v4_egress(net.key)
             if left:
                 log.error("cni: undoing the ADD of %s left: %s", net.key, "; ".join(left))
             raise CniError(
@@ -279,9 +277,9 @@ class CniHandler:
             netns=netns,
             interfaces=len(addresses) if recorded else self.config.max_interfaces,
             netns_fd=netns_fd,
+            # An IPv6 pod's v4e* veth goes in the same reaper batch as its eni* veth.
+            v4_egress=self.config.v4_egress_range is not None,
         )
-        if self.config.v4_egress_range is not None:
-            await self.plumbing.teardown_v4_egress(key)  # by name: no allocation needed
         try:
             await self.backend.release(key)
         except BackendUnavailable as err:
@@ -396,10 +394,12 @@ class CniHandler:
         for allocation in released:
             addresses = {i: lease.address for i, lease in enumerate(allocation.leases)}
             errors += await self.plumbing.teardown(
-                allocation.key, addresses, veth_prefix=conf.veth_prefix, netns=""
+                allocation.key,
+                addresses,
+                veth_prefix=conf.veth_prefix,
+                netns="",
+                v4_egress=allocation.egress_v4 is not None,
             )
-            if allocation.egress_v4 is not None:
-                await self.plumbing.teardown_v4_egress(allocation.key)
         if errors:
             raise CniError(ErrorCode.GC_INCOMPLETE, "GC left stale plumbing", "; ".join(errors))
 

@@ -593,7 +593,8 @@ class Plumbing:
 
     async def teardown_v4_egress(self, key: IpamKey) -> None:
         """Remove the egress veth of ``key`` (its pod end goes with it) on a reaper
-        thread; nothing if there is none."""
+        thread; nothing if there is none. A DEL uses ``teardown(..., v4_egress=True)``
+        instead, so this veth goes in one batch with the pod's others."""
         await self._reaper.reserve(1)
         self._reaper.delete(v4_egress_ifname(key))
 
@@ -691,10 +692,13 @@ class Plumbing:
         netns: str,
         interfaces: int = 1,
         netns_fd: int | None = None,
+        v4_egress: bool = False,
     ) -> list[str]:
         """Remove the host routing of ``addresses`` (interface index -> address) and the
         veths of indexes ``addresses`` and ``0..interfaces-1`` (their names derive from
-        the key, so a DEL that lost the addresses still finds every veth); idempotent.
+        the key, so a DEL that lost the addresses still finds every veth); with
+        ``v4_egress``, the IPv4 egress veth of an IPv6 pod too, in the same reaper batch
+        as the others (one kernel request for all of one DEL's veths); idempotent.
         Returns the errors met (every step is still tried).
 
         Rules of an address are removed only while this attachment still holds it: its
@@ -728,6 +732,11 @@ class Plumbing:
         if secondary and netns:
             errors += await self._teardown_pod_rules(netns, secondary, netns_fd)
         names = [host_ifname(key, index, veth_prefix) for index in indexes]
+        if v4_egress:
+            egress = v4_egress_ifname(key)  # by name: no allocation needed
+            names.append(egress)
+            if self._rtnl.link_index(egress) is not None:
+                present.add(egress)
         doomed = [n for n in names if n in present or self._reaper.pending(n) is not None]
         await self._reaper.reserve(len(doomed))
         self._reaper.delete_all(doomed)  # one batch: one kernel request for the pod's veths

@@ -144,6 +144,7 @@ class RecordingPlumbing:
         netns: str,
         interfaces: int = 1,
         netns_fd: int | None = None,
+        v4_egress: bool = False,  # IPv6 pods' egress veth: not modelled (IPv4 pods only)
     ) -> list[str]:
         self.calls.append(("teardown", key, netns))
         # As Plumbing: an index without an address whose veth is there has the address

@@ -15,7 +15,7 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from cni import netlink as cni_netlink
 from cni.install import conflist
 from cni.keys import IpamKey
 from cni.plumbing import HOST_VETH_ALIAS, RULE_TO_POD, Plumbing, host_ifname, v4_egress_ifname
@@ -416,6 +417,56 @@ def test_an_ipv6_pod_gets_v4if0_with_its_node_local_ipv4_and_loses_it_on_del(
     with IPRoute(netns=pod_a) as ipr:
         assert ipr.link_lookup(ifname="v4if0") == []
     assert pools.held() == set()
+
+
+def test_an_ipv6_del_hands_the_reaper_its_two_veths_in_one_request(
+    spaces: Namespaces, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reaper deletes each delete_all as one batch (one RTM_DELLINK of its group): the
+    # pod's eni* and v4e* veths go together, not in two batches a burst keeps apart.
+    pod = spaces.pod("a")
+    key = IpamKey(NETWORK, "c1", "eth0")
+    group_deletions: list[int] = []
+    real_delete_group = cni_netlink.delete_group
+
+    def counted(sock: socket.socket, group: int, seq: int) -> int:
+        group_deletions.append(group)
+        return real_delete_group(sock, group, seq)
+
+    monkeypatch.setattr(cni_netlink, "delete_group", counted)
+
+    async def scenario() -> tuple[list[list[str]], list[list[str]]]:
+        async with node(spaces, egress_backend(), v4_egress_range=EGRESS_RANGE) as n:  # type: ignore[arg-type]
+            requests: list[list[str]] = []
+            delete_all = n.plumbing._reaper.delete_all
+
+            def spied(names: Sequence[str]) -> list[asyncio.Future[int]]:
+                requests.append(list(names))
+                return delete_all(names)
+
+            n.plumbing._reaper.delete_all = spied  # type: ignore[method-assign]
+            result = await n.add("c1", pod, "1.0.0")
+            requests.clear()
+            group_deletions.clear()
+            await n.delete("c1", pod, result, "1.0.0")
+            await n.plumbing.settle()
+            first = list(requests)
+            requests.clear()
+            # RemovePodSandbox's DEL: no namespace, no cached result, nothing left.
+            code, out = await n.call(env("DEL", "c1", ""), conf("1.0.0"))
+            assert code == 0, out
+            await n.plumbing.settle()
+            return first, requests
+
+    first, repeated = run(scenario())
+    assert [sorted(names) for names in first] == [
+        sorted([host_ifname(key, 0, "eni"), v4_egress_ifname(key)])
+    ]
+    assert len(group_deletions) == 1  # one kernel request deleted both
+    assert [n for names in repeated for n in names] == []  # a repeated DEL finds none
+    with IPRoute(netns=spaces.node) as ipr:
+        assert ipr.link_lookup(ifname=v4_egress_ifname(key)) == []
+        assert ipr.link_lookup(ifname=host_ifname(key, 0, "eni")) == []
 
 
 def pod_v4(ns: str) -> dict[str, Any]:

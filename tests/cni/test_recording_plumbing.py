@@ -85,6 +85,7 @@ class TeePlumbing:
         netns: str,
         interfaces: int = 1,
         netns_fd: int | None = None,
+        v4_egress: bool = False,
     ) -> list[str]:
         errors = await self.real.teardown(
             key,
@@ -93,9 +94,15 @@ class TeePlumbing:
             netns=netns,
             interfaces=interfaces,
             netns_fd=netns_fd,
+            v4_egress=v4_egress,
         )
         await self.recording.teardown(
-            key, addresses, veth_prefix=veth_prefix, netns=netns, interfaces=interfaces
+            key,
+            addresses,
+            veth_prefix=veth_prefix,
+            netns=netns,
+            interfaces=interfaces,
+            v4_egress=v4_egress,
         )
         await self.real.settle()
         return errors

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -10,7 +14,7 @@ from ipam.imds import ImdsClient
 from tools.fleet.__main__ import main
 from tools.fleet.emulator import RequestSummary
 from tools.fleet.imds_mux import ImdsMux
-from tools.fleet.runner import PodPacer, clients_and_emulator_disagree, percentile
+from tools.fleet.runner import PodPacer, _Wave, clients_and_emulator_disagree, percentile
 from tools.lab.ec2.state import Cloud, LaunchInterface
 from tools.lab.memory_host import LinkTable, MemoryHost
 
@@ -206,3 +210,36 @@ def test_the_pod_scheduler_keeps_its_rate_when_its_sleeps_wake_late() -> None:
     now += 60.0
     pacer.idle_until(now)
     assert [pacer.take(now) for _ in range(3)] == pytest.approx([0.0, 0.002, 0.004])
+
+
+def test_after_a_stalled_loop_every_overdue_pod_is_bound_at_once() -> None:
+    # The agents share one event loop, which a loaded machine stalls now and then. Once it
+    # runs again, the pods whose slots passed meanwhile must all be bound then, not one
+    # a loop turn: on a busy loop that is slower than --pod-rate, and a node's pods then
+    # reach it after its first pool pass (the VPC CNI gives back its spare prefix).
+    async def scenario() -> int:
+        landed: list[int] = []
+        wave: Any = SimpleNamespace(
+            config=SimpleNamespace(pod_rate_per_s=500.0), pending=asyncio.Queue(), tasks=set()
+        )
+
+        async def land(node: str, pod: int) -> None:
+            landed.append(pod)
+
+        wave._land = land
+        for pod in range(50):
+            wave.pending.put_nowait(("node", pod))
+        scheduler = asyncio.create_task(_Wave._scheduler(wave))
+        await asyncio.sleep(0)  # the first pod is bound, the second's slot is 2 ms on
+        time.sleep(0.2)  # the loop stalls (an agent's work, the GIL): all 50 slots pass
+        turns = 0
+        while len(landed) < 50:
+            await asyncio.sleep(0)
+            turns += 1
+        scheduler.cancel()
+        await asyncio.gather(scheduler, return_exceptions=True)
+        assert sorted(landed) == list(range(50))
+        return turns
+
+    # A few loop turns (the scheduler's wake-up, the pods' tasks), not one per pod.
+    assert asyncio.run(scenario()) <= 5

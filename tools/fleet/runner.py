@@ -563,9 +563,13 @@ class _Wave:
                 pacer.idle_until(time.monotonic())
             else:
                 node, pod = self.pending.get_nowait()
-            # Behind the schedule (the loop was busy), bind at once until caught up, but
-            # let the other tasks run between two pods.
-            await asyncio.sleep(pacer.take(time.monotonic()))
+            # Behind the schedule (the loop was busy), bind every overdue pod now, in
+            # this loop turn: yielding between two pods would bind one a turn, which on
+            # a loaded loop is slower than the rate, and a node's pods would reach it
+            # after its first pool pass.
+            wait = pacer.take(time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
             task = asyncio.create_task(self._land(node, pod))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)

@@ -14,6 +14,8 @@ import pytest
 from ipam.ec2 import boto3_client
 from ipam.imds import ImdsClient
 from ipam.instance_types import lookup
+from ipam.nau.launch import LaunchConfig
+from ipam.nau.launch import run as run_model
 from ipam.nau.maxpods import Mode, max_pods
 from ipam.nau.vpccni_calls import NodeShape, node_calls
 from tools.fleet import vpccni_agent
@@ -116,6 +118,88 @@ def test_baseline_json_and_chart(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert results["ultranet"]["ec2_calls_per_node"] == 0
     assert results["vpc-cni"]["ec2_calls_per_node"] == 4  # DescribeENIs, tag, SGs, sweep
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_mass_restart_of_aws_node_starts_again_from_the_checkpoint(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Rolling the aws-node DaemonSet (issue 15 (e)): a new process on every node runs
+    # nodeInit again: DescribeAllENIs, each ENI's security groups (RefreshSGIDs' cache
+    # starts empty) and the leaked-ENI sweep, but no CreateTags (the ENI has its tag) and
+    # no Assign or Unassign: the checkpoint gives the pool its pods back.
+    results = _run(
+        capsys,
+        "--nodes=3",
+        "--rate=6000/min",
+        "--pods-per-node=10",
+        "--prefixes-at-launch=2",
+        "--scenario=ultranet",
+        "--baseline=vpc-cni",
+        "--restart",
+        "--no-throttle",
+        QUICK_SWEEP,
+        "--timeout=60",
+    )
+    restart = results["vpc-cni"]["restart"]
+    assert isinstance(restart, dict)
+    assert restart["nodes"] == restart["nodes_ready_again"] == 3
+    assert restart["ec2_calls_by_action"] == {
+        "DescribeNetworkInterfaces": 2 * 3,
+        "ModifyNetworkInterfaceAttribute": 3,
+    }
+    assert restart["ec2_requests_seen_by_emulator"] == 9
+    assert restart["allocations_before"] == 3 * 10
+    assert restart["allocations_lost"] == restart["addresses_duplicated"] == 0
+    assert restart["throttled_calls"] == restart["vpccni_init_failures"] == 0
+    # One shape for both agents, and the model's (its clock keys aside).
+    assert set(restart) == set(results["ultranet"]["restart"])  # type: ignore[arg-type]
+    model = run_model(
+        LaunchConfig(
+            nodes=3,
+            rate_per_min=6000,
+            prefixes_at_launch=2,
+            agent="vpc-cni",
+            restart=True,
+            vpccni_cleanup_delay_max_s=0.2,
+        )
+    )["restart"]
+    assert set(model) - {"simulated_s"} == set(restart) - {
+        "ec2_requests_seen_by_emulator",
+        "wall_s",
+    }
+    assert model["ec2_calls_by_action"] == restart["ec2_calls_by_action"]
+
+
+def test_the_checkpoint_keeps_the_pods_whose_prefix_the_node_still_holds(
+    tmp_path: Path,
+) -> None:
+    # datastore.ReadBackingStore: each pod back on the prefix holding its address; one
+    # whose prefix is gone is dropped as stale, and the file rewritten without it.
+    checkpoint = tmp_path / "ipam.json"
+
+    def agent(prefixes: list[str]) -> VpcCniAgent:
+        node = VpcCniAgent(
+            ImdsClient("http://127.0.0.1:9"),  # not reached
+            lambda region: None,
+            _Stats(),
+            VpcCniSettings(NodeShape(max_prefixes_per_eni=9, max_enis=3)),
+            _NoJitter(),
+            checkpoint=checkpoint,
+        )
+        node._enis = [vpccni_agent._Eni("eni-1", 0, {p: {} for p in prefixes})]
+        node._read_checkpoint()
+        return node
+
+    first = agent(["100.64.0.16/28", "100.64.0.32/28"])
+    for pod in range(17):
+        asyncio.run(first.allocate(f"pod-{pod}", None, multi_nic=False, origin="cni"))
+    held = first.allocations_held()
+    assert len(set(held.values())) == 17  # one address each, 16 in the first prefix
+    assert agent(["100.64.0.16/28", "100.64.0.32/28"]).allocations_held() == held
+    kept = {pod: a for pod, a in held.items() if a.startswith("100.64.0.") and int(a[9:]) < 32}
+    assert len(kept) == 16
+    assert agent(["100.64.0.16/28"]).allocations_held() == kept
+    assert agent(["100.64.0.16/28", "100.64.0.32/28"]).allocations_held() == kept
 
 
 def test_injected_5xx_are_retried_and_latency_slows_every_call(

@@ -167,8 +167,10 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _held(agent: NodeAgent) -> dict[str, str]:
+def _held(agent: NodeAgent | VpcCniAgent) -> dict[str, str]:
     """Attachment -> its addresses, as the agent holds them (none if it never started)."""
+    if isinstance(agent, VpcCniAgent):
+        return agent.allocations_held()
     try:
         allocations = agent.allocations()
     except AgentError:
@@ -365,7 +367,7 @@ class _Wave:
         result = self._result(wall, cpu, timed_out, load_before, requests)
         result["emulator_cpu_s"] = round(emulator_cpu, 2)
         result["all_pods_running_wall_s"] = round(pods_wall, 2)
-        if config.restart and not timed_out and self.scenario.agent == ULTRANET:
+        if config.restart and not timed_out:
             result["restart"] = await self._restart_all()
         await asyncio.gather(*(n.agent.stop() for n in self.nodes), return_exceptions=True)
         self.fleet.close_clients()
@@ -425,7 +427,7 @@ class _Wave:
         imds = ImdsClient(imds_url)
         agent: NodeAgent | VpcCniAgent
         if self.scenario.agent == VPC_CNI:
-            agent = self._vpccni_agent(index, imds, stats)
+            agent = self._vpccni_agent(index, state, imds, stats)
         else:
             agent = self._agent(state, imds, stats, host)
         node = NodeRun(index, instance_id, launched_at, agent, host, imds, stats, imds_url, state)
@@ -448,7 +450,11 @@ class _Wave:
             metrics=stats.metrics,
         )
 
-    def _vpccni_agent(self, index: int, imds: ImdsClient, stats: NodeStats) -> VpcCniAgent:
+    def _vpccni_agent(
+        self, index: int, state: Path, imds: ImdsClient, stats: NodeStats, generation: int = 0
+    ) -> VpcCniAgent:
+        """aws-node on node ``index``; ``generation`` counts its restarts (each a new
+        process: a new client, its own randomness, the same checkpoint file)."""
         config = self.config
         itype = lookup(config.instance_type)
         env = config.vpccni_env
@@ -469,14 +475,17 @@ class _Wave:
             with fleet._boto3_lock:  # see Fleet.ec2_factory
                 return fleet._boto3_client(region, self.url)
 
-        rng = random.Random(config.seed * 1_000_003 + index)
-        return VpcCniAgent(imds, client, stats, settings, rng)
+        rng = random.Random(config.seed * 1_000_003 + index + generation * 1_000_000_007)
+        state.mkdir(parents=True, exist_ok=True)
+        return VpcCniAgent(imds, client, stats, settings, rng, checkpoint=state / "ipam.json")
 
     async def _restart_all(self) -> dict[str, Any]:
-        """Stop every agent and start a new one on the same state directory and IMDS, all
-        at once: what rolling the DaemonSet does to a running fleet, at its worst."""
+        """Stop every agent and start a new one on the same state directory (ultranet's
+        journal, the VPC CNI's checkpoint) and IMDS, all at once: what rolling the
+        DaemonSet does to a running fleet, at its worst. Its calls are those until every
+        new agent is Ready and settled again (the VPC CNI's leaked-ENI sweep included)."""
         nodes = [n for n in self.nodes if n.error is None]
-        before = {n.index: _held(n.agent) for n in nodes if isinstance(n.agent, NodeAgent)}
+        before = {n.index: _held(n.agent) for n in nodes}
         mark = self.emulator.call("request_mark")
         started = time.monotonic()
         await asyncio.gather(*(n.agent.stop() for n in nodes))
@@ -484,11 +493,15 @@ class _Wave:
             node.stats.phase = "restart"
             node.imds.close()
             node.imds = ImdsClient(node.imds_url)
-            node.host = MemoryHost(self.emulator, node.instance_id)
-            node.agent = self._agent(node.state_dir, node.imds, node.stats, node.host)
+            if self.scenario.agent == VPC_CNI:
+                node.agent = self._vpccni_agent(
+                    node.index, node.state_dir, node.imds, node.stats, generation=1
+                )
+            else:
+                node.host = MemoryHost(self.emulator, node.instance_id)
+                node.agent = self._agent(node.state_dir, node.imds, node.stats, node.host)
 
         async def start(node: NodeRun) -> float | None:
-            assert isinstance(node.agent, NodeAgent)
             begun = time.monotonic()
             await node.agent.start()
             if not await node.agent.wait_ready(self.config.timeout_s):
@@ -497,9 +510,16 @@ class _Wave:
             return node.agent.ready_at - begun
 
         ready = await asyncio.gather(*(start(n) for n in nodes), return_exceptions=True)
-        wall = time.monotonic() - started
         times = [t for t in ready if isinstance(t, float)]
-        after = {n.index: _held(n.agent) for n in nodes if isinstance(n.agent, NodeAgent)}
+        unsettled = []
+        if len(times) == len(nodes):
+            try:
+                async with asyncio.timeout(self.config.timeout_s):
+                    await self._settle()
+            except TimeoutError:
+                unsettled = [f"not settled again within {self.config.timeout_s:g} s"]
+        wall = time.monotonic() - started
+        after = {n.index: _held(n.agent) for n in nodes}
         lost = sum(
             1
             for i, held in before.items()
@@ -514,12 +534,17 @@ class _Wave:
         return {
             "nodes": len(nodes),
             "nodes_ready_again": len(times),
-            "failures": sorted(
-                {f"{type(r).__name__}: {r}" for r in ready if isinstance(r, BaseException)}
-            )[:5],
+            "failures": unsettled
+            + sorted({f"{type(r).__name__}: {r}" for r in ready if isinstance(r, BaseException)})[
+                :5
+            ],
             "ec2_calls": sum(calls.values()),
             "ec2_calls_by_action": dict(calls),
             "ec2_requests_seen_by_emulator": requests.requests,
+            "throttled_calls": sum(n.stats.throttled["restart"] for n in nodes),
+            "vpccni_init_failures": sum(
+                n.agent.init_failures for n in nodes if isinstance(n.agent, VpcCniAgent)
+            ),
             "allocations_before": sum(len(h) for h in before.values()),
             "allocations_lost": lost,
             "addresses_duplicated": len(addresses) - len(set(addresses)),

@@ -23,25 +23,41 @@ throttling as ultranet's agents in the same run:
 * every EC2 request through the Go SDK's standard retryer (``vpccni_calls.SDK``: 3
   attempts, full-jitter back-off, a per-client retry quota).
 
-A pod's address comes from the in-memory datastore (the CNI ADD path makes no EC2 call);
-when none is free the ADD fails and the kubelet retries, as with ultranet.
+A pod's address comes from the in-memory datastore (the CNI ADD path makes no EC2 call),
+which rewrites its checkpoint file on every assignment (``datastore.AssignPodIPv4Address``
+-> ``writeBackingStoreUnsafe``); when none is free the ADD fails and the kubelet retries,
+as with ultranet.
+
+A restart (the DaemonSet rolled: a new aws-node process) is a new ``VpcCniAgent`` on the
+same checkpoint: a new SDK client with a full retry quota, ``nodeInit`` again (IMDS,
+``DescribeAllENIs``, ``CreateTags`` only on an ENI lacking the node tag, a security-group
+``ModifyNetworkInterfaceAttribute`` on every ENI since ``RefreshSGIDs``' cache starts
+empty), the pods of the checkpoint re-attached to the prefixes IMDS lists
+(``ReadBackingStore``: an address in none of them is dropped as stale), the pool passes and
+their 30 s release timer from zero, and the leaked-ENI sweep drawn again (``awsutils.New``).
 
 Departures, by design: no host networking (the runner's in-memory host is not used); no
 IMDS-versus-datastore reconcile (the emulator's IMDS is never stale, so it would make no
-EC2 call); a failed release puts its prefixes back in the datastore at once, where the
-VPC CNI's reconcile would re-add them 60 s later after a DescribeNetworkInterfaces.
+EC2 call); every pod of the checkpoint is alive (``ReadBackingStore`` drops those whose
+host veth is gone; there are no veths here); a failed release puts its prefixes back in
+the datastore at once, where the VPC CNI's reconcile would re-add them 60 s later after a
+DescribeNetworkInterfaces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 from ipam.datastore_errors import PoolExhausted
@@ -78,6 +94,7 @@ ENI_BACKOFF_MAX_S = 60.0  # maxENIBackoffDelay
 DETACH_BACKOFF = (0.2, 0.15)  # freeENI: NewSimpleBackoff(200 ms, max, jitter 0.15, 2)
 DELETE_BACKOFF = (0.5, 0.15)  # deleteENI: NewSimpleBackoff(500 ms, max, jitter 0.15, 2)
 SLEEP_AFTER_DETACH_S = 2.0  # FreeENI: "it does take awhile for EC2 to detach ENI"
+CHECKPOINT_VERSION = "vpc-cni-ipam/1"  # datastore.CheckpointFormatVersion
 
 
 class CallStats(Protocol):
@@ -117,7 +134,8 @@ class VpcCniStatus:
 class _Eni:
     eni_id: str
     device: int
-    used: dict[str, int] = field(default_factory=dict)  # prefix -> addresses assigned
+    # prefix -> {address: the pod's key}, the datastore's CidrInfo.IPAddresses
+    used: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def prefixes(self) -> int:
@@ -135,8 +153,10 @@ class VpcCniAgent:
         stats: CallStats,
         settings: VpcCniSettings,
         rng: random.Random,
+        checkpoint: Path | None = None,
     ) -> None:
         self.imds = imds
+        self.checkpoint = checkpoint  # None: the datastore keeps no backing store
         self._client_factory = client_factory
         self._client: Any = None
         self.stats = stats
@@ -171,14 +191,34 @@ class VpcCniAgent:
         return True
 
     async def allocate(self, key: Any, ref: Any, *, multi_nic: bool, origin: str) -> None:
-        """CNI ADD: the first prefix with a free address (datastore.AssignPodIPv4Address);
-        none free is the error the kubelet retries."""
+        """CNI ADD (datastore.AssignPodIPv4Address): the pod's address if it has one, else
+        the first free address of the first prefix with one, checkpointed before the
+        answer (a failed write unwinds it); none free is the error the kubelet retries."""
+        pod = str(key)
+        if pod in self.allocations_held():
+            return
         for eni in self._enis:
             for prefix, used in eni.used.items():
-                if used < ADDRESSES_PER_PREFIX:
-                    eni.used[prefix] = used + 1
+                if len(used) < ADDRESSES_PER_PREFIX:
+                    network = ipaddress.IPv4Network(prefix)
+                    address = next(str(a) for a in network if str(a) not in used)
+                    used[address] = pod
+                    try:
+                        self._write_checkpoint()
+                    except OSError:
+                        del used[address]
+                        raise
                     return
         raise PoolExhausted([0], "vpc-cni datastore has no free address")
+
+    def allocations_held(self) -> dict[str, str]:
+        """Pod key -> its address, as the datastore holds them."""
+        return {
+            pod: address
+            for eni in self._enis
+            for used in eni.used.values()
+            for address, pod in used.items()
+        }
 
     async def status(self) -> VpcCniStatus:
         settled = self._ready.is_set() and self._cleanup_done and not self._wants_change()
@@ -244,6 +284,7 @@ class VpcCniAgent:
             if tags.get(interface.interface_id, {}).get(NODE_TAG) != self._instance_id:
                 await self._tag(interface.interface_id)
         self._enis = [self._eni(i) for i in managed]  # setupENI
+        self._read_checkpoint()  # ReadBackingStore (via ReadAllDataStores)
         # RefreshSGIDs: the cache starts empty, so every group is "added"; errors ignored
         self._groups = primary.security_group_ids
         if self._groups:
@@ -266,8 +307,57 @@ class VpcCniAgent:
         return _Eni(
             interface.interface_id,
             interface.device_number,
-            {str(p): 0 for p in interface.ipv4_prefixes},
+            {str(p): {} for p in interface.ipv4_prefixes},
         )
+
+    # -- the datastore's backing store (datastore.go) ------------------------------------
+
+    def _write_checkpoint(self) -> None:
+        """writeBackingStoreUnsafe -> Checkpoint: the whole file, to a temporary file in
+        the same directory, fsync'd, renamed over the last one."""
+        if self.checkpoint is None:
+            return
+        data = {
+            "version": CHECKPOINT_VERSION,
+            "allocations": [
+                {"ipamKey": pod, "ipv4": address}
+                for pod, address in self.allocations_held().items()
+            ],
+        }
+        temporary = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        with temporary.open("w") as out:
+            json.dump(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        temporary.replace(self.checkpoint)
+
+    def _read_checkpoint(self) -> None:
+        """ReadBackingStore: each allocation back on the prefix that holds its address;
+        one in no prefix of the ENIs IMDS lists is dropped ("presuming stale/dead"); no
+        file is a new node. The file is rewritten: dropped entries leave it."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return
+        try:
+            data = json.loads(self.checkpoint.read_text())
+        except (OSError, ValueError) as err:
+            raise InitFailed(f"ipam state recovery from {self.checkpoint}: {err}") from err
+        if data.get("version") != CHECKPOINT_VERSION:
+            raise InitFailed(f"checkpoint version {data.get('version')!r}")
+        prefixes = {
+            ipaddress.IPv4Network(prefix): used
+            for eni in self._enis
+            for prefix, used in eni.used.items()
+        }
+        for allocation in data["allocations"]:
+            address = ipaddress.IPv4Address(allocation["ipv4"])
+            used = next((u for net, u in prefixes.items() if address in net), None)
+            if used is None:
+                log.info(
+                    "vpc-cni: %s uses unknown address %s: stale", allocation["ipamKey"], address
+                )
+                continue
+            used[str(address)] = allocation["ipamKey"]
+        self._write_checkpoint()
 
     async def _tag(self, eni_id: str) -> None:
         """TagENI: retry.NWithBackoff(500 ms, x2, jitter 0.3), 5 tries."""
@@ -307,11 +397,11 @@ class VpcCniAgent:
 
     def _counts(self) -> tuple[int, int]:
         total = sum(e.prefixes for e in self._enis)
-        assigned = sum(sum(e.used.values()) for e in self._enis)
+        assigned = sum(len(used) for e in self._enis for used in e.used.values())
         return total, assigned
 
     def _free(self) -> int:
-        return sum(1 for e in self._enis for used in e.used.values() if used == 0)
+        return sum(1 for e in self._enis for used in e.used.values() if not used)
 
     def _too_low(self) -> bool:
         total, assigned = self._counts()
@@ -369,7 +459,7 @@ class VpcCniAgent:
                 log.info("vpc-cni: %s; trying 1 prefix", err)
                 answer = await self._assign(eni.eni_id, 1)
             for prefix in answer.get("AssignedIpv4Prefixes", []):
-                eni.used.setdefault(prefix["Ipv4Prefix"], 0)
+                eni.used.setdefault(prefix["Ipv4Prefix"], {})
             return
         if len(self._enis) < shape.max_enis:
             with contextlib.suppress(Ec2CallFailed):  # an ENI failure never fails init
@@ -384,7 +474,7 @@ class VpcCniAgent:
     async def _release(self, over: int) -> None:
         """decreaseDatastorePool -> tryUnassignCidrsFromAll -> DeallocCidrs."""
         for eni in reversed(self._enis):
-            free = [p for p, used in eni.used.items() if used == 0][:over]
+            free = [p for p, used in eni.used.items() if not used][:over]
             if not free:
                 continue
             for prefix in free:
@@ -396,7 +486,7 @@ class VpcCniAgent:
             except Ec2CallFailed as err:
                 log.info("vpc-cni release failed: %s", err)
                 for prefix in free:  # the reconcile would add them back (see module doc)
-                    eni.used[prefix] = 0
+                    eni.used[prefix] = {}
             over -= len(free)
             if over <= 0:
                 return

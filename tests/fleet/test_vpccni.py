@@ -152,7 +152,8 @@ def test_a_mass_restart_of_aws_node_starts_again_from_the_checkpoint(
     assert restart["allocations_lost"] == restart["addresses_duplicated"] == 0
     assert restart["throttled_calls"] == restart["vpccni_init_failures"] == 0
     # One shape for both agents, and the model's (its clock keys aside).
-    assert set(restart) == set(results["ultranet"]["restart"])  # type: ignore[arg-type]
+    ultranet = results["ultranet"]["restart"]
+    assert isinstance(ultranet, dict) and set(restart) == set(ultranet)
     model = run_model(
         LaunchConfig(
             nodes=3,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import netns, owner
+from tools.lab import cli, netns, owner
 from tools.lab.lab import Lab, LabConfig, read_records, remove_leftovers
 
 pytestmark = pytest.mark.netns
@@ -83,9 +83,8 @@ def test_another_processs_lab_is_kept_while_it_lives_and_removed_once_killed(
     }
     with Lab(SMALL, state_root=tmp_path / "mine"):
         assert all(netns.exists(n) for n in namespaces)
-    child.send_signal(signal.SIGKILL)
+    child.send_signal(signal.SIGKILL)  # kill -9: it removes nothing of its own
     child.wait()
-    assert all(netns.exists(n) for n in namespaces)  # kill -9 leaves them behind
     with Lab(SMALL, state_root=tmp_path / "mine"):  # another root: still a crash's leftovers
         assert not any(netns.exists(n) for n in namespaces)
     assert not [n for n in owner.marked() if n in namespaces]
@@ -108,7 +107,7 @@ def test_a_mark_naming_a_reused_pid_is_a_dead_owner(tmp_path: Path) -> None:
         remove_leftovers(tmp_path)
         assert netns.exists(name)  # this process lives
         owner.mark(name, owner.Owner(os.getpid(), "1"))  # this pid, another process's start
-        assert name in remove_leftovers(tmp_path)
+        remove_leftovers(tmp_path)  # (or another process's lab start, meanwhile)
         assert not netns.exists(name)
 
 
@@ -128,9 +127,25 @@ def test_marks_of_gone_namespaces_are_pruned_only_when_their_owner_is_gone() -> 
     try:
         owner.mark(dead, owner.Owner(exited.pid, "1"))
         owner.mark(pending, owner.Owner.this_process())  # about to create it, say
-        assert dead in netns.prune_marks()
+        netns.prune_marks()  # (or another process's lab start, meanwhile)
         assert dead not in owner.marked()
         assert pending in owner.marked()
     finally:
         owner.unmark(dead)
         owner.unmark(pending)
+
+
+def test_status_lists_unmarked_namespaces_and_not_a_live_owners(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    unmarked = f"{netns.PREFIX}unmarked-{os.urandom(4).hex()}"
+    subprocess.run(["ip", "netns", "add", unmarked], check=True)
+    try:
+        with netns.scratch("live") as live:
+            assert cli.main(["status", "--json"]) == 0
+            status = json.loads(capsys.readouterr().out)
+        assert unmarked in status["unowned_namespaces"]
+        assert unmarked not in status["orphan_namespaces"]
+        assert live not in status["unowned_namespaces"] + status["orphan_namespaces"]
+    finally:
+        netns.delete(unmarked)

@@ -159,9 +159,10 @@ def test_start_removes_what_a_killed_lab_left(lab_factory: LabFactory) -> None:
     child, record = _serve_lab_in_child()
     namespaces = record["namespaces"]
     assert isinstance(namespaces, list)
-    child.send_signal(signal.SIGKILL)
+    child.send_signal(signal.SIGKILL)  # kill -9: it removes nothing of its own
     child.wait()
-    assert all(netns.exists(n) for n in namespaces)  # kill -9 leaves them behind
+    # (Not asserted that they are still there now: on a shared machine another process's
+    # lab start may already have removed them, its owner being dead.)
     lab_factory()
     assert not any(netns.exists(n) for n in namespaces)
 

@@ -39,6 +39,8 @@ What it leaves out: host networking, IMDS lag (the reconcile's DescribeNetworkIn
 when IMDS and the pool disagree), pods leaving (no cooldown churn), subnet exhaustion,
 multi-NIC, the machine's own CPU (every node runs on its own), and instance launches
 (``RunInstances`` is the launcher's, not the CNI's). Pure: no I/O but the data file.
+``LabHost`` is how a real lab run's machine is put back, for holding the model to that
+run: its nodes' first requests, answer latencies and late sleeps, replayed.
 
 Its cost is one event per EC2 request, throttled ones included, and a few per node and
 pod: a wave with no calls plays 100,000 nodes in seconds. A throttle storm costs what
@@ -194,6 +196,59 @@ class Faults:
 
 
 @dataclass(frozen=True, slots=True)
+class LabHost:
+    """The lab's machine as a real run (``tools/fleet``) measured it, replayed so that the
+    model is held to that run on the same inputs. Not EC2, and not what a user's fleet
+    sees: there each node is its own machine and ``Timings`` hold. Here hundreds of
+    agents share one process on a loaded 2-core machine, and three things depend on its
+    load from run to run (``ipam/nau/README.md``, "launch", says how much):
+
+    * ``first_request_s``: each node's first EC2 request, seconds after its launch, in
+      launch order (None: the node made none). Client builds and IMDS reads queue for
+      the process's one CPU, so late nodes of a storm start seconds after early ones;
+    * ``request_latency_s``: quantiles (0-100 %) of the answers' latencies as the agents
+      saw them (the emulator's queue, the HTTP round trip, the agent's resumption); each
+      answer draws one;
+    * ``timer_lag_s``: quantiles of how late a sleep wakes (the event loop's lag); each
+      back-off and retry sleep draws one.
+    """
+
+    first_request_s: tuple[float | None, ...]
+    request_latency_s: tuple[float, ...]
+    timer_lag_s: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("request_latency_s", "timer_lag_s"):
+            values = getattr(self, name)
+            if (
+                len(values) < 2
+                or values[0] < 0
+                or any(b < a for a, b in zip(values, values[1:], strict=False))
+            ):
+                raise ValueError(f"lab {name}: at least 2 quantiles, >= 0, ascending")
+        if any(t is not None and t < 0 for t in self.first_request_s):
+            raise ValueError("lab first_request_s: seconds after launch, >= 0")
+
+    @classmethod
+    def from_fleet(cls, result: Mapping[str, Any]) -> LabHost:
+        """From a ``tools/fleet`` wave's JSON (its keys of the same names)."""
+        return cls(
+            tuple(result["first_request_after_launch_s"]),
+            tuple(result["request_latency_s"]),
+            tuple(result["loop_lag_s"]),
+        )
+
+
+def draw(quantiles: tuple[float, ...], rng: random.Random) -> float:
+    """A value of the distribution whose evenly spaced quantiles these are."""
+    at = rng.random() * (len(quantiles) - 1)
+    i = int(at)
+    if i >= len(quantiles) - 1:
+        return quantiles[-1]
+    return quantiles[i] + (quantiles[i + 1] - quantiles[i]) * (at - i)
+
+
+@dataclass(frozen=True, slots=True)
 class LaunchConfig:
     nodes: int
     rate_per_min: float
@@ -225,6 +280,9 @@ class LaunchConfig:
     # (tools/fleet's ``launch_at_s``) replayed, so a machine that fell behind its launch
     # schedule is compared on the launches it made. None: the rate or the bursts.
     launch_at_s: tuple[float, ...] | None = None
+    # The lab's machine as a real run measured it (``LabHost``); None: each node on its
+    # own machine, as on AWS (``timings``).
+    lab: LabHost | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -256,6 +314,13 @@ class LaunchConfig:
                 raise ValueError("launch times must be >= 0 and in launch order")
             if self.sample not in (None, 1):
                 raise ValueError("replayed launch times are played in full (sample 1)")
+        if self.lab is not None:
+            if len(self.lab.first_request_s) != self.nodes:
+                raise ValueError(
+                    f"lab: {len(self.lab.first_request_s)} first requests for {self.nodes} nodes"
+                )
+            if self.sample not in (None, 1):
+                raise ValueError("a replayed lab is played in full (sample 1)")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -406,6 +471,7 @@ class _Wave:
         self.agent_config = load_config(dict(config.env))
         self.targets = self.agent_config.warm_targets()
         self.rng = random.Random(config.seed)
+        self.lab_rng = random.Random(config.seed * 7919 + 1)  # the lab's draws: apart
         self.now = 0.0
         self._seq = 0
         self.heap: list[tuple[float, int, Any, Any, _Node | None]] = []
@@ -641,14 +707,34 @@ class _Wave:
                 if self.stop_when_throttled:
                     raise _Throttled
                 node.throttled += 1
-                return "RequestLimitExceeded", self.timings.ec2_call_s
+                return "RequestLimitExceeded", self.answer_s()
         faults = self.config.faults
-        latency = self.timings.ec2_call_s + faults.latency_s
+        latency = self.answer_s() + faults.latency_s
         if faults.internal and self.rng.random() < faults.internal:
             return "InternalError", latency
         if faults.unavailable and self.rng.random() < faults.unavailable:
             return "Unavailable", latency
         return None, latency
+
+    def answer_s(self) -> float:
+        """One answer's latency: ``Timings``, or a draw of the lab's."""
+        lab = self.config.lab
+        if lab is None:
+            return self.timings.ec2_call_s
+        return draw(lab.request_latency_s, self.lab_rng)
+
+    def slept(self, seconds: float) -> float:
+        """An agent's sleep of ``seconds``: on the lab's machine it wakes late."""
+        lab = self.config.lab
+        return seconds if lab is None else seconds + draw(lab.timer_lag_s, self.lab_rng)
+
+    def client_s(self, node: _Node) -> float:
+        """From now until the node's new EC2 client sends its first request."""
+        lab = self.config.lab
+        first = None if lab is None or node.phase == "restart" else lab.first_request_s[node.index]
+        if first is None:
+            return self.timings.ec2_client_s
+        return max(0.0, node.launched_at + first - self.now)
 
     def ultranet_call(self, node: _Node, action: str) -> Generator[float | _Wait, None, bool]:
         """``Ec2Client._call``: client bucket and pacer, request, retries; True if done."""
@@ -657,7 +743,7 @@ class _Wave:
             node.bucket = TokenBucket(
                 self.agent_config.ec2_rate, self.agent_config.ec2_burst, self.clock
             )
-            yield self.timings.ec2_client_s
+            yield self.client_s(node)
         assert node.bucket is not None
         pacer = node.pacers.get(action)
         if pacer is None:
@@ -694,7 +780,7 @@ class _Wave:
                 return False
             cap = min(CLIENT["max_delay_s"], CLIENT["base_delay_s"] * 2 ** (attempt - 1))
             node.retries += 1
-            gap = latency + self.rng.uniform(0.0, cap)
+            gap = latency + self.slept(self.rng.uniform(0.0, cap))
 
     def _then(self, at: float, work: Callable[[], T]) -> T:
         """``work`` as at simulated time ``at`` (>= now): for a node's own state only."""
@@ -718,7 +804,7 @@ class _Wave:
             yield 0.0  # the last failed answer comes before this request
         if not node.client:
             node.client = True
-            yield self.timings.ec2_client_s
+            yield self.client_s(node)
         attempt = 0
         while True:
             attempt += 1
@@ -731,6 +817,8 @@ class _Wave:
                     node.quota = min(sdk.quota_tokens, node.quota + sdk.retry_cost)
                 return True
             if attempt >= sdk.max_attempts or node.quota < sdk.retry_cost:
+                # Its callers sleep next (a back-off, a pool pass, a restart).
+                latency = self.slept(latency) if self.config.lab else latency
                 if answer_later:
                     node.owed = latency
                 else:
@@ -741,7 +829,7 @@ class _Wave:
             bound = sdk.backoff_bound_s(attempt)
             backoff = bound if sdk.backoff_is_fixed(attempt) else self.rng.uniform(0.0, bound)
             # The answer, then the back-off: one wait (only this node is involved).
-            yield latency + backoff
+            yield latency + self.slept(backoff)
 
     # -- ultranet's agent ----------------------------------------------------------
 
@@ -879,7 +967,7 @@ class _Wave:
             restart_in = min(timers.restart_backoff_max_s, restart_in * 2)
         self.ready(node)
         self.start_leak_scan(node)
-        yield timers.first_pass_after_s
+        yield self.slept(timers.first_pass_after_s)
         shape = self.vpccni_shape
         target = shape.warm_prefix_target
         last_decrease = -math.inf
@@ -901,7 +989,7 @@ class _Wave:
                     passes = math.ceil((self.now - passed) / timers.pool_pass_s)
                     yield passed + max(1, passes) * timers.pool_pass_s - self.now
                     continue
-            yield timers.pool_pass_s
+            yield self.slept(timers.pool_pass_s)
 
     def _vpccni_init(self, node: _Node) -> Generator[float | _Wait, None, bool]:
         """``nodeInit``: describe, tag and refresh groups of every ENI, then pre-scale."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from ipam.instance_types import lookup
 from ipam.nau import launch
 from ipam.nau import vpccni_calls as vpccni
 from ipam.nau.cli import main
-from ipam.nau.launch import Faults, LaunchConfig, Timings, load_timings, run
+from ipam.nau.launch import Faults, LabHost, LaunchConfig, Timings, draw, load_timings, run
 from ipam.nau.throttle import BucketSpec, load_table
 
 KEYS = {  # what issue 15 asks every scenario object to carry, as tools/fleet does
@@ -177,6 +178,75 @@ def test_a_real_runs_launches_are_replayed_as_made() -> None:
         replace(steady, launch_at_s=on_time[:10])
     with pytest.raises(ValueError, match="launch order"):
         replace(steady, launch_at_s=tuple(reversed(on_time)))
+
+
+# The VPC CNI's start storm of the calibration test, small: 150 nodes at 2,000/min against
+# AWS's DescribeNetworkInterfaces bucket (50, 10/s), 2 prefixes at launch, no pods.
+VPCCNI_STORM = LaunchConfig(
+    nodes=150,
+    rate_per_min=2000,
+    pods_per_node=0,
+    prefixes_at_launch=2,
+    agent="vpc-cni",
+    throttle=load_table(),
+    vpccni_cleanup_delay_max_s=5.0,
+    timings=TIMINGS,
+)
+
+
+def _lab(first: float, latency: float, lag: float, nodes: int = 150) -> LabHost:
+    return LabHost((first,) * nodes, (latency, latency), (lag, lag))
+
+
+def test_a_lab_like_the_timings_plays_the_same_wave() -> None:
+    # The lab's host replayed with the shipped timings' values (first request after
+    # start and client, every answer ec2_call_s, sleeps on time) is the wave as before.
+    same = _lab(TIMINGS.start_s + TIMINGS.ec2_client_s, TIMINGS.ec2_call_s, 0.0)
+    keys = ("ec2_calls_by_action", "throttled_calls", "ready_p50_s", "ready_p99_s")
+    before, replayed = run(VPCCNI_STORM), run(replace(VPCCNI_STORM, lab=same))
+    assert {k: replayed[k] for k in keys} == {k: before[k] for k in keys}
+    assert before["throttled_calls"] > VPCCNI_STORM.nodes  # the storm this is about
+
+
+def test_the_labs_first_requests_answers_and_late_sleeps_are_replayed() -> None:
+    calm = replace(VPCCNI_STORM, throttle=None)
+    # Unthrottled: Ready = the first request + DescribeAllENIs, CreateTags, Modify.
+    late = run(replace(calm, lab=_lab(2.0, 0.25, 0.0)))
+    assert late["ready_p50_s"] == pytest.approx(2.0 + 3 * 0.25)
+    assert late["ready_p99_s"] == pytest.approx(2.0 + 3 * 0.25)
+
+    # In the storm, a node that waits longer between its attempts makes fewer of them
+    # while the bucket's 10 tokens a second set who is Ready when.
+    def describes(result: dict[str, object]) -> float:
+        by_action = result["ec2_calls_by_action"]
+        assert isinstance(by_action, dict)
+        return float(by_action["DescribeNetworkInterfaces"]["per_node_mean"])
+
+    on_time = run(replace(VPCCNI_STORM, lab=_lab(0.03, 0.001, 0.0)))
+    lagging = run(replace(VPCCNI_STORM, lab=_lab(0.03, 0.001, 0.5)))
+    assert describes(lagging) < 0.92 * describes(on_time)
+    # Nodes whose first request comes late meet a bucket that refilled meanwhile.
+    spread = LabHost(tuple(i * 0.1 for i in range(150)), (0.001, 0.001), (0.0, 0.0))
+    assert run(replace(VPCCNI_STORM, lab=spread))["throttled_calls"] < on_time["throttled_calls"]
+
+
+def test_a_labs_draws_follow_its_quantiles() -> None:
+    rng = random.Random(1)
+    quantiles = (0.0, 0.1, 1.0)  # half the mass below 0.1, half in 0.1-1.0
+    values = [draw(quantiles, rng) for _ in range(4000)]
+    assert 0.45 < sum(v < 0.1 for v in values) / len(values) < 0.55
+    assert min(values) >= 0.0 and max(values) <= 1.0
+
+
+def test_a_lab_must_fit_the_wave() -> None:
+    with pytest.raises(ValueError, match="first requests for 150 nodes"):
+        replace(VPCCNI_STORM, lab=_lab(0.1, 0.1, 0.0, nodes=10))
+    with pytest.raises(ValueError, match="ascending"):
+        LabHost((0.1,), (0.2, 0.1), (0.0, 0.0))
+    with pytest.raises(ValueError, match=">= 0"):
+        LabHost((-1.0,), (0.1, 0.2), (0.0, 0.0))
+    with pytest.raises(ValueError, match="played in full"):
+        replace(VPCCNI_STORM, lab=_lab(0.1, 0.1, 0.0), sample=2)
 
 
 def test_a_timeout_reports_the_nodes_not_ready() -> None:

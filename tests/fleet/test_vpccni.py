@@ -178,7 +178,7 @@ def test_the_checkpoint_keeps_the_pods_whose_prefix_the_node_still_holds(
     # whose prefix is gone is dropped as stale, and the file rewritten without it.
     checkpoint = tmp_path / "ipam.json"
 
-    def agent(prefixes: list[str]) -> VpcCniAgent:
+    async def agent(prefixes: list[str]) -> VpcCniAgent:
         node = VpcCniAgent(
             ImdsClient("http://127.0.0.1:9"),  # not reached
             lambda region: None,
@@ -188,19 +188,26 @@ def test_the_checkpoint_keeps_the_pods_whose_prefix_the_node_still_holds(
             checkpoint=checkpoint,
         )
         node._enis = [vpccni_agent._Eni("eni-1", 0, {p: {} for p in prefixes})]
-        node._read_checkpoint()
+        await node._restore()
         return node
 
-    first = agent(["100.64.0.16/28", "100.64.0.32/28"])
-    for pod in range(17):
-        asyncio.run(first.allocate(f"pod-{pod}", None, multi_nic=False, origin="cni"))
-    held = first.allocations_held()
-    assert len(set(held.values())) == 17  # one address each, 16 in the first prefix
-    assert agent(["100.64.0.16/28", "100.64.0.32/28"]).allocations_held() == held
-    kept = {pod: a for pod, a in held.items() if a.startswith("100.64.0.") and int(a[9:]) < 32}
-    assert len(kept) == 16
-    assert agent(["100.64.0.16/28"]).allocations_held() == kept
-    assert agent(["100.64.0.16/28", "100.64.0.32/28"]).allocations_held() == kept
+    async def restarts() -> None:
+        first = await agent(["100.64.0.16/28", "100.64.0.32/28"])
+        await asyncio.gather(
+            *(
+                first.allocate(f"pod-{pod}", None, multi_nic=False, origin="cni")
+                for pod in range(17)
+            )
+        )
+        held = first.allocations_held()
+        assert len(set(held.values())) == 17  # one address each, 16 in the first prefix
+        assert (await agent(["100.64.0.16/28", "100.64.0.32/28"])).allocations_held() == held
+        kept = {pod: a for pod, a in held.items() if int(a.split(".")[3]) < 32}
+        assert len(kept) == 16
+        assert (await agent(["100.64.0.16/28"])).allocations_held() == kept
+        assert (await agent(["100.64.0.16/28", "100.64.0.32/28"])).allocations_held() == kept
+
+    asyncio.run(restarts())
 
 
 def test_injected_5xx_are_retried_and_latency_slows_every_call(

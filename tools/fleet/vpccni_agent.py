@@ -97,6 +97,21 @@ SLEEP_AFTER_DETACH_S = 2.0  # FreeENI: "it does take awhile for EC2 to detach EN
 CHECKPOINT_VERSION = "vpc-cni-ipam/1"  # datastore.CheckpointFormatVersion
 
 
+def _write_atomically(path: Path, data: Any) -> None:
+    """checkpoint.go's Checkpoint: a temporary file in the same directory, fsync'd, then
+    renamed over the last one."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w") as out:
+        json.dump(data, out)
+        out.flush()
+        os.fsync(out.fileno())
+    temporary.replace(path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
 class CallStats(Protocol):
     """The runner's per-node counters (``runner.NodeStats``)."""
 
@@ -157,6 +172,7 @@ class VpcCniAgent:
     ) -> None:
         self.imds = imds
         self.checkpoint = checkpoint  # None: the datastore keeps no backing store
+        self._checkpoint_lock = asyncio.Lock()
         self._client_factory = client_factory
         self._client: Any = None
         self.stats = stats
@@ -204,7 +220,7 @@ class VpcCniAgent:
                     address = next(str(a) for a in network if str(a) not in used)
                     used[address] = pod
                     try:
-                        self._write_checkpoint()
+                        await self._checkpoint()
                     except OSError:
                         del used[address]
                         raise
@@ -284,7 +300,7 @@ class VpcCniAgent:
             if tags.get(interface.interface_id, {}).get(NODE_TAG) != self._instance_id:
                 await self._tag(interface.interface_id)
         self._enis = [self._eni(i) for i in managed]  # setupENI
-        self._read_checkpoint()  # ReadBackingStore (via ReadAllDataStores)
+        await self._restore()  # ReadBackingStore (via ReadAllDataStores)
         # RefreshSGIDs: the cache starts empty, so every group is "added"; errors ignored
         self._groups = primary.security_group_ids
         if self._groups:
@@ -312,33 +328,30 @@ class VpcCniAgent:
 
     # -- the datastore's backing store (datastore.go) ------------------------------------
 
-    def _write_checkpoint(self) -> None:
-        """writeBackingStoreUnsafe -> Checkpoint: the whole file, to a temporary file in
-        the same directory, fsync'd, renamed over the last one."""
+    async def _checkpoint(self) -> None:
+        """writeBackingStoreUnsafe -> Checkpoint: the whole datastore, one write at a time,
+        each of the datastore as it is when its turn comes. Off the event loop: each
+        aws-node writes on its own machine, here every agent shares this one loop."""
         if self.checkpoint is None:
             return
-        data = {
-            "version": CHECKPOINT_VERSION,
-            "allocations": [
+        async with self._checkpoint_lock:
+            allocations = [
                 {"ipamKey": pod, "ipv4": address}
                 for pod, address in self.allocations_held().items()
-            ],
-        }
-        temporary = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        with temporary.open("w") as out:
-            json.dump(data, out)
-            out.flush()
-            os.fsync(out.fileno())
-        temporary.replace(self.checkpoint)
+            ]
+            data = {"version": CHECKPOINT_VERSION, "allocations": allocations}
+            await asyncio.to_thread(_write_atomically, self.checkpoint, data)
 
-    def _read_checkpoint(self) -> None:
+    async def _restore(self) -> None:
         """ReadBackingStore: each allocation back on the prefix that holds its address;
         one in no prefix of the ENIs IMDS lists is dropped ("presuming stale/dead"); no
         file is a new node. The file is rewritten: dropped entries leave it."""
-        if self.checkpoint is None or not self.checkpoint.exists():
+        if self.checkpoint is None:
             return
         try:
-            data = json.loads(self.checkpoint.read_text())
+            data = await asyncio.to_thread(_read_json, self.checkpoint)
+        except FileNotFoundError:
+            return
         except (OSError, ValueError) as err:
             raise InitFailed(f"ipam state recovery from {self.checkpoint}: {err}") from err
         if data.get("version") != CHECKPOINT_VERSION:
@@ -357,7 +370,7 @@ class VpcCniAgent:
                 )
                 continue
             used[str(address)] = allocation["ipamKey"]
-        self._write_checkpoint()
+        await self._checkpoint()
 
     async def _tag(self, eni_id: str) -> None:
         """TagENI: retry.NWithBackoff(500 ms, x2, jitter 0.3), 5 tries."""

@@ -87,6 +87,15 @@ def test_a_small_wave_with_and_without_prefixes_at_launch(
     for result in results.values():
         assert result["clients_and_emulator_disagree"] == []
     assert reactive["ready_p50_s"] > launched["ready_p50_s"]
+    # This machine's side of the calls, for the model to replay: none at launch with
+    # prefixes; each reactive node's first request after its launch, and the spread of
+    # the requests' and the loop's times.
+    assert launched["first_request_after_launch_s"] == [None] * 20
+    assert launched["request_latency_s"] == []
+    firsts = reactive["first_request_after_launch_s"]
+    assert len(firsts) == 20 and all(0 <= t < 60 for t in firsts)
+    for spread in (reactive["request_latency_s"], reactive["loop_lag_s"]):
+        assert len(spread) == 101 and spread == sorted(spread) and spread[0] >= 0
     # Every agent restarted at once on a running fleet: IMDS and the journal agree, so no
     # EC2 call, and every pod keeps its address.
     for result in results.values():

@@ -122,10 +122,16 @@ class NodeStats:
         self.errors: Counter[str] = Counter()  # by code, throttling included
         self.succeeded: dict[str, Counter[str]] = {p: Counter() for p in PHASES}  # by action
         self.client_wait_s = 0.0  # in the agent's own client-side rate limit
+        self.first_request_at: float | None = None  # when its first EC2 request left
+        self.latencies: list[float] = []  # each request's, call -> answer, s (not a restart's)
 
     def request(self, action: str, latency_s: float, error_code: str | None) -> None:
         self.metrics.request(action, latency_s, error_code)
         with self._lock:
+            if self.first_request_at is None:
+                self.first_request_at = time.monotonic() - latency_s
+            if self.phase != "restart":
+                self.latencies.append(latency_s)
             self.calls[self.phase][action] += 1
             if error_code is None:
                 self.succeeded[self.phase][action] += 1
@@ -165,6 +171,15 @@ class NodeRun:
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def quantiles(values: list[float]) -> list[float]:
+    """The 0th, 1st, ... 100th percentiles (nearest rank), s; [] for no values."""
+    ordered = sorted(values)
+    count = len(ordered)
+    if not count:
+        return []
+    return [round(ordered[max(1, math.ceil(q / 100 * count)) - 1], 5) for q in range(101)]
 
 
 def _held(agent: NodeAgent | VpcCniAgent) -> dict[str, str]:
@@ -712,6 +727,17 @@ class _Wave:
             # The launches as made, seconds after the first: the model replays them
             # (ipam.nau.launch.LaunchConfig.launch_at_s) to be held to this run.
             "launch_at_s": sorted(round(n.launched_at - first_launch, 4) for n in nodes),
+            # This machine's side of each node's EC2 calls, for the model to replay: from
+            # launch to the first request (in launch order; None: it made none), each
+            # request's time there and back, and the event loop's lateness.
+            "first_request_after_launch_s": [
+                None
+                if n.stats.first_request_at is None
+                else round(n.stats.first_request_at - n.launched_at, 4)
+                for n in sorted(nodes, key=lambda n: n.launched_at)
+            ],
+            "request_latency_s": quantiles([x for n in nodes for x in n.stats.latencies]),
+            "loop_lag_s": quantiles(self.lags),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "errors": sorted({n.error for n in nodes if n.error is not None})[:5],

@@ -195,6 +195,9 @@ class Faults:
         return out
 
 
+Quantiles = tuple[float, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class LabHost:
     """The lab's machine as a real run (``tools/fleet``) measured it, replayed so that the
@@ -206,40 +209,74 @@ class LabHost:
     * ``first_request_s``: each node's first EC2 request, seconds after its launch, in
       launch order (None: the node made none). Client builds and IMDS reads queue for
       the process's one CPU, so late nodes of a storm start seconds after early ones;
-    * ``request_latency_s``: quantiles (0-100 %) of the answers' latencies as the agents
-      saw them (the emulator's queue, the HTTP round trip, the agent's resumption); each
-      answer draws one;
-    * ``timer_lag_s``: quantiles of how late a sleep wakes (the event loop's lag); each
-      back-off and retry sleep draws one.
-    """
+    * ``request_latency_s``: for each second of the wave (from its first launch; the
+      last entry stands for every later second), evenly spaced quantiles of the
+      latencies of the requests sent in it, as the agents saw them (the emulator's
+      queue, the HTTP round trip, the agent's resumption): each answer draws one. A
+      storm's first seconds answer slowly, its tail at once;
+    * ``timer_lag_s``: the same for how late the agents' sleeps woke (the event loop's
+      lag), by the second each was due: each back-off and pool-pass sleep draws one.
+
+    An empty second (nothing sent, nothing due) takes its nearest neighbour's."""
 
     first_request_s: tuple[float | None, ...]
-    request_latency_s: tuple[float, ...]
-    timer_lag_s: tuple[float, ...]
+    request_latency_s: tuple[Quantiles, ...]
+    timer_lag_s: tuple[Quantiles, ...]
 
     def __post_init__(self) -> None:
         for name in ("request_latency_s", "timer_lag_s"):
-            values = getattr(self, name)
-            if (
-                len(values) < 2
-                or values[0] < 0
-                or any(b < a for a, b in zip(values, values[1:], strict=False))
-            ):
-                raise ValueError(f"lab {name}: at least 2 quantiles, >= 0, ascending")
+            seconds = getattr(self, name)
+            for values in seconds:
+                if values and (
+                    len(values) < 2
+                    or values[0] < 0
+                    or any(b < a for a, b in zip(values, values[1:], strict=False))
+                ):
+                    raise ValueError(f"lab {name}: at least 2 quantiles, >= 0, ascending")
+            if not any(seconds):
+                raise ValueError(f"lab {name}: no second has any quantiles")
+            object.__setattr__(self, name, _nearest_filled(seconds))
         if any(t is not None and t < 0 for t in self.first_request_s):
             raise ValueError("lab first_request_s: seconds after launch, >= 0")
 
     @classmethod
     def from_fleet(cls, result: Mapping[str, Any]) -> LabHost:
-        """From a ``tools/fleet`` wave's JSON (its keys of the same names)."""
+        """From a ``tools/fleet`` wave's JSON: by second where it has them, else the
+        whole wave's quantiles for every second."""
+
+        def by_second(key: str, whole: str) -> tuple[Quantiles, ...]:
+            seconds = result.get(key) or []
+            if any(seconds):
+                return tuple(tuple(q) for q in seconds)
+            return (tuple(result[whole]) or (0.0, 0.0),)
+
         return cls(
             tuple(result["first_request_after_launch_s"]),
-            tuple(result["request_latency_s"]),
-            tuple(result["loop_lag_s"]),
+            by_second("request_latency_by_second_s", "request_latency_s"),
+            by_second("sleep_lag_by_second_s", "loop_lag_s"),
         )
 
+    def latency(self, at_s: float, rng: random.Random) -> float:
+        return draw(_at_second(self.request_latency_s, at_s), rng)
 
-def draw(quantiles: tuple[float, ...], rng: random.Random) -> float:
+    def lag(self, due_s: float, rng: random.Random) -> float:
+        return draw(_at_second(self.timer_lag_s, due_s), rng)
+
+
+def _nearest_filled(seconds: tuple[Quantiles, ...]) -> tuple[Quantiles, ...]:
+    filled = [tuple(q) for q in seconds]
+    known = [i for i, q in enumerate(filled) if q]
+    for i, q in enumerate(filled):
+        if not q:
+            filled[i] = filled[min(known, key=lambda k: (abs(k - i), k))]
+    return tuple(filled)
+
+
+def _at_second(seconds: tuple[Quantiles, ...], at_s: float) -> Quantiles:
+    return seconds[min(max(0, int(at_s)), len(seconds) - 1)]
+
+
+def draw(quantiles: Quantiles, rng: random.Random) -> float:
     """A value of the distribution whose evenly spaced quantiles these are."""
     at = rng.random() * (len(quantiles) - 1)
     i = int(at)
@@ -472,6 +509,7 @@ class _Wave:
         self.targets = self.agent_config.warm_targets()
         self.rng = random.Random(config.seed)
         self.lab_rng = random.Random(config.seed * 7919 + 1)  # the lab's draws: apart
+        self.first_launch = config.launch_at_s[0] if config.launch_at_s else 0.0
         self.now = 0.0
         self._seq = 0
         self.heap: list[tuple[float, int, Any, Any, _Node | None]] = []
@@ -721,12 +759,15 @@ class _Wave:
         lab = self.config.lab
         if lab is None:
             return self.timings.ec2_call_s
-        return draw(lab.request_latency_s, self.lab_rng)
+        return lab.latency(self.now - self.first_launch, self.lab_rng)
 
-    def slept(self, seconds: float) -> float:
-        """An agent's sleep of ``seconds``: on the lab's machine it wakes late."""
+    def slept(self, seconds: float, after: float = 0.0) -> float:
+        """An agent's sleep of ``seconds``, ``after`` from now: on the lab's machine it
+        wakes late."""
         lab = self.config.lab
-        return seconds if lab is None else seconds + draw(lab.timer_lag_s, self.lab_rng)
+        if lab is None:
+            return seconds
+        return seconds + lab.lag(self.now + after + seconds - self.first_launch, self.lab_rng)
 
     def client_s(self, node: _Node) -> float:
         """From now until the node's new EC2 client sends its first request."""
@@ -780,7 +821,7 @@ class _Wave:
                 return False
             cap = min(CLIENT["max_delay_s"], CLIENT["base_delay_s"] * 2 ** (attempt - 1))
             node.retries += 1
-            gap = latency + self.slept(self.rng.uniform(0.0, cap))
+            gap = latency + self.slept(self.rng.uniform(0.0, cap), after=latency)
 
     def _then(self, at: float, work: Callable[[], T]) -> T:
         """``work`` as at simulated time ``at`` (>= now): for a node's own state only."""
@@ -818,7 +859,7 @@ class _Wave:
                 return True
             if attempt >= sdk.max_attempts or node.quota < sdk.retry_cost:
                 # Its callers sleep next (a back-off, a pool pass, a restart).
-                latency = self.slept(latency) if self.config.lab else latency
+                latency = self.slept(0.0, after=latency) + latency
                 if answer_later:
                     node.owed = latency
                 else:
@@ -829,7 +870,7 @@ class _Wave:
             bound = sdk.backoff_bound_s(attempt)
             backoff = bound if sdk.backoff_is_fixed(attempt) else self.rng.uniform(0.0, bound)
             # The answer, then the back-off: one wait (only this node is involved).
-            yield latency + self.slept(backoff)
+            yield latency + self.slept(backoff, after=latency)
 
     # -- ultranet's agent ----------------------------------------------------------
 

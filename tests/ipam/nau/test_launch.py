@@ -195,7 +195,7 @@ VPCCNI_STORM = LaunchConfig(
 
 
 def _lab(first: float, latency: float, lag: float, nodes: int = 150) -> LabHost:
-    return LabHost((first,) * nodes, (latency, latency), (lag, lag))
+    return LabHost((first,) * nodes, ((latency, latency),), ((lag, lag),))
 
 
 def test_a_lab_like_the_timings_plays_the_same_wave() -> None:
@@ -226,8 +226,33 @@ def test_the_labs_first_requests_answers_and_late_sleeps_are_replayed() -> None:
     lagging = run(replace(VPCCNI_STORM, lab=_lab(0.03, 0.001, 0.5)))
     assert describes(lagging) < 0.92 * describes(on_time)
     # Nodes whose first request comes late meet a bucket that refilled meanwhile.
-    spread = LabHost(tuple(i * 0.1 for i in range(150)), (0.001, 0.001), (0.0, 0.0))
+    spread = LabHost(tuple(i * 0.1 for i in range(150)), ((0.001, 0.001),), ((0.0, 0.0),))
     assert run(replace(VPCCNI_STORM, lab=spread))["throttled_calls"] < on_time["throttled_calls"]
+
+
+def test_a_labs_answers_are_as_slow_as_in_that_second_of_the_real_wave() -> None:
+    # Answers sent in second 0 (and 1: empty, it takes its neighbour's) took 0.5 s, later
+    # ones none: the first node's three start calls take 1.5 s, the later half's none.
+    slow_start = LabHost((0.0,) * 150, ((0.5, 0.5), (), (0.0, 0.0)), ((0.0, 0.0),))
+    result = run(replace(VPCCNI_STORM, throttle=None, lab=slow_start))
+    assert result["ready_max_s"] == pytest.approx(TIMINGS.start_s + 1.5)
+    assert result["ready_p50_s"] == pytest.approx(TIMINGS.start_s)
+
+
+def test_a_lab_from_a_fleet_wave_takes_its_seconds_where_it_has_them() -> None:
+    wave = {
+        "first_request_after_launch_s": [0.1, None],
+        "request_latency_s": [0.0, 1.0],
+        "loop_lag_s": [0.0, 0.1],
+        "request_latency_by_second_s": [[0.5, 0.6], []],
+        "sleep_lag_by_second_s": [],
+    }
+    lab = LabHost.from_fleet(wave)
+    assert lab.first_request_s == (0.1, None)
+    assert lab.request_latency_s == ((0.5, 0.6), (0.5, 0.6))  # the empty second filled
+    assert lab.timer_lag_s == ((0.0, 0.1),)  # no sleep by second: the ticker's, whole
+    del wave["request_latency_by_second_s"]
+    assert LabHost.from_fleet(wave).request_latency_s == ((0.0, 1.0),)
 
 
 def test_a_labs_draws_follow_its_quantiles() -> None:
@@ -242,9 +267,11 @@ def test_a_lab_must_fit_the_wave() -> None:
     with pytest.raises(ValueError, match="first requests for 150 nodes"):
         replace(VPCCNI_STORM, lab=_lab(0.1, 0.1, 0.0, nodes=10))
     with pytest.raises(ValueError, match="ascending"):
-        LabHost((0.1,), (0.2, 0.1), (0.0, 0.0))
+        LabHost((0.1,), ((0.2, 0.1),), ((0.0, 0.0),))
+    with pytest.raises(ValueError, match="no second"):
+        LabHost((0.1,), ((), ()), ((0.0, 0.0),))
     with pytest.raises(ValueError, match=">= 0"):
-        LabHost((-1.0,), (0.1, 0.2), (0.0, 0.0))
+        LabHost((-1.0,), ((0.1, 0.2),), ((0.0, 0.0),))
     with pytest.raises(ValueError, match="played in full"):
         replace(VPCCNI_STORM, lab=_lab(0.1, 0.1, 0.0), sample=2)
 

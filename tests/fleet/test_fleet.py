@@ -14,7 +14,13 @@ from ipam.imds import ImdsClient
 from tools.fleet.__main__ import main
 from tools.fleet.emulator import RequestSummary
 from tools.fleet.imds_mux import ImdsMux
-from tools.fleet.runner import PodPacer, _Wave, clients_and_emulator_disagree, percentile
+from tools.fleet.runner import (
+    PodPacer,
+    _Wave,
+    clients_and_emulator_disagree,
+    deciles_by_second,
+    percentile,
+)
 from tools.lab.ec2.state import Cloud, LaunchInterface
 from tools.lab.memory_host import LinkTable, MemoryHost
 
@@ -96,6 +102,10 @@ def test_a_small_wave_with_and_without_prefixes_at_launch(
     assert len(firsts) == 20 and all(0 <= t < 60 for t in firsts)
     for spread in (reactive["request_latency_s"], reactive["loop_lag_s"]):
         assert len(spread) == 101 and spread == sorted(spread) and spread[0] >= 0
+    assert any(reactive["request_latency_by_second_s"])
+    assert launched["request_latency_by_second_s"] == []
+    # Only the VPC CNI baseline's timers are recorded (ultranet's agent is the product's).
+    assert reactive["sleep_lag_by_second_s"] == launched["sleep_lag_by_second_s"] == []
     # Every agent restarted at once on a running fleet: IMDS and the journal agree, so no
     # EC2 call, and every pod keeps its address.
     for result in results.values():
@@ -175,6 +185,18 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 100) == 100.0
     assert percentile([3.0], 99) == 3.0
     assert percentile([], 50) is None
+
+
+def test_deciles_by_second_bin_by_whole_seconds_since_the_start() -> None:
+    samples = [(100.2, 0.5), (100.9, 0.1), (102.5, 2.0)] + [(101.0 + i / 20, i) for i in range(11)]
+    assert deciles_by_second(samples, 100.0) == [
+        [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5],
+        [float(i) for i in range(11)],
+        [2.0] * 11,
+    ]
+    # A second with none is [], a sample before the start counts in the first second.
+    assert deciles_by_second([(99.0, 1.0), (102.1, 3.0)], 100.0) == [[1.0] * 11, [], [3.0] * 11]
+    assert deciles_by_second([], 0.0) == []
 
 
 def test_clients_and_emulator_disagree_names_what_the_lab_lost() -> None:

@@ -81,6 +81,15 @@ def test_each_vpc_cni_node_makes_the_calls_its_source_says(
         # Every node made exactly the data file's calls (mean == max == expected).
         assert _per_node(result) == {a: (float(n), n) for a, n in expected.items()}, name
         assert result["ec2_requests_seen_by_emulator"] == 3 * sum(expected.values())
+        # This machine's side, second by second, for the model's LabHost: the requests'
+        # answer times and how late the agents' own timers (back-off, pool passes) ended.
+        for key in ("request_latency_by_second_s", "sleep_lag_by_second_s"):
+            seconds = result[key]
+            # Without prefixes at launch the node waits for pool passes (its own timers).
+            assert any(seconds) or (name, key) == ("vpc-cni", "sleep_lag_by_second_s")
+            for deciles in seconds:
+                assert deciles == [] or (len(deciles) == 11 and deciles == sorted(deciles))
+            assert all(d[0] >= 0 for d in seconds if d)
     # With prefixes at launch the start still describes, tags and modifies the ENI...
     launched = _per_node(results["vpc-cni"])
     assert {"DescribeNetworkInterfaces", "CreateTags", "ModifyNetworkInterfaceAttribute"} <= set(
@@ -285,6 +294,9 @@ class _Stats:
         pass
 
     def retry(self, action: str, code: str, delay_s: float) -> None:
+        pass
+
+    def slept(self, due_at: float, lateness_s: float) -> None:
         pass
 
 

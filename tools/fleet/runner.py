@@ -124,6 +124,10 @@ class NodeStats:
         self.client_wait_s = 0.0  # in the agent's own client-side rate limit
         self.first_request_at: float | None = None  # when its first EC2 request left
         self.latencies: list[float] = []  # each request's, call -> answer, s (not a restart's)
+        # (sent at, latency) per request and (due at, lateness) per back-off sleep, not a
+        # restart's: the model replays this machine's side second by second (LabHost).
+        self.sent: list[tuple[float, float]] = []
+        self.sleep_lags: list[tuple[float, float]] = []
 
     def request(self, action: str, latency_s: float, error_code: str | None) -> None:
         self.metrics.request(action, latency_s, error_code)
@@ -132,6 +136,7 @@ class NodeStats:
                 self.first_request_at = time.monotonic() - latency_s
             if self.phase != "restart":
                 self.latencies.append(latency_s)
+                self.sent.append((time.monotonic() - latency_s, latency_s))
             self.calls[self.phase][action] += 1
             if error_code is None:
                 self.succeeded[self.phase][action] += 1
@@ -139,6 +144,12 @@ class NodeStats:
                 self.errors[error_code] += 1
                 if error_code in THROTTLE_CODES:
                     self.throttled[self.phase] += 1
+
+    def slept(self, due_at: float, lateness_s: float) -> None:
+        """A back-off sleep due at ``due_at`` (monotonic) ended ``lateness_s`` late."""
+        with self._lock:
+            if self.phase != "restart":
+                self.sleep_lags.append((due_at, lateness_s))
 
     def retry(self, action: str, code: str, delay_s: float) -> None:
         self.metrics.retry(action, code, delay_s)
@@ -180,6 +191,26 @@ def quantiles(values: list[float]) -> list[float]:
     if not count:
         return []
     return [round(ordered[max(1, math.ceil(q / 100 * count)) - 1], 5) for q in range(101)]
+
+
+def deciles_by_second(samples: list[tuple[float, float]], start: float) -> list[list[float]]:
+    """Per whole second since ``start``, the 11 deciles (0, 10, ... 100 %, nearest rank)
+    of the values whose time falls in it; [] for a second with none, [] for no samples."""
+    bins: dict[int, list[float]] = {}
+    for at, value in samples:
+        bins.setdefault(max(0, int(at - start)), []).append(value)
+    if not bins:
+        return []
+    out = []
+    for second in range(max(bins) + 1):
+        ordered = sorted(bins.get(second, []))
+        count = len(ordered)
+        out.append(
+            [round(ordered[max(1, math.ceil(q / 100 * count)) - 1], 5) for q in range(0, 101, 10)]
+            if count
+            else []
+        )
+    return out
 
 
 def _held(agent: NodeAgent | VpcCniAgent) -> dict[str, str]:
@@ -737,6 +768,12 @@ class _Wave:
                 for n in sorted(nodes, key=lambda n: n.launched_at)
             ],
             "request_latency_s": quantiles([x for n in nodes for x in n.stats.latencies]),
+            "request_latency_by_second_s": deciles_by_second(
+                [pair for n in nodes for pair in n.stats.sent], first_launch
+            ),
+            "sleep_lag_by_second_s": deciles_by_second(
+                [pair for n in nodes for pair in n.stats.sleep_lags], first_launch
+            ),
             "loop_lag_s": quantiles(self.lags),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],

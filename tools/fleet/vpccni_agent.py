@@ -117,6 +117,7 @@ class CallStats(Protocol):
 
     def request(self, action: str, latency_s: float, error_code: str | None) -> None: ...
     def retry(self, action: str, code: str, delay_s: float) -> None: ...
+    def slept(self, due_at: float, lateness_s: float) -> None: ...
 
 
 class Ec2CallFailed(Exception):
@@ -289,7 +290,7 @@ class VpcCniAgent:
                 described = await self._call("DescribeNetworkInterfaces", NetworkInterfaceIds=ids)
                 break
             except Ec2CallFailed:
-                await asyncio.sleep(attempt * TIMERS.describe_all_enis_sleep_s)
+                await self._sleep(attempt * TIMERS.describe_all_enis_sleep_s)
         if described is None:
             raise InitFailed("DescribeAllENIs failed")
         tags = {
@@ -402,9 +403,16 @@ class VpcCniAgent:
                 if attempt == tries - 1:
                     raise
                 spread = delay * jitter
-                await asyncio.sleep(delay + self._rng.uniform(-spread, spread))
+                await self._sleep(delay + self._rng.uniform(-spread, spread))
                 delay = min(delay * TIMERS.tag_backoff_factor, ENI_BACKOFF_MAX_S)
         raise AssertionError("unreachable: the last try returns or raises")
+
+    async def _sleep(self, delay: float) -> None:
+        """A timer of the agent's own (back-off, pool pass), its lateness recorded: on this
+        machine a sleep ends late when the event loop is busy, and the model replays that."""
+        due = time.monotonic() + delay
+        await asyncio.sleep(delay)
+        self.stats.slept(due, time.monotonic() - due)
 
     # -- the pool --------------------------------------------------------------------------
 
@@ -431,10 +439,10 @@ class VpcCniAgent:
 
     async def _pool_manager(self) -> None:
         """StartNodeIPPoolManager: sleep 2.5 s, pool pass, sleep 2.5 s, reconcile."""
-        await asyncio.sleep(TIMERS.first_pass_after_s)
+        await self._sleep(TIMERS.first_pass_after_s)
         while True:
             await self._pool_pass()
-            await asyncio.sleep(TIMERS.pool_pass_s)
+            await self._sleep(TIMERS.pool_pass_s)
 
     async def _pool_pass(self) -> None:
         """updateIPPoolIfRequired."""
@@ -684,5 +692,5 @@ class VpcCniAgent:
             bound = SDK.backoff_bound_s(attempt)
             delay = bound if SDK.backoff_is_fixed(attempt) else self._rng.uniform(0, bound)
             self.stats.retry(action, code, delay)
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")

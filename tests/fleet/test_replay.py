@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tools.fleet.__main__ import main as fleet_main
-from tools.fleet.replay import FIGURES, ReplayError, main, model_inputs
+from tools.fleet.replay import FIGURES, RESTART_FIGURES, ReplayError, main, model_inputs
 
 FLEET_ARGV = [
     "--nodes=12",
@@ -24,6 +24,7 @@ FLEET_ARGV = [
     "--faults=latency=20ms",
     "--vpccni-cleanup-delay-max=1",
     "--timeout=120",
+    "--restart",
     "--json",
 ]
 
@@ -44,6 +45,7 @@ def test_the_model_input_is_the_runs_own(wave: Path) -> None:
     inputs = model_inputs(real)
     assert set(inputs) == {"ultranet-reactive", "vpc-cni-reactive"}
     for name, config in inputs.items():
+        assert config.restart
         assert config.nodes == 12 and config.pods_per_node == 2
         assert config.prefixes_at_launch == 0
         assert config.launch_at_s == tuple(real[name]["launch_at_s"])
@@ -69,9 +71,12 @@ def test_real_and_both_model_columns_per_scenario(
             calls = figures["ec2_calls_per_node"]
             assert 0 < calls["min"] <= calls["median"] <= calls["max"]
             assert "AssignPrivateIpAddresses" in r[column]["calls_per_node_by_action"]
+            assert set(r[column]["restart"]) == set(RESTART_FIGURES)
+        assert r["real"]["restart"]["ec2_calls"] == real[name]["restart"]["ec2_calls"]
     assert main([str(wave), "--seeds", "1"]) == 0
     table = capsys.readouterr().out
     assert "vpc-cni-reactive: real / model at AWS timings" in table
+    assert "restart ready_p99_s" in table
 
 
 def _fleet_result(**overrides: Any) -> dict[str, Any]:

@@ -37,6 +37,17 @@ FIGURES = (
     "ready_max_s",
     "pods_running_p99_s",
 )
+# After ``--restart``: the restart object's figures, in both.
+RESTART_FIGURES = (
+    "ec2_calls",
+    "throttled_calls",
+    "vpccni_init_failures",
+    "allocations_lost",
+    "addresses_duplicated",
+    "ready_p50_s",
+    "ready_p99_s",
+    "ready_max_s",
+)
 
 # What the replay reads from each scenario of the wave, beyond those figures.
 NEEDED = (
@@ -102,12 +113,15 @@ def _by_action(result: dict[str, Any]) -> dict[str, float]:
 def compare(real: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The model's runs summarised as median and range, figure by figure."""
     actions = sorted(set(_by_action(real)).union(*(_by_action(r) for r in runs)))
-    return {
+    out = {
         "figures": {k: _spread(runs, lambda r, k=k: r[k]) for k in FIGURES},
         "calls_per_node_by_action": {
             a: _spread(runs, lambda r, a=a: _by_action(r).get(a, 0.0)) for a in actions
         },
     }
+    if "restart" in real:
+        out["restart"] = {k: _spread(runs, lambda r, k=k: r["restart"][k]) for k in RESTART_FIGURES}
+    return out
 
 
 def replay(wave: dict[str, Any], seeds: int) -> dict[str, Any]:
@@ -120,6 +134,8 @@ def replay(wave: dict[str, Any], seeds: int) -> dict[str, Any]:
             "real": {k: real[k] for k in FIGURES} | {"calls_per_node_by_action": _by_action(real)},
             "seeds": seeds,
         }
+        if "restart" in real:
+            out[name]["real"]["restart"] = {k: real["restart"][k] for k in RESTART_FIGURES}
         for column, lab in columns.items():
             runs = [run(dataclasses.replace(config, seed=s, lab=lab)) for s in range(1, seeds + 1)]
             out[name][column] = compare(real, runs)
@@ -145,6 +161,12 @@ def render(result: dict[str, Any]) -> str:
             aws = r["aws_timings"]["calls_per_node_by_action"][action]
             lab = r["lab_replayed"]["calls_per_node_by_action"][action]
             lines.append(f"  {action} per node: {real} / {_cell(aws)} / {_cell(lab)}")
+        for key in RESTART_FIGURES if "restart" in r["real"] else ():
+            lines.append(
+                f"  restart {key}: {r['real']['restart'][key]}"
+                f" / {_cell(r['aws_timings']['restart'][key])}"
+                f" / {_cell(r['lab_replayed']['restart'][key])}"
+            )
     return "\n".join(lines)
 
 

@@ -75,6 +75,7 @@ import pytest
 from ipam.nau.launch import LabHost, LaunchConfig, run
 from ipam.nau.launch_auto import choose
 from ipam.nau.throttle import BucketSpec, load_table
+from tools.fleet.replay import calls_per_node_by_action
 from tools.fleet.runner import VPC_CNI, Fleet, FleetConfig, Scenario
 
 RATE_PER_MIN = 2000.0
@@ -198,13 +199,9 @@ def disagreements(real: dict[str, Any], model: list[dict[str, Any]]) -> list[str
     return found
 
 
-def _per_node_by_action(result: dict[str, Any]) -> dict[str, float]:
-    return {a: v["per_node_mean"] for a, v in result["ec2_calls_by_action"].items()}
-
-
 def vpccni_figures(result: dict[str, Any]) -> dict[str, float]:
     """What the VPC CNI comparison holds: calls per node by action, Ready p50 and p99."""
-    figures = {f"{a} per node": n for a, n in _per_node_by_action(result).items()}
+    figures = {f"{a} per node": n for a, n in calls_per_node_by_action(result).items()}
     return figures | {key: result[key] for key in ("ready_p50_s", "ready_p99_s")}
 
 
@@ -246,7 +243,7 @@ def vpccni_disagreements(real: dict[str, Any], model: list[dict[str, Any]]) -> l
                 f"{name}: real {real_value} vs model {statistics.median(seeds)}"
                 f" [{min(seeds)}-{max(seeds)}]"
             )
-    if any(_per_node_by_action(m).get("CreateTags") != 1.0 for m in model):
+    if any(calls_per_node_by_action(m).get("CreateTags") != 1.0 for m in model):
         found.append("the model does not tag each node's ENI exactly once")
     return found
 

@@ -98,6 +98,7 @@ def _fleet_result(**overrides: Any) -> dict[str, Any]:
     [
         ([], "not a tools/fleet --json output"),
         ({}, "not a tools/fleet --json output"),
+        ({"ultranet-reactive": 1}, "not a tools/fleet --json output"),
         ({"ultranet-reactive": _fleet_result(conditions={})}, "conditions.argv"),
         (
             {"ultranet-reactive": _fleet_result(conditions={"argv": ["--rate=fast"]})},

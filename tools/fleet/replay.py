@@ -67,7 +67,11 @@ class ReplayError(ValueError):
 
 def model_inputs(wave: dict[str, Any]) -> dict[str, LaunchConfig]:
     """Each scenario of a fleet run as the model's input, from the run's own flags."""
-    if not isinstance(wave, dict) or not wave:
+    if (
+        not isinstance(wave, dict)
+        or not wave
+        or not all(isinstance(r, dict) for r in wave.values())
+    ):
         raise ReplayError("not a tools/fleet --json output (an object keyed by scenario)")
     argvs = {json.dumps(r.get("conditions", {}).get("argv")) for r in wave.values()}
     if len(argvs) != 1 or argvs == {"null"}:
@@ -101,26 +105,29 @@ def model_inputs(wave: dict[str, Any]) -> dict[str, LaunchConfig]:
     return out
 
 
-def _spread(runs: list[dict[str, Any]], pick: Any) -> dict[str, float]:
-    values = [float(pick(r)) for r in runs]
+def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _by_action(result: dict[str, Any]) -> dict[str, float]:
+def calls_per_node_by_action(result: dict[str, Any]) -> dict[str, float]:
+    """A wave's mean EC2 calls per node by action, the fleet's result or the model's."""
     return {a: v["per_node_mean"] for a, v in result["ec2_calls_by_action"].items()}
 
 
 def compare(real: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The model's runs summarised as median and range, figure by figure."""
-    actions = sorted(set(_by_action(real)).union(*(_by_action(r) for r in runs)))
+    by_action = [calls_per_node_by_action(r) for r in runs]
+    actions = sorted(set(calls_per_node_by_action(real)).union(*by_action))
     out = {
-        "figures": {k: _spread(runs, lambda r, k=k: r[k]) for k in FIGURES},
+        "figures": {k: _spread([float(r[k]) for r in runs]) for k in FIGURES},
         "calls_per_node_by_action": {
-            a: _spread(runs, lambda r, a=a: _by_action(r).get(a, 0.0)) for a in actions
+            a: _spread([calls.get(a, 0.0) for calls in by_action]) for a in actions
         },
     }
     if "restart" in real:
-        out["restart"] = {k: _spread(runs, lambda r, k=k: r["restart"][k]) for k in RESTART_FIGURES}
+        out["restart"] = {
+            k: _spread([float(r["restart"][k]) for r in runs]) for k in RESTART_FIGURES
+        }
     return out
 
 
@@ -131,7 +138,8 @@ def replay(wave: dict[str, Any], seeds: int) -> dict[str, Any]:
         real = wave[name]
         columns = {"aws_timings": None, "lab_replayed": LabHost.from_fleet(real)}
         out[name] = {
-            "real": {k: real[k] for k in FIGURES} | {"calls_per_node_by_action": _by_action(real)},
+            "real": {k: real[k] for k in FIGURES}
+            | {"calls_per_node_by_action": calls_per_node_by_action(real)},
             "seeds": seeds,
         }
         if "restart" in real:
